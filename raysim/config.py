@@ -1,0 +1,347 @@
+"""Typed, validated experiment configuration: YAML presets + `section.key=value` overrides.
+
+The config is a tree of dataclasses. Defaults live only here (and, for a method's own
+hyperparameters, in that method's dataclass); YAML files and the command line only
+override. Every value is checked before any work starts, with errors that name the key
+and list what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message says which and what is expected."""
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if callable(default) and not isinstance(default, (int, float, str, bool)):
+        return field(default_factory=default, metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class DataConfig:
+    name: str = _doc("data source (registered name)", "synthetic")
+    root: str | None = _doc("dataset directory (synthetic: generated/cached here when empty)", None)
+    attribute: str = _doc("target sensitive attribute (the FL site split and console table use it)", "race")
+    val_fraction: float = _doc("share of each client's training data held out for validation", 0.15)
+    modality: str = _doc("image array to read (FairFedMed-Oph: slo_fundus)", "slo_fundus")
+    keep_unknown: bool = _doc("keep samples whose target attribute is unknown (-1)", False)
+    patients: int = _doc("synthetic only: patients to generate", 1800)
+    generator_seed: int = _doc("synthetic only: seed of the generated set (independent of `seed`)", 0)
+
+    def validate(self) -> None:
+        _check_fraction("data.val_fraction", self.val_fraction, allow_zero=False, allow_one=False)
+        _check_positive("data.patients", self.patients)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _doc("any timm model name", "resnet18")
+    img_size: int = _doc("images are resized to img_size x img_size", 64)
+    pretrained: bool = _doc("load timm's pretrained weights (needs them cached locally)", False)
+    weights: str | None = _doc("local checkpoint file to load into the backbone", None)
+
+    def validate(self) -> None:
+        _check_positive("model.img_size", self.img_size)
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = _doc("communication rounds", 10)
+    clients_per_round: int | None = _doc("clients sampled each round (null: all)", None)
+    local_epochs: int = _doc("local epochs per round", 1)
+    batch_size: int = _doc("local batch size", 32)
+    optimizer: str = _doc("local optimizer: sgd, adam or adamw", "sgd")
+    lr: float = _doc("local learning rate", 0.02)
+    momentum: float = _doc("SGD momentum (reset every round)", 0.9)
+    weight_decay: float = _doc("weight decay", 5e-4)
+
+    def validate(self) -> None:
+        _check_positive("federation.rounds", self.rounds)
+        if self.clients_per_round is not None:
+            _check_positive("federation.clients_per_round", self.clients_per_round)
+        _check_positive("federation.local_epochs", self.local_epochs)
+        _check_positive("federation.batch_size", self.batch_size)
+        _check_choice("federation.optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        _check_positive("federation.lr", self.lr)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"federation.momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"federation.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class ResourcesConfig:
+    num_cpus: float = _doc("CPUs reserved per client actor (fractions allowed)", 0.5)
+    num_gpus: float = _doc("GPU fraction per client actor, in [0, 1]", 0.0)
+    clients_per_actor: int = _doc("clients hosted by one actor (1 = one actor per hospital)", 1)
+    threads_per_client: int = _doc("torch threads per client (fixed for bit-identical results)", 1)
+
+    def validate(self) -> None:
+        _check_positive("resources.num_cpus", self.num_cpus)
+        if not 0 <= self.num_gpus <= 1:
+            raise ConfigError(f"resources.num_gpus must be a fraction in [0, 1], got {self.num_gpus}")
+        _check_positive("resources.clients_per_actor", self.clients_per_actor)
+        _check_positive("resources.threads_per_client", self.threads_per_client)
+
+
+@dataclass
+class EvalConfig:
+    every: int = _doc("evaluate on val and test every N rounds (the last round always)", 2)
+    attributes: list[str] | None = _doc("attributes scored for fairness (null: all the source has)", None)
+    bootstrap: int = _doc("bootstrap resamples for group AUC 95% intervals (0: off)", 200)
+
+    def validate(self) -> None:
+        _check_positive("eval.every", self.every)
+        if self.bootstrap < 0:
+            raise ConfigError(f"eval.bootstrap must be >= 0, got {self.bootstrap}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _doc("checkpoint server and client state every N rounds (the last round always)", 1)
+
+    def validate(self) -> None:
+        _check_positive("checkpoint.every", self.every)
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = _doc("seed of every random choice in the run", 0)
+    data: DataConfig = _doc("", DataConfig)
+    model: ModelConfig = _doc("", ModelConfig)
+    algorithm: dict[str, Any] = _doc("algorithm.name + the method's own fields", lambda: {"name": "fedavg"})
+    federation: FederationConfig = _doc("", FederationConfig)
+    resources: ResourcesConfig = _doc("", ResourcesConfig)
+    eval: EvalConfig = _doc("", EvalConfig)
+    checkpoint: CheckpointConfig = _doc("", CheckpointConfig)
+
+    def validate(self) -> None:
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        self.algorithm_params()  # checks the name and the method's fields
+        from raysim.datasets import DATASETS
+
+        if self.data.name not in DATASETS:
+            raise ConfigError(f"data.name: {DATASETS.unknown_message(self.data.name)}")
+
+    def algorithm_params(self) -> Any:
+        """The selected method's hyperparameter dataclass, built and validated."""
+        from raysim.algorithms import ALGORITHMS
+
+        params = dict(self.algorithm)
+        name = params.pop("name", "fedavg")
+        if name not in ALGORITHMS:
+            raise ConfigError(f"algorithm.name: {ALGORITHMS.unknown_message(name)}")
+        hparams_cls = ALGORITHMS.get(name).Params
+        valid = {f.name for f in fields(hparams_cls)}
+        for key in params:
+            if key not in valid:
+                raise ConfigError(_unknown_key(f"algorithm.{key}", [f"algorithm.{k}" for k in ["name", *sorted(valid)]]))
+        try:
+            return hparams_cls(**params)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"algorithm {name}: {err}") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("data", "model", "federation", "resources", "eval", "checkpoint")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key} must be a positive number, got {value!r}")
+
+
+def _check_fraction(key: str, value: float, *, allow_zero: bool, allow_one: bool) -> None:
+    low_ok = value > 0 or (allow_zero and value == 0)
+    high_ok = value < 1 or (allow_one and value == 1)
+    if not (low_ok and high_ok):
+        lo, hi = ("[" if allow_zero else "("), ("]" if allow_one else ")")
+        raise ConfigError(f"{key} must be a fraction in {lo}0, 1{hi}, got {value!r}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _unknown_key(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}"
+
+
+# --- building a config from YAML + overrides ------------------------------------------------
+
+
+def _presets() -> Any:
+    return resources.files("raysim").joinpath("presets")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in _presets().iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml(source: str | Path) -> dict[str, Any]:
+    """A YAML config file, or a packaged preset by name (e.g. `default`)."""
+    path = Path(source)
+    if not path.exists():
+        name = str(source).removesuffix(".yaml")
+        if name in preset_names():
+            return yaml.safe_load(_presets().joinpath(f"{name}.yaml").read_text()) or {}
+        raise ConfigError(f"config file {source!s} not found (and no preset of that name; presets: {', '.join(preset_names())})")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "seed=3"]` -> `{"a": {"b": 1}, "seed": 3}`; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
+    """Build and validate a config from a (possibly partial) nested mapping."""
+    top = {f.name: f for f in fields(ExperimentConfig)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in top:
+            raise ConfigError(_unknown_key(key, all_keys()))
+        if key in SECTIONS:
+            kwargs[key] = _section(key, value)
+        elif key == "algorithm":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"algorithm must be a mapping with a name, got {value!r}")
+            kwargs[key] = dict(value)
+        else:
+            kwargs[key] = _coerce(key, value, get_type_hints(ExperimentConfig)[key])
+    cfg = ExperimentConfig(**kwargs)
+    if "algorithm" in kwargs and "name" not in cfg.algorithm:
+        cfg.algorithm = {"name": "fedavg", **cfg.algorithm}
+    cfg.validate()
+    return cfg
+
+
+def load(config: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    raw = read_yaml(config) if config else read_yaml("default")
+    return from_dict(merge(raw, parse_overrides(overrides or [])))
+
+
+def _section(name: str, value: Any) -> Any:
+    cls = get_type_hints(ExperimentConfig)[name]
+    if value is None:
+        return cls()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name} must be a mapping of keys, got {value!r}")
+    hints = get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, item in value.items():
+        if key not in valid:
+            raise ConfigError(_unknown_key(f"{name}.{key}", [f"{name}.{k}" for k in valid]))
+        kwargs[key] = _coerce(f"{name}.{key}", item, hints[key])
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check a YAML value against a field's type; ints are accepted where floats are expected."""
+    text = str(hint)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    if hint is bool or text.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int or text.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float or text.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if text.startswith("str"):
+        return str(value)
+    if text.startswith("list"):
+        items = value if isinstance(value, list) else [value]
+        return [str(v) for v in items]
+    return value
+
+
+def all_keys() -> list[str]:
+    keys = ["seed", "algorithm.name", "algorithm.<field>"]
+    for section in SECTIONS:
+        cls = get_type_hints(ExperimentConfig)[section]
+        keys += [f"{section}.{f.name}" for f in fields(cls)]
+    return keys
+
+
+def describe_keys() -> str:
+    """Every config key with its default and help, for `--help`."""
+    lines = []
+    default = ExperimentConfig()
+    for f in fields(ExperimentConfig):
+        if f.name in SECTIONS:
+            section = getattr(default, f.name)
+            for sub in fields(section):
+                lines.append(_describe(f"{f.name}.{sub.name}", getattr(section, sub.name), sub.metadata["help"]))
+        elif f.name == "algorithm":
+            lines.append(_describe("algorithm.name", "fedavg", "federated method (registered name)"))
+            lines.append(_describe("algorithm.<field>", "", "the selected method's hyperparameters"))
+        else:
+            lines.append(_describe(f.name, getattr(default, f.name), f.metadata["help"]))
+    return "\n".join(lines)
+
+
+def _describe(key: str, default: Any, text: str) -> str:
+    return f"  {key:<32} {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip():<10} {text}"
+
+
+def dump(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

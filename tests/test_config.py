@@ -1,0 +1,81 @@
+"""Config: presets, overrides, validation errors that name the key and list the choices."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from raysim import config
+from raysim.config import ConfigError
+
+
+def test_default_preset_loads_with_public_keys() -> None:
+    cfg = config.load()
+    assert cfg.data.name == "synthetic"
+    assert cfg.algorithm["name"] == "fedavg"
+    assert cfg.model.name == "resnet18" and cfg.model.img_size == 64
+    keys = config.all_keys()
+    for key in ("seed", "data.name", "data.root", "data.attribute", "data.val_fraction", "model.name", "model.img_size",
+                "algorithm.name", "federation.rounds", "federation.clients_per_round", "federation.local_epochs",
+                "federation.batch_size", "federation.optimizer", "federation.lr", "federation.momentum",
+                "federation.weight_decay", "resources.num_cpus", "resources.num_gpus", "resources.clients_per_actor",
+                "resources.threads_per_client", "eval.every", "eval.attributes", "checkpoint.every"):
+        assert key in keys
+
+
+def test_overrides_are_typed_and_merged() -> None:
+    cfg = config.load(None, ["federation.rounds=3", "federation.lr=1e-3", "eval.attributes=[race, gender]", "seed=7"])
+    assert cfg.federation.rounds == 3
+    assert cfg.federation.lr == pytest.approx(1e-3)
+    assert cfg.eval.attributes == ["race", "gender"]
+    assert cfg.seed == 7
+    assert cfg.model.name == "resnet18"  # untouched keys keep the preset's value
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("federation.rouds=3", "did you mean federation.rounds"),
+        ("algorithm.name=fedfoo", "choose one of: fedavg"),
+        ("data.name=imagenet", "unknown dataset 'imagenet'; choose one of:"),
+        ("federation.rounds=0", "federation.rounds must be a positive number"),
+        ("federation.rounds=-2", "federation.rounds must be a positive number"),
+        ("data.val_fraction=1.5", "data.val_fraction must be a fraction in (0, 1)"),
+        ("resources.num_gpus=2", "resources.num_gpus must be a fraction in [0, 1]"),
+        ("federation.optimizer=lbfgs", "sgd, adam, adamw"),
+        ("federation.rounds=ten", "federation.rounds must be an integer"),
+        ("algorithm.mu=0.1", "unknown config key 'algorithm.mu'"),
+        ("nonsense=1", "unknown config key 'nonsense'"),
+    ],
+)
+def test_bad_values_fail_with_a_clear_message(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [override])
+    assert needle in str(err.value)
+
+
+def test_missing_config_file_names_it(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="nothere.yaml not found"):
+        config.load(tmp_path / "nothere.yaml")
+
+
+def test_roundtrip_through_yaml(tmp_path) -> None:
+    cfg = config.load(None, ["federation.rounds=4", "algorithm.name=fedavg"])
+    path = tmp_path / "c.yaml"
+    path.write_text(config.dump(cfg))
+    assert config.load(path) == cfg
+
+
+def test_cli_help_lists_keys_with_defaults() -> None:
+    out = subprocess.run([sys.executable, "-m", "raysim.run", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "federation.rounds" in out and "resources.clients_per_actor" in out and "presets: default" in out
+
+
+def test_cli_rejects_bad_input_before_training(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysim.run", "--out", str(tmp_path / "r"), "federation.rounds=0"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "federation.rounds must be a positive number" in proc.stderr
