@@ -1,0 +1,115 @@
+"""The small interface every data source implements, and the registry that names them.
+
+A source has two halves. `client_specs()` runs in the driver: it reads metadata only
+(CSVs, labels, group codes), validates it and returns one light, picklable `ClientSpec`
+per client. `load()` runs inside the client's actor and reads the pixels of one split.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from raysim.registry import Registry
+
+if TYPE_CHECKING:
+    from raysim.config import DataConfig
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Input data is missing or malformed; the message names the file and what was expected."""
+
+
+@dataclass(frozen=True)
+class SampleTable:
+    """Metadata of one client split: everything but the pixels."""
+
+    sample_ids: np.ndarray  # str, unique within the client
+    labels: np.ndarray  # int64
+    attributes: Mapping[str, np.ndarray]  # attribute -> int64 group codes, -1 unknown
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def take(self, index: np.ndarray) -> SampleTable:
+        return SampleTable(self.sample_ids[index], self.labels[index], {k: v[index] for k, v in self.attributes.items()})
+
+    def group_counts(self, attribute: str) -> dict[int, int]:
+        codes, counts = np.unique(self.attributes[attribute], return_counts=True)
+        return {int(c): int(n) for c, n in zip(codes, counts)}
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """One client: its id, role and how its actor loads each split. Cheap to pickle."""
+
+    id: str
+    splits: Mapping[str, SampleTable]
+    role: str = ""
+    source_info: Mapping[str, Any] = field(default_factory=dict)  # source-specific (paths, ...)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.splits["train"])
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The pixels of one client split, aligned with its SampleTable (after drop rules)."""
+
+    images: np.ndarray  # uint8, (N, C, H, W)
+    table: SampleTable
+    dropped: Mapping[str, int] = field(default_factory=dict)  # reason -> count
+
+
+class DataSource(ABC):
+    """A registered data source. Subclasses set the class attributes and the two methods."""
+
+    name: ClassVar[str]
+    num_classes: ClassVar[int] = 2
+    channels: ClassVar[int] = 1
+    label_name: ClassVar[str] = "label"
+
+    def __init__(self, cfg: DataConfig, *, img_size: int, seed: int) -> None:
+        self.cfg = cfg
+        self.img_size = img_size
+        self.seed = seed
+
+    @property
+    @abstractmethod
+    def group_names(self) -> Mapping[str, Mapping[int, str]]:
+        """attribute -> {code: display name} for every sensitive attribute the source has."""
+
+    @abstractmethod
+    def client_specs(self) -> list[ClientSpec]:
+        """Read and validate metadata; one spec per client, sorted by id."""
+
+    @abstractmethod
+    def load(self, spec: ClientSpec, split: str) -> Shard:
+        """Read, validate and resize the images of one split (runs in the client's actor)."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the data on disk (for provenance.json)."""
+        return {"name": self.name, "root": self.cfg.root}
+
+
+DATASETS: Registry[type[DataSource]] = Registry("dataset", "raysim.datasets")
+register_dataset = DATASETS.register
+
+
+def carve_validation(table: SampleTable, fraction: float, rng: np.random.Generator) -> tuple[SampleTable, SampleTable]:
+    """Split a training table into (train, val), stratified by label so both keep both classes."""
+    val_index = []
+    for label in np.unique(table.labels):
+        members = np.flatnonzero(table.labels == label)
+        n_val = int(round(fraction * len(members)))
+        val_index.append(rng.permutation(members)[:n_val])
+    val = np.sort(np.concatenate(val_index)) if val_index else np.array([], dtype=np.int64)
+    train = np.setdiff1d(np.arange(len(table)), val)
+    return table.take(train), table.take(val)

@@ -1,0 +1,196 @@
+"""FairFedMed-Oph: glaucoma from SLO fundus images, 3 sites, per-attribute site splits.
+
+Datasheet
+- Sites / clients: 3 (`site1`..`site3`); the split into sites is made per attribute
+  (`meta_site{k}_{attr}_{train,test}.csv`, attr in race, language, ethnicity, gender).
+- Size (real release): 15,165 patients, ~5,055 per site, ~80/20 train/test.
+- Label: `glaucoma` (yes/no). Sensitive attributes: race, gender, ethnicity, language,
+  marital status (codes and names in `oph_schema.py`; -1 / "unknown" = unknown).
+- Images: `all/<filename>.npz` with `slo_fundus` (2D uint8) and `oct_bscans` (3D uint8).
+- Licence: the Harvard-Ophthalmology-AI-Lab data licence (research use); users download it
+  themselves. raysim reads a local copy and never downloads.
+Rules: the CSV's text value of an attribute wins over the npz code; a sample whose target
+attribute is unknown is dropped unless `data.keep_unknown`; a file whose modality array is
+empty is skipped (counted); an attribute value that is neither known nor unknown is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, register_dataset
+from raysim.datasets.oph_schema import ATTRIBUTES, LABEL, LABEL_TEXT, NUM_SITES, RACE_STRINGS, SITE_ATTRIBUTES, UNKNOWN, code_from_text
+
+
+@register_dataset("fairfedmed_oph")
+class FairFedMedOph(DataSource):
+    name = "fairfedmed_oph"
+    num_classes = 2
+    channels = 1
+    label_name = LABEL
+
+    @property
+    def group_names(self) -> Mapping[str, Mapping[int, str]]:
+        return {name: attr.group_names() for name, attr in ATTRIBUTES.items()}
+
+    @property
+    def root(self) -> Path:
+        if not self.cfg.root:
+            raise DataError(f"data.root is required for {self.name}: the directory holding all/ and meta_site*.csv")
+        return Path(self.cfg.root).expanduser()
+
+    def client_specs(self) -> list[ClientSpec]:
+        self._check_layout()
+        specs = []
+        for site in range(1, NUM_SITES + 1):
+            client_id = f"site{site}"
+            train = self._read_split(site, "train")
+            test = self._read_split(site, "test")
+            rng = np.random.default_rng([self.seed, zlib.crc32(client_id.encode())])
+            train, val = carve_validation(train, self.cfg.val_fraction, rng)
+            if len(train) == 0 or len(test) == 0:
+                raise DataError(f"{client_id}: no samples left in train or test after the drop rules")
+            specs.append(ClientSpec(client_id, {"train": train, "val": val, "test": test}, source_info={"root": str(self.root)}))
+        return specs
+
+    def load(self, spec: ClientSpec, split: str) -> Shard:
+        table = spec.splits[split]
+        images, kept, dropped = [], [], Counter()
+        for i, filename in enumerate(table.sample_ids):
+            array = self._read_array(filename)
+            if array.size == 0:
+                dropped[f"empty {self.cfg.modality}"] += 1
+                continue
+            images.append(self._resize(array))
+            kept.append(i)
+        if not images:
+            raise DataError(f"{spec.id}/{split}: every file has an empty {self.cfg.modality} array")
+        return Shard(np.stack(images), table.take(np.asarray(kept, dtype=np.int64)), dict(dropped))
+
+    def fingerprint(self) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        for path in sorted(self.root.glob("meta_site*_*.csv")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+        return {"name": self.name, "root": str(self.root), "csv_sha256": digest.hexdigest(), "npz_files": sum(1 for _ in (self.root / "all").glob("*.npz"))}
+
+    # --- metadata ---------------------------------------------------------------------------
+
+    def _check_layout(self) -> None:
+        attr = self.cfg.attribute
+        if attr not in SITE_ATTRIBUTES:
+            raise DataError(f"data.attribute={attr!r}: FairFedMed-Oph has site splits for {', '.join(SITE_ATTRIBUTES)} only")
+        if not self.root.is_dir():
+            raise DataError(f"data.root {self.root} is not a directory")
+        if self.cfg.modality not in ("slo_fundus",):
+            raise DataError(f"data.modality={self.cfg.modality!r}: this loader reads slo_fundus (2D) only")
+        missing = [self._csv(k, s).name for k in range(1, NUM_SITES + 1) for s in ("train", "test") if not self._csv(k, s).exists()]
+        if missing:
+            raise DataError(f"{self.root}: missing site CSVs for attribute {attr}: {', '.join(missing)}")
+
+    def _csv(self, site: int, split: str) -> Path:
+        return self.root / f"meta_site{site}_{self.cfg.attribute}_{split}.csv"
+
+    def _read_split(self, site: int, split: str) -> SampleTable:
+        path = self._csv(site, split)
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: not a readable CSV ({err})") from err
+        if "filename" not in frame.columns:
+            raise DataError(f"{path}: missing required column 'filename' (columns: {', '.join(frame.columns)})")
+        filenames = frame["filename"].str.strip().to_numpy()
+        self._check_files_exist(path, filenames)
+        labels = self._labels(path, frame)
+        codes = {attr: self._codes(path, frame, attr) for attr in ATTRIBUTES}
+        table = SampleTable(filenames.astype(str), labels, codes)
+        if not self.cfg.keep_unknown:
+            table = table.take(np.flatnonzero(codes[self.cfg.attribute] != UNKNOWN))
+        return table
+
+    def _check_files_exist(self, csv: Path, filenames: np.ndarray) -> None:
+        missing = [f for f in filenames if not (self.root / "all" / f).is_file()]
+        if missing:
+            raise DataError(f"{csv}: {len(missing)} listed files are missing from {self.root / 'all'} (first: {', '.join(missing[:3])})")
+
+    def _labels(self, csv: Path, frame: pd.DataFrame) -> np.ndarray:
+        if LABEL not in frame.columns:
+            return np.array([int(self._npz_scalar(f, (LABEL,))) for f in frame["filename"]], dtype=np.int64)
+        labels = []
+        for row, text in enumerate(frame[LABEL]):
+            value = LABEL_TEXT.get(text.strip().lower(), {"0": 0, "1": 1}.get(text.strip()))
+            if value is None:
+                raise DataError(f"{csv}: row {row}: {LABEL}={text!r} is not one of yes, no, 0, 1")
+            labels.append(value)
+        return np.asarray(labels, dtype=np.int64)
+
+    def _codes(self, csv: Path, frame: pd.DataFrame, attr: str) -> np.ndarray:
+        if attr in frame.columns:
+            return np.asarray([self._code_from_csv(csv, row, attr, text) for row, text in enumerate(frame[attr])], dtype=np.int64)
+        return np.asarray([self._code_from_npz(f, attr) for f in frame["filename"]], dtype=np.int64)
+
+    @staticmethod
+    def _code_from_csv(csv: Path, row: int, attr: str, text: str) -> int:
+        code = code_from_text(attr, text)
+        if code is None:
+            expected = ", ".join((*ATTRIBUTES[attr].csv_text, "unknown"))
+            raise DataError(f"{csv}: row {row}: {attr}={text!r} is neither a known value ({expected}) nor unknown")
+        return code
+
+    def _code_from_npz(self, filename: str, attr: str) -> int:
+        value = self._npz_scalar(filename, ATTRIBUTES[attr].npz_keys)
+        if isinstance(value, str):
+            code = RACE_STRINGS.get(value.strip().lower()) if attr == "race" else code_from_text(attr, value)
+        else:
+            code = int(value)
+        n_groups = len(ATTRIBUTES[attr].names)
+        if code is None or not (code == UNKNOWN or 0 <= code < n_groups):
+            raise DataError(f"{self.root / 'all' / filename}: {attr}={value!r} is neither a code 0..{n_groups - 1} nor -1 (unknown)")
+        return code
+
+    # --- pixels -------------------------------------------------------------------------------
+
+    def _open(self, filename: str) -> Any:
+        path = self.root / "all" / filename
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise DataError(f"{path}: not a readable npz file ({err})") from err
+
+    def _npz_scalar(self, filename: str, keys: tuple[str, ...]) -> Any:
+        with self._open(filename) as data:
+            for key in keys:
+                if key in data.files:
+                    return data[key].item()
+        raise DataError(f"{self.root / 'all' / filename}: none of the keys {', '.join(keys)} present (has: {', '.join(data.files)})")
+
+    def _read_array(self, filename: str) -> np.ndarray:
+        path = self.root / "all" / filename
+        with self._open(filename) as data:
+            if self.cfg.modality not in data.files:
+                raise DataError(f"{path}: missing key {self.cfg.modality!r} (has: {', '.join(data.files)})")
+            try:
+                array = data[self.cfg.modality]
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as err:
+                raise DataError(f"{path}: array {self.cfg.modality!r} is corrupt ({err})") from err
+        if array.size and (array.ndim != 2 or array.dtype != np.uint8):
+            raise DataError(f"{path}: {self.cfg.modality} must be a 2D uint8 image, got {array.dtype} {array.shape}")
+        return array
+
+    def _resize(self, array: np.ndarray) -> np.ndarray:
+        size = self.img_size
+        image = torch.from_numpy(array).to(torch.float32)[None, None]
+        if image.shape[-2:] != (size, size):
+            image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return image[0].round().clamp(0, 255).to(torch.uint8).numpy()
