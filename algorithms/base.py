@@ -1,0 +1,98 @@
+"""The Algorithm base class: FedAvg behaviour, with hooks each method overrides.
+
+Server half (driver): `init_state`, `payload`, `aggregate`. Client half (inside the client's
+actor): `client_fit`, `loss`, `after_step`, `eval_model`. A method subclasses this and
+overrides only the steps that differ; hyperparameters are a dataclass in `Params`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from raysim.algorithms.aggregation import weighted_average
+from raysim.registry import Registry
+from raysim.training import Batch, cross_entropy, make_optimizer, train_epochs
+from raysim.types import Tensors, Update
+
+if TYPE_CHECKING:
+    from raysim.client import Client
+    from raysim.config import ExperimentConfig
+
+ServerState = dict[str, Any]
+
+
+@dataclass
+class NoParams:
+    """This method has no hyperparameters of its own."""
+
+
+class Algorithm:
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+
+    def __init__(self, params: Any, cfg: ExperimentConfig) -> None:
+        self.params = params
+        self.cfg = cfg
+
+    # --- what travels -------------------------------------------------------------------------
+
+    def communicated(self, model: nn.Module) -> list[str]:
+        """State-dict keys exchanged with the server: trainable parameters and float buffers."""
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        buffers = {name for name, b in model.named_buffers() if b.is_floating_point()}
+        return [k for k in model.state_dict() if k in trainable or k in buffers]
+
+    # --- server side --------------------------------------------------------------------------
+
+    def init_state(self, model: nn.Module) -> ServerState:
+        state = model.state_dict()
+        return {"weights": {k: state[k].detach().clone() for k in self.communicated(model)}}
+
+    def payload(self, state: ServerState, round_: int) -> Tensors:
+        return state["weights"]
+
+    def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
+        averaged = weighted_average([u.tensors for u in updates], [u.num_examples for u in updates], [u.client_id for u in updates])
+        return {**state, "weights": averaged}
+
+    # --- client side --------------------------------------------------------------------------
+
+    def client_fit(self, client: Client, payload: Tensors, round_: int) -> Update:
+        model = client.load(payload)
+        fed = self.cfg.federation
+        stats = train_epochs(
+            model,
+            client.train_epochs(round_, fed.local_epochs, fed.batch_size, self.cfg.seed),
+            make_optimizer(model, fed),
+            loss_fn=self.loss,
+            after_step=self.after_step,
+        )
+        state = model.state_dict()
+        client.keep(set(state) - set(payload))
+        tensors = {k: state[k].detach().cpu().clone() for k in payload}
+        return Update(client.id, tensors, client.num_train, stats)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return cross_entropy(model, batch)
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step (e.g. projections); nothing for FedAvg."""
+
+    def eval_model(self, client: Client, payload: Tensors) -> nn.Module:
+        """The model a client is scored with: the global one here, a personal one elsewhere."""
+        return client.load(payload)
+
+
+ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm", "raysim.algorithms")
+
+
+def register_algorithm(name: str):  # type: ignore[no-untyped-def]
+    def decorator(cls: type[Algorithm]) -> type[Algorithm]:
+        cls.name = name
+        return ALGORITHMS.register(name)(cls)
+
+    return decorator

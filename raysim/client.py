@@ -1,0 +1,85 @@
+"""A client (hospital) in plain Python: its shards, its own state, batches and predictions.
+
+Several clients may share one model object inside an actor (the scale mode); each client's
+turn starts by loading the global payload plus the client's own saved tensors, so nothing a
+client changes ever reaches another one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from raysim.datasets.base import ClientSpec, Shard
+from raysim.models import normalization
+from raysim.seeding import derive_seed
+from raysim.training import Batch
+from raysim.types import Predictions
+
+EVAL_BATCH = 256
+
+
+class Client:
+    def __init__(self, spec: ClientSpec, shards: Mapping[str, Shard], model: nn.Module, *, channels: int, device: torch.device) -> None:
+        self.spec = spec
+        self.id = spec.id
+        self.shards = dict(shards)
+        self.model = model
+        self.device = device
+        self.mean, self.std = (t.to(device) for t in normalization(model, channels))
+        # Everything this client keeps between rounds (what its method does not communicate).
+        self.own_state: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @property
+    def num_train(self) -> int:
+        return len(self.shards["train"].table)
+
+    def load(self, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+        """Put this client's state, overlaid with `tensors` from the server, into the model."""
+        state = dict(self.own_state)
+        state.update(tensors)
+        self.model.load_state_dict(state, strict=True)
+        return self.model
+
+    def keep(self, keys: set[str] | None = None) -> None:
+        """Save the model's current values of `keys` (default: all) as this client's own state."""
+        current = self.model.state_dict()
+        for key in keys if keys is not None else current:
+            self.own_state[key] = current[key].detach().clone()
+
+    def batches(self, split: str, *, batch_size: int, seed: int | None = None) -> Iterator[Batch]:
+        """Batches of a split; shuffled by `seed` (training) or in order (evaluation)."""
+        shard = self.shards[split]
+        n = len(shard.table)
+        order = torch.arange(n) if seed is None else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        for start in range(0, n, batch_size):
+            index = order[start : start + batch_size]
+            if seed is not None and len(index) == 1 and n > 1:
+                continue  # a single-sample batch breaks BatchNorm in training mode
+            yield self._batch(shard, index)
+
+    def train_epochs(self, round_: int, epochs: int, batch_size: int, base_seed: int) -> Iterator[Iterator[Batch]]:
+        for epoch in range(epochs):
+            yield self.batches("train", batch_size=batch_size, seed=derive_seed(base_seed, "order", round_, self.id, epoch))
+
+    @torch.no_grad()
+    def predict(self, split: str) -> Predictions:
+        self.model.eval()
+        shard = self.shards[split]
+        probs = [torch.softmax(self.model(b.x).float(), dim=1).cpu() for b in self.batches(split, batch_size=EVAL_BATCH)]
+        scores = torch.cat(probs).numpy().astype(np.float64)
+        if scores.shape[1] == 2:
+            scores = scores[:, 1]
+        table = shard.table
+        return Predictions(self.id, split, table.sample_ids, table.labels, scores, dict(table.attributes), self.spec.role)
+
+    def _batch(self, shard: Shard, index: torch.Tensor) -> Batch:
+        idx = index.numpy()
+        x = torch.from_numpy(shard.images[idx]).to(self.device, torch.float32).div_(255.0)
+        x = (x - self.mean) / self.std
+        y = torch.from_numpy(shard.table.labels[idx]).to(self.device)
+        groups = {a: torch.from_numpy(codes[idx]).to(self.device) for a, codes in shard.table.attributes.items()}
+        return Batch(x, y, groups, index)

@@ -1,0 +1,67 @@
+"""The Ray actor that hosts one or more clients: loads their shards, trains, scores, checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from raysim.client import Client
+from raysim.config import ExperimentConfig
+from raysim.datasets import DATASETS, ClientSpec
+from raysim.models import build_model
+from raysim.types import Predictions, Tensors, Update
+
+
+class ClientHost:
+    """Plain-Python body of the actor (testable without Ray)."""
+
+    def __init__(self, cfg: ExperimentConfig, specs: list[ClientSpec]) -> None:
+        torch.set_num_threads(cfg.resources.threads_per_client)
+        from raysim.algorithms import ALGORITHMS
+
+        self.cfg = cfg
+        use_cuda = cfg.resources.num_gpus > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
+        self.algorithm = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg)
+        # One model object per actor; each client swaps its own state in for its turn.
+        model = build_model(cfg.model, num_classes=source.num_classes, in_chans=source.channels, seed=cfg.seed).to(self.device)
+        self.clients = {
+            spec.id: Client(spec, {split: source.load(spec, split) for split in spec.splits}, model, channels=source.channels, device=self.device)
+            for spec in specs
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """Per client: samples per split after the drop rules, and what was dropped why."""
+        return {
+            cid: {split: {"n": len(shard.table), "dropped": dict(shard.dropped)} for split, shard in c.shards.items()}
+            for cid, c in self.clients.items()
+        } | {"_pid": os.getpid(), "_device": str(self.device)}
+
+    def fit(self, client_id: str, payload: Tensors, round_: int) -> Update:
+        return self.algorithm.client_fit(self.clients[client_id], payload, round_)
+
+    def evaluate(self, client_id: str, payload: Tensors, splits: list[str]) -> list[Predictions]:
+        client = self.clients[client_id]
+        self.algorithm.eval_model(client, payload)
+        return [client.predict(split) for split in splits]
+
+    def save(self, client_id: str, path: str) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        torch.save(self.clients[client_id].own_state, tmp)
+        tmp.replace(target)  # never leave a half-written checkpoint behind
+
+    def restore(self, client_id: str, path: str) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.clients[client_id].own_state = state
+
+
+@ray.remote(max_restarts=0)
+class ClientActor(ClientHost):
+    """ClientHost as a Ray actor (one process; `num_cpus` / `num_gpus` set by the driver)."""

@@ -1,0 +1,47 @@
+"""Backbones from timm: any timm name, optional timm or local pretrained weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from raysim.config import ConfigError, ModelConfig
+
+
+def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, seed: int) -> nn.Module:
+    """A timm model; initialisation depends only on `seed` (every actor builds the same one)."""
+    if cfg.name not in timm.list_models() and not timm.is_model(cfg.name):
+        raise ConfigError(f"model.name {cfg.name!r} is not a timm model (see timm.list_models())")
+    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans}
+    if cfg.weights:
+        path = Path(cfg.weights).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.weights {path} is not a file")
+        # timm adapts a local file's stem to in_chans and drops a head of the wrong size.
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    elif cfg.pretrained:
+        kwargs["pretrained"] = True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return timm.create_model(cfg.name, **kwargs)
+        except (OSError, RuntimeError) as err:
+            if cfg.pretrained and not cfg.weights:
+                raise ConfigError(
+                    f"model.pretrained=true: timm could not load weights for {cfg.name} ({err}); "
+                    "raysim needs no network: pass model.weights=PATH to a local file"
+                ) from err
+            raise
+
+
+def normalization(model: nn.Module, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean/std the model expects, shaped (1, C, 1, 1), for pixel values in [0, 1]."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5)), dtype=torch.float32)
+    std = torch.tensor(cfg.get("std", (0.25, 0.25, 0.25)), dtype=torch.float32)
+    if channels != len(mean):  # e.g. grayscale into an RGB-normalised backbone
+        mean, std = mean.mean().repeat(channels), std.mean().repeat(channels)
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)

@@ -1,0 +1,169 @@
+"""Run outputs: metrics/predictions Parquet (the public contract), TensorBoard, console tables."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from raysim import metrics
+from raysim.types import Predictions
+
+METRIC_COLUMNS = ["round", "split", "client", "role", "attribute", "group", "metric", "value"]
+PREDICTION_COLUMNS = ["round", "split", "client", "sample_id", "label", "score"]
+
+Echo = Callable[[str], None]
+
+
+def metric_rows(round_: int, preds: Predictions, group_names: Mapping[str, Mapping[int, str]], attributes: Sequence[str], *, n_boot: int, seed: int) -> pd.DataFrame:
+    """Long-format metric rows of one client and split."""
+    rows = metrics.client_metrics(
+        preds.labels,
+        preds.scores,
+        {a: preds.attributes[a] for a in attributes if a in preds.attributes},
+        {a: group_names[a] for a in attributes},
+        n_boot=n_boot,
+        seed=seed,
+    )
+    frame = pd.DataFrame(rows, columns=["attribute", "group", "metric", "value"])
+    frame.insert(0, "role", preds.role)
+    frame.insert(0, "client", preds.client_id)
+    frame.insert(0, "split", preds.split)
+    frame.insert(0, "round", round_)
+    return frame[METRIC_COLUMNS]
+
+
+def with_means(frame: pd.DataFrame) -> pd.DataFrame:
+    """Append the mean over clients (`mean`) and over clients of each role (`mean:<role>`)."""
+    parts = [frame, metrics.mean_over_clients(frame, client="mean")]
+    for role in sorted(r for r in frame["role"].unique() if r):
+        part = metrics.mean_over_clients(frame[frame["role"] == role], client=f"mean:{role}")
+        part["role"] = role
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def prediction_rows(round_: int, preds: Predictions, attributes: Sequence[str]) -> pd.DataFrame:
+    columns: dict[str, object] = {
+        "round": np.full(len(preds.labels), round_, dtype=np.int64),
+        "split": preds.split,
+        "client": preds.client_id,
+        "sample_id": preds.sample_ids.astype(str),
+        "label": preds.labels.astype(np.int64),
+    }
+    if preds.scores.ndim == 1:
+        columns["score"] = preds.scores
+    else:
+        columns.update({f"score_{k}": preds.scores[:, k] for k in range(preds.scores.shape[1])})
+    for attr in attributes:
+        columns[attr] = preds.attributes[attr].astype(np.int64)
+    return pd.DataFrame(columns)
+
+
+class RunRecorder:
+    """Accumulates metric and prediction rows and rewrites the Parquet files atomically."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.metrics = pd.DataFrame(columns=METRIC_COLUMNS)
+        self.predictions: list[pd.DataFrame] = []
+        self._tb = None
+
+    def add(self, metric_frame: pd.DataFrame, prediction_frames: list[pd.DataFrame]) -> None:
+        self.metrics = pd.concat([self.metrics, metric_frame], ignore_index=True) if len(self.metrics) else metric_frame
+        self.predictions.extend(prediction_frames)
+        self._log_tensorboard(metric_frame)
+        self.flush()
+
+    def flush(self) -> None:
+        _write_parquet(self.metrics.astype({"round": "int64", "value": "float64"}), self.run_dir / "metrics.parquet")
+        if self.predictions:
+            _write_parquet(pd.concat(self.predictions, ignore_index=True), self.run_dir / "predictions.parquet")
+
+    def truncate(self, last_round: int) -> None:
+        """Forget rows after `last_round` (resume continues from that checkpoint)."""
+        self.metrics = self.metrics[self.metrics["round"] <= last_round].reset_index(drop=True)
+        self.predictions = [p[p["round"] <= last_round] for p in self.predictions]
+        self.flush()
+
+    def load_existing(self) -> None:
+        if (self.run_dir / "metrics.parquet").exists():
+            self.metrics = pd.read_parquet(self.run_dir / "metrics.parquet")
+        if (self.run_dir / "predictions.parquet").exists():
+            self.predictions = [pd.read_parquet(self.run_dir / "predictions.parquet")]
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def _log_tensorboard(self, frame: pd.DataFrame) -> None:
+        from tensorboardX import SummaryWriter  # optional at import time: only the recorder needs it
+
+        if self._tb is None:
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        for row in frame[frame["client"] == "mean"].itertuples():
+            if isinstance(row.value, float) and math.isnan(row.value):
+                continue
+            tag = "/".join(p for p in (row.split, row.attribute, row.group, row.metric) if p)
+            self._tb.add_scalar(tag, row.value, row.round)
+        self._tb.flush()
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_suffix(".parquet.tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+# --- console ------------------------------------------------------------------------------
+
+
+def format_table(frame: pd.DataFrame, *, round_: int, split: str, attribute: str, group_names: Mapping[int, str]) -> str:
+    """Per client + mean: AUC, ES-AUC, group AUCs, EOD, SPD, all x100."""
+    rows = frame[(frame["round"] == round_) & (frame["split"] == split)]
+    columns = [("AUC", "", "", "auc"), ("ES-AUC", attribute, "", "es_auc")]
+    columns += [(f"AUC {name}", attribute, name, "auc") for name in group_names.values()]
+    columns += [("EOD", attribute, "", "eod"), ("SPD", attribute, "", "spd")]
+    clients = list(dict.fromkeys(rows["client"]))
+    clients = [c for c in clients if not c.startswith("mean")] + [c for c in clients if c.startswith("mean")]
+    lookup = {(r.client, r.attribute, r.group, r.metric): r.value for r in rows.itertuples()}
+    width = max(10, *(len(c) for c in clients)) if clients else 10
+    header = f"{'client':<{width}}" + "".join(f"{title:>{max(8, len(title) + 2)}}" for title, *_ in columns)
+    lines = [f"{split} metrics after round {round_} (x100; attribute: {attribute})", header, "-" * len(header)]
+    for client in clients:
+        cells = []
+        for title, attr, group, metric in columns:
+            value = lookup.get((client, attr, group, metric), float("nan"))
+            cells.append(f"{'-' if math.isnan(value) else f'{100 * value:.1f}':>{max(8, len(title) + 2)}}")
+        lines.append(f"{client:<{width}}" + "".join(cells))
+    return "\n".join(lines)
+
+
+class Progress:
+    """One line per round with the elapsed time and an ETA from the mean round time."""
+
+    def __init__(self, total_rounds: int, first_round: int, echo: Echo) -> None:
+        self.total = total_rounds
+        self.first = first_round
+        self.echo = echo
+        self.start = time.perf_counter()
+
+    def round_done(self, round_: int, *, clients: int, failed: Sequence[str], train_loss: float) -> None:
+        elapsed = time.perf_counter() - self.start
+        done = round_ - self.first + 1
+        eta = elapsed / done * (self.total - round_)
+        failed_note = f" | failed: {', '.join(failed)}" if failed else ""
+        self.echo(
+            f"round {round_:>3}/{self.total} | clients {clients} | train loss {train_loss:.4f} | "
+            f"{elapsed / done:.1f} s/round | elapsed {_clock(elapsed)} | ETA {_clock(eta)}{failed_note}"
+        )
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

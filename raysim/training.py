@@ -1,0 +1,64 @@
+"""The one local training loop; methods customise it through hooks, never by copying it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from raysim.config import FederationConfig
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # normalised float images (B, C, H, W)
+    y: torch.Tensor  # int64 labels
+    groups: dict[str, torch.Tensor]  # attribute -> int64 codes, -1 unknown
+    index: torch.Tensor  # positions in the client's split (for per-sample state)
+
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+StepHook = Callable[[nn.Module], None]
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda params, f: torch.optim.SGD(params, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay),
+    "adam": lambda params, f: torch.optim.Adam(params, lr=f.lr, weight_decay=f.weight_decay),
+    "adamw": lambda params, f: torch.optim.AdamW(params, lr=f.lr, weight_decay=f.weight_decay),
+}
+
+
+def make_optimizer(model: nn.Module, fed: FederationConfig) -> torch.optim.Optimizer:
+    """A fresh optimizer over the trainable parameters (state never crosses rounds or clients)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return OPTIMIZERS[fed.optimizer](params, fed)
+
+
+def cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch.x), batch.y)
+
+
+def train_epochs(
+    model: nn.Module,
+    epochs: Iterable[Iterable[Batch]],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn = cross_entropy,
+    after_step: StepHook | None = None,
+) -> dict[str, float]:
+    """Run the local epochs; returns the mean training loss and the number of steps."""
+    model.train()
+    total, steps = 0.0, 0
+    for batches in epochs:
+        for batch in batches:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"local training loss became {loss.item()} at step {steps}")
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step(model)
+            total += loss.item()
+            steps += 1
+    return {"loss": total / max(steps, 1), "steps": float(steps)}

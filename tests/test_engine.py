@@ -1,0 +1,128 @@
+"""The engine through real Ray actors: outputs contract, determinism, resume, failures."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import yaml
+
+from raysim import config
+from raysim.driver import Driver, latest_checkpoint
+from raysim.metrics import METRIC_NAMES
+
+from conftest import tiny_overrides
+
+GROUPS = {"race": {"Asian", "Black", "White"}, "gender": {"Female", "Male"}}
+
+
+def make_driver(root: Path, run_dir: Path, lines: list[str] | None = None, **extra: object) -> Driver:
+    cfg = config.load(None, tiny_overrides(root, **extra))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config.dump(cfg))
+    return Driver(cfg, run_dir, echo=(lines.append if lines is not None else lambda _: None))
+
+
+def test_two_clients_two_rounds_output_contract(ray_session, oph_root: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    run_dir = tmp_path / "run"
+    make_driver(oph_root, run_dir, lines, **{"federation.clients_per_round": 2}).run()
+
+    console = "\n".join(lines)
+    lines = console.splitlines()
+    assert "round   1/2 | clients 2 |" in console and "ETA" in console
+    assert "test metrics after round 2 (x100; attribute: race)" in console
+    header = next(line for line in lines if line.startswith("client"))
+    assert header.split() == ["client", "AUC", "ES-AUC", "AUC", "Asian", "AUC", "Black", "AUC", "White", "EOD", "SPD"]
+    table_rows = [line.split()[0] for line in lines[lines.index(header) + 2 :] if line and line.split()[0].startswith(("site", "mean"))]
+    assert table_rows[:4] == ["site1", "site2", "site3", "mean"]
+
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    assert list(metrics.columns) == ["round", "split", "client", "role", "attribute", "group", "metric", "value"]
+    assert set(metrics["split"]) == {"val", "test"}
+    assert set(metrics["round"]) == {1, 2}
+    assert set(metrics["client"]) == {"site1", "site2", "site3", "mean"}
+    assert set(metrics["metric"]) <= set(METRIC_NAMES)
+    assert {"auc", "acc", "bacc", "es_auc", "es_acc", "eod", "spd", "auc_lo", "auc_hi", "loss"} <= set(metrics["metric"])
+    values = metrics["value"].dropna()
+    rates = metrics[metrics["metric"] != "loss"]["value"].dropna()
+    assert len(values) > 0 and rates.between(0, 1).all()
+    whole = metrics[metrics["metric"].isin(["auc", "acc", "bacc", "loss"]) & (metrics["group"] == "")]
+    assert (whole["attribute"] == "").all()
+    for attr, names in GROUPS.items():
+        assert set(metrics[(metrics["attribute"] == attr) & (metrics["group"] != "")]["group"]) == names
+    # the mean row is the mean over clients of each client's value
+    r2 = metrics[(metrics["round"] == 2) & (metrics["split"] == "test") & (metrics["metric"] == "auc") & (metrics["attribute"] == "")]
+    assert r2[r2["client"] == "mean"]["value"].item() == pytest.approx(r2[r2["client"] != "mean"]["value"].mean())
+
+    preds = pd.read_parquet(run_dir / "predictions.parquet")
+    assert list(preds.columns[:6]) == ["round", "split", "client", "sample_id", "label", "score"]
+    assert {"race", "gender", "ethnicity", "language", "maritalstatus"} <= set(preds.columns)
+    assert preds["race"].dtype == np.int64 and preds["score"].between(0, 1).all()
+    assert set(preds["client"]) == {"site1", "site2", "site3"}
+    # every test prediction of round 2 reproduces that client's AUC row
+    from raysim.metrics import auc
+
+    site1 = preds[(preds["round"] == 2) & (preds["split"] == "test") & (preds["client"] == "site1")]
+    assert auc(site1["label"].to_numpy(), site1["score"].to_numpy()) == pytest.approx(r2[r2["client"] == "site1"]["value"].item())
+    assert latest_checkpoint(run_dir).name == "round_0002"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_same_seed_and_any_actor_layout_give_identical_metrics(ray_session, oph_root: Path, tmp_path: Path) -> None:
+    a = make_driver(oph_root, tmp_path / "a").run()
+    b = make_driver(oph_root, tmp_path / "b").run()
+    c = make_driver(oph_root, tmp_path / "c", **{"resources.clients_per_actor": 2}).run()
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    pd.testing.assert_frame_equal(a, c, check_exact=True)
+    other = make_driver(oph_root, tmp_path / "d", seed=1).run()
+    assert not a["value"].equals(other["value"])
+
+
+def test_resume_matches_an_uninterrupted_run(ray_session, oph_root: Path, tmp_path: Path) -> None:
+    full = make_driver(oph_root, tmp_path / "full", **{"federation.rounds": 3}).run()
+    make_driver(oph_root, tmp_path / "cut", **{"federation.rounds": 3}).run(until=1)
+    assert latest_checkpoint(tmp_path / "cut").name == "round_0001"
+    cfg = config.load(tmp_path / "cut" / "config.yaml")
+    resumed = Driver(cfg, tmp_path / "cut", echo=lambda _: None).run(resume=True)
+    pd.testing.assert_frame_equal(full, resumed, check_exact=True)
+    pd.testing.assert_frame_equal(full, pd.read_parquet(tmp_path / "cut" / "metrics.parquet"), check_exact=True)
+
+
+def test_a_dead_client_actor_is_reported_and_the_others_aggregate(ray_session, oph_root: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    driver = make_driver(oph_root, tmp_path / "r", lines, **{"federation.rounds": 2})
+    try:
+        driver.start()
+        driver.step(1)
+        ray.kill(driver.actors["site2"])
+        driver.step(2)
+    finally:
+        driver.shutdown()
+    assert any("site2 died" in line for line in lines)
+    assert any("round   2/2 | clients 2 |" in line and "failed: site2" in line for line in lines)
+    assert all(np.isfinite(t.numpy()).all() for t in driver.state["weights"].values() if t.is_floating_point())
+    last = driver.recorder.metrics[driver.recorder.metrics["round"] == 2]
+    assert set(last["client"]) == {"site1", "site3", "mean"}
+
+
+def test_cli_run_writes_the_run_directory_and_prints_it_last(oph_root: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "cli"
+    overrides = tiny_overrides(oph_root, **{"federation.rounds": 1})
+    proc = subprocess.run([sys.executable, "-m", "raysim.run", "--out", str(run_dir), *overrides], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(run_dir)
+    for name in ("config.yaml", "provenance.json", "metrics.parquet", "predictions.parquet"):
+        assert (run_dir / name).exists(), name
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["federation"]["rounds"] == 1 and saved["model"]["name"] == "test_resnet"
+    again = subprocess.run([sys.executable, "-m", "raysim.run", "--out", str(run_dir), *overrides], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    assert not math.isnan(metrics[(metrics["client"] == "mean") & (metrics["metric"] == "auc") & (metrics["attribute"] == "")]["value"].iloc[-1])
