@@ -23,15 +23,26 @@ EVAL_BATCH = 256
 
 
 class Client:
-    def __init__(self, spec: ClientSpec, shards: Mapping[str, Shard], model: nn.Module, *, channels: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        spec: ClientSpec,
+        shards: Mapping[str, Shard],
+        model: nn.Module,
+        *,
+        initial_state: Mapping[str, torch.Tensor],
+        channels: int,
+        device: torch.device,
+    ) -> None:
         self.spec = spec
         self.id = spec.id
         self.shards = dict(shards)
         self.model = model
         self.device = device
         self.mean, self.std = (t.to(device) for t in normalization(model, channels))
-        # Everything this client keeps between rounds (what its method does not communicate).
-        self.own_state: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # The model's initial values (shared, read-only) overlaid with what this client keeps
+        # between rounds: whatever its method does not communicate.
+        self.initial_state = initial_state
+        self.own_state: dict[str, torch.Tensor] = {}
 
     @property
     def num_train(self) -> int:
@@ -39,8 +50,7 @@ class Client:
 
     def load(self, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
         """Put this client's state, overlaid with `tensors` from the server, into the model."""
-        state = dict(self.own_state)
-        state.update(tensors)
+        state = {**self.initial_state, **self.own_state, **tensors}
         self.model.load_state_dict(state, strict=True)
         return self.model
 

@@ -30,8 +30,11 @@ class ClientHost:
         self.algorithm = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg)
         # One model object per actor; each client swaps its own state in for its turn.
         model = build_model(cfg.model, num_classes=source.num_classes, in_chans=source.channels, seed=cfg.seed).to(self.device)
+        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.clients = {
-            spec.id: Client(spec, {split: source.load(spec, split) for split in spec.splits}, model, channels=source.channels, device=self.device)
+            spec.id: Client(
+                spec, {split: source.load(spec, split) for split in spec.splits}, model, initial_state=initial, channels=source.channels, device=self.device
+            )
             for spec in specs
         }
 

@@ -37,12 +37,13 @@ class DataConfig:
     val_fraction: float = _doc("share of each client's training data held out for validation", 0.15)
     modality: str = _doc("image array to read (FairFedMed-Oph: slo_fundus)", "slo_fundus")
     keep_unknown: bool = _doc("keep samples whose target attribute is unknown (-1)", False)
-    patients: int = _doc("synthetic only: patients to generate", 1800)
+    patients: int | None = _doc("synthetic only: patients to generate (null: the generator's default)", None)
     generator_seed: int = _doc("synthetic only: seed of the generated set (independent of `seed`)", 0)
 
     def validate(self) -> None:
         _check_fraction("data.val_fraction", self.val_fraction, allow_zero=False, allow_one=False)
-        _check_positive("data.patients", self.patients)
+        if self.patients is not None:
+            _check_positive("data.patients", self.patients)
 
 
 @dataclass
@@ -58,12 +59,13 @@ class ModelConfig:
 
 @dataclass
 class FederationConfig:
-    rounds: int = _doc("communication rounds", 10)
+    # Defaults are the FairFedMed paper's settings (specs/fairfedmed.md); presets adapt them.
+    rounds: int = _doc("communication rounds", 50)
     clients_per_round: int | None = _doc("clients sampled each round (null: all)", None)
     local_epochs: int = _doc("local epochs per round", 1)
     batch_size: int = _doc("local batch size", 32)
     optimizer: str = _doc("local optimizer: sgd, adam or adamw", "sgd")
-    lr: float = _doc("local learning rate", 0.02)
+    lr: float = _doc("local learning rate", 1e-3)
     momentum: float = _doc("SGD momentum (reset every round)", 0.9)
     weight_decay: float = _doc("weight decay", 5e-4)
 
@@ -303,6 +305,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if hint is float or text.startswith("float"):
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)

@@ -7,10 +7,12 @@ run is a function of its config: the number of actors and their scheduling chang
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +24,13 @@ import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
 
-from raysim import reporting
-from raysim.metrics import UndefinedMetricWarning
+from raysim import provenance, reporting
 from raysim.algorithms import ALGORITHMS, ServerState
 from raysim.algorithms.aggregation import non_finite
 from raysim.client_actor import ClientActor
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec, DataError
+from raysim.metrics import UndefinedMetricWarning
 from raysim.models import build_model
 from raysim.seeding import derive_seed, rng
 from raysim.types import Predictions, Update
@@ -90,6 +92,9 @@ class Driver:
         """Read the metadata, build the initial (or checkpointed) state and start the actors."""
         specs = self.source.client_specs()
         self.specs = {s.id: s for s in specs}
+        if not resume:
+            resources = {"per_actor": dataclasses.asdict(self.cfg.resources), "ray_cluster": ray.cluster_resources()}
+            provenance.write(self.run_dir, data=self.source.fingerprint(), resources=resources, argv=sys.argv)
         self.echo(f"data: {self.cfg.data.name} with {len(specs)} clients: " + ", ".join(f"{s.id} ({s.num_train} train)" for s in specs))
         model = build_model(self.cfg.model, num_classes=self.source.num_classes, in_chans=self.source.channels, seed=self.cfg.seed)
         self.state = self.algorithm.init_state(model)

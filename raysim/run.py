@@ -10,7 +10,6 @@ Prints progress per round, a metrics table at each evaluation, and the run direc
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import logging
 import sys
@@ -19,7 +18,6 @@ from pathlib import Path
 import yaml
 
 from raysim import config as config_mod
-from raysim import provenance
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
 from raysim.driver import Driver, connect_ray, latest_checkpoint
@@ -48,14 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, run_dir, resume = prepare(args)
         driver = Driver(cfg, run_dir)
-        if not resume:
-            provenance.write(run_dir, data=driver.source.fingerprint(), resources=dataclasses.asdict(cfg.resources), argv=argv)
         connect_ray()
         driver.run(resume=resume)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"wrote config.yaml, provenance.json, metrics.parquet, predictions.parquet, checkpoints/, tensorboard/ in:")
+    print("wrote config.yaml, provenance.json, metrics.parquet, predictions.parquet, checkpoints/, tensorboard/ in:")
     print(run_dir)
     return 0
 

@@ -1,0 +1,572 @@
+"""Synthetic FairFedMed-Oph twin: a small, deterministic set in the exact on-disk format.
+
+Datasheet
+- Format: specs/fairfedmed.md "FairFedMed-Oph on disk" (``all/data_{i:05d}.npz``,
+  ``meta_all.csv``, ``meta_site{k}_{attr}[_train|_test].csv`` for k = 1..3 and attr in
+  race/language/ethnicity/gender), plus ``truth.json`` (every generator parameter, counts
+  and oracle AUCs). Content: specs/synthetic.md.
+- Sites: 3, equal sizes. In this twin a site is a *physical* property (scanner style:
+  gamma, brightness, blur, noise) with its own group mix and prevalence, so every
+  attribute's site files list the same patients with the same train/test split (the real
+  set re-splits per attribute).
+- Label: glaucoma, drawn from a per-site prevalence and age; it acts on the anatomy only
+  (cup-to-disc ratio in the fundus, nerve-fibre-layer thickness in the OCT).
+- Groups: race changes the anatomy (larger, more variable discs for Black patients, so a
+  group-blind rule on raw cup size over-calls them) and the image quality (fundus
+  pigmentation lowers disc/cup contrast and adds structured noise). Prevalence does not
+  depend on any group, so the group carries no label shortcut.
+- Unknowns (-1) at realistic rates for ethnicity, language and marital status; a few
+  files (``empty_fraction``, default 0.5 %) have an empty fundus and/or OCT array.
+- Licence: generated data, no restrictions. Build it with
+  ``python -m raysim.datasets.synthetic --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from raysim.datasets.base import ClientSpec, DataError, register_dataset
+from raysim.datasets.fairfedmed_oph import FairFedMedOph
+from raysim.datasets.oph_schema import (
+    ATTRIBUTES,
+    CSV_COLUMNS,
+    NUM_SITES,
+    SITE_ATTRIBUTES,
+    SPLITS,
+    UNKNOWN,
+    text_from_code,
+)
+
+logger = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+DEFAULT_PATIENTS = 2100
+EMPTY_FRACTION = 0.005
+MIN_TEST_PER_GROUP = 25  # per site and race, capped at a third of the group
+RACE_NAMES = ATTRIBUTES["race"].names  # Asian, Black, White
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamp: np.savez stamps the wall clock
+
+
+@dataclass(frozen=True)
+class SiteStyle:
+    """Acquisition style and population of one site (mixes are shares of codes 0.., then -1)."""
+
+    gamma: float
+    brightness: float  # additive offset after gamma
+    blur: float  # gaussian sigma in pixels at 128 px (scaled with fundus_size)
+    noise: float  # gaussian noise sd on the [0, 1] scale
+    prevalence: float  # glaucoma share at age 60
+    male_share: float
+    race_mix: tuple[float, float, float]  # Asian, Black, White
+    ethnicity_mix: tuple[float, float, float]  # non-hispanic, hispanic, unknown
+    language_mix: tuple[float, float, float, float]  # english, spanish, others, unknown
+    marital_mix: tuple[float, ...]  # married, single, divorced, widowed, separated, unknown
+
+
+@dataclass(frozen=True)
+class RaceAnatomy:
+    """Per-race optic-disc size (area, mm^2) and fundus pigmentation (0 light .. 1 dark)."""
+
+    disc_area_mean: float
+    disc_area_sd: float
+    pigment_mean: float
+
+
+# Minority shares are above the real sites' (Asian 6-10 %, Black ~15 %) and the split keeps
+# MIN_TEST_PER_GROUP test patients per race group, so that group AUCs at the default size are
+# not pure noise; the ordering (White majority, then Black, then Asian) is the real one.
+SITES: tuple[SiteStyle, ...] = (
+    SiteStyle(0.85, 0.02, 0.6, 0.03, 0.45, 0.70, (0.14, 0.19, 0.67), (0.95, 0.04, 0.01),
+              (0.93, 0.01, 0.04, 0.02), (0.55, 0.22, 0.10, 0.08, 0.01, 0.04)),
+    SiteStyle(1.00, 0.00, 1.1, 0.05, 0.40, 0.55, (0.16, 0.23, 0.61), (0.91, 0.07, 0.02),
+              (0.91, 0.02, 0.05, 0.02), (0.50, 0.27, 0.10, 0.08, 0.02, 0.03)),
+    SiteStyle(1.20, -0.03, 1.6, 0.04, 0.50, 0.36, (0.14, 0.16, 0.70), (0.93, 0.05, 0.02),
+              (0.94, 0.01, 0.03, 0.02), (0.58, 0.20, 0.09, 0.10, 0.01, 0.02)),
+)
+RACES: tuple[RaceAnatomy, ...] = (
+    RaceAnatomy(disc_area_mean=2.8, disc_area_sd=0.50, pigment_mean=0.40),  # Asian
+    RaceAnatomy(disc_area_mean=3.4, disc_area_sd=0.80, pigment_mean=0.70),  # Black
+    RaceAnatomy(disc_area_mean=2.6, disc_area_sd=0.45, pigment_mean=0.15),  # White
+)
+# Label -> anatomy (identical for every group: the oracle's AUC does not depend on the group).
+CDR = ((0.35, 0.07), (0.63, 0.07))  # cup-to-disc ratio (mean, sd) for glaucoma 0 / 1
+RNFL = ((1.00, 0.12), (0.75, 0.12))  # relative nerve-fibre-layer thickness
+AGE_MEAN, AGE_SD, AGE_LOGIT_PER_YEAR = 60.0, 12.0, 0.03
+REF_DISC_AREA = 2.6  # mm^2 drawn with radius DISC_RADIUS (fraction of the half-width)
+DISC_RADIUS = 0.19
+# Image quality vs pigmentation p: disc and cup contrast fall by these shares at p = 1, the
+# noise sd rises by this factor, and a choroidal texture of this amplitude appears.
+PIGMENT_DISC_LOSS, PIGMENT_CUP_LOSS, PIGMENT_NOISE_GAIN, PIGMENT_TEXTURE = 0.45, 0.5, 1.0, 0.04
+
+
+def generator_params(
+    *,
+    patients: int = DEFAULT_PATIENTS,
+    seed: int = 0,
+    fundus_size: int = 128,
+    oct_shape: tuple[int, int, int] = (16, 32, 32),
+    test_fraction: float = 0.2,
+    empty_fraction: float = EMPTY_FRACTION,
+) -> dict[str, Any]:
+    """The exact parameters that define a generated set (validated; usable as a cache key)."""
+    if patients < 6 * NUM_SITES:
+        raise ValueError(f"patients must be >= {6 * NUM_SITES}, got {patients}")
+    if fundus_size < 16:
+        raise ValueError(f"fundus_size must be >= 16 pixels, got {fundus_size}")
+    if len(oct_shape) != 3 or min(oct_shape) < 4:
+        raise ValueError(f"oct_shape must be 3 sizes >= 4 (slices, depth, width), got {oct_shape}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if not 0.0 <= empty_fraction <= 1.0:
+        raise ValueError(f"empty_fraction must be in [0, 1], got {empty_fraction}")
+    return {
+        "version": GENERATOR_VERSION,
+        "patients": int(patients),
+        "seed": int(seed),
+        "fundus_size": int(fundus_size),
+        "oct_shape": [int(s) for s in oct_shape],
+        "test_fraction": float(test_fraction),
+        "empty_fraction": float(empty_fraction),
+    }
+
+
+# ----------------------------------------------------------------------------- latents
+def _draw_latents(params: dict[str, Any]) -> pd.DataFrame:
+    """One row per patient: site, split, demographics, label and the anatomy it acts on."""
+    rng = np.random.default_rng([params["seed"], 0])
+    n = params["patients"]
+    site = rng.permutation(np.arange(n) % NUM_SITES)
+    cols: dict[str, np.ndarray] = {k: np.zeros(n, dtype=np.int64) for k in
+                                   ("race", "gender", "ethnicity", "language", "maritalstatus")}
+    for k, s in enumerate(SITES):
+        idx = np.flatnonzero(site == k)
+        m = len(idx)
+
+        def pick(codes: list[int], p: tuple[float, ...], m: int = m) -> np.ndarray:
+            return rng.choice(codes, size=m, p=np.asarray(p) / sum(p))
+
+        cols["race"][idx] = pick([0, 1, 2], s.race_mix)
+        cols["gender"][idx] = (rng.random(m) < s.male_share).astype(np.int64)
+        cols["ethnicity"][idx] = pick([0, 1, UNKNOWN], s.ethnicity_mix)
+        cols["language"][idx] = pick([0, 1, 2, UNKNOWN], s.language_mix)
+        cols["maritalstatus"][idx] = pick([0, 1, 2, 3, 4, UNKNOWN], s.marital_mix)
+    age = np.round(np.clip(rng.normal(AGE_MEAN, AGE_SD, n), 20.0, 95.0), 1)
+    prev = np.array([s.prevalence for s in SITES])[site]
+    prior_logit = np.log(prev / (1 - prev)) + AGE_LOGIT_PER_YEAR * (age - AGE_MEAN)
+    y = (rng.random(n) < 1 / (1 + np.exp(-prior_logit))).astype(np.int64)
+    cdr_mu, cdr_sd = np.array(CDR).T
+    rnfl_mu, rnfl_sd = np.array(RNFL).T
+    cdr = np.clip(rng.normal(cdr_mu[y], cdr_sd[y]), 0.08, 0.92)
+    rnfl = np.clip(rng.normal(rnfl_mu[y], rnfl_sd[y]), 0.3, 1.6)
+    race = cols["race"]
+    area_mu = np.array([r.disc_area_mean for r in RACES])[race]
+    area_sd = np.array([r.disc_area_sd for r in RACES])[race]
+    disc_area = np.clip(rng.normal(area_mu, area_sd), 1.2, 6.0)
+    pigment = np.clip(rng.normal(np.array([r.pigment_mean for r in RACES])[race], 0.1), 0, 1)
+    # Split: within each site and race, a fixed share to test (stratified by group), raised to
+    # MIN_TEST_PER_GROUP where that leaves at least two thirds of the group for training.
+    split = np.zeros(n, dtype=np.int64)
+    for k in range(NUM_SITES):
+        for g in range(len(RACES)):
+            idx = rng.permutation(np.flatnonzero((site == k) & (race == g)))
+            n_test = max(round(params["test_fraction"] * len(idx)),
+                         min(MIN_TEST_PER_GROUP, len(idx) // 3))
+            split[idx[:n_test]] = 1
+    n_empty = int(round(params["empty_fraction"] * n))
+    empty = np.zeros(n, dtype=np.int64)  # bit 1: no fundus, bit 2: no OCT
+    empty[rng.choice(n, size=n_empty, replace=False)] = rng.choice([1, 2, 3], size=n_empty)
+    df = pd.DataFrame({"filename": [f"data_{i + 1:05d}.npz" for i in range(n)], "age": age,
+                       **cols, "glaucoma": y, "site": site, "split": split, "cdr": cdr,
+                       "rnfl": rnfl, "disc_area": disc_area, "pigment": pigment,
+                       "prior_logit": prior_logit, "empty": empty})
+    # Cup diameter in mm (disc diameter from its area): the quantity a size rule thresholds.
+    df["cup_diameter"] = df["cdr"] * 2 * np.sqrt(df["disc_area"] / np.pi)
+    return df
+
+
+# ----------------------------------------------------------------------------- images
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    c = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    return yy, xx
+
+
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable gaussian blur of the last two axes (edge padding), numpy only."""
+    if sigma < 0.3:
+        return img
+    r = int(np.ceil(2.5 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k = (k / k.sum()).astype(np.float32)
+    n = img.shape[-2]
+    p = np.pad(img, [(0, 0)] * (img.ndim - 2) + [(r, r), (0, 0)], mode="edge")
+    img = sum(w * p[..., i : i + n, :] for i, w in enumerate(k))
+    n = img.shape[-1]
+    p = np.pad(img, [(0, 0)] * (img.ndim - 1) + [(r, r)], mode="edge")
+    return sum(w * p[..., i : i + n] for i, w in enumerate(k))
+
+
+def _acquire(clean: np.ndarray, site: SiteStyle, blur: float, noise: float,
+             rng: np.random.Generator) -> np.ndarray:
+    """Site scanner style: blur, gamma, brightness, noise, then 8-bit quantisation."""
+    img = _blur(clean, blur)
+    img = np.clip(img, 0, 1) ** site.gamma + site.brightness
+    img = img + noise * rng.standard_normal(img.shape, dtype=np.float32)
+    return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
+
+
+def _fundus(row: Any, size: int, rng: np.random.Generator) -> np.ndarray:
+    """SLO fundus: background, macula, optic disc with its cup (CDR), vessels; site style."""
+    yy, xx = _grid(size)
+    p = float(row.pigment)
+    side = float(rng.choice([-1.0, 1.0]))  # right / left eye: disc nasal, macula temporal
+    cx, cy = side * 0.38 + float(rng.normal(0, 0.05)), float(rng.normal(0, 0.06))
+    r = DISC_RADIUS * float(np.sqrt(row.disc_area / REF_DISC_AREA))
+    rx, ry = r, r * float(rng.normal(1.08, 0.03))  # discs are vertically oval
+    # Background: illumination fall-off, darker and blotchier (choroidal texture) with pigment.
+    rr2 = xx * xx + yy * yy
+    img = (0.52 - 0.14 * p) - 0.10 * rr2
+    x1, y1 = xx[0], yy[:, 0]
+    for _ in range(4):  # separable: cos(a x + b y + c) = cos(ax)cos(by+c) - sin(ax)sin(by+c)
+        fx, fy = rng.uniform(2, 7, 2) * rng.choice([-1, 1], 2)
+        c, amp = float(rng.uniform(0, 6.3)), 0.012 + PIGMENT_TEXTURE * p
+        img += amp * (np.outer(np.cos(fy * y1 + c), np.cos(fx * x1))
+                      - np.outer(np.sin(fy * y1 + c), np.sin(fx * x1)))
+    mx = cx - side * 0.9  # macula (fovea), temporal to the disc
+    img -= 0.08 * np.outer(np.exp(-(y1**2) / 0.03), np.exp(-((x1 - mx) ** 2) / 0.03))
+    d_disc = np.sqrt(((xx - cx) * (1 / rx)) ** 2 + ((yy - cy) * (1 / ry)) ** 2)
+    img += (0.15 * (1 - PIGMENT_DISC_LOSS * p)) * (1 - np.tanh((d_disc - 1) * (1 / 0.14)))
+    cdr = float(row.cdr)
+    ox, oy = cx - side * 0.1 * r * float(rng.random()), cy + float(rng.normal(0, 0.03)) * r
+    d_cup = np.sqrt(((xx - ox) * (1 / (cdr * rx))) ** 2 + ((yy - oy) * (1 / (cdr * ry))) ** 2)
+    img += (0.13 * (1 - PIGMENT_CUP_LOSS * p)) * (1 - np.tanh((d_cup - 1) * (1 / 0.24)))
+    # Vessels: dark curved lines leaving the disc, thinning with distance (arc-length distance
+    # to the vessel's centre line in polar coordinates around the disc centre).
+    rho = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
+    phi = np.arctan2(yy - cy, xx - cx)
+    width2 = np.maximum(0.022 * (1 - 0.6 * rho), 0.006) ** 2
+    outside = rho > 0.3 * r
+    for theta in rng.uniform(0, 2 * np.pi, int(rng.integers(5, 9))):
+        bend = float(rng.normal(0, 0.8))
+        dphi = phi - bend * rho - float(theta)
+        dphi -= (2 * np.pi) * np.rint(dphi * (1 / (2 * np.pi)))  # wrap to [-pi, pi]
+        dist2 = (rho * dphi) ** 2
+        img -= (0.16 * np.exp(-dist2 / width2)) * outside
+    img *= np.sqrt(rr2) < 0.96  # circular field of view
+    site = SITES[row.site]
+    noise = site.noise * (1 + PIGMENT_NOISE_GAIN * p)
+    return _acquire(img, site, site.blur * size / 128, noise, rng)
+
+
+def _oct(row: Any, shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """B-scans (slices, depth, width): retinal bands; the nerve-fibre band thins with glaucoma."""
+    d, h, w = shape
+    s = np.linspace(-1, 1, d, dtype=np.float32)[:, None, None]
+    x = np.linspace(-1, 1, w, dtype=np.float32)[None, None, :]
+    z = np.arange(h, dtype=np.float32)[None, :, None] / h
+    top = 0.25 + 0.06 * (x**2 + s**2) + rng.normal(0, 0.02)
+    nfl = 0.12 * row.rnfl * (1 + 0.35 * np.abs(s)) * (1 + 0.1 * x)  # thicker above/below disc
+    widths = (nfl, 0.10, 0.06, 0.05, 0.09, 0.05)  # NFL, GCL/IPL, INL, OPL, ONL, RPE
+    levels = (0.05, 0.75, 0.45, 0.22, 0.5, 0.2, 0.9, 0.35)  # vitreous, bands..., choroid
+    band = (z >= top).astype(np.int64)
+    edge = top
+    for wd in widths:
+        edge = edge + wd
+        band = band + (z >= edge)
+    img = np.asarray(levels, dtype=np.float32)[band]
+    img = img * np.exp(0.25 * rng.standard_normal(img.shape, dtype=np.float32))  # speckle
+    site = SITES[row.site]
+    return _acquire(img, site, site.blur * 0.5, site.noise, rng)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez's format (uncompressed zip of .npy) with a fixed member timestamp."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, value in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_TIME)
+            with zf.open(info, "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
+
+
+# ----------------------------------------------------------------------------- truth
+def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
+    if len(np.unique(y)) < 2:
+        return None
+    return round(float(roc_auc_score(y, score)), 4)
+
+
+def _oracle(df: pd.DataFrame) -> dict[str, Any]:
+    """Per site (test split): AUC of the Bayes score and of a group-blind cup-size rule."""
+    (m0, sd), (m1, _) = CDR
+    # Exact posterior log-odds given the fundus-visible latent (equal sds: linear in CDR).
+    bayes = df["prior_logit"] + (m1 - m0) / sd**2 * (df["cdr"] - (m0 + m1) / 2)
+    out: dict[str, Any] = {}
+    for k in range(NUM_SITES):
+        t = df[(df["site"] == k) & (df["split"] == 1)]
+        white = t[t["race"] == 2]
+        res: dict[str, Any] = {"oracle_auc": {}, "blind_cup_auc": {},
+                               "blind_cup_fpr_at_white_threshold": {}}
+        # The size threshold a majority-tuned rule would use: Youden's J on White patients.
+        if white["glaucoma"].nunique() == 2:
+            fpr, tpr, thresholds = roc_curve(white["glaucoma"], white["cup_diameter"])
+            thr = float(thresholds[int(np.argmax(tpr - fpr))])
+        else:
+            thr = float("nan")
+        for name, g in [("all", t), *[(RACE_NAMES[i], t[t["race"] == i]) for i in range(3)]]:
+            y = g["glaucoma"].to_numpy()
+            res["oracle_auc"][name] = _auc(y, bayes[g.index].to_numpy())
+            res["blind_cup_auc"][name] = _auc(y, g["cup_diameter"].to_numpy())
+            neg = g["cup_diameter"].to_numpy()[y == 0]
+            res["blind_cup_fpr_at_white_threshold"][name] = (
+                round(float((neg >= thr).mean()), 4) if len(neg) and np.isfinite(thr) else None)
+        for key in ("oracle_auc", "blind_cup_auc"):
+            vals = [res[key][r] for r in RACE_NAMES if res[key][r] is not None]
+            res[key.replace("_auc", "_gap")] = round(max(vals) - min(vals), 4) if vals else None
+        res["blind_cup_threshold_mm"] = round(thr, 4) if np.isfinite(thr) else None
+        out[f"site{k + 1}"] = res
+    return out
+
+
+def _mean_over_sites(oracle: dict[str, Any]) -> dict[str, Any]:
+    """Mean over sites of each group's AUC, and the gap (max - min over race groups) of those."""
+    out: dict[str, Any] = {}
+    for key in ("oracle_auc", "blind_cup_auc"):
+        means = {}
+        for group in ("all", *RACE_NAMES):
+            vals = [o[key][group] for o in oracle.values() if o[key][group] is not None]
+            means[group] = round(float(np.mean(vals)), 4) if vals else None
+        out[key] = means
+        known = [means[r] for r in RACE_NAMES if means[r] is not None]
+        out[key.replace("_auc", "_gap")] = round(max(known) - min(known), 4) if known else None
+    return out
+
+
+def _counts(df: pd.DataFrame) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in range(NUM_SITES):
+        out[f"site{k + 1}"] = {}
+        for sp, split in enumerate(SPLITS):
+            g = df[(df["site"] == k) & (df["split"] == sp)]
+            out[f"site{k + 1}"][split] = {
+                "all": len(g), "glaucoma": int(g["glaucoma"].sum()),
+                "male": int(g["gender"].sum()),
+                **{RACE_NAMES[i]: int((g["race"] == i).sum()) for i in range(3)}}
+    return out
+
+
+def _truth(params: dict[str, Any], df: pd.DataFrame) -> dict[str, Any]:
+    return {
+        "generator": "raysim.datasets.synthetic",
+        "params": params,
+        "label_model": {"cdr_mean_sd": CDR, "rnfl_mean_sd": RNFL, "age_mean_sd": [AGE_MEAN, AGE_SD],
+                        "age_logit_per_year": AGE_LOGIT_PER_YEAR,
+                        "ref_disc_area_mm2": REF_DISC_AREA, "disc_radius": DISC_RADIUS},
+        "sites": {f"site{k + 1}": asdict(s) for k, s in enumerate(SITES)},
+        "races": {RACE_NAMES[i]: asdict(r) for i, r in enumerate(RACES)},
+        "pigment_effects": {"disc_contrast_loss": PIGMENT_DISC_LOSS,
+                            "cup_contrast_loss": PIGMENT_CUP_LOSS,
+                            "noise_gain": PIGMENT_NOISE_GAIN, "texture": PIGMENT_TEXTURE},
+        "counts": _counts(df),
+        "empty": {"slo_fundus": int((df["empty"] & 1).astype(bool).sum()),
+                  "oct_bscans": int((df["empty"] & 2).astype(bool).sum())},
+        "oracle": (oracle := _oracle(df)),
+        "oracle_mean_over_sites": _mean_over_sites(oracle),
+    }
+
+
+# ----------------------------------------------------------------------------- writing
+def _owned_files(out: Path) -> list[Path]:
+    return [*out.glob("all/data_*.npz"), *out.glob("meta_*.csv"), *out.glob("truth.json")]
+
+
+def _write_csvs(out: Path, df: pd.DataFrame) -> None:
+    meta = pd.DataFrame({"filename": df["filename"], "age": df["age"]})
+    for attr in ATTRIBUTES:
+        meta[attr] = [text_from_code(attr, int(c)) for c in df[attr]]
+    meta["glaucoma"] = np.where(df["glaucoma"] == 1, "yes", "no")
+    meta = meta[list(CSV_COLUMNS)]
+    meta.to_csv(out / "meta_all.csv", index=True)
+    for k in range(NUM_SITES):
+        site = meta[df["site"] == k]
+        for attr in SITE_ATTRIBUTES:
+            stem = f"meta_site{k + 1}_{attr}"
+            site.to_csv(out / f"{stem}.csv", index=True)
+            for sp, split in enumerate(SPLITS):
+                site[df.loc[site.index, "split"] == sp].to_csv(out / f"{stem}_{split}.csv",
+                                                                 index=True)
+
+
+def generate(
+    out: Path | str,
+    *,
+    patients: int = DEFAULT_PATIENTS,
+    seed: int = 0,
+    fundus_size: int = 128,
+    oct_shape: tuple[int, int, int] = (16, 32, 32),
+    test_fraction: float = 0.2,
+    empty_fraction: float = EMPTY_FRACTION,
+) -> dict[str, Any]:
+    """Write the set to ``out`` (replacing files a previous run wrote there); return the truth.
+
+    Deterministic: the same arguments give byte-identical files.
+    """
+    params = generator_params(patients=patients, seed=seed, fundus_size=fundus_size,
+                              oct_shape=oct_shape, test_fraction=test_fraction,
+                              empty_fraction=empty_fraction)
+    out = Path(out)
+    for f in _owned_files(out):
+        f.unlink()
+    (out / "all").mkdir(parents=True, exist_ok=True)
+    df = _draw_latents(params)
+    shape: tuple[int, int, int] = tuple(params["oct_shape"])  # type: ignore[assignment]
+    for i, row in enumerate(df.itertuples(index=False)):
+        rng = np.random.default_rng([params["seed"], 1, i])
+        fundus, oct_ = _fundus(row, fundus_size, rng), _oct(row, shape, rng)
+        if row.empty & 1:
+            fundus = np.zeros((0, 0), dtype=np.uint8)
+        if row.empty & 2:
+            oct_ = np.zeros((0, 0, 0), dtype=np.uint8)
+        arrays = {"slo_fundus": fundus, "oct_bscans": oct_,
+                  "glaucoma": np.array(row.glaucoma, dtype=np.int64),
+                  **{a: np.array(getattr(row, a), dtype=np.int64) for a in ATTRIBUTES},
+                  "age": np.array(row.age, dtype=np.float64)}
+        _save_npz(out / "all" / row.filename, arrays)
+    _write_csvs(out, df)
+    truth = _truth(params, df)
+    (out / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
+    logger.info("wrote %d patients to %s", len(df), out)
+    return truth
+
+
+# ----------------------------------------------------------------------------- CLI
+def _summary(truth: dict[str, Any]) -> str:
+    lines = []
+    for site, splits in truth["counts"].items():
+        for split, c in splits.items():
+            races = " ".join(f"{r}={c[r]}" for r in RACE_NAMES)
+            lines.append(f"{site} {split:5s}: n={c['all']} glaucoma={c['glaucoma']} "
+                         f"male={c['male']} {races}")
+    for site, o in truth["oracle"].items():
+        fmt = lambda d: " ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
+        lines.append(f"{site} test oracle AUC: {fmt(o['oracle_auc'])} (gap {o['oracle_gap']})")
+        lines.append(f"{site} test blind cup-size AUC: {fmt(o['blind_cup_auc'])}; its FPR at "
+                     f"the White-tuned cut-off: {fmt(o['blind_cup_fpr_at_white_threshold'])}")
+    m = truth["oracle_mean_over_sites"]
+    lines.append(f"mean over sites: oracle AUC {m['oracle_auc']} (race gap {m['oracle_gap']})")
+    lines.append(f"empty arrays: {truth['empty']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m raysim.datasets.synthetic",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--patients", type=int, default=DEFAULT_PATIENTS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fundus-size", type=int, default=128)
+    parser.add_argument("--force", action="store_true",
+                        help="replace the files of an earlier run in a non-empty --out")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out} exists and is not a directory", file=sys.stderr)
+        return 2
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
+        print(f"error: {args.out} is not empty; pass --force to replace the generated files "
+              "in it", file=sys.stderr)
+        return 2
+    try:
+        truth = generate(args.out, patients=args.patients, seed=args.seed,
+                         fundus_size=args.fundus_size)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.patients} patients to {args.out}")
+    print(_summary(truth))
+    return 0
+
+
+# --- registered data source ---------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Where generated sets are cached: $RAYSIM_CACHE, else ~/.cache/raysim."""
+    return Path(os.environ.get("RAYSIM_CACHE", Path.home() / ".cache" / "raysim")).expanduser()
+
+
+@register_dataset("synthetic")
+class SyntheticOph(FairFedMedOph):
+    """The synthetic twin, read by the FairFedMed-Oph loader; generated on first use.
+
+    `data.root` empty: cached under `cache_root()` by a hash of the generator's parameters,
+    so every run with the same `data.patients` / `data.generator_seed` reuses one set.
+    `data.root` set: generated there when that directory holds no set yet.
+    """
+
+    name = "synthetic"
+
+    @property
+    def root(self) -> Path:
+        if self.cfg.root:
+            return Path(self.cfg.root).expanduser()
+        params = generator_params(**self._generator_kwargs())
+        key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return cache_root() / f"synthetic-oph-{key}"
+
+    def client_specs(self) -> list[ClientSpec]:
+        self.ensure_generated()
+        return super().client_specs()
+
+    def ensure_generated(self) -> Path:
+        root = self.root
+        if (root / "truth.json").exists():
+            return root
+        if root.exists() and any(root.iterdir()):
+            raise DataError(f"data.root {root} holds files but no synthetic set (no truth.json); point data.root at an empty or new directory")
+        logger.info("generating the synthetic set into %s", root)
+        # Generate beside the target and rename, so a concurrent run never sees half a set.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=_parent(root)))
+        try:
+            generate(tmp, **self._generator_kwargs())
+            if root.exists():
+                root.rmdir()
+            tmp.rename(root)
+        except OSError:
+            if not (root / "truth.json").exists():  # lost a race to another process: fine
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return root
+
+
+    def _generator_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"seed": self.cfg.generator_seed}
+        if self.cfg.patients is not None:
+            kwargs["patients"] = self.cfg.patients
+        return kwargs
+
+
+def _parent(root: Path) -> Path:
+    root.parent.mkdir(parents=True, exist_ok=True)
+    return root.parent
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
