@@ -24,7 +24,6 @@ Datasheet
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import logging
@@ -32,7 +31,6 @@ import os
 import shutil
 import sys
 import tempfile
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from raysim.datasets import synthetic_render as render
 from raysim.datasets.base import ClientSpec, DataError, register_dataset
 from raysim.datasets.fairfedmed_oph import FairFedMedOph
 from raysim.datasets.oph_schema import (
@@ -52,6 +51,15 @@ from raysim.datasets.oph_schema import (
     UNKNOWN,
     text_from_code,
 )
+from raysim.datasets.synthetic_render import (
+    DISC_RADIUS,
+    PIGMENT_CUP_LOSS,
+    PIGMENT_DISC_LOSS,
+    PIGMENT_NOISE_GAIN,
+    PIGMENT_TEXTURE,
+    REF_DISC_AREA,
+    SiteStyle,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,23 +68,6 @@ DEFAULT_PATIENTS = 2100
 EMPTY_FRACTION = 0.005
 MIN_TEST_PER_GROUP = 25  # per site and race, capped at a third of the group
 RACE_NAMES = ATTRIBUTES["race"].names  # Asian, Black, White
-_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamp: np.savez stamps the wall clock
-
-
-@dataclass(frozen=True)
-class SiteStyle:
-    """Acquisition style and population of one site (mixes are shares of codes 0.., then -1)."""
-
-    gamma: float
-    brightness: float  # additive offset after gamma
-    blur: float  # gaussian sigma in pixels at 128 px (scaled with fundus_size)
-    noise: float  # gaussian noise sd on the [0, 1] scale
-    prevalence: float  # glaucoma share at age 60
-    male_share: float
-    race_mix: tuple[float, float, float]  # Asian, Black, White
-    ethnicity_mix: tuple[float, float, float]  # non-hispanic, hispanic, unknown
-    language_mix: tuple[float, float, float, float]  # english, spanish, others, unknown
-    marital_mix: tuple[float, ...]  # married, single, divorced, widowed, separated, unknown
 
 
 @dataclass(frozen=True)
@@ -108,11 +99,6 @@ RACES: tuple[RaceAnatomy, ...] = (
 CDR = ((0.35, 0.07), (0.63, 0.07))  # cup-to-disc ratio (mean, sd) for glaucoma 0 / 1
 RNFL = ((1.00, 0.12), (0.75, 0.12))  # relative nerve-fibre-layer thickness
 AGE_MEAN, AGE_SD, AGE_LOGIT_PER_YEAR = 60.0, 12.0, 0.03
-REF_DISC_AREA = 2.6  # mm^2 drawn with radius DISC_RADIUS (fraction of the half-width)
-DISC_RADIUS = 0.19
-# Image quality vs pigmentation p: disc and cup contrast fall by these shares at p = 1, the
-# noise sd rises by this factor, and a choroidal texture of this amplitude appears.
-PIGMENT_DISC_LOSS, PIGMENT_CUP_LOSS, PIGMENT_NOISE_GAIN, PIGMENT_TEXTURE = 0.45, 0.5, 1.0, 0.04
 
 
 def generator_params(
@@ -198,111 +184,6 @@ def _draw_latents(params: dict[str, Any]) -> pd.DataFrame:
     # Cup diameter in mm (disc diameter from its area): the quantity a size rule thresholds.
     df["cup_diameter"] = df["cdr"] * 2 * np.sqrt(df["disc_area"] / np.pi)
     return df
-
-
-# ----------------------------------------------------------------------------- images
-@functools.lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    c = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
-    yy, xx = np.meshgrid(c, c, indexing="ij")
-    return yy, xx
-
-
-def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable gaussian blur of the last two axes (edge padding), numpy only."""
-    if sigma < 0.3:
-        return img
-    r = int(np.ceil(2.5 * sigma))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k = (k / k.sum()).astype(np.float32)
-    n = img.shape[-2]
-    p = np.pad(img, [(0, 0)] * (img.ndim - 2) + [(r, r), (0, 0)], mode="edge")
-    img = sum(w * p[..., i : i + n, :] for i, w in enumerate(k))
-    n = img.shape[-1]
-    p = np.pad(img, [(0, 0)] * (img.ndim - 1) + [(r, r)], mode="edge")
-    return sum(w * p[..., i : i + n] for i, w in enumerate(k))
-
-
-def _acquire(clean: np.ndarray, site: SiteStyle, blur: float, noise: float,
-             rng: np.random.Generator) -> np.ndarray:
-    """Site scanner style: blur, gamma, brightness, noise, then 8-bit quantisation."""
-    img = _blur(clean, blur)
-    img = np.clip(img, 0, 1) ** site.gamma + site.brightness
-    img = img + noise * rng.standard_normal(img.shape, dtype=np.float32)
-    return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
-
-
-def _fundus(row: Any, size: int, rng: np.random.Generator) -> np.ndarray:
-    """SLO fundus: background, macula, optic disc with its cup (CDR), vessels; site style."""
-    yy, xx = _grid(size)
-    p = float(row.pigment)
-    side = float(rng.choice([-1.0, 1.0]))  # right / left eye: disc nasal, macula temporal
-    cx, cy = side * 0.38 + float(rng.normal(0, 0.05)), float(rng.normal(0, 0.06))
-    r = DISC_RADIUS * float(np.sqrt(row.disc_area / REF_DISC_AREA))
-    rx, ry = r, r * float(rng.normal(1.08, 0.03))  # discs are vertically oval
-    # Background: illumination fall-off, darker and blotchier (choroidal texture) with pigment.
-    rr2 = xx * xx + yy * yy
-    img = (0.52 - 0.14 * p) - 0.10 * rr2
-    x1, y1 = xx[0], yy[:, 0]
-    for _ in range(4):  # separable: cos(a x + b y + c) = cos(ax)cos(by+c) - sin(ax)sin(by+c)
-        fx, fy = rng.uniform(2, 7, 2) * rng.choice([-1, 1], 2)
-        c, amp = float(rng.uniform(0, 6.3)), 0.012 + PIGMENT_TEXTURE * p
-        img += amp * (np.outer(np.cos(fy * y1 + c), np.cos(fx * x1))
-                      - np.outer(np.sin(fy * y1 + c), np.sin(fx * x1)))
-    mx = cx - side * 0.9  # macula (fovea), temporal to the disc
-    img -= 0.08 * np.outer(np.exp(-(y1**2) / 0.03), np.exp(-((x1 - mx) ** 2) / 0.03))
-    d_disc = np.sqrt(((xx - cx) * (1 / rx)) ** 2 + ((yy - cy) * (1 / ry)) ** 2)
-    img += (0.15 * (1 - PIGMENT_DISC_LOSS * p)) * (1 - np.tanh((d_disc - 1) * (1 / 0.14)))
-    cdr = float(row.cdr)
-    ox, oy = cx - side * 0.1 * r * float(rng.random()), cy + float(rng.normal(0, 0.03)) * r
-    d_cup = np.sqrt(((xx - ox) * (1 / (cdr * rx))) ** 2 + ((yy - oy) * (1 / (cdr * ry))) ** 2)
-    img += (0.13 * (1 - PIGMENT_CUP_LOSS * p)) * (1 - np.tanh((d_cup - 1) * (1 / 0.24)))
-    # Vessels: dark curved lines leaving the disc, thinning with distance (arc-length distance
-    # to the vessel's centre line in polar coordinates around the disc centre).
-    rho = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
-    phi = np.arctan2(yy - cy, xx - cx)
-    width2 = np.maximum(0.022 * (1 - 0.6 * rho), 0.006) ** 2
-    outside = rho > 0.3 * r
-    for theta in rng.uniform(0, 2 * np.pi, int(rng.integers(5, 9))):
-        bend = float(rng.normal(0, 0.8))
-        dphi = phi - bend * rho - float(theta)
-        dphi -= (2 * np.pi) * np.rint(dphi * (1 / (2 * np.pi)))  # wrap to [-pi, pi]
-        dist2 = (rho * dphi) ** 2
-        img -= (0.16 * np.exp(-dist2 / width2)) * outside
-    img *= np.sqrt(rr2) < 0.96  # circular field of view
-    site = SITES[row.site]
-    noise = site.noise * (1 + PIGMENT_NOISE_GAIN * p)
-    return _acquire(img, site, site.blur * size / 128, noise, rng)
-
-
-def _oct(row: Any, shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
-    """B-scans (slices, depth, width): retinal bands; the nerve-fibre band thins with glaucoma."""
-    d, h, w = shape
-    s = np.linspace(-1, 1, d, dtype=np.float32)[:, None, None]
-    x = np.linspace(-1, 1, w, dtype=np.float32)[None, None, :]
-    z = np.arange(h, dtype=np.float32)[None, :, None] / h
-    top = 0.25 + 0.06 * (x**2 + s**2) + rng.normal(0, 0.02)
-    nfl = 0.12 * row.rnfl * (1 + 0.35 * np.abs(s)) * (1 + 0.1 * x)  # thicker above/below disc
-    widths = (nfl, 0.10, 0.06, 0.05, 0.09, 0.05)  # NFL, GCL/IPL, INL, OPL, ONL, RPE
-    levels = (0.05, 0.75, 0.45, 0.22, 0.5, 0.2, 0.9, 0.35)  # vitreous, bands..., choroid
-    band = (z >= top).astype(np.int64)
-    edge = top
-    for wd in widths:
-        edge = edge + wd
-        band = band + (z >= edge)
-    img = np.asarray(levels, dtype=np.float32)[band]
-    img = img * np.exp(0.25 * rng.standard_normal(img.shape, dtype=np.float32))  # speckle
-    site = SITES[row.site]
-    return _acquire(img, site, site.blur * 0.5, site.noise, rng)
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez's format (uncompressed zip of .npy) with a fixed member timestamp."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for key, value in arrays.items():
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_TIME)
-            with zf.open(info, "w", force_zip64=True) as fh:
-                np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
 
 
 # ----------------------------------------------------------------------------- truth
@@ -438,7 +319,8 @@ def generate(
     shape: tuple[int, int, int] = tuple(params["oct_shape"])  # type: ignore[assignment]
     for i, row in enumerate(df.itertuples(index=False)):
         rng = np.random.default_rng([params["seed"], 1, i])
-        fundus, oct_ = _fundus(row, fundus_size, rng), _oct(row, shape, rng)
+        site = SITES[row.site]
+        fundus, oct_ = render.fundus(row, site, fundus_size, rng), render.oct_volume(row, site, shape, rng)
         if row.empty & 1:
             fundus = np.zeros((0, 0), dtype=np.uint8)
         if row.empty & 2:
@@ -447,7 +329,7 @@ def generate(
                   "glaucoma": np.array(row.glaucoma, dtype=np.int64),
                   **{a: np.array(getattr(row, a), dtype=np.int64) for a in ATTRIBUTES},
                   "age": np.array(row.age, dtype=np.float64)}
-        _save_npz(out / "all" / row.filename, arrays)
+        render.save_npz(out / "all" / row.filename, arrays)
     _write_csvs(out, df)
     truth = _truth(params, df)
     (out / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
