@@ -29,7 +29,7 @@ from raysim.algorithms import ALGORITHMS, ServerState
 from raysim.algorithms.aggregation import non_finite
 from raysim.client_actor import ClientActor
 from raysim.config import ConfigError, ExperimentConfig
-from raysim.datasets import DATASETS, ClientSpec, DataError
+from raysim.datasets import DATASETS, ClientSpec
 from raysim.metrics import UndefinedMetricWarning
 from raysim.models import build_model
 from raysim.seeding import derive_seed, rng
@@ -196,9 +196,11 @@ class Driver:
         refs = []
         for cid in sorted(self.specs):
             path = folder / "clients" / f"{cid}.pt"
-            if not path.exists():
-                raise DataError(f"checkpoint {folder} has no state for client {cid} ({path} missing)")
-            refs.append(self.actors[cid].restore.remote(cid, str(path)))
+            if path.exists():
+                refs.append(self.actors[cid].restore.remote(cid, str(path)))
+            else:  # its actor had died before this checkpoint: it stays out, as it was
+                self.dead[cid] = "no state in the checkpoint (its actor had died)"
+                self.echo(f"client {cid}: {self.dead[cid]}; continuing without it")
         ray.get(refs)
 
     # --- actors -------------------------------------------------------------------------------
