@@ -26,10 +26,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
 from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, register_dataset
+from raysim.datasets.imaging import resize_chw
 from raysim.datasets.oph_schema import ATTRIBUTES, LABEL, LABEL_TEXT, NUM_SITES, RACE_STRINGS, SITE_ATTRIBUTES, UNKNOWN, code_from_text
 
 
@@ -72,7 +71,7 @@ class FairFedMedOph(DataSource):
             if array.size == 0:
                 dropped[f"empty {self.cfg.modality}"] += 1
                 continue
-            images.append(self._resize(array))
+            images.append(resize_chw(array, self.img_size, self.channels))
             kept.append(i)
         if not images:
             raise DataError(f"{spec.id}/{split}: every file has an empty {self.cfg.modality} array")
@@ -187,10 +186,3 @@ class FairFedMedOph(DataSource):
         if array.size and (array.ndim != 2 or array.dtype != np.uint8):
             raise DataError(f"{path}: {self.cfg.modality} must be a 2D uint8 image, got {array.dtype} {array.shape}")
         return array
-
-    def _resize(self, array: np.ndarray) -> np.ndarray:
-        size = self.img_size
-        image = torch.from_numpy(array).to(torch.float32)[None, None]
-        if image.shape[-2:] != (size, size):
-            image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return image[0].round().clamp(0, 255).to(torch.uint8).numpy()

@@ -39,11 +39,25 @@ class DataConfig:
     keep_unknown: bool = _doc("keep samples whose target attribute is unknown (-1)", False)
     patients: int | None = _doc("synthetic only: patients to generate (null: the generator's default)", None)
     generator_seed: int = _doc("synthetic only: seed of the generated set (independent of `seed`)", 0)
+    flag: str | None = _doc("MedMNIST only: which file, e.g. pneumoniamnist or dermamnist_64 (null: the only one in data.root)", None)
+    partition: str | None = _doc("split into clients for sources without sites: dirichlet, quantity or iid (null: natural sites, else dirichlet)", None)
+    num_clients: int = _doc("clients made by the partitioner", 3)
+    alpha: float = _doc("Dirichlet concentration of the label-skew partition (small = more skew)", 0.5)
+    ratios: list[float] | None = _doc("quantity-skew shares per client, e.g. [0.6, 0.2, 0.08, 0.06, 0.04, 0.02]", None)
 
     def validate(self) -> None:
         _check_fraction("data.val_fraction", self.val_fraction, allow_zero=False, allow_one=False)
         if self.patients is not None:
             _check_positive("data.patients", self.patients)
+        _check_positive("data.num_clients", self.num_clients)
+        _check_positive("data.alpha", self.alpha)
+        if self.partition is not None:
+            _check_choice("data.partition", self.partition, ("dirichlet", "quantity", "iid"))
+        if self.ratios is not None:
+            if len(self.ratios) < 1 or any(r <= 0 for r in self.ratios):
+                raise ConfigError(f"data.ratios must be positive shares, got {self.ratios}")
+            if abs(sum(self.ratios) - 1) > 1e-6:
+                raise ConfigError(f"data.ratios must sum to 1, got {sum(self.ratios):g} for {self.ratios}")
 
 
 @dataclass
@@ -317,6 +331,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return str(value)
     if text.startswith("list"):
         items = value if isinstance(value, list) else [value]
+        if "float" in text:
+            return [_coerce(f"{key}[{i}]", v, float) for i, v in enumerate(items)]
         return [str(v) for v in items]
     return value
 

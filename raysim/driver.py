@@ -167,8 +167,8 @@ class Driver:
             log.warning("round %d: %d metric values undefined (NaN), e.g. %s", round_, len(undefined), undefined[0].message)
         metric_frame = reporting.with_means(pd.concat(frames, ignore_index=True))
         self.recorder.add(metric_frame, [reporting.prediction_rows(round_, p, self.attributes) for p in predictions])
-        attribute = self.cfg.data.attribute if self.cfg.data.attribute in self.attributes else self.attributes[0]
-        self.echo(reporting.format_table(metric_frame, round_=round_, split=show, attribute=attribute, group_names=group_names[attribute]))
+        attribute = self.cfg.data.attribute if self.cfg.data.attribute in self.attributes else next(iter(self.attributes), "")
+        self.echo(reporting.format_table(metric_frame, round_=round_, split=show, attribute=attribute, group_names=group_names.get(attribute, {})))
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -269,6 +269,8 @@ class Driver:
 
     def _eval_attributes(self) -> list[str]:
         available = list(self.source.group_names)
+        if not available:  # e.g. MedMNIST: no demographics, accuracy metrics only
+            return []
         chosen = self.cfg.eval.attributes or available
         unknown = [a for a in chosen if a not in available]
         if unknown:

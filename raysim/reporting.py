@@ -126,15 +126,19 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
 def format_table(frame: pd.DataFrame, *, round_: int, split: str, attribute: str, group_names: Mapping[int, str]) -> str:
     """Per client + mean: AUC, ES-AUC, group AUCs, EOD, SPD, all x100."""
     rows = frame[(frame["round"] == round_) & (frame["split"] == split)]
-    columns = [("AUC", "", "", "auc"), ("ES-AUC", attribute, "", "es_auc")]
-    columns += [(f"AUC {name}", attribute, name, "auc") for name in group_names.values()]
-    columns += [("EOD", attribute, "", "eod"), ("SPD", attribute, "", "spd")]
+    if attribute:
+        columns = [("AUC", "", "", "auc"), ("ES-AUC", attribute, "", "es_auc")]
+        columns += [(f"AUC {name}", attribute, name, "auc") for name in group_names.values()]
+        columns += [("EOD", attribute, "", "eod"), ("SPD", attribute, "", "spd")]
+    else:  # a source without sensitive attributes
+        columns = [("AUC", "", "", "auc"), ("Acc", "", "", "acc"), ("BAcc", "", "", "bacc")]
     clients = list(dict.fromkeys(rows["client"]))
     clients = [c for c in clients if not c.startswith("mean")] + [c for c in clients if c.startswith("mean")]
     lookup = {(r.client, r.attribute, r.group, r.metric): r.value for r in rows.itertuples()}
     width = max(10, *(len(c) for c in clients)) if clients else 10
     header = f"{'client':<{width}}" + "".join(f"{title:>{max(8, len(title) + 2)}}" for title, *_ in columns)
-    lines = [f"{split} metrics after round {round_} (x100; attribute: {attribute})", header, "-" * len(header)]
+    title = f"{split} metrics after round {round_} (x100; attribute: {attribute})" if attribute else f"{split} metrics after round {round_} (x100)"
+    lines = [title, header, "-" * len(header)]
     for client in clients:
         cells = []
         for title, attr, group, metric in columns:
