@@ -75,11 +75,17 @@ class DataSource(ABC):
     num_classes: ClassVar[int] = 2
     channels: ClassVar[int] = 1
     label_name: ClassVar[str] = "label"
+    default_attribute: ClassVar[str | None] = None  # the target attribute when data.attribute is null
 
     def __init__(self, cfg: DataConfig, *, img_size: int, seed: int) -> None:
         self.cfg = cfg
         self.img_size = img_size
         self.seed = seed
+
+    @property
+    def attribute(self) -> str | None:
+        """The target sensitive attribute: `data.attribute`, else the source's default."""
+        return self.cfg.attribute or self.default_attribute
 
     @property
     @abstractmethod

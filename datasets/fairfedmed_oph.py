@@ -38,6 +38,7 @@ class FairFedMedOph(DataSource):
     num_classes = 2
     channels = 1
     label_name = LABEL
+    default_attribute = "race"
 
     @property
     def group_names(self) -> Mapping[str, Mapping[int, str]]:
@@ -87,7 +88,7 @@ class FairFedMedOph(DataSource):
     # --- metadata ---------------------------------------------------------------------------
 
     def _check_layout(self) -> None:
-        attr = self.cfg.attribute
+        attr = self.attribute
         if attr not in SITE_ATTRIBUTES:
             raise DataError(f"data.attribute={attr!r}: FairFedMed-Oph has site splits for {', '.join(SITE_ATTRIBUTES)} only")
         if not self.root.is_dir():
@@ -99,7 +100,7 @@ class FairFedMedOph(DataSource):
             raise DataError(f"{self.root}: missing site CSVs for attribute {attr}: {', '.join(missing)}")
 
     def _csv(self, site: int, split: str) -> Path:
-        return self.root / f"meta_site{site}_{self.cfg.attribute}_{split}.csv"
+        return self.root / f"meta_site{site}_{self.attribute}_{split}.csv"
 
     def _read_split(self, site: int, split: str) -> SampleTable:
         path = self._csv(site, split)
@@ -115,7 +116,7 @@ class FairFedMedOph(DataSource):
         codes = {attr: self._codes(path, frame, attr) for attr in ATTRIBUTES}
         table = SampleTable(filenames.astype(str), labels, codes)
         if not self.cfg.keep_unknown:
-            table = table.take(np.flatnonzero(codes[self.cfg.attribute] != UNKNOWN))
+            table = table.take(np.flatnonzero(codes[self.attribute] != UNKNOWN))
         return table
 
     def _check_files_exist(self, csv: Path, filenames: np.ndarray) -> None:

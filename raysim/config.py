@@ -33,7 +33,7 @@ def _doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 class DataConfig:
     name: str = _doc("data source (registered name)", "synthetic")
     root: str | None = _doc("dataset directory (synthetic: generated/cached here when empty)", None)
-    attribute: str = _doc("target sensitive attribute (the FL site split and console table use it)", "race")
+    attribute: str | None = _doc("target sensitive attribute (site split, console table; null: the source's default)", None)
     val_fraction: float = _doc("share of each client's training data held out for validation", 0.15)
     modality: str = _doc("image array to read (FairFedMed-Oph: slo_fundus)", "slo_fundus")
     keep_unknown: bool = _doc("keep samples whose target attribute is unknown (-1)", False)

@@ -167,7 +167,7 @@ class Driver:
             log.warning("round %d: %d metric values undefined (NaN), e.g. %s", round_, len(undefined), undefined[0].message)
         metric_frame = reporting.with_means(pd.concat(frames, ignore_index=True))
         self.recorder.add(metric_frame, [reporting.prediction_rows(round_, p, self.attributes) for p in predictions])
-        attribute = self.cfg.data.attribute if self.cfg.data.attribute in self.attributes else next(iter(self.attributes), "")
+        attribute = self.source.attribute if self.source.attribute in self.attributes else next(iter(self.attributes), "")
         self.echo(reporting.format_table(metric_frame, round_=round_, split=show, attribute=attribute, group_names=group_names.get(attribute, {})))
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -275,8 +275,8 @@ class Driver:
         unknown = [a for a in chosen if a not in available]
         if unknown:
             raise ConfigError(f"eval.attributes {unknown} not in data source {self.cfg.data.name}; choose from {', '.join(available)}")
-        if self.cfg.data.attribute not in available:
-            raise ConfigError(f"data.attribute {self.cfg.data.attribute!r} not in data source {self.cfg.data.name}; choose from {', '.join(available)}")
+        if self.source.attribute not in available:
+            raise ConfigError(f"data.attribute {self.source.attribute!r} not in data source {self.cfg.data.name}; choose from {', '.join(available)}")
         return list(chosen)
 
 
