@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,8 +222,8 @@ class Driver:
             except RayTaskError as err:
                 raise _unwrap(err) from None
             for cid, splits in ((k, v) for k, v in info.items() if not k.startswith("_")):
-                dropped = {reason: n for s in splits.values() for reason, n in s["dropped"].items()}
-                note = f"; dropped {dropped}" if dropped else ""
+                dropped = sum((Counter(s["dropped"]) for s in splits.values()), Counter())
+                note = f"; skipped {dict(dropped)}" if dropped else ""
                 self.echo(f"  {cid}: " + ", ".join(f"{split} {s['n']}" for split, s in splits.items()) + note)
 
     def _check_capacity(self, n_actors: int) -> None:
