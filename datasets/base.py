@@ -83,6 +83,11 @@ class DataSource(ABC):
         self.seed = seed
 
     @property
+    def volume_slices(self) -> int | None:
+        """Slices per sample for volumes (the model folds them into its 2D backbone), else None."""
+        return None
+
+    @property
     def attribute(self) -> str | None:
         """The target sensitive attribute: `data.attribute`, else the source's default."""
         return self.cfg.attribute or self.default_attribute

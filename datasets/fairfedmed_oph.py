@@ -16,6 +16,7 @@ empty is skipped (counted); an attribute value that is neither known nor unknown
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import zipfile
 import zlib
@@ -29,14 +30,13 @@ import pandas as pd
 
 from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, register_dataset
 from raysim.datasets.imaging import resize_chw
-from raysim.datasets.oph_schema import ATTRIBUTES, LABEL, LABEL_TEXT, NUM_SITES, RACE_STRINGS, SITE_ATTRIBUTES, UNKNOWN, code_from_text
+from raysim.datasets.oph_schema import ATTRIBUTES, LABEL, LABEL_TEXT, MODALITIES, NUM_SITES, RACE_STRINGS, SITE_ATTRIBUTES, UNKNOWN, code_from_text
 
 
 @register_dataset("fairfedmed_oph")
 class FairFedMedOph(DataSource):
     name = "fairfedmed_oph"
     num_classes = 2
-    channels = 1
     label_name = LABEL
     default_attribute = "race"
 
@@ -72,7 +72,7 @@ class FairFedMedOph(DataSource):
             if array.size == 0:
                 dropped[f"empty {self.cfg.modality}"] += 1
                 continue
-            images.append(resize_chw(array, self.img_size, self.channels))
+            images.append(self._to_chw(array, filename))
             kept.append(i)
         if not images:
             raise DataError(f"{spec.id}/{split}: every file has an empty {self.cfg.modality} array")
@@ -93,8 +93,8 @@ class FairFedMedOph(DataSource):
             raise DataError(f"data.attribute={attr!r}: FairFedMed-Oph has site splits for {', '.join(SITE_ATTRIBUTES)} only")
         if not self.root.is_dir():
             raise DataError(f"data.root {self.root} is not a directory")
-        if self.cfg.modality not in ("slo_fundus",):
-            raise DataError(f"data.modality={self.cfg.modality!r}: this loader reads slo_fundus (2D) only")
+        if self.cfg.modality not in MODALITIES:
+            raise DataError(f"data.modality={self.cfg.modality!r}: choose one of {', '.join(MODALITIES)}")
         missing = [self._csv(k, s).name for k in range(1, NUM_SITES + 1) for s in ("train", "test") if not self._csv(k, s).exists()]
         if missing:
             raise DataError(f"{self.root}: missing site CSVs for attribute {attr}: {', '.join(missing)}")
@@ -126,7 +126,7 @@ class FairFedMedOph(DataSource):
 
     def _labels(self, csv: Path, frame: pd.DataFrame) -> np.ndarray:
         if LABEL not in frame.columns:
-            return np.array([int(self._npz_scalar(f, (LABEL,))) for f in frame["filename"]], dtype=np.int64)
+            return np.array([int(self._npz_scalar(f, (LABEL,))[1]) for f in frame["filename"]], dtype=np.int64)
         labels = []
         for row, text in enumerate(frame[LABEL]):
             value = LABEL_TEXT.get(text.strip().lower(), {"0": 0, "1": 1}.get(text.strip()))
@@ -149,11 +149,13 @@ class FairFedMedOph(DataSource):
         return code
 
     def _code_from_npz(self, filename: str, attr: str) -> int:
-        value = self._npz_scalar(filename, ATTRIBUTES[attr].npz_keys)
+        key, value = self._npz_scalar(filename, ATTRIBUTES[attr].npz_keys)
         if isinstance(value, str):
             code = RACE_STRINGS.get(value.strip().lower()) if attr == "race" else code_from_text(attr, value)
         else:
             code = int(value)
+            if key == "gender" and self.cfg.gender_coding == "male0" and code != UNKNOWN:
+                code = 1 - code  # this copy codes Male=0, Female=1 (the CSV's text still wins)
         n_groups = len(ATTRIBUTES[attr].names)
         if code is None or not (code == UNKNOWN or 0 <= code < n_groups):
             raise DataError(f"{self.root / 'all' / filename}: {attr}={value!r} is neither a code 0..{n_groups - 1} nor -1 (unknown)")
@@ -168,11 +170,12 @@ class FairFedMedOph(DataSource):
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
             raise DataError(f"{path}: not a readable npz file ({err})") from err
 
-    def _npz_scalar(self, filename: str, keys: tuple[str, ...]) -> Any:
+    def _npz_scalar(self, filename: str, keys: tuple[str, ...]) -> tuple[str, Any]:
+        """(key, value) of the first of `keys` the file has (key families differ)."""
         with self._open(filename) as data:
             for key in keys:
                 if key in data.files:
-                    return data[key].item()
+                    return key, data[key].item()
         raise DataError(f"{self.root / 'all' / filename}: none of the keys {', '.join(keys)} present (has: {', '.join(data.files)})")
 
     def _read_array(self, filename: str) -> np.ndarray:
@@ -184,6 +187,44 @@ class FairFedMedOph(DataSource):
                 array = data[self.cfg.modality]
             except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as err:
                 raise DataError(f"{path}: array {self.cfg.modality!r} is corrupt ({err})") from err
-        if array.size and (array.ndim != 2 or array.dtype != np.uint8):
-            raise DataError(f"{path}: {self.cfg.modality} must be a 2D uint8 image, got {array.dtype} {array.shape}")
+        ndim = 3 if self.is_volume else 2
+        if array.size and (array.ndim != ndim or array.dtype != np.uint8):
+            raise DataError(f"{path}: {self.cfg.modality} must be a {ndim}D uint8 array, got {array.dtype} {array.shape}")
         return array
+
+    def _to_chw(self, array: np.ndarray, filename: str) -> np.ndarray:
+        if not self.is_volume:
+            return resize_chw(array, self.img_size, 1)
+        kept = array[:: self.cfg.slice_step]
+        if len(kept) != self.channels:
+            raise DataError(f"{self.root / 'all' / filename}: {len(array)} B-scans, but the first volume had {self.volume_depth} (all volumes must match)")
+        return resize_chw(kept.transpose(1, 2, 0), self.img_size, len(kept))
+
+    # --- volumes (oct_bscans) -------------------------------------------------------------------
+
+    @property
+    def is_volume(self) -> bool:
+        return self.cfg.modality == "oct_bscans"
+
+    @property
+    def channels(self) -> int:  # type: ignore[override]
+        """1 for fundus images; for OCT volumes the B-scans kept (every data.slice_step-th)."""
+        return len(range(0, self.volume_depth, self.cfg.slice_step)) if self.is_volume else 1
+
+    @property
+    def volume_slices(self) -> int | None:
+        return self.channels if self.is_volume else None
+
+    @functools.cached_property
+    def volume_depth(self) -> int:
+        """B-scans per volume, read from the first non-empty volume in the site CSVs."""
+        for site in range(1, NUM_SITES + 1):
+            for split in ("train", "test"):
+                path = self._csv(site, split)
+                if not path.exists():
+                    continue
+                for filename in pd.read_csv(path, dtype=str, keep_default_na=False).get("filename", []):
+                    array = self._read_array(filename.strip()) if (self.root / "all" / filename.strip()).is_file() else np.empty(0)
+                    if array.size:
+                        return int(array.shape[0])
+        raise DataError(f"{self.root}: no non-empty {self.cfg.modality} volume found")

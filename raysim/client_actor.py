@@ -29,7 +29,7 @@ class ClientHost:
         source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
         self.algorithm = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg)
         # One model object per actor; each client swaps its own state in for its turn.
-        model = build_model(cfg.model, num_classes=source.num_classes, in_chans=source.channels, seed=cfg.seed).to(self.device)
+        model = build_model(cfg.model, num_classes=source.num_classes, in_chans=source.channels, seed=cfg.seed, slices=source.volume_slices).to(self.device)
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.clients = {
             spec.id: Client(

@@ -35,7 +35,9 @@ class DataConfig:
     root: str | None = _doc("dataset directory (synthetic: generated/cached here when empty)", None)
     attribute: str | None = _doc("target sensitive attribute (site split, console table; null: the source's default)", None)
     val_fraction: float = _doc("share of each client's training data held out for validation", 0.15)
-    modality: str = _doc("image array to read (FairFedMed-Oph: slo_fundus)", "slo_fundus")
+    modality: str = _doc("image array to read (FairFedMed-Oph: slo_fundus 2D or oct_bscans 3D)", "slo_fundus")
+    slice_step: int = _doc("oct_bscans: keep every k-th B-scan (128 -> 32 slices with 4)", 4)
+    gender_coding: str = _doc("npz `gender` integers: female0 (Female=0, Male=1) or male0; CSV text wins", "female0")
     keep_unknown: bool = _doc("keep samples whose target attribute is unknown (-1)", False)
     patients: int | None = _doc("synthetic only: patients to generate (null: the generator's default)", None)
     generator_seed: int = _doc("synthetic only: seed of the generated set (independent of `seed`)", 0)
@@ -50,6 +52,8 @@ class DataConfig:
         if self.patients is not None:
             _check_positive("data.patients", self.patients)
         _check_positive("data.num_clients", self.num_clients)
+        _check_positive("data.slice_step", self.slice_step)
+        _check_choice("data.gender_coding", self.gender_coding, ("female0", "male0"))
         _check_positive("data.alpha", self.alpha)
         if self.partition is not None:
             _check_choice("data.partition", self.partition, ("dirichlet", "quantity", "iid"))

@@ -97,7 +97,7 @@ class Driver:
             resources = {"per_actor": dataclasses.asdict(self.cfg.resources), "ray_cluster": ray.cluster_resources()}
             provenance.write(self.run_dir, data=self.source.fingerprint(), resources=resources, argv=sys.argv)
         self.echo(f"data: {self.cfg.data.name} with {len(specs)} clients: " + ", ".join(f"{s.id} ({s.num_train} train)" for s in specs))
-        model = build_model(self.cfg.model, num_classes=self.source.num_classes, in_chans=self.source.channels, seed=self.cfg.seed)
+        model = build_model(self.cfg.model, num_classes=self.source.num_classes, in_chans=self.source.channels, seed=self.cfg.seed, slices=self.source.volume_slices)
         self.state = self.algorithm.init_state(model)
         self.next_round = 1
         checkpoint = latest_checkpoint(self.run_dir) if resume else None

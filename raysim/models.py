@@ -11,11 +11,39 @@ from torch import nn
 from raysim.config import ConfigError, ModelConfig
 
 
-def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, seed: int) -> nn.Module:
-    """A timm model; initialisation depends only on `seed` (every actor builds the same one)."""
+class SliceFold(nn.Module):
+    """Feeds a volume's slices to a 2D backbone: groups of `group` slices folded to 3 channels.
+
+    As the FairFedMed reference: a learnable 5x5 convolution maps each group of 8 B-scans to
+    3 channels, the backbone scores every group, and the logits are averaged over groups.
+    Slices are zero-padded to a multiple of the group size.
+    """
+
+    def __init__(self, backbone: nn.Module, *, slices: int, group: int = 8) -> None:
+        super().__init__()
+        self.group = group
+        self.groups = -(-slices // group)
+        self.fold = nn.Conv2d(group, 3, kernel_size=5, padding=2)
+        self.backbone = backbone
+        self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, slices, height, width = x.shape
+        pad = self.groups * self.group - slices
+        if pad:
+            x = torch.cat([x, x.new_zeros(batch, pad, height, width)], dim=1)
+        logits = self.backbone(self.fold(x.reshape(batch * self.groups, self.group, height, width)))
+        return logits.reshape(batch, self.groups, -1).mean(dim=1)
+
+
+def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, seed: int, slices: int | None = None) -> nn.Module:
+    """A timm model; initialisation depends only on `seed` (every actor builds the same one).
+
+    With `slices` (a volume), the backbone takes 3 channels behind a SliceFold front end.
+    """
     if cfg.name not in timm.list_models() and not timm.is_model(cfg.name):
         raise ConfigError(f"model.name {cfg.name!r} is not a timm model (see timm.list_models())")
-    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans}
+    kwargs: dict = {"num_classes": num_classes, "in_chans": 3 if slices else in_chans}
     if cfg.weights:
         path = Path(cfg.weights).expanduser()
         if not path.is_file():
@@ -27,7 +55,8 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, seed: int)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return timm.create_model(cfg.name, **kwargs)
+            backbone = timm.create_model(cfg.name, **kwargs)
+            return SliceFold(backbone, slices=slices) if slices else backbone
         except (OSError, RuntimeError) as err:
             if cfg.pretrained and not cfg.weights:
                 raise ConfigError(
