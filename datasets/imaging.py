@@ -36,6 +36,6 @@ def read_image(path: Path, *, grayscale: bool) -> np.ndarray:
         raise DataError(f"{path}: image file missing")
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("L" if grayscale else "RGB"))
+            return np.array(img.convert("L" if grayscale else "RGB"))  # a writable copy for torch
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"{path}: not a readable image ({err})") from err

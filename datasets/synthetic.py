@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from raysim.datasets import synthetic_render as render
 from raysim.datasets.base import ClientSpec, DataError, register_dataset
+from raysim.datasets.cache import cache_root
 from raysim.datasets.fairfedmed_oph import FairFedMedOph
 from raysim.datasets.oph_schema import (
     ATTRIBUTES,
@@ -386,11 +386,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --- registered data source ---------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """Where generated sets are cached: $RAYSIM_CACHE, else ~/.cache/raysim."""
-    return Path(os.environ.get("RAYSIM_CACHE", Path.home() / ".cache" / "raysim")).expanduser()
 
 
 @register_dataset("synthetic")

@@ -12,6 +12,7 @@ import torch
 from raysim.client import Client
 from raysim.config import ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec
+from raysim.datasets.cache import load_cached
 from raysim.models import build_model
 from raysim.types import Predictions, Tensors, Update
 
@@ -33,7 +34,7 @@ class ClientHost:
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.clients = {
             spec.id: Client(
-                spec, {split: source.load(spec, split) for split in spec.splits}, model, initial_state=initial, channels=source.channels, device=self.device
+                spec, {split: load_cached(source, spec, split) for split in spec.splits}, model, initial_state=initial, channels=source.channels, device=self.device
             )
             for spec in specs
         }

@@ -36,6 +36,7 @@ class DataConfig:
     attribute: str | None = _doc("target sensitive attribute (site split, console table; null: the source's default)", None)
     val_fraction: float = _doc("share of each client's training data held out for validation", 0.15)
     modality: str = _doc("image array to read (FairFedMed-Oph: slo_fundus 2D or oct_bscans 3D)", "slo_fundus")
+    cache: bool = _doc("cache decoded, resized images on local disk ($RAYSIM_CACHE, else ~/.cache/raysim)", True)
     slice_step: int = _doc("oct_bscans: keep every k-th B-scan (128 -> 32 slices with 4)", 4)
     gender_coding: str = _doc("npz `gender` integers: female0 (Female=0, Male=1) or male0; CSV text wins", "female0")
     keep_unknown: bool = _doc("keep samples whose target attribute is unknown (-1)", False)
@@ -43,7 +44,7 @@ class DataConfig:
     generator_seed: int = _doc("synthetic only: seed of the generated set (independent of `seed`)", 0)
     flag: str | None = _doc("MedMNIST only: which file, e.g. pneumoniamnist or dermamnist_64 (null: the only one in data.root)", None)
     partition: str | None = _doc("split into clients for sources without sites: dirichlet, quantity or iid (null: natural sites, else dirichlet)", None)
-    num_clients: int = _doc("clients made by the partitioner", 3)
+    num_clients: int | None = _doc("clients made by the partitioner (null: len(data.ratios) for quantity, else 3)", None)
     alpha: float = _doc("Dirichlet concentration of the label-skew partition (small = more skew)", 0.5)
     ratios: list[float] | None = _doc("quantity-skew shares per client, e.g. [0.6, 0.2, 0.08, 0.06, 0.04, 0.02]", None)
 
@@ -51,7 +52,12 @@ class DataConfig:
         _check_fraction("data.val_fraction", self.val_fraction, allow_zero=False, allow_one=False)
         if self.patients is not None:
             _check_positive("data.patients", self.patients)
-        _check_positive("data.num_clients", self.num_clients)
+        if self.num_clients is not None:
+            _check_positive("data.num_clients", self.num_clients)
+        if self.partition == "quantity" and not self.ratios:
+            raise ConfigError("data.partition=quantity needs data.ratios, e.g. [0.6, 0.2, 0.08, 0.06, 0.04, 0.02]")
+        if self.ratios and self.num_clients is not None and self.num_clients != len(self.ratios):
+            raise ConfigError(f"data.num_clients={self.num_clients} but data.ratios has {len(self.ratios)} shares; drop num_clients or make them agree")
         _check_positive("data.slice_step", self.slice_step)
         _check_choice("data.gender_coding", self.gender_coding, ("female0", "male0"))
         _check_positive("data.alpha", self.alpha)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Generated sets and decoded shards go to a private cache, never the user's ~/.cache/raysim
+# (set before Ray starts so its workers inherit it).
+os.environ["RAYSIM_CACHE"] = tempfile.mkdtemp(prefix="raysim-test-cache-")
 
 TINY = {"patients": 120, "seed": 3, "fundus_size": 32, "oct_shape": (4, 8, 8)}
 
