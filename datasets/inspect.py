@@ -12,6 +12,7 @@ what was expected) and any problem makes the exit status non-zero.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections import Counter
@@ -62,8 +63,8 @@ def inspect(source: DataSource) -> tuple[dict[str, Any], list[str]]:
         for split in spec.splits:
             try:
                 dropped.update(source.load(spec, split).dropped)
-            except DataError as err:
-                problems.append(f"{spec.id}/{split}: {err}")
+            except DataError:
+                problems += file_problems(source, spec, split)
         clients.append(
             {
                 "id": spec.id,
@@ -74,6 +75,20 @@ def inspect(source: DataSource) -> tuple[dict[str, Any], list[str]]:
             }
         )
     return {"attribute": attribute, "clients": clients}, problems
+
+
+def file_problems(source: DataSource, spec: ClientSpec, split: str) -> list[str]:
+    """Every sample of a split that fails to load on its own (a load stops at the first)."""
+    found = []
+    table = spec.splits[split]
+    for i in range(len(table)):
+        single = dataclasses.replace(spec, splits={split: table.take(np.array([i]))})
+        try:
+            source.load(single, split)
+        except DataError as err:
+            if "empty" not in str(err):  # an empty array is skipped by design, not a problem
+                found.append(f"{spec.id}/{split}: {err}")
+    return found or [f"{spec.id}/{split}: the split could not be loaded as a whole"]
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -143,3 +143,14 @@ def test_missing_npz_file_is_named(oph_copy: Path) -> None:
 def test_attribute_without_site_split(oph_root: Path) -> None:
     with pytest.raises(DataError, match="site splits for race, language, ethnicity, gender"):
         source(oph_root, attribute="maritalstatus").client_specs()
+
+
+def test_wrong_npz_keys_are_named(oph_copy: Path) -> None:
+    src = source(oph_copy)
+    spec = src.client_specs()[0]
+    victim = spec.splits["test"].sample_ids[0]
+    with np.load(oph_copy / "all" / victim) as data:
+        arrays = {("fundus" if k == "slo_fundus" else k): v for k, v in data.items()}
+    np.savez(oph_copy / "all" / victim, **arrays)
+    with pytest.raises(DataError, match=rf"{victim}: missing key 'slo_fundus' \(has: .*fundus"):
+        src.load(spec, "test")

@@ -32,13 +32,15 @@ def test_json_matches_the_files(oph_root: Path, capsys) -> None:
 
 
 def test_table_and_problems_with_exit_status(oph_copy: Path) -> None:
-    victim = pd.read_csv(oph_copy / "meta_site2_race_test.csv")["filename"].iloc[0]
-    (oph_copy / "all" / victim).write_bytes(b"broken")
+    victims = pd.read_csv(oph_copy / "meta_site2_race_test.csv")["filename"].iloc[:2]
+    for victim in victims:
+        (oph_copy / "all" / victim).write_bytes(b"broken")
     proc = subprocess.run([sys.executable, "-m", "raysim.datasets.inspect", "--dataset", "fairfedmed_oph", str(oph_copy)], capture_output=True, text=True)
     assert proc.returncode == 1
     assert "attribute: race" in proc.stdout and "Black tr/te" in proc.stdout
-    assert f"site2/test: {oph_copy / 'all' / victim}: not a readable npz file" in proc.stderr
-    assert "1 problem(s) found" in proc.stderr
+    for victim in victims:  # every bad file is listed, not just the first
+        assert f"site2/test: {oph_copy / 'all' / victim}: not a readable npz file" in proc.stderr
+    assert "2 problem(s) found" in proc.stderr
 
 
 def test_metadata_problem_and_unknown_dataset(oph_copy: Path, capsys) -> None:
