@@ -95,15 +95,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     clients = summary["clients"]
     groups = list(dict.fromkeys(g for c in clients for split in ("train", "test") for g in c[split]))
     title = f"attribute: {summary['attribute']}" if summary["attribute"] else "no sensitive attribute"
-    width = max([8, *(len(c["id"]) for c in clients)])
-    header = f"{'client':<{width}}" + "".join(f"{g + ' tr/te':>18}" for g in groups) + f"{'labels train':>22}{'labels test':>22}"
-    lines = [title, header, "-" * len(header)]
+    header = ["client", *(f"{g} tr/te" for g in groups), "labels train", "labels test"]
+    rows = []
     for c in clients:
-        cells = "".join(f"{str(c['train'].get(g, 0)) + '/' + str(c['test'].get(g, 0)):>18}" for g in groups)
+        cells = [f"{c['train'].get(g, 0)}/{c['test'].get(g, 0)}" for g in groups]
         labels = [" ".join(f"{k}:{v}" for k, v in c["labels"][s].items()) for s in ("train", "test")]
-        skipped = f"   skipped: {c['skipped']}" if c["skipped"] else ""
-        lines.append(f"{c['id']:<{width}}{cells}{labels[0]:>22}{labels[1]:>22}{skipped}")
-    return "\n".join(lines)
+        rows.append([c["id"], *cells, *labels, f"skipped: {c['skipped']}" if c["skipped"] else ""])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "  ".join(f"{cell:<{w}}" if i == 0 else f"{cell:>{w}}" for i, (cell, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    body = [line(r[: len(header)]) + (f"  {r[-1]}" if r[-1] else "") for r in rows]
+    return "\n".join([title, line(header), "-" * len(line(header)), *body])
 
 
 def main(argv: list[str] | None = None) -> int:
