@@ -7,12 +7,15 @@ per client. `load()` runs inside the client's actor and reads the pixels of one 
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import pandas as pd
 
 from raysim.registry import Registry
 
@@ -76,11 +79,22 @@ class DataSource(ABC):
     channels: ClassVar[int] = 1
     label_name: ClassVar[str] = "label"
     default_attribute: ClassVar[str | None] = None  # the target attribute when data.attribute is null
+    root_hint: ClassVar[str] = "the dataset directory"  # what data.root must hold, for errors
 
     def __init__(self, cfg: DataConfig, *, img_size: int, seed: int) -> None:
         self.cfg = cfg
         self.img_size = img_size
         self.seed = seed
+
+    @functools.cached_property
+    def root(self) -> Path:
+        """`data.root` as a path; a DataError saying what it must hold when unset or absent."""
+        if not self.cfg.root:
+            raise DataError(f"data.root is required for {self.name}: {self.root_hint}")
+        root = Path(self.cfg.root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"data.root {root} is not a directory ({self.name} expects {self.root_hint})")
+        return root
 
     @property
     def volume_slices(self) -> int | None:
@@ -112,6 +126,20 @@ class DataSource(ABC):
 
 DATASETS: Registry[type[DataSource]] = Registry("dataset", "raysim.datasets")
 register_dataset = DATASETS.register
+
+
+def read_csv(path: Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A metadata CSV as text columns; a DataError naming the file and any missing column."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: file not found") from err
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a readable CSV ({err})") from err
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing required column(s) {', '.join(repr(c) for c in missing)} (columns: {', '.join(frame.columns)})")
+    return frame
 
 
 def carve_validation(table: SampleTable, fraction: float, rng: np.random.Generator) -> tuple[SampleTable, SampleTable]:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, register_dataset
+from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, read_csv, register_dataset
 from raysim.datasets.imaging import read_image, resize_chw
 
 UNKNOWN = -1
@@ -70,16 +70,11 @@ class FairFedMedChest(DataSource):
     channels = 1
     label_name = LABEL
     default_attribute = "race"
+    root_hint = "the directory holding meta_{chexpert,mimic}_*.csv"
 
     @property
     def group_names(self) -> Mapping[str, Mapping[int, str]]:
         return GROUP_NAMES
-
-    @property
-    def root(self) -> Path:
-        if not self.cfg.root:
-            raise DataError(f"data.root is required for {self.name}: the directory holding meta_{{chexpert,mimic}}_*.csv")
-        return Path(self.cfg.root).expanduser()
 
     def client_specs(self) -> list[ClientSpec]:
         self._check_layout()
@@ -133,8 +128,6 @@ class FairFedMedChest(DataSource):
         attr = self.attribute
         if attr not in GROUP_NAMES:
             raise DataError(f"data.attribute={attr!r}: FairFedMed-Chest has CSVs for {', '.join(GROUP_NAMES)} only")
-        if not self.root.is_dir():
-            raise DataError(f"data.root {self.root} is not a directory")
         missing = [self._csv(c, s).name for c in SITES for s in ("train", "test") if not self._csv(c, s).exists()]
         if missing:
             raise DataError(f"{self.root}: missing CSVs for attribute {attr}: {', '.join(missing)} (build them with python -m raysim.datasets.prepare_chest)")
@@ -144,13 +137,7 @@ class FairFedMedChest(DataSource):
 
     def _read_split(self, client_id: str, split: str) -> SampleTable:
         path = self._csv(client_id, split)
-        try:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-            raise DataError(f"{path}: not a readable CSV ({err})") from err
-        missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-        if missing:
-            raise DataError(f"{path}: missing required column(s) {', '.join(map(repr, missing))} (columns: {', '.join(frame.columns)})")
+        frame = read_csv(path, required=REQUIRED_COLUMNS)
         filenames = frame["filename"].str.strip().to_numpy().astype(str)
         self._check_filenames(path, client_id, filenames)
         labels = np.asarray([self._label(path, row, text) for row, text in enumerate(frame[LABEL])], dtype=np.int64)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, register_dataset
+from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, read_csv, register_dataset
 from raysim.datasets.imaging import resize_chw
 from raysim.datasets.oph_schema import ATTRIBUTES, LABEL, LABEL_TEXT, MODALITIES, NUM_SITES, RACE_STRINGS, SITE_ATTRIBUTES, UNKNOWN, code_from_text
 
@@ -39,16 +39,11 @@ class FairFedMedOph(DataSource):
     num_classes = 2
     label_name = LABEL
     default_attribute = "race"
+    root_hint = "the directory holding all/ and meta_site*.csv"
 
     @property
     def group_names(self) -> Mapping[str, Mapping[int, str]]:
         return {name: attr.group_names() for name, attr in ATTRIBUTES.items()}
-
-    @property
-    def root(self) -> Path:
-        if not self.cfg.root:
-            raise DataError(f"data.root is required for {self.name}: the directory holding all/ and meta_site*.csv")
-        return Path(self.cfg.root).expanduser()
 
     def client_specs(self) -> list[ClientSpec]:
         self._check_layout()
@@ -91,8 +86,6 @@ class FairFedMedOph(DataSource):
         attr = self.attribute
         if attr not in SITE_ATTRIBUTES:
             raise DataError(f"data.attribute={attr!r}: FairFedMed-Oph has site splits for {', '.join(SITE_ATTRIBUTES)} only")
-        if not self.root.is_dir():
-            raise DataError(f"data.root {self.root} is not a directory")
         if self.cfg.modality not in MODALITIES:
             raise DataError(f"data.modality={self.cfg.modality!r}: choose one of {', '.join(MODALITIES)}")
         missing = [self._csv(k, s).name for k in range(1, NUM_SITES + 1) for s in ("train", "test") if not self._csv(k, s).exists()]
@@ -104,12 +97,7 @@ class FairFedMedOph(DataSource):
 
     def _read_split(self, site: int, split: str) -> SampleTable:
         path = self._csv(site, split)
-        try:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, UnicodeDecodeError) as err:
-            raise DataError(f"{path}: not a readable CSV ({err})") from err
-        if "filename" not in frame.columns:
-            raise DataError(f"{path}: missing required column 'filename' (columns: {', '.join(frame.columns)})")
+        frame = read_csv(path, required=("filename",))
         filenames = frame["filename"].str.strip().to_numpy()
         self._check_files_exist(path, filenames)
         labels = self._labels(path, frame)

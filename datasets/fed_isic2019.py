@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, register_dataset
+from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, read_csv, register_dataset
 from raysim.datasets.imaging import read_image, resize_chw
 
 CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
@@ -61,16 +61,11 @@ class FedISIC2019(DataSource):
     channels = 3
     label_name = "diagnosis"
     default_attribute = "sex"
+    root_hint = f"the directory holding {SPLIT_FILE}, {METADATA_FILE} and {IMAGE_DIR}/"
 
     @property
     def group_names(self) -> Mapping[str, Mapping[int, str]]:
         return GROUP_NAMES
-
-    @property
-    def root(self) -> Path:
-        if not self.cfg.root:
-            raise DataError(f"data.root is required for {self.name}: the directory holding {SPLIT_FILE}, {METADATA_FILE} and {IMAGE_DIR}/")
-        return Path(self.cfg.root).expanduser()
 
     def client_specs(self) -> list[ClientSpec]:
         self._check_layout()
@@ -109,8 +104,6 @@ class FedISIC2019(DataSource):
             raise DataError(f"data.attribute={self.attribute!r}: Fed-ISIC2019 has {', '.join(GROUP_NAMES)} only")
         if self.cfg.partition is not None:
             raise DataError(f"data.partition={self.cfg.partition!r}: Fed-ISIC2019 uses its 6 natural centers; leave data.partition null")
-        if not self.root.is_dir():
-            raise DataError(f"data.root {self.root} is not a directory")
         for path in (self.root / SPLIT_FILE, self.root / METADATA_FILE):
             if not path.is_file():
                 raise DataError(f"{path}: missing (FLamby's Fed-ISIC2019 preparation writes it; {METADATA_FILE} gives the sex and age attributes)")
@@ -119,7 +112,7 @@ class FedISIC2019(DataSource):
 
     def _read_split(self) -> pd.DataFrame:
         path = self.root / SPLIT_FILE
-        frame = _read_csv(path, SPLIT_COLUMNS)
+        frame = read_csv(path, SPLIT_COLUMNS)
         frame["image"] = frame["image"].str.strip()
         _check_unique(path, frame["image"])
         frame["target"] = _int_column(path, frame, "target", len(CLASSES), "/".join(CLASSES))
@@ -136,7 +129,7 @@ class FedISIC2019(DataSource):
     def _read_metadata(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Group codes per attribute, aligned with `images`."""
         path = self.root / METADATA_FILE
-        frame = _read_csv(path, METADATA_COLUMNS)
+        frame = read_csv(path, METADATA_COLUMNS)
         frame["image"] = frame["image"].str.strip()
         _check_unique(path, frame["image"])
         by_image = pd.DataFrame(
@@ -195,17 +188,6 @@ def center_square(image: np.ndarray) -> np.ndarray:
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     return image[top : top + side, left : left + side]
-
-
-def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable CSV ({err})") from err
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing required column(s) {', '.join(repr(c) for c in missing)} (columns: {', '.join(frame.columns)})")
-    return frame
 
 
 def _check_unique(path: Path, images: pd.Series) -> None:

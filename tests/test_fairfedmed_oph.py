@@ -77,7 +77,7 @@ def test_load_resizes_and_skips_empty_arrays(oph_copy: Path) -> None:
 def test_missing_csv_column_is_named(oph_copy: Path) -> None:
     path = oph_copy / "meta_site2_race_train.csv"
     pd.read_csv(path).drop(columns=["filename"]).to_csv(path, index=False)
-    with pytest.raises(DataError, match=r"meta_site2_race_train.csv: missing required column 'filename'"):
+    with pytest.raises(DataError, match=r"meta_site2_race_train.csv: missing required column\(s\) 'filename'"):
         source(oph_copy).client_specs()
 
 
