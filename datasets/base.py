@@ -8,6 +8,7 @@ per client. `load()` runs inside the client's actor and reads the pixels of one 
 from __future__ import annotations
 
 import functools
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -118,6 +119,14 @@ class DataSource(ABC):
     @abstractmethod
     def load(self, spec: ClientSpec, split: str) -> Shard:
         """Read, validate and resize the images of one split (runs in the client's actor)."""
+
+    def client_spec(self, client_id: str, train: SampleTable, test: SampleTable, **source_info: Any) -> ClientSpec:
+        """A client with validation carved from its training rows, seeded by (seed, client id)."""
+        rng = np.random.default_rng([self.seed, zlib.crc32(client_id.encode())])
+        train, val = carve_validation(train, self.cfg.val_fraction, rng)
+        if len(train) == 0 or len(test) == 0:
+            raise DataError(f"{client_id}: no samples left in train or test after the drop rules")
+        return ClientSpec(client_id, {"train": train, "val": val, "test": test}, source_info={"root": str(self.root), **source_info})
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the data on disk (for provenance.json)."""

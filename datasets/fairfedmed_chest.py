@@ -26,7 +26,6 @@ that is neither known nor unknown is an error naming the file, row and column.
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, read_csv, register_dataset
+from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, read_csv, register_dataset
 from raysim.datasets.imaging import read_image, resize_chw
 
 UNKNOWN = -1
@@ -85,11 +84,7 @@ class FairFedMedChest(DataSource):
             overlap = sorted(set(train.sample_ids) & set(test.sample_ids))
             if overlap:
                 raise DataError(f"{client_id}: {len(overlap)} images are in both train and test (first: {', '.join(overlap[:3])})")
-            rng = np.random.default_rng([self.seed, zlib.crc32(client_id.encode())])
-            train, val = carve_validation(train, self.cfg.val_fraction, rng)
-            if len(train) == 0 or len(test) == 0:
-                raise DataError(f"{client_id}: no samples left in train or test after the drop rules")
-            specs.append(ClientSpec(client_id, {"train": train, "val": val, "test": test}, source_info={"root": str(self.root)}))
+            specs.append(self.client_spec(client_id, train, test))
         return specs
 
     def load(self, spec: ClientSpec, split: str) -> Shard:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, read_csv, register_dataset
+from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, read_csv, register_dataset
 from raysim.datasets.imaging import resize_chw
 from raysim.datasets.oph_schema import ATTRIBUTES, LABEL, LABEL_TEXT, MODALITIES, NUM_SITES, RACE_STRINGS, SITE_ATTRIBUTES, UNKNOWN, code_from_text
 
@@ -52,11 +52,7 @@ class FairFedMedOph(DataSource):
             client_id = f"site{site}"
             train = self._read_split(site, "train")
             test = self._read_split(site, "test")
-            rng = np.random.default_rng([self.seed, zlib.crc32(client_id.encode())])
-            train, val = carve_validation(train, self.cfg.val_fraction, rng)
-            if len(train) == 0 or len(test) == 0:
-                raise DataError(f"{client_id}: no samples left in train or test after the drop rules")
-            specs.append(ClientSpec(client_id, {"train": train, "val": val, "test": test}, source_info={"root": str(self.root)}))
+            specs.append(self.client_spec(client_id, train, test))
         return specs
 
     def load(self, spec: ClientSpec, split: str) -> Shard:

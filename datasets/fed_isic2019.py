@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, read_csv, register_dataset
+from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, read_csv, register_dataset
 from raysim.datasets.imaging import read_image, resize_chw
 
 CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
@@ -76,11 +75,7 @@ class FedISIC2019(DataSource):
         for center in range(len(CENTERS)):
             client_id = f"center{center}"
             train, test = (self._table(rows, codes, center, fold) for fold in FOLDS)
-            rng = np.random.default_rng([self.seed, zlib.crc32(client_id.encode())])
-            train, val = carve_validation(train, self.cfg.val_fraction, rng)
-            if len(train) == 0 or len(test) == 0:
-                raise DataError(f"{client_id} ({CENTERS[center]}): no samples left in train or test after the drop rules")
-            specs.append(ClientSpec(client_id, {"train": train, "val": val, "test": test}, source_info={"root": str(self.root), "center": CENTERS[center]}))
+            specs.append(self.client_spec(client_id, train, test, center=CENTERS[center]))
         return specs
 
     def load(self, spec: ClientSpec, split: str) -> Shard:

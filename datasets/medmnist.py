@@ -63,6 +63,7 @@ class _Meta:
 @register_dataset("medmnist")
 class MedMNIST(DataSource):
     name = "medmnist"
+    root_hint = "the directory holding the MedMNIST npz files"
     label_name = "label"
     default_attribute = None
 
@@ -81,11 +82,7 @@ class MedMNIST(DataSource):
     @cached_property
     def path(self) -> Path:
         """The npz file: ``data.root/{data.flag}.npz``, else the only MedMNIST-looking npz there."""
-        if not self.cfg.root:
-            raise DataError(f"data.root is required for {self.name}: the directory holding the MedMNIST npz files")
-        root = Path(self.cfg.root).expanduser()
-        if not root.is_dir():
-            raise DataError(f"data.root {root} is not a directory")
+        root = self.root
         found = sorted(p.name for p in root.glob("*.npz"))
         if self.cfg.flag:
             flag = self.cfg.flag.removesuffix(".npz")
