@@ -17,8 +17,13 @@ Datasheet
   depend on any group, so the group carries no label shortcut.
 - Unknowns (-1) at realistic rates for ethnicity, language and marital status; a few
   files (``empty_fraction``, default 0.5 %) have an empty fundus and/or OCT array.
+- Populations: ``clinical`` (the default: the 3 client sites above) and ``public``, a
+  separate pool for central pretraining (``python -m raysim.pretrain``): its own seed
+  namespace, its own 3 acquisition styles, a White-dominated group mix (~88 %) and files
+  named ``public_*.npz``, so it shares no patient, file or scanner style with the clinical
+  sites. The label mechanism (CDR, RNFL, age) is the same disease in both.
 - Licence: generated data, no restrictions. Build it with
-  ``python -m raysim.datasets.synthetic --out DIR``.
+  ``python -m raysim.datasets.synthetic --out DIR [--population public]``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +101,32 @@ RACES: tuple[RaceAnatomy, ...] = (
     RaceAnatomy(disc_area_mean=3.4, disc_area_sd=0.80, pigment_mean=0.70),  # Black
     RaceAnatomy(disc_area_mean=2.6, disc_area_sd=0.45, pigment_mean=0.15),  # White
 )
+# The public pool: other cameras (a sharp bright one, a dim noisy one, a dark contrasty one),
+# a group mix dominated by the majority as in public fundus collections, case-enriched.
+PUBLIC_SITES: tuple[SiteStyle, ...] = (
+    SiteStyle(0.75, 0.05, 0.3, 0.02, 0.40, 0.48, (0.05, 0.06, 0.89), (0.94, 0.03, 0.03),
+              (0.95, 0.01, 0.02, 0.02), (0.55, 0.20, 0.10, 0.10, 0.01, 0.04)),
+    SiteStyle(1.10, -0.05, 1.3, 0.06, 0.30, 0.52, (0.04, 0.09, 0.87), (0.92, 0.04, 0.04),
+              (0.94, 0.02, 0.02, 0.02), (0.52, 0.24, 0.10, 0.09, 0.02, 0.03)),
+    SiteStyle(1.35, 0.04, 0.9, 0.035, 0.50, 0.45, (0.06, 0.05, 0.89), (0.95, 0.02, 0.03),
+              (0.96, 0.01, 0.01, 0.02), (0.57, 0.21, 0.09, 0.09, 0.01, 0.03)),
+)
+
+
+@dataclass(frozen=True)
+class Population:
+    """Who is drawn and how they are imaged: site styles, file names, seed namespace."""
+
+    sites: tuple[SiteStyle, ...]
+    prefix: str  # npz file names: f"{prefix}_{i:05d}.npz"
+    seed_words: tuple[int, ...]  # prepended to every seed (empty: the clinical set's own streams)
+
+
+POPULATIONS: dict[str, Population] = {
+    "clinical": Population(SITES, "data", ()),
+    "public": Population(PUBLIC_SITES, "public", (zlib.crc32(b"public"),)),
+}
+DEFAULT_POPULATION = "clinical"
 # Label -> anatomy (identical for every group: the oracle's AUC does not depend on the group).
 CDR = ((0.35, 0.07), (0.63, 0.07))  # cup-to-disc ratio (mean, sd) for glaucoma 0 / 1
 RNFL = ((1.00, 0.12), (0.75, 0.12))  # relative nerve-fibre-layer thickness
@@ -109,8 +141,13 @@ def generator_params(
     oct_shape: tuple[int, int, int] = (16, 32, 32),
     test_fraction: float = 0.2,
     empty_fraction: float = EMPTY_FRACTION,
+    population: str = DEFAULT_POPULATION,
 ) -> dict[str, Any]:
-    """The exact parameters that define a generated set (validated; usable as a cache key)."""
+    """The exact parameters that define a generated set (validated; usable as a cache key).
+
+    `population` appears only when it is not the default, so the clinical sets' parameters
+    (and their cache keys) are those of generator version 1.
+    """
     if patients < 6 * NUM_SITES:
         raise ValueError(f"patients must be >= {6 * NUM_SITES}, got {patients}")
     if fundus_size < 16:
@@ -121,7 +158,9 @@ def generator_params(
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if not 0.0 <= empty_fraction <= 1.0:
         raise ValueError(f"empty_fraction must be in [0, 1], got {empty_fraction}")
-    return {
+    if population not in POPULATIONS:
+        raise ValueError(f"population must be one of {', '.join(POPULATIONS)}, got {population!r}")
+    params: dict[str, Any] = {
         "version": GENERATOR_VERSION,
         "patients": int(patients),
         "seed": int(seed),
@@ -130,17 +169,25 @@ def generator_params(
         "test_fraction": float(test_fraction),
         "empty_fraction": float(empty_fraction),
     }
+    if population != DEFAULT_POPULATION:
+        params["population"] = population
+    return params
+
+
+def population_of(params: dict[str, Any]) -> Population:
+    return POPULATIONS[params.get("population", DEFAULT_POPULATION)]
 
 
 # ----------------------------------------------------------------------------- latents
 def _draw_latents(params: dict[str, Any]) -> pd.DataFrame:
     """One row per patient: site, split, demographics, label and the anatomy it acts on."""
-    rng = np.random.default_rng([params["seed"], 0])
+    pop = population_of(params)
+    rng = np.random.default_rng([*pop.seed_words, params["seed"], 0])
     n = params["patients"]
     site = rng.permutation(np.arange(n) % NUM_SITES)
     cols: dict[str, np.ndarray] = {k: np.zeros(n, dtype=np.int64) for k in
                                    ("race", "gender", "ethnicity", "language", "maritalstatus")}
-    for k, s in enumerate(SITES):
+    for k, s in enumerate(pop.sites):
         idx = np.flatnonzero(site == k)
         m = len(idx)
 
@@ -153,7 +200,7 @@ def _draw_latents(params: dict[str, Any]) -> pd.DataFrame:
         cols["language"][idx] = pick([0, 1, 2, UNKNOWN], s.language_mix)
         cols["maritalstatus"][idx] = pick([0, 1, 2, 3, 4, UNKNOWN], s.marital_mix)
     age = np.round(np.clip(rng.normal(AGE_MEAN, AGE_SD, n), 20.0, 95.0), 1)
-    prev = np.array([s.prevalence for s in SITES])[site]
+    prev = np.array([s.prevalence for s in pop.sites])[site]
     prior_logit = np.log(prev / (1 - prev)) + AGE_LOGIT_PER_YEAR * (age - AGE_MEAN)
     y = (rng.random(n) < 1 / (1 + np.exp(-prior_logit))).astype(np.int64)
     cdr_mu, cdr_sd = np.array(CDR).T
@@ -177,7 +224,7 @@ def _draw_latents(params: dict[str, Any]) -> pd.DataFrame:
     n_empty = int(round(params["empty_fraction"] * n))
     empty = np.zeros(n, dtype=np.int64)  # bit 1: no fundus, bit 2: no OCT
     empty[rng.choice(n, size=n_empty, replace=False)] = rng.choice([1, 2, 3], size=n_empty)
-    df = pd.DataFrame({"filename": [f"data_{i + 1:05d}.npz" for i in range(n)], "age": age,
+    df = pd.DataFrame({"filename": [f"{pop.prefix}_{i + 1:05d}.npz" for i in range(n)], "age": age,
                        **cols, "glaucoma": y, "site": site, "split": split, "cdr": cdr,
                        "rnfl": rnfl, "disc_area": disc_area, "pigment": pigment,
                        "prior_logit": prior_logit, "empty": empty})
@@ -259,7 +306,7 @@ def _truth(params: dict[str, Any], df: pd.DataFrame) -> dict[str, Any]:
         "label_model": {"cdr_mean_sd": CDR, "rnfl_mean_sd": RNFL, "age_mean_sd": [AGE_MEAN, AGE_SD],
                         "age_logit_per_year": AGE_LOGIT_PER_YEAR,
                         "ref_disc_area_mm2": REF_DISC_AREA, "disc_radius": DISC_RADIUS},
-        "sites": {f"site{k + 1}": asdict(s) for k, s in enumerate(SITES)},
+        "sites": {f"site{k + 1}": asdict(s) for k, s in enumerate(population_of(params).sites)},
         "races": {RACE_NAMES[i]: asdict(r) for i, r in enumerate(RACES)},
         "pigment_effects": {"disc_contrast_loss": PIGMENT_DISC_LOSS,
                             "cup_contrast_loss": PIGMENT_CUP_LOSS,
@@ -274,7 +321,8 @@ def _truth(params: dict[str, Any], df: pd.DataFrame) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- writing
 def _owned_files(out: Path) -> list[Path]:
-    return [*out.glob("all/data_*.npz"), *out.glob("meta_*.csv"), *out.glob("truth.json")]
+    npz = [f for pop in POPULATIONS.values() for f in out.glob(f"all/{pop.prefix}_*.npz")]
+    return [*npz, *out.glob("meta_*.csv"), *out.glob("truth.json")]
 
 
 def _write_csvs(out: Path, df: pd.DataFrame) -> None:
@@ -303,6 +351,7 @@ def generate(
     oct_shape: tuple[int, int, int] = (16, 32, 32),
     test_fraction: float = 0.2,
     empty_fraction: float = EMPTY_FRACTION,
+    population: str = DEFAULT_POPULATION,
 ) -> dict[str, Any]:
     """Write the set to ``out`` (replacing files a previous run wrote there); return the truth.
 
@@ -310,7 +359,8 @@ def generate(
     """
     params = generator_params(patients=patients, seed=seed, fundus_size=fundus_size,
                               oct_shape=oct_shape, test_fraction=test_fraction,
-                              empty_fraction=empty_fraction)
+                              empty_fraction=empty_fraction, population=population)
+    pop = population_of(params)
     out = Path(out)
     for f in _owned_files(out):
         f.unlink()
@@ -318,8 +368,8 @@ def generate(
     df = _draw_latents(params)
     shape: tuple[int, int, int] = tuple(params["oct_shape"])  # type: ignore[assignment]
     for i, row in enumerate(df.itertuples(index=False)):
-        rng = np.random.default_rng([params["seed"], 1, i])
-        site = SITES[row.site]
+        rng = np.random.default_rng([*pop.seed_words, params["seed"], 1, i])
+        site = pop.sites[row.site]
         fundus, oct_ = render.fundus(row, site, fundus_size, rng), render.oct_volume(row, site, shape, rng)
         if row.empty & 1:
             fundus = np.zeros((0, 0), dtype=np.uint8)
@@ -363,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patients", type=int, default=DEFAULT_PATIENTS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fundus-size", type=int, default=128)
+    parser.add_argument("--population", choices=sorted(POPULATIONS), default=DEFAULT_POPULATION,
+                        help="clinical: the 3 client sites; public: the separate pretraining pool")
     parser.add_argument("--force", action="store_true",
                         help="replace the files of an earlier run in a non-empty --out")
     args = parser.parse_args(argv)
@@ -376,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         truth = generate(args.out, patients=args.patients, seed=args.seed,
-                         fundus_size=args.fundus_size)
+                         fundus_size=args.fundus_size, population=args.population)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -403,41 +455,50 @@ class SyntheticOph(FairFedMedOph):
     def root(self) -> Path:
         if self.cfg.root:
             return Path(self.cfg.root).expanduser()
-        params = generator_params(**self._generator_kwargs())
-        key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        return cache_root() / f"synthetic-oph-{key}"
+        return cached_root(**self._generator_kwargs())
 
     def client_specs(self) -> list[ClientSpec]:
         self.ensure_generated()
         return super().client_specs()
 
     def ensure_generated(self) -> Path:
-        root = self.root
-        if (root / "truth.json").exists():
-            return root
-        if root.exists() and any(root.iterdir()):
-            raise DataError(f"data.root {root} holds files but no synthetic set (no truth.json); point data.root at an empty or new directory")
-        logger.info("generating the synthetic set into %s", root)
-        # Generate beside the target and rename, so a concurrent run never sees half a set.
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=_parent(root)))
-        try:
-            generate(tmp, **self._generator_kwargs())
-            if root.exists():
-                root.rmdir()
-            tmp.rename(root)
-        except OSError:
-            if not (root / "truth.json").exists():  # lost a race to another process: fine
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return root
-
+        return ensure_generated(self.root, **self._generator_kwargs())
 
     def _generator_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"seed": self.cfg.generator_seed}
         if self.cfg.patients is not None:
             kwargs["patients"] = self.cfg.patients
         return kwargs
+
+
+def cached_root(**kwargs: Any) -> Path:
+    """Where the set of these `generate` arguments lives under `cache_root()` (a hash of its parameters)."""
+    params = generator_params(**kwargs)
+    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    population = params.get("population")
+    return cache_root() / (f"synthetic-oph-{population}-{key}" if population else f"synthetic-oph-{key}")
+
+
+def ensure_generated(root: Path, **kwargs: Any) -> Path:
+    """`root` holding the set of these `generate` arguments: generated there once, else reused."""
+    if (root / "truth.json").exists():
+        return root
+    if root.exists() and any(root.iterdir()):
+        raise DataError(f"data.root {root} holds files but no synthetic set (no truth.json); point data.root at an empty or new directory")
+    logger.info("generating the synthetic set into %s", root)
+    # Generate beside the target and rename, so a concurrent run never sees half a set.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=_parent(root)))
+    try:
+        generate(tmp, **kwargs)
+        if root.exists():
+            root.rmdir()
+        tmp.rename(root)
+    except OSError:
+        if not (root / "truth.json").exists():  # lost a race to another process: fine
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
 
 
 def _parent(root: Path) -> Path:
