@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from raysim.algorithms.aggregation import weighted_average
+from raysim.models import build_model, exchangeable_keys
 from raysim.registry import Registry
 from raysim.training import Batch, cross_entropy, make_optimizer, train_epochs
 from raysim.types import Tensors, Update
@@ -21,6 +22,7 @@ from raysim.types import Tensors, Update
 if TYPE_CHECKING:
     from raysim.client import Client
     from raysim.config import ExperimentConfig
+    from raysim.datasets.base import DataSource
 
 ServerState = dict[str, Any]
 
@@ -33,6 +35,9 @@ class NoParams:
 class Algorithm:
     name: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
+    # Adapter methods adapt a pretrained backbone: without model.weights / model.pretrained
+    # the run uses the synthetic public-pool backbone built by `python -m raysim.pretrain`.
+    needs_pretrained: ClassVar[bool] = False
 
     def __init__(self, params: Any, cfg: ExperimentConfig) -> None:
         self.params = params
@@ -41,10 +46,19 @@ class Algorithm:
     # --- what travels -------------------------------------------------------------------------
 
     def communicated(self, model: nn.Module) -> list[str]:
-        """State-dict keys exchanged with the server: trainable parameters and float buffers."""
-        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        buffers = {name for name, b in model.named_buffers() if b.is_floating_point()}
-        return [k for k in model.state_dict() if k in trainable or k in buffers]
+        """State-dict keys exchanged with the server: trainable parameters and live float buffers."""
+        return exchangeable_keys(model)
+
+    # --- the model ----------------------------------------------------------------------------
+
+    def build_model(self, source: DataSource) -> nn.Module:
+        """The model every client and the server start from (same seed: the same everywhere)."""
+        model = build_model(self.cfg.model, num_classes=source.num_classes, in_chans=source.channels, seed=self.cfg.seed, slices=source.volume_slices)
+        return self.adapt(model, source)
+
+    def adapt(self, model: nn.Module, source: DataSource) -> nn.Module:
+        """Change the model before training (adapter methods inject adapters and freeze the rest)."""
+        return model
 
     # --- server side --------------------------------------------------------------------------
 
@@ -63,6 +77,7 @@ class Algorithm:
 
     def client_fit(self, client: Client, payload: Tensors, round_: int) -> Update:
         model = client.load(payload)
+        extra = self.before_training(client, model)
         fed = self.cfg.federation
         stats = train_epochs(
             model,
@@ -74,7 +89,11 @@ class Algorithm:
         state = model.state_dict()
         client.keep(set(state) - set(payload))
         tensors = {k: state[k].detach().cpu().clone() for k in payload}
-        return Update(client.id, tensors, client.num_train, stats)
+        return Update(client.id, tensors, client.num_train, stats, extra)
+
+    def before_training(self, client: Client, model: nn.Module) -> dict[str, object]:
+        """Measure what the server needs from the received model (e.g. q-FFL's loss); goes to Update.extra."""
+        return {}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return cross_entropy(model, batch)

@@ -16,7 +16,7 @@ from torch import nn
 from raysim.datasets.base import ClientSpec, Shard
 from raysim.models import normalization
 from raysim.seeding import derive_seed
-from raysim.training import Batch
+from raysim.training import Batch, forward
 from raysim.types import Predictions
 
 EVAL_BATCH = 256
@@ -32,6 +32,7 @@ class Client:
         initial_state: Mapping[str, torch.Tensor],
         channels: int,
         device: torch.device,
+        attribute: str | None = None,
     ) -> None:
         self.spec = spec
         self.id = spec.id
@@ -43,6 +44,10 @@ class Client:
         # between rounds: whatever its method does not communicate.
         self.initial_state = initial_state
         self.own_state: dict[str, torch.Tensor] = {}
+        # Whatever else a method keeps for this client (Ditto's personal model, FedRDN's
+        # statistics, ...): checkpointed with it, never sent anywhere.
+        self.memory: dict[str, object] = {}
+        self.attribute = attribute  # the target attribute: FairLoRA's group
 
     @property
     def num_train(self) -> int:
@@ -79,7 +84,7 @@ class Client:
     def predict(self, split: str) -> Predictions:
         self.model.eval()
         shard = self.shards[split]
-        probs = [torch.softmax(self.model(b.x).float(), dim=1).cpu() for b in self.batches(split, batch_size=EVAL_BATCH)]
+        probs = [torch.softmax(forward(self.model, b).float(), dim=1).cpu() for b in self.batches(split, batch_size=EVAL_BATCH)]
         scores = torch.cat(probs).numpy().astype(np.float64)
         if scores.shape[1] == 2:
             scores = scores[:, 1]
@@ -92,4 +97,12 @@ class Client:
         x = (x - self.mean) / self.std
         y = torch.from_numpy(shard.table.labels[idx]).to(self.device)
         groups = {a: torch.from_numpy(codes[idx]).to(self.device) for a, codes in shard.table.attributes.items()}
-        return Batch(x, y, groups, index)
+        return Batch(x, y, groups, index, groups.get(self.attribute) if self.attribute else None)
+
+    def state(self) -> dict[str, object]:
+        """Everything this client keeps between rounds (what its checkpoint holds)."""
+        return {"own_state": self.own_state, "memory": self.memory}
+
+    def set_state(self, saved: Mapping[str, object]) -> None:
+        self.own_state = dict(saved["own_state"])  # type: ignore[arg-type]
+        self.memory = dict(saved["memory"])  # type: ignore[arg-type]

@@ -13,7 +13,6 @@ from raysim.client import Client
 from raysim.config import ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec
 from raysim.datasets.cache import load_cached
-from raysim.models import build_model
 from raysim.types import Predictions, Tensors, Update
 
 
@@ -30,11 +29,11 @@ class ClientHost:
         source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
         self.algorithm = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg)
         # One model object per actor; each client swaps its own state in for its turn.
-        model = build_model(cfg.model, num_classes=source.num_classes, in_chans=source.channels, seed=cfg.seed, slices=source.volume_slices).to(self.device)
+        model = self.algorithm.build_model(source).to(self.device)
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.clients = {
             spec.id: Client(
-                spec, {split: load_cached(source, spec, split) for split in spec.splits}, model, initial_state=initial, channels=source.channels, device=self.device
+                spec, {split: load_cached(source, spec, split) for split in spec.splits}, model, initial_state=initial, channels=source.channels, device=self.device, attribute=source.attribute
             )
             for spec in specs
         }
@@ -58,12 +57,11 @@ class ClientHost:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")
-        torch.save(self.clients[client_id].own_state, tmp)
+        torch.save(self.clients[client_id].state(), tmp)
         tmp.replace(target)  # never leave a half-written checkpoint behind
 
     def restore(self, client_id: str, path: str) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        self.clients[client_id].own_state = state
+        self.clients[client_id].set_state(torch.load(path, map_location=self.device, weights_only=False))
 
 
 @ray.remote(max_restarts=0)

@@ -32,9 +32,9 @@ from raysim.client_actor import ClientActor
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec
 from raysim.metrics import UndefinedMetricWarning
-from raysim.models import build_model
+from raysim.pretrain import resolve_weights
 from raysim.seeding import derive_seed, rng
-from raysim.types import Predictions, Update
+from raysim.types import Predictions, Update, nbytes
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -67,6 +67,7 @@ class Driver:
         self.attributes = self._eval_attributes()
         self.recorder = reporting.RunRecorder(self.run_dir)
         self.actors: dict[str, Any] = {}  # client id -> actor handle
+        self.traffic_down = self.traffic_up = 0  # bytes sent in this process's rounds
         self.dead: dict[str, str] = {}  # client id -> why it is out of the run
 
     # --- the run ------------------------------------------------------------------------------
@@ -78,6 +79,7 @@ class Driver:
             last = min(until or self.cfg.federation.rounds, self.cfg.federation.rounds)
             for round_ in range(self.next_round, last + 1):
                 self.step(round_)
+            self.echo(f"communication: {_megabytes(self.traffic_down)} down, {_megabytes(self.traffic_up)} up over rounds {self.progress.first}-{last}")
         finally:
             self.shutdown()
         return self.recorder.metrics
@@ -91,13 +93,15 @@ class Driver:
 
     def start(self, *, resume: bool = False) -> None:
         """Read the metadata, build the initial (or checkpointed) state and start the actors."""
+        self.cfg = resolve_weights(self.cfg, self.echo)  # adapter methods need a pretrained backbone
+        self.algorithm = ALGORITHMS.get(self.cfg.algorithm["name"])(self.cfg.algorithm_params(), self.cfg)
         specs = self.source.client_specs()
         self.specs = {s.id: s for s in specs}
         if not resume:
             resources = {"per_actor": dataclasses.asdict(self.cfg.resources), "ray_cluster": ray.cluster_resources()}
             provenance.write(self.run_dir, data=self.source.fingerprint(), resources=resources, argv=sys.argv)
         self.echo(f"data: {self.cfg.data.name} with {len(specs)} clients: " + ", ".join(f"{s.id} ({s.num_train} train)" for s in specs))
-        model = build_model(self.cfg.model, num_classes=self.source.num_classes, in_chans=self.source.channels, seed=self.cfg.seed, slices=self.source.volume_slices)
+        model = self.algorithm.build_model(self.source)
         self.state = self.algorithm.init_state(model)
         self.next_round = 1
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
@@ -124,9 +128,11 @@ class Driver:
 
     def run_round(self, round_: int, state: ServerState, progress: reporting.Progress) -> ServerState:
         sampled = self.sample_clients(round_)
-        payload_ref = ray.put(self.algorithm.payload(state, round_))
+        payload = self.algorithm.payload(state, round_)
+        payload_ref = ray.put(payload)
         refs = {cid: self.actors[cid].fit.remote(cid, payload_ref, round_) for cid in sampled}
         outcome = self._collect(refs)
+        self._record_traffic(round_, nbytes(payload), outcome)
         if outcome.updates:
             state = self.algorithm.aggregate(round_, outcome.updates, state)
         else:
@@ -136,6 +142,19 @@ class Driver:
         train_loss = float(np.average(losses, weights=weights)) if losses else math.nan
         progress.round_done(round_, clients=len(outcome.updates), failed=sorted(outcome.failed), train_loss=train_loss)
         return state
+
+    def _record_traffic(self, round_: int, down: int, outcome: RoundOutcome) -> None:
+        """bytes_down / bytes_up per client that took part (split `train`), and their mean."""
+        rows = [(u.client_id, "bytes_down", float(down)) for u in outcome.updates]
+        rows += [(u.client_id, "bytes_up", float(u.nbytes)) for u in outcome.updates]
+        if not rows:
+            return
+        frame = pd.DataFrame(rows, columns=["client", "metric", "value"])
+        roles = {cid: spec.role for cid, spec in self.specs.items()}
+        frame = frame.assign(round=round_, split="train", role=frame["client"].map(roles), attribute="", group="")
+        self.recorder.add(reporting.with_means(frame[reporting.METRIC_COLUMNS]), [])
+        self.traffic_down += down * len(outcome.updates)
+        self.traffic_up += sum(u.nbytes for u in outcome.updates)
 
     def sample_clients(self, round_: int) -> list[str]:
         """Seeded by (seed, round) over all clients, so every method sees the same selections."""
@@ -279,6 +298,10 @@ class Driver:
         if self.source.attribute not in available:
             raise ConfigError(f"data.attribute {self.source.attribute!r} not in data source {self.cfg.data.name}; choose from {', '.join(available)}")
         return list(chosen)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -30,7 +30,7 @@ import numpy.typing as npt
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
 
-METRIC_NAMES = ("auc", "acc", "bacc", "loss", "es_auc", "es_acc", "eod", "spd", "auc_lo", "auc_hi")
+METRIC_NAMES = ("auc", "acc", "bacc", "loss", "es_auc", "es_acc", "eod", "spd", "auc_lo", "auc_hi", "bytes_up", "bytes_down")
 FRAME_COLUMNS = ("round", "split", "client", "role", "attribute", "group", "metric", "value")
 _GROUP_METRICS = ("auc", "acc", "auc_lo", "auc_hi")
 Row = tuple[str, str, str, float]  # (attribute, group, metric, value)

@@ -74,3 +74,26 @@ def normalization(model: nn.Module, channels: int) -> tuple[torch.Tensor, torch.
     if channels != len(mean):  # e.g. grayscale into an RGB-normalised backbone
         mean, std = mean.mean().repeat(channels), std.mean().repeat(channels)
     return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """`model.train()`, except layers whose statistics are frozen (adapter methods' BatchNorm)."""
+    model.train()
+    for module in model.modules():
+        if getattr(module, "frozen_stats", False):
+            module.eval()
+    return model
+
+
+def exchangeable_keys(model: nn.Module) -> list[str]:
+    """State-dict keys that can change in training: trainable parameters and the float
+    buffers of layers that still track statistics (frozen BatchNorm's are constants)."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    live = {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        if not getattr(module, "frozen_stats", False)
+        for name, b in module.named_buffers(recurse=False)
+        if b.is_floating_point()
+    }
+    return [k for k in model.state_dict() if k in trainable or k in live]

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from raysim.adapters import use_groups
 from raysim.config import FederationConfig
+from raysim.models import train_mode
 
 
 @dataclass
@@ -17,6 +19,7 @@ class Batch:
     y: torch.Tensor  # int64 labels
     groups: dict[str, torch.Tensor]  # attribute -> int64 codes, -1 unknown
     index: torch.Tensor  # positions in the client's split (for per-sample state)
+    group: torch.Tensor | None = None  # codes of the target attribute (FairLoRA's group), -1 unknown
 
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -35,8 +38,14 @@ def make_optimizer(model: nn.Module, fed: FederationConfig) -> torch.optim.Optim
     return OPTIMIZERS[fed.optimizer](params, fed)
 
 
+def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Logits of a batch; group-conditioned layers (FairLoRA) see the batch's group codes."""
+    use_groups(model, batch.group)
+    return model(batch.x)
+
+
 def cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return nn.functional.cross_entropy(model(batch.x), batch.y)
+    return nn.functional.cross_entropy(forward(model, batch), batch.y)
 
 
 def train_epochs(
@@ -47,7 +56,7 @@ def train_epochs(
     after_step: StepHook | None = None,
 ) -> dict[str, float]:
     """Run the local epochs; returns the mean training loss and the number of steps."""
-    model.train()
+    train_mode(model)
     total, steps = 0.0, 0
     for batches in epochs:
         for batch in batches:

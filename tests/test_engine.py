@@ -45,13 +45,15 @@ def test_two_clients_two_rounds_output_contract(ray_session, oph_root: Path, tmp
 
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     assert list(metrics.columns) == ["round", "split", "client", "role", "attribute", "group", "metric", "value"]
-    assert set(metrics["split"]) == {"val", "test"}
+    assert set(metrics["split"]) == {"val", "test", "train"}
+    up = metrics[(metrics["split"] == "train") & (metrics["metric"] == "bytes_up")]
+    assert len(up) == 2 * 3 and (up["value"] > 0).all()  # two rounds, two sampled clients + their mean
     assert set(metrics["round"]) == {1, 2}
     assert set(metrics["client"]) == {"site1", "site2", "site3", "mean"}
     assert set(metrics["metric"]) <= set(METRIC_NAMES)
     assert {"auc", "acc", "bacc", "es_auc", "es_acc", "eod", "spd", "auc_lo", "auc_hi", "loss"} <= set(metrics["metric"])
     values = metrics["value"].dropna()
-    rates = metrics[metrics["metric"] != "loss"]["value"].dropna()
+    rates = metrics[~metrics["metric"].isin(["loss", "bytes_up", "bytes_down"])]["value"].dropna()
     assert len(values) > 0 and rates.between(0, 1).all()
     whole = metrics[metrics["metric"].isin(["auc", "acc", "bacc", "loss"]) & (metrics["group"] == "")]
     assert (whole["attribute"] == "").all()
