@@ -1,0 +1,164 @@
+"""FairFed (Ezzeldin et al., "FairFed: Enabling Group Fairness in Federated Learning", AAAI 2023).
+
+Each client counts, per group of the target attribute, a confusion matrix of the received global
+model on its train split (before training). The server sums them into the global gap F_g (EOD or
+SPD, defined as in `raysim.metrics`), gives each client Δ_k = |F_g − F_k| (|Acc_g − Acc_k| where a
+gap is undefined, e.g. a client holding one group, as the paper does), moves the weights
+ω_k ← ω_k − β(Δ_k − mean Δ) and aggregates Σ ω_k θ_k / Σ ω_k.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+import numpy.typing as npt
+from torch import nn
+
+from raysim.algorithms.aggregation import AggregationError, weighted_average
+from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
+from raysim.client import Client
+from raysim.config import ConfigError
+from raysim.datasets.base import DataSource
+from raysim.metrics import predictions
+from raysim.types import Update
+
+log = logging.getLogger(__name__)
+STATS_KEY = "group_confusion"  # Update.extra: {group code: (K, K) counts [label, prediction]}, -1 = unknown group
+Confusion = Mapping[int, np.ndarray]
+
+
+@dataclass
+class FairFedParams:
+    """The paper studies β as a fairness budget; its default here is declearn's (the Inria FairFed port)."""
+
+    beta: float = 1.0  # fairness budget β >= 0 (β = 0 is FedAvg); 1.0 as in declearn's FairFed (Inria)
+    metric: str = "eod"  # the gap the weights chase: "eod" (equalized odds) or "spd" (statistical parity)
+    weight_floor: float = 1e-3  # a step never leaves a client below this share of the cohort's total weight, in (0, 1)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.beta, (int, float)) and self.beta >= 0):
+            raise ValueError(f"beta must be a number >= 0, got {self.beta!r}")
+        if self.metric not in ("eod", "spd"):
+            raise ValueError(f"metric must be 'eod' or 'spd', got {self.metric!r}")
+        if not 0 < self.weight_floor < 1:
+            raise ValueError(f"weight_floor must be in (0, 1), got {self.weight_floor!r}")
+
+
+def group_confusion(labels: npt.ArrayLike, preds: npt.ArrayLike, groups: npt.ArrayLike, num_classes: int) -> dict[int, np.ndarray]:
+    """Per group code: counts[label, prediction] as a (K, K) int64 matrix."""
+    y, p, g = (np.asarray(a, dtype=np.int64) for a in (labels, preds, groups))
+    out = {}
+    for code in np.unique(g):
+        counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+        np.add.at(counts, (y[g == code], p[g == code]), 1)
+        out[int(code)] = counts
+    return out
+
+
+def merge_confusions(parts: Sequence[Confusion]) -> dict[int, np.ndarray]:
+    out: dict[int, np.ndarray] = {}
+    for part in parts:
+        for code, counts in part.items():
+            out[code] = out[code] + counts if code in out else np.array(counts, dtype=np.int64)
+    return out
+
+
+def _gap(rates: list[float]) -> float:
+    return float(max(rates) - min(rates)) if len(rates) >= 2 else math.nan
+
+
+def _binary_gap(known: Confusion, metric: str) -> float:
+    """EOD = max(TPR gap, FPR gap) over the groups where each rate is defined; SPD = gap of P(ŷ=1)."""
+    if metric == "spd":
+        return _gap([m[:, 1].sum() / m.sum() for m in known.values() if m.sum() > 0])
+    tpr = _gap([m[1, 1] / m[1].sum() for m in known.values() if m[1].sum() > 0])
+    fpr = _gap([m[0, 1] / m[0].sum() for m in known.values() if m[0].sum() > 0])
+    defined = [v for v in (tpr, fpr) if not math.isnan(v)]
+    return float(max(defined)) if defined else math.nan
+
+
+def _one_vs_rest(m: np.ndarray, k: int) -> np.ndarray:
+    tp, fn, fp = m[k, k], m[k].sum() - m[k, k], m[:, k].sum() - m[k, k]
+    return np.array([[m.sum() - tp - fn - fp, fp], [fn, tp]])
+
+
+def fairness_gap(confusion: Confusion, metric: str) -> float:
+    """EOD or SPD of the counts, known groups only; multi-class: mean one-vs-rest over the labels present. NaN if undefined."""
+    known = {g: m for g, m in sorted(confusion.items()) if g >= 0}
+    if not known:
+        return math.nan
+    classes = next(iter(known.values())).shape[0]
+    if classes == 2:
+        return _binary_gap(known, metric)
+    present = np.flatnonzero(sum(known.values()).sum(axis=1))
+    values = [_binary_gap({g: _one_vs_rest(m, int(k)) for g, m in known.items()}, metric) for k in present]
+    defined = [v for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else math.nan
+
+
+def accuracy_of(confusion: Confusion) -> float:
+    """Accuracy over every sample counted, unknown group included."""
+    total = sum(int(m.sum()) for m in confusion.values())
+    return sum(int(np.trace(m)) for m in confusion.values()) / total if total else math.nan
+
+
+def fairness_deltas(confusions: Sequence[Confusion], metric: str) -> list[float]:
+    """Δ_k = |F_g − F_k|, or |Acc_g − Acc_k| where F_g or F_k is undefined (NaN if both are)."""
+    merged = merge_confusions(confusions)
+    global_gap, global_acc = fairness_gap(merged, metric), accuracy_of(merged)
+    log.debug("fairfed: global %s %.4f, accuracy %.4f", metric, global_gap, global_acc)
+    out = []
+    for part in confusions:
+        local = fairness_gap(part, metric)
+        out.append(abs(global_gap - local) if not (math.isnan(global_gap) or math.isnan(local)) else abs(global_acc - accuracy_of(part)))
+    return out
+
+
+def fairfed_weights(weights: Sequence[float], deltas: Sequence[float], *, beta: float, floor: float) -> list[float]:
+    """ω_k ← ω_k − β N (Δ_k − mean Δ), N = Σ ω over the cohort: the paper's step on the shares ω_k / N.
+
+    A step never takes a weight below floor · N (a weight already below keeps its value), so every
+    aggregation weight stays positive; the cohort is then rescaled to its total N (the paper's
+    normalisation, which leaves clients outside the cohort untouched). NaN Δ_k count as the mean.
+    """
+    total = sum(weights)
+    defined = [d for d in deltas if not math.isnan(d)]
+    mean = sum(defined) / len(defined) if defined else 0.0
+    stepped = [max(w - beta * total * ((mean if math.isnan(d) else d) - mean), min(w, floor * total)) for w, d in zip(weights, deltas)]
+    scale = total / sum(stepped)  # exactly 1.0 when nothing moved (β = 0): FedAvg bit for bit
+    return [w * scale for w in stepped]
+
+
+@register_algorithm("fairfed")
+class FairFed(Algorithm):
+    """Weights ω_k live in the server state per client id, in example units (start: ω_k = n_k)."""
+
+    Params = FairFedParams
+
+    def init_state(self, model: nn.Module) -> ServerState:
+        return {**super().init_state(model), "fair_weights": {}}
+
+    def adapt(self, model: nn.Module, source: DataSource) -> nn.Module:
+        if source.attribute is None:
+            raise ConfigError(f"algorithm fairfed needs a target sensitive attribute (data.attribute); data source {source.name} has none")
+        return model
+
+    def before_training(self, client: Client, model: nn.Module) -> dict[str, object]:
+        seen = client.predict("train")  # the received global model, before local training
+        classes = 2 if seen.scores.ndim == 1 else seen.scores.shape[1]
+        return {STATS_KEY: group_confusion(seen.labels, predictions(seen.scores), seen.attributes[client.attribute], classes)}
+
+    def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
+        missing = [u.client_id for u in updates if STATS_KEY not in u.extra]
+        if missing:
+            raise AggregationError(f"fairfed needs each client's group counts (extra[{STATS_KEY!r}]); missing from {missing}")
+        known: dict[str, float] = state["fair_weights"]
+        deltas = fairness_deltas([cast(Confusion, u.extra[STATS_KEY]) for u in updates], self.params.metric)
+        weights = fairfed_weights([known.get(u.client_id, float(u.num_examples)) for u in updates], deltas, beta=self.params.beta, floor=self.params.weight_floor)
+        averaged = weighted_average([u.tensors for u in updates], weights, [u.client_id for u in updates])
+        return {**state, "weights": averaged, "fair_weights": {**known, **{u.client_id: w for u, w in zip(updates, weights)}}}

@@ -1,0 +1,146 @@
+"""FairLoRA (FairFedMed, IEEE TMI 2025): LoRA with one row of singular values per group.
+
+Each adapted layer computes `W0·x + (alpha/r)·((x·A) ⊙ π(g)S)·B`. The server averages S row
+by row with each client's count of that group, makes the first half of S shared across
+groups, and blends the result with the previous global by a round-dependent EMA. An optional
+differentiable group-fairness loss (`lambda_fair`, 0 as in the paper) penalises unequal error.
+Rules: specs/fairfedmed.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from raysim import adapters
+from raysim.algorithms.aggregation import validate_updates, weighted_average
+from raysim.algorithms.base import ServerState, register_algorithm
+from raysim.algorithms.fedlora import FedLoRA, LoRAParams
+from raysim.config import ConfigError
+from raysim.datasets.base import DataSource
+from raysim.training import Batch, forward
+from raysim.types import Tensors, Update
+
+
+@dataclass
+class FairLoRAParams(LoRAParams):
+    own_weight: float = 0.7  # π's weight on the sample's own group (reference code); 1.0 = the paper's one-hot
+    lambda_fair: float = 0.0  # weight of the differentiable group-fairness loss (0 in the paper)
+    ema: float = 0.999  # β_t = ema · t / T blends the new global with the previous one; 0 disables
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.own_weight <= 1.0:
+            raise ValueError(f"algorithm.own_weight must be in (0, 1], got {self.own_weight}")
+        if self.lambda_fair < 0:
+            raise ValueError(f"algorithm.lambda_fair must be >= 0, got {self.lambda_fair}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"algorithm.ema must be in [0, 1), got {self.ema}")
+
+
+@register_algorithm("fairlora")
+class FairLoRA(FedLoRA):
+    Params = FairLoRAParams
+
+    def adapt(self, model: nn.Module, source: DataSource) -> nn.Module:
+        rank, alpha = self.params.rank_alpha(model)
+        groups = num_groups(source)
+        try:
+            adapters.validate_fair_rank(rank, groups)
+        except ValueError as err:
+            raise ConfigError(f"algorithm.rank: {err} (target attribute {source.attribute!r}); set algorithm.rank") from err
+        self.inject(model, adapters.FairLoRA, rank=rank, alpha=alpha, num_groups=groups, own_weight=self.params.own_weight)
+        return model
+
+    # --- client side --------------------------------------------------------------------------
+
+    def client_fit(self, client, payload: Tensors, round_: int) -> Update:  # type: ignore[no-untyped-def]
+        update = super().client_fit(client, payload, round_)
+        update.extra["group_counts"] = client_group_counts(client, self._groups(payload))
+        return update
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        logits = forward(model, batch)
+        loss = nn.functional.cross_entropy(logits, batch.y)
+        if self.params.lambda_fair > 0 and batch.group is not None:
+            loss = loss + self.params.lambda_fair * group_error_gap(logits, batch.y, batch.group)
+        return loss
+
+    # --- server side --------------------------------------------------------------------------
+
+    def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
+        names = [u.client_id for u in updates]
+        tensors = [u.tensors for u in updates]
+        validate_updates(tensors, [u.num_examples for u in updates], names)
+        counts = np.array([u.extra["group_counts"] for u in updates], dtype=np.float64)
+        averaged = weighted_average(tensors, [u.num_examples for u in updates], names)
+        previous = state["weights"]
+        for key in singular_value_keys(previous):
+            rows = aggregate_singular_values([t[key] for t in tensors], counts, previous[key])
+            averaged[key] = share_first_half(rows)
+        beta = self.params.ema * round_ / self.cfg.federation.rounds
+        return {**state, "weights": ema(averaged, previous, beta)}
+
+    def _groups(self, payload: Tensors) -> int:
+        key = next(iter(singular_value_keys(payload)))
+        return payload[key].shape[0]
+
+
+def num_groups(source: DataSource) -> int:
+    """G: the number of groups of the target attribute (1 when the source has none)."""
+    names = source.group_names.get(source.attribute or "", {})
+    return max(names) + 1 if names else 1
+
+
+def client_group_counts(client, groups: int) -> list[int]:  # type: ignore[no-untyped-def]
+    """n_{k,g}: this client's training examples of each group (unknowns count for none)."""
+    table = client.shards["train"].table
+    if client.attribute is None:
+        return [len(table)] * groups
+    codes = table.attributes[client.attribute]
+    return [int((codes == g).sum()) for g in range(groups)]
+
+
+def singular_value_keys(tensors: Tensors) -> list[str]:
+    return [k for k in tensors if k.endswith("lora_S")]
+
+
+def aggregate_singular_values(rows: list[torch.Tensor], counts: np.ndarray, previous: torch.Tensor) -> torch.Tensor:
+    """S[g] = Σ_k n_{k,g} S_k[g] / Σ_k n_{k,g}; a group no client holds keeps its previous row."""
+    out = previous.to(torch.float64).clone()
+    for g in range(previous.shape[0]):
+        total = counts[:, g].sum()
+        if total > 0:
+            out[g] = sum(float(counts[k, g] / total) * rows[k][g].to(torch.float64) for k in range(len(rows)))
+    return out.to(previous.dtype)
+
+
+def share_first_half(s: torch.Tensor) -> torch.Tensor:
+    """The first r/2 singular values are shared: replaced by their mean over groups."""
+    half = s.shape[1] // 2
+    out = s.clone()
+    out[:, :half] = s[:, :half].to(torch.float64).mean(dim=0, keepdim=True).to(s.dtype)
+    return out
+
+
+def ema(new: Tensors, previous: Tensors, beta: float) -> dict[str, torch.Tensor]:
+    """w = (1 - β)·new + β·previous for float tensors (integer buffers take the new value)."""
+    if beta == 0:
+        return dict(new)
+    return {k: ((1 - beta) * v.to(torch.float64) + beta * previous[k].to(torch.float64)).to(v.dtype) if v.is_floating_point() else v for k, v in new.items()}
+
+
+def group_error_gap(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """mean_g |c_g − mean(c)| with c_g = 1 − mean p(correct | g), over the groups in the batch.
+
+    The reference code detaches this term; here it is differentiable, so it trains.
+    """
+    p_correct = torch.softmax(logits, dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
+    present = [g for g in torch.unique(groups).tolist() if g >= 0]
+    if len(present) < 2:
+        return logits.new_zeros(())
+    errors = torch.stack([1 - p_correct[groups == g].mean() for g in present])
+    return (errors - errors.mean()).abs().mean()

@@ -1,0 +1,341 @@
+"""Server-side methods (FedAdam/Yogi/Adagrad, FedNova, q-FFL, FairFed): hand computations, reductions, real data."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from raysim import config, metrics
+from raysim.algorithms import ALGORITHMS, Algorithm
+from raysim.algorithms.aggregation import AggregationError, weighted_average
+from raysim.algorithms.fairfed import STATS_KEY, FairFed, FairFedParams, accuracy_of, fairfed_weights, fairness_gap, group_confusion
+from raysim.algorithms.fedadagrad import FedAdagrad
+from raysim.algorithms.fedadam import FedAdam
+from raysim.algorithms.fednova import FedNova, fednova_coefficients
+from raysim.algorithms.fedopt import AdaptiveParams, FedOptParams, fedopt_step
+from raysim.algorithms.fedyogi import FedYogi
+from raysim.algorithms.qffl import LOSS_KEY, QFFL, QFFLParams
+from raysim.client_actor import ClientHost
+from raysim.config import ConfigError
+from raysim.types import Update
+
+from conftest import tiny_overrides
+
+CFG = SimpleNamespace(federation=SimpleNamespace(lr=0.5))  # all the server halves read: L = 1/lr = 2
+
+
+class Toy(nn.Module):
+    """One trainable parameter `w` and one float buffer `r` (like a BatchNorm running statistic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.0]))
+        self.register_buffer("r", torch.tensor([1.0]))
+
+
+def toy_state(algorithm: Algorithm) -> dict:
+    state = algorithm.init_state(Toy())
+    state["weights"]["n"] = torch.tensor(0)  # an integer buffer, as a method might communicate one
+    return state
+
+
+def update(cid: str, w: float, r: float, n: int, num: int, steps: float = 1.0, **extra: object) -> Update:
+    return Update(cid, {"w": torch.tensor([w]), "r": torch.tensor([r]), "n": torch.tensor(n)}, num, {"loss": 0.0, "steps": steps}, dict(extra))
+
+
+def two_clients(**extra_a: object) -> list[Update]:
+    # A: w 1.5, r 0, n 4, 1 example; B: w 2.0, r 4, n 8, 3 examples
+    return [update("A", 1.5, 0.0, 4, 1, **extra_a), update("B", 2.0, 4.0, 8, 3)]
+
+
+def assert_buffers_are_fedavg(out: dict) -> None:
+    # r: (1*0 + 3*4) / 4 = 3.0; n: floor((1*4 + 3*8) / 4) = 7
+    assert out["weights"]["r"].item() == 3.0
+    assert out["weights"]["n"].item() == 7 and out["weights"]["n"].dtype == torch.int64
+
+
+# --- FedOpt ---------------------------------------------------------------------------------
+
+# Mean update Δ = (1*(1.5-1) + 3*(2-1)) / 4 = 0.875, Δ² = 0.765625; m = 0.1 * 0.875 = 0.0875;
+# v starts at τ² = 1e-6. Adam: v = 0.99e-6 + 0.01 * 0.765625 = 0.00765724.
+# Yogi: sign(1e-6 - 0.765625) = -1, v = 1e-6 + 0.01 * 0.765625 = 0.00765725. Adagrad: v = 1e-6 + 0.765625.
+FIRST_V = {"fedadam": 0.00765724, "fedyogi": 0.00765725, "fedadagrad": 0.765626}
+
+
+@pytest.mark.parametrize("cls", [FedAdam, FedYogi, FedAdagrad])
+def test_fedopt_first_step_is_the_closed_form(cls: type[Algorithm]) -> None:
+    algorithm = cls(cls.Params(), CFG)
+    state = toy_state(algorithm)
+    assert state["stepped"] == ["w"]  # buffers are not given to the optimiser
+    out = algorithm.aggregate(1, two_clients(), state)
+    v = FIRST_V[cls.name]
+    # θ = 1 + η m / (√v + τ), η = 1e-2, τ = 1e-3; Adam ≈ 1 + 0.000875 / 0.0885057 ≈ 1.0098864
+    expected = 1.0 + 1e-2 * 0.0875 / (math.sqrt(v) + 1e-3)
+    assert out["weights"]["w"].item() == pytest.approx(expected, rel=1e-7)
+    assert out["m"]["w"].item() == pytest.approx(0.0875, rel=1e-7) and out["v"]["w"].item() == pytest.approx(v, rel=1e-6)
+    assert_buffers_are_fedavg(out)
+    assert state["weights"]["w"].item() == 1.0  # the input state is left as it was
+
+
+@pytest.mark.parametrize(("rule", "v"), [("adam", 0.99 * 0.01 + 0.01 * 0.0025), ("yogi", 0.01 - 0.01 * 0.0025), ("adagrad", 0.01 + 0.0025)])
+def test_fedopt_moment_rules_when_the_update_is_small(rule: str, v: float) -> None:
+    # m 0.05, v 0.01, Δ 0.05 (Δ² = 0.0025 < v): Adam shrinks v by β2, Yogi subtracts (1-β2)Δ², Adagrad adds Δ²
+    t = lambda x: {"w": torch.tensor([x], dtype=torch.float64)}  # noqa: E731
+    w, m2, v2 = fedopt_step(rule, t(2.0), t(0.05), t(0.05), t(0.01), eta=0.1, tau=1e-3, beta1=0.9, beta2=0.99)
+    # m = 0.9 * 0.05 + 0.1 * 0.05 = 0.05; θ = 2 + 0.1 * 0.05 / (√v + 0.001)
+    assert m2["w"].item() == pytest.approx(0.05, rel=1e-12) and v2["w"].item() == pytest.approx(v, rel=1e-12)
+    assert w["w"].item() == pytest.approx(2.0 + 0.005 / (math.sqrt(v) + 1e-3), rel=1e-12)
+
+
+def test_fedopt_state_resumes_exactly_from_a_checkpoint() -> None:
+    algorithm = FedYogi(FedOptParams(), CFG)
+    first = algorithm.aggregate(1, two_clients(), toy_state(algorithm))
+    buffer = io.BytesIO()
+    torch.save(first, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    second = [update("A", 0.5, 1.0, 4, 2), update("B", 1.25, 2.0, 8, 1)]
+    a, b = algorithm.aggregate(2, second, first), algorithm.aggregate(2, second, restored)
+    for part in ("weights", "m", "v"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert a["m"]["w"].item() != first["m"]["w"].item()  # the moments did move
+
+
+# --- FedNova --------------------------------------------------------------------------------
+
+
+def test_fednova_matches_hand_computation() -> None:
+    # A: w 3, n 1, τ 2; B: w 0, n 3, τ 4; θ = 1. p = (0.25, 0.75), d = ((3-1)/2, (0-1)/4) = (1, -0.25)
+    # Σ p d = 0.25 - 0.1875 = 0.0625; τ_eff = 0.25*2 + 0.75*4 = 3.5; θ = 1 + 3.5 * 0.0625 = 1.21875
+    algorithm = FedNova(FedNova.Params(), CFG)
+    out = algorithm.aggregate(1, [update("A", 3.0, 0.0, 4, 1, steps=2), update("B", 0.0, 4.0, 8, 3, steps=4)], toy_state(algorithm))
+    assert out["weights"]["w"].item() == 1.21875  # (FedAvg: 0.25*3 = 0.75)
+    assert_buffers_are_fedavg(out)
+    assert fednova_coefficients([1, 3], [2, 0]) == [0.25 * 0.5 / 2, 0.0]  # τ_eff = 0.5; no step, no pull
+
+
+def test_fednova_with_equal_steps_is_fedavg() -> None:
+    # τ_eff = 4, c = (4*0.25/4, 4*0.75/4) = (0.25, 0.75): θ = 1 + 0.25*2 - 0.75*1 = 0.75 = FedAvg
+    algorithm = FedNova(FedNova.Params(), CFG)
+    updates = [update("A", 3.0, 0.0, 4, 1, steps=4), update("B", 0.0, 4.0, 8, 3, steps=4)]
+    out = algorithm.aggregate(1, updates, toy_state(algorithm))
+    fedavg = weighted_average([u.tensors for u in updates], [1, 3])
+    assert all(torch.equal(out["weights"][k], fedavg[k]) for k in fedavg) and out["weights"]["w"].item() == 0.75
+
+
+def test_fednova_needs_step_counts() -> None:
+    algorithm = FedNova(FedNova.Params(), CFG)
+    bare = Update("A", {"w": torch.tensor([1.0]), "r": torch.tensor([1.0]), "n": torch.tensor(0)}, 1)
+    with pytest.raises(AggregationError, match="missing from \\['A'\\]"):
+        algorithm.aggregate(1, [bare], toy_state(algorithm))
+
+
+# --- q-FFL ----------------------------------------------------------------------------------
+
+
+def qffl_pair(q: float) -> tuple[QFFL, list[Update], dict]:
+    algorithm = QFFL(QFFLParams(q=q), CFG)
+    state = algorithm.init_state(Toy())
+    state["weights"]["w"] = torch.tensor([1.0, 1.0])  # two trainable tensors: the norm spans both
+    state["weights"]["v"], state["stepped"] = torch.tensor([0.0]), ["w", "v"]
+    a = Update("A", {"w": torch.tensor([0.0, 1.0]), "v": torch.tensor([0.0]), "r": torch.tensor([0.0])}, 1, extra={LOSS_KEY: 2.0})
+    b = Update("B", {"w": torch.tensor([1.0, 2.0]), "v": torch.tensor([2.0]), "r": torch.tensor([4.0])}, 3, extra={LOSS_KEY: 0.5})
+    return algorithm, [a, b], state
+
+
+def test_qffl_matches_hand_computation() -> None:
+    # L = 1/0.5 = 2, q = 1. A: F 2, g = L(θ-θ̄) = 2*[1, 0 | 0], ‖g‖² = 4; Δ = 2g = [4, 0 | 0], h = 1*4 + 2*2 = 8
+    # B: F 0.5, g = 2*[0, -1 | -2], ‖g‖² = 20; Δ = 0.5g = [0, -1 | -2], h = 20 + 2*0.5 = 21
+    # θ - ΣΔ/Σh = [1 - 4/29, 1 + 1/29 | 0 + 2/29]
+    algorithm, updates, state = qffl_pair(1.0)
+    out = algorithm.aggregate(1, updates, state)
+    assert out["weights"]["w"].tolist() == pytest.approx([1 - 4 / 29, 1 + 1 / 29], rel=1e-7)
+    assert out["weights"]["v"].item() == pytest.approx(2 / 29, rel=1e-7)
+    assert out["weights"]["r"].item() == 3.0  # buffer: FedAvg, (1*0 + 3*4) / 4
+
+
+def test_qffl_with_q0_is_the_unweighted_mean() -> None:
+    # q = 0: Δ_k = L(θ-θ̄_k), h_k = L, so θ - Σ L(θ-θ̄_k) / (K L) = mean_k θ̄_k, ignoring n_k (1 vs 3)
+    algorithm, updates, state = qffl_pair(0.0)
+    out = algorithm.aggregate(1, updates, state)
+    assert out["weights"]["w"].tolist() == [0.5, 1.5] and out["weights"]["v"].item() == 1.0
+    updates[0].extra[LOSS_KEY] = 0.0  # F = 0 must not produce 0 * inf = NaN
+    assert torch.equal(algorithm.aggregate(1, updates, state)["weights"]["w"], torch.tensor([0.5, 1.5]))
+
+
+def test_qffl_needs_the_initial_loss() -> None:
+    algorithm, updates, state = qffl_pair(1.0)
+    del updates[1].extra[LOSS_KEY]
+    with pytest.raises(AggregationError, match="missing from \\['B'\\]"):
+        algorithm.aggregate(1, updates, state)
+
+
+# --- FairFed --------------------------------------------------------------------------------
+
+
+def test_group_confusion_matches_hand_count() -> None:
+    labels, preds, groups = [1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, -1]
+    counts = group_confusion(labels, preds, groups, 2)
+    # group 0: (y, ŷ) = (1,1), (1,0), (0,0); group 1: (0,1), (1,1); unknown: (0,0). Rows: label, cols: prediction
+    assert {g: m.tolist() for g, m in counts.items()} == {0: [[1, 0], [1, 1]], 1: [[0, 1], [0, 1]], -1: [[1, 0], [0, 0]]}
+    # TPR 1/2 vs 1/1, FPR 0/1 vs 1/1: EOD = max(0.5, 1) = 1; P(ŷ=1) 1/3 vs 2/2: SPD = 2/3; accuracy 4/6
+    assert fairness_gap(counts, "eod") == 1.0 and fairness_gap(counts, "spd") == pytest.approx(2 / 3)
+    assert accuracy_of(counts) == pytest.approx(4 / 6)
+    assert math.isnan(fairness_gap({0: counts[0], -1: counts[-1]}, "eod"))  # one known group: undefined
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_fairness_gap_agrees_with_the_evaluation_metrics(classes: int) -> None:
+    rng = np.random.default_rng(classes)
+    y, p, g = rng.integers(0, classes, 300), rng.integers(0, classes, 300), rng.integers(-1, 3, 300)
+    counts = group_confusion(y, p, g, classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all defined here
+        assert fairness_gap(counts, "eod") == pytest.approx(metrics.equalized_odds_difference(y, p, g), abs=1e-12)
+        assert fairness_gap(counts, "spd") == pytest.approx(metrics.demographic_parity_difference(p, g, classes=np.unique(y[g >= 0])), abs=1e-12)
+
+
+def test_fairfed_weight_step_matches_hand_computation() -> None:
+    # N = 1 + 3 = 4, mean Δ = 0.2: ω = (1 - 4*(0.3-0.2), 3 - 4*(0.1-0.2)) = (0.6, 3.4); shares 0.25→0.15, 0.75→0.85
+    assert fairfed_weights([1.0, 3.0], [0.3, 0.1], beta=1.0, floor=1e-3) == pytest.approx([0.6, 3.4], rel=1e-12)
+    # β = 10 would give ω_A = 1 - 40*0.1 = -3: held at 1e-3 * 4 = 0.004; ω_B = 3 + 4 = 7; rescaled to total 4
+    assert fairfed_weights([1.0, 3.0], [0.3, 0.1], beta=10.0, floor=1e-3) == pytest.approx([0.004 * 4 / 7.004, 7 * 4 / 7.004], rel=1e-12)
+
+
+def test_fairfed_aggregate_matches_hand_computation() -> None:
+    # A holds one group (its gap is undefined: Δ_A = |Acc_g - Acc_A|); B's model is perfect on group 0, inverted on 1
+    a = update("A", 2.0, 0.0, 4, 1, **{STATS_KEY: {0: np.array([[2, 0], [0, 2]])}})
+    b = update("B", 6.0, 4.0, 8, 3, **{STATS_KEY: {0: np.array([[1, 0], [0, 1]]), 1: np.array([[0, 1], [1, 0]])}})
+    # global: group 0 [[3,0],[0,3]] TPR 1 FPR 0, group 1 TPR 0 FPR 1: F_g = 1, Acc_g = 6/8 = 0.75
+    # Δ_A = |0.75 - 1| = 0.25, Δ_B = |1 - 1| = 0; mean 0.125; N = 4
+    # ω_A = 1 - 4*(0.25-0.125) = 0.5, ω_B = 3 - 4*(0-0.125) = 3.5; w = (0.5*2 + 3.5*6)/4 = 5.5 (FedAvg: 5.0)
+    algorithm = FairFed(FairFedParams(), CFG)
+    out = algorithm.aggregate(1, [a, b], toy_state(algorithm))
+    assert out["fair_weights"] == {"A": 0.5, "B": 3.5}
+    assert out["weights"]["w"].item() == 5.5 and out["weights"]["r"].item() == 3.5  # r: (0.5*0 + 3.5*4)/4
+    # next round only B is sampled: alone, its Δ equals the mean, nothing moves; A keeps its weight
+    again = algorithm.aggregate(2, [b], out)
+    assert again["fair_weights"] == {"A": 0.5, "B": 3.5}
+
+
+def test_fairfed_needs_group_counts() -> None:
+    algorithm = FairFed(FairFedParams(), CFG)
+    with pytest.raises(AggregationError, match="missing from \\['A', 'B'\\]"):
+        algorithm.aggregate(1, two_clients(), toy_state(algorithm))
+
+
+# --- hyperparameters ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "needle"),
+    [
+        (FedOptParams, {"eta": 0.0}, "eta"),
+        (FedOptParams, {"tau": -1.0}, "tau"),
+        (FedOptParams, {"beta1": 1.0}, "beta1"),
+        (FedOptParams, {"beta2": 1.5}, "beta2"),
+        (AdaptiveParams, {"eta": -1.0}, "eta"),
+        (QFFLParams, {"q": -0.5}, "q must be"),
+        (FairFedParams, {"beta": -1.0}, "beta must be"),
+        (FairFedParams, {"metric": "auc"}, "metric must be 'eod' or 'spd'"),
+        (FairFedParams, {"weight_floor": 0.0}, "weight_floor"),
+    ],
+)
+def test_params_are_validated(cls: type, kwargs: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        cls(**kwargs)
+
+
+def test_params_come_from_config_keys(oph_root: Path) -> None:
+    cfg = config.load(None, tiny_overrides(oph_root, **{"algorithm.name": "fedyogi", "algorithm.eta": 0.1}))
+    assert cfg.algorithm_params() == FedOptParams(eta=0.1)
+    with pytest.raises(ConfigError, match="algorithm.beta2"):  # Adagrad has no β2
+        config.load(None, tiny_overrides(oph_root, **{"algorithm.name": "fedadagrad", "algorithm.beta2": 0.9})).validate()
+
+
+# --- real data through the actor's body ----------------------------------------------------
+
+
+def host_for(oph_root: Path, name: str, **extra: object) -> ClientHost:
+    cfg = config.load(None, tiny_overrides(oph_root, **{"algorithm.name": name, "resources.clients_per_actor": 2, **extra}))
+    from raysim.datasets import DATASETS
+
+    source = DATASETS.get("fairfedmed_oph")(cfg.data, img_size=16, seed=0)
+    return ClientHost(cfg, source.client_specs()[:2])
+
+
+def fit_two(host: ClientHost) -> tuple[dict, dict, list[Update]]:
+    state = host.algorithm.init_state(host.clients["site1"].model)
+    payload = host.algorithm.payload(state, 1)
+    return state, payload, [host.fit(cid, payload, 1) for cid in ("site1", "site2")]
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fednova", "qffl", "fairfed"])
+def test_client_fit_and_aggregate_on_real_data(oph_root: Path, name: str) -> None:
+    host = host_for(oph_root, name)
+    state, payload, updates = fit_two(host)
+    assert all(u.tensors.keys() == payload.keys() and u.metrics["steps"] > 0 for u in updates)
+    out = host.algorithm.aggregate(1, updates, state)
+    assert out["weights"].keys() == state["weights"].keys()
+    assert all(torch.isfinite(v).all() for v in out["weights"].values())
+    fedavg = weighted_average([u.tensors for u in updates], [u.num_examples for u in updates])
+    buffers = [k for k in payload if k not in state.get("stepped", [])]
+    assert any(k.endswith("running_var") for k in buffers)
+    if name != "fairfed":  # buffers (BatchNorm statistics) are averaged exactly as FedAvg does
+        assert all(torch.equal(out["weights"][k], fedavg[k]) for k in buffers)
+    for client, u in zip(host.clients.values(), updates):
+        if name == "qffl":
+            # F_k: cross-entropy of the received model on the train split, recomputed from the client's predictions
+            client.load(payload)
+            seen = client.predict("train")
+            assert u.extra[LOSS_KEY] == pytest.approx(metrics.log_loss(seen.labels, seen.scores), rel=1e-4)
+        if name == "fairfed":
+            counts = u.extra[STATS_KEY]
+            train = client.shards["train"].table
+            assert sorted(counts) == sorted(np.unique(train.attributes[client.attribute]).tolist())
+            label_counts = sum(m.sum(axis=1) for m in counts.values())
+            assert label_counts.tolist() == np.bincount(train.labels, minlength=2).tolist()
+    if name in ("fedadam", "fedyogi", "fedadagrad"):
+        # first step: |m / (√v + τ)| ≤ (1-β1)|Δ| / √((1-β2)Δ²) = 1 for Adam/Yogi (smaller for Adagrad), so |θ1 - θ0| ≤ η
+        moved = max(float((out["weights"][k] - state["weights"][k]).abs().max()) for k in state["stepped"])
+        assert 0 < moved <= 1e-2 * (1 + 1e-5)
+        assert any(float(out["m"][k].abs().max()) > 0 for k in state["stepped"])
+    if name == "fednova" and updates[0].metrics["steps"] != updates[1].metrics["steps"]:
+        assert any(not torch.equal(out["weights"][k], fedavg[k]) for k in state["stepped"])
+
+
+def test_fairfed_with_beta0_is_fedavg_bit_for_bit(oph_root: Path) -> None:
+    host = host_for(oph_root, "fairfed", **{"algorithm.beta": 0.0})
+    state, _, updates = fit_two(host)
+    deltas_moved = host.algorithm.aggregate(1, updates, state)
+    fedavg = Algorithm.aggregate(host.algorithm, 1, updates, state)
+    assert all(torch.equal(deltas_moved["weights"][k], fedavg["weights"][k]) for k in fedavg["weights"])
+    again = host.algorithm.aggregate(2, updates, deltas_moved)  # the stored weights stay FedAvg's too
+    assert all(torch.equal(again["weights"][k], fedavg["weights"][k]) for k in fedavg["weights"])
+    # with β = 1 the weights move, but the cohort keeps its total weight Σ n_k
+    fair = FairFed(FairFedParams(beta=1.0), host.cfg).aggregate(1, updates, state)
+    assert set(fair["fair_weights"]) == {"site1", "site2"}
+    assert sum(fair["fair_weights"].values()) == pytest.approx(sum(u.num_examples for u in updates), rel=1e-12)
+
+
+def test_fednova_with_equal_steps_is_fedavg_on_real_data(oph_root: Path) -> None:
+    host = host_for(oph_root, "fednova")
+    state, _, updates = fit_two(host)
+    for u in updates:
+        u.metrics["steps"] = 5.0  # as if both had taken the same number of steps
+    out = host.algorithm.aggregate(1, updates, state)
+    fedavg = weighted_average([u.tensors for u in updates], [u.num_examples for u in updates])
+    for k in fedavg:
+        torch.testing.assert_close(out["weights"][k], fedavg[k], rtol=1e-6, atol=1e-7)
+
+
+def test_registered() -> None:
+    assert {"fedadam", "fedyogi", "fedadagrad", "fednova", "qffl", "fairfed"} <= set(ALGORITHMS.names())
