@@ -1,0 +1,123 @@
+"""Every method on the embedded synthetic set, same budget, several seeds: the methods table.
+
+    python benchmarks/methods.py [--methods fedavg fairlora ...] [--seeds 0 1 2] [--out DIR]
+                                 [--rounds 6] [--img-size 32]
+
+Each (method, seed) is one run of the embedded default (`--config default`: synthetic set,
+resnet18, 3 clients, Adam) with the same rounds, image size and local epochs, target
+attribute race. The reported round of each run is the evaluated round with the best mean
+validation AUC; its test metrics go into the table (mean ± std over seeds), next to the
+truth.json oracle of the set. Runs already finished under --out are read, not rerun, so an
+interrupted benchmark continues. Not part of CI (about a minute per run on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from raysim import config
+from raysim.algorithms import ALGORITHMS
+from raysim.datasets import DATASETS
+from raysim.driver import Driver, connect_ray
+
+RACES = ("Asian", "Black", "White")
+COLUMNS = ["auc", "es_auc", *(f"auc_{r}" for r in RACES), "eod", "spd"]
+
+
+def run_once(method: str, seed: int, args: argparse.Namespace) -> Path:
+    run_dir = args.out / f"{method}-s{seed}"
+    if (run_dir / "DONE").exists():
+        return run_dir
+    overrides = [
+        f"algorithm.name={method}",
+        f"seed={seed}",
+        f"model.img_size={args.img_size}",
+        f"federation.rounds={args.rounds}",
+        "data.attribute=race",
+        f"eval.every={args.eval_every}",
+        "eval.bootstrap=0",
+    ]
+    cfg = config.load("default", overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config.dump(cfg))
+    start = time.perf_counter()
+    Driver(cfg, run_dir, echo=lambda _: None).run()
+    (run_dir / "DONE").write_text(f"{time.perf_counter() - start:.1f}\n")
+    return run_dir
+
+
+def selected_row(run_dir: Path) -> dict[str, float]:
+    """Test metrics at the evaluated round with the best mean validation AUC."""
+    m = pd.read_parquet(run_dir / "metrics.parquet")
+    mean = m[m["client"] == "mean"]
+    val_auc = mean[(mean["split"] == "val") & (mean["metric"] == "auc") & (mean["attribute"] == "")].set_index("round")["value"]
+    best = int(val_auc.idxmax())
+    test = mean[(mean["split"] == "test") & (mean["round"] == best)]
+
+    def value(metric: str, attribute: str = "", group: str = "") -> float:
+        hit = test[(test["metric"] == metric) & (test["attribute"] == attribute) & (test["group"] == group)]["value"]
+        return float(hit.iloc[0]) if len(hit) else float("nan")
+
+    row = {"round": best, "auc": value("auc"), "es_auc": value("es_auc", "race"), "eod": value("eod", "race"), "spd": value("spd", "race")}
+    row.update({f"auc_{r}": value("auc", "race", r) for r in RACES})
+    traffic = m[(m["split"] == "train") & (m["client"] != "mean")]
+    per_round = traffic.groupby(["round", "metric"])["value"].mean().unstack()  # mean over the clients of a round
+    row["mb_up"] = float(per_round.get("bytes_up", pd.Series([0.0])).mean()) / 1e6
+    row["mb_down"] = float(per_round.get("bytes_down", pd.Series([0.0])).mean()) / 1e6
+    row["seconds"] = float((run_dir / "DONE").read_text())
+    return row
+
+
+def table(rows: pd.DataFrame) -> str:
+    header = "| method | AUC | ES-AUC | AUC Asian | AUC Black | AUC White | EOD | SPD | MB up / client / round | round |"
+    lines = [header, "|" + "---|" * 10]
+    for method, group in rows.groupby("method", sort=False):
+        cells = [f"{100 * group[c].mean():.1f} ± {100 * group[c].std(ddof=0):.1f}" for c in COLUMNS]
+        rounds = "/".join(str(int(r)) for r in group["round"])
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {group['mb_up'].mean():.3f} | {rounds} |")
+    return "\n".join(lines)
+
+
+def oracle_line(img_size: int) -> str:
+    cfg = config.load("default", [f"model.img_size={img_size}"])
+    source = DATASETS.get(cfg.data.name)(cfg.data, img_size=img_size, seed=0)
+    source.client_specs()  # generates the set if needed
+    truth = json.loads((source.root / "truth.json").read_text())
+    oracle = truth["oracle_mean_over_sites"]["oracle_auc"]
+    return "truth.json oracle (per-group Bayes score, mean over sites): " + ", ".join(f"{g} {100 * v:.1f}" for g, v in oracle.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    built_in = sorted(n for n in ALGORITHMS.names() if ALGORITHMS.get(n).__module__.startswith("raysim.algorithms."))
+    parser.add_argument("--methods", nargs="+", default=built_in, choices=built_in)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--eval-every", type=int, default=2)
+    parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("benchmark-runs/methods"))
+    args = parser.parse_args()
+    connect_ray()
+    rows = []
+    for method in args.methods:
+        for seed in args.seeds:
+            row = selected_row(run_once(method, seed, args))
+            rows.append({"method": method, "seed": seed, **row})
+            print(f"{method:<11} seed {seed}: test AUC {100 * row['auc']:.1f}, ES-AUC {100 * row['es_auc']:.1f} (round {row['round']}, {row['seconds']:.0f} s)", flush=True)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(args.out / "methods.csv", index=False)
+    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}, {args.rounds} rounds, {args.img_size} px, seeds {args.seeds}")
+    print(table(frame))
+    print(oracle_line(args.img_size))
+    print(f"wall per run: {np.mean(frame['seconds']):.0f} s mean")
+
+
+if __name__ == "__main__":
+    main()
