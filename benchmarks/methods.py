@@ -1,7 +1,10 @@
 """Every method on the embedded synthetic set, same budget, several seeds: the methods table.
 
-    python benchmarks/methods.py [--methods fedavg fairlora ...] [--seeds 0 1 2] [--out DIR]
-                                 [--rounds 6] [--img-size 32]
+    python benchmarks/methods.py [--methods fedavg fairlora fairlora+ema=0 ...] [--seeds 0 1 2]
+                                 [--out DIR] [--rounds 6] [--img-size 32]
+
+A method may carry hyperparameters for an ablation: `fairlora+ema=0+own_weight=1.0` runs
+fairlora with `algorithm.ema=0 algorithm.own_weight=1.0`.
 
 Each (method, seed) is one run of the embedded default (`--config default`: synthetic set,
 resnet18, 3 clients, Adam) with the same rounds, image size and local epochs, target
@@ -35,8 +38,10 @@ def run_once(method: str, seed: int, args: argparse.Namespace) -> Path:
     run_dir = args.out / f"{method}-s{seed}"
     if (run_dir / "DONE").exists():
         return run_dir
+    name, *params = method.split("+")
     overrides = [
-        f"algorithm.name={method}",
+        f"algorithm.name={name}",
+        *(f"algorithm.{p}" for p in params),
         f"seed={seed}",
         f"model.img_size={args.img_size}",
         f"federation.rounds={args.rounds}",
@@ -97,7 +102,7 @@ def oracle_line(img_size: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     built_in = sorted(n for n in ALGORITHMS.names() if ALGORITHMS.get(n).__module__.startswith("raysim.algorithms."))
-    parser.add_argument("--methods", nargs="+", default=built_in, choices=built_in)
+    parser.add_argument("--methods", nargs="+", default=built_in, help=f"methods (default: all built-ins: {' '.join(built_in)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--eval-every", type=int, default=2)
