@@ -3,6 +3,13 @@
 Datasheet
 - Sites / clients: 3 (`site1`..`site3`); the split into sites is made per attribute
   (`meta_site{k}_{attr}_{train,test}.csv`, attr in race, language, ethnicity, gender).
+  With `data.partition` set (dirichlet, quantity or iid; null keeps the 3 sites) the sites
+  are pooled instead: their train rows (in site order) are re-split by `partition.py` into
+  `data.num_clients` clients `client1`..`clientN` (quantity: one per `data.ratios` share),
+  seeded by `(seed, "partition")`, and their test rows IID over the same clients (as for
+  MedMNIST); validation is carved per client as for a site (one random train row when the
+  stratified carve gives none). Every client needs 2 train rows and 1 test row, else a
+  DataError names the client and what to change.
 - Size (real release): 15,165 patients, ~5,055 per site, ~80/20 train/test.
 - Label: `glaucoma` (yes/no). Sensitive attributes: race, gender, ethnicity, language,
   marital status (codes and names in `oph_schema.py`; -1 / "unknown" = unknown).
@@ -16,6 +23,7 @@ empty is skipped (counted); an attribute value that is neither known nor unknown
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import zipfile
@@ -31,6 +39,8 @@ import pandas as pd
 from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, read_csv, register_dataset
 from raysim.datasets.imaging import resize_chw
 from raysim.datasets.oph_schema import ATTRIBUTES, LABEL, LABEL_TEXT, MODALITIES, NUM_SITES, RACE_STRINGS, SITE_ATTRIBUTES, UNKNOWN, code_from_text
+from raysim.datasets.partition import split_pool
+from raysim.seeding import rng
 
 
 @register_dataset("fairfedmed_oph")
@@ -47,6 +57,8 @@ class FairFedMedOph(DataSource):
 
     def client_specs(self) -> list[ClientSpec]:
         self._check_layout()
+        if self.cfg.partition is not None:
+            return self._pooled_specs()
         specs = []
         for site in range(1, NUM_SITES + 1):
             client_id = f"site{site}"
@@ -75,6 +87,37 @@ class FairFedMedOph(DataSource):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
         return {"name": self.name, "root": str(self.root), "csv_sha256": digest.hexdigest(), "npz_files": sum(1 for _ in (self.root / "all").glob("*.npz"))}
+
+    def _pooled_specs(self) -> list[ClientSpec]:
+        """The sites' rows pooled and re-split into clients by `data.partition` (see the datasheet)."""
+        sites = range(1, NUM_SITES + 1)
+        train = SampleTable.concat([self._read_split(site, "train") for site in sites])
+        test = SampleTable.concat([self._read_split(site, "test") for site in sites])
+        for split, table in (("train", train), ("test", test)):
+            ids, counts = np.unique(table.sample_ids, return_counts=True)
+            if (counts > 1).any():
+                raise DataError(f"{self.root}: {ids[counts > 1][0]} is listed more than once in the {self.attribute} site {split} CSVs; pooling with data.partition needs each file once")
+        pool = f"pooled {len(train)} train / {len(test)} test rows of the {NUM_SITES} sites"
+        try:
+            parts = split_pool(train.labels, len(test), self.cfg, self.seed)
+        except ValueError as err:
+            raise DataError(f"{self.root}: cannot split the {pool} into clients: {err}") from err
+        width = len(str(len(parts)))
+        specs = []
+        for k, (train_index, test_index) in enumerate(parts, start=1):
+            client_id = f"client{k:0{width}d}"
+            if len(train_index) < 2 or len(test_index) < 1:
+                raise DataError(
+                    f"{client_id} got {len(train_index)} train and {len(test_index)} test rows (of the {pool}, data.partition={self.cfg.partition}); "
+                    "it needs 2 train (train and val) and 1 test: raise its share (data.ratios, data.alpha) or lower data.num_clients"
+                )
+            spec = self.client_spec(client_id, train.take(train_index), test.take(test_index))
+            own = spec.splits["train"]
+            if len(spec.splits["val"]) == 0:  # too few rows for a stratified val row: one random train row instead
+                moved = int(rng(self.seed, "val", client_id).integers(len(own)))
+                spec = dataclasses.replace(spec, splits={**spec.splits, "train": own.take(np.delete(np.arange(len(own)), moved)), "val": own.take(np.array([moved]))})
+            specs.append(spec)
+        return specs
 
     # --- metadata ---------------------------------------------------------------------------
 

@@ -11,6 +11,9 @@ change; nothing here retries or loops without a bound.
 - ``quantity``: quantity skew; a random permutation cut by the cumulative ``ratios``
   (one share per client; ``num_clients`` must equal ``len(ratios)``).
 - ``iid``: a random permutation cut into near-equal parts.
+
+``split_pool`` splits a pooled set (a train and a test split) the way every site-less source
+does: the train rows by ``data.partition``, the test rows IID over the same clients.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from raysim import seeding
 
 if TYPE_CHECKING:
     from raysim.config import DataConfig
@@ -106,3 +111,11 @@ def partition(labels: np.ndarray, cfg: DataConfig, rng: np.random.Generator) -> 
     if num_clients is None:  # quantity skew: one client per share; otherwise three
         num_clients = len(cfg.ratios) if name == "quantity" and cfg.ratios else DEFAULT_CLIENTS
     return PARTITIONERS[name](np.asarray(labels), num_clients=num_clients, alpha=cfg.alpha, ratios=cfg.ratios, rng=rng)
+
+
+def split_pool(train_labels: np.ndarray, num_test: int, cfg: DataConfig, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) indices per client: the train rows by ``cfg.partition``, seeded by ``(seed, "partition")``;
+    the ``num_test`` test rows IID over the same clients, seeded by ``(seed, "partition", "test")``."""
+    train_parts = partition(train_labels, cfg, seeding.rng(seed, "partition"))
+    test_parts = iid(np.zeros(num_test), num_clients=len(train_parts), rng=seeding.rng(seed, "partition", "test"))
+    return list(zip(train_parts, test_parts))
