@@ -8,6 +8,7 @@ from raysim.algorithms import (  # noqa: F401  (register the built-ins)
     fedadam,
     fedavg,
     fedbn,
+    fedhelp,
     fedlora,
     fednova,
     fedper,

@@ -7,7 +7,9 @@ overrides only the steps that differ; hyperparameters are a dataclass in `Params
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -22,7 +24,7 @@ from raysim.types import Tensors, Update
 if TYPE_CHECKING:
     from raysim.client import Client
     from raysim.config import ExperimentConfig
-    from raysim.datasets.base import DataSource
+    from raysim.datasets.base import ClientSpec, DataSource
 
 ServerState = dict[str, Any]
 
@@ -59,6 +61,21 @@ class Algorithm:
     def adapt(self, model: nn.Module, source: DataSource) -> nn.Module:
         """Change the model before training (adapter methods inject adapters and freeze the rest)."""
         return model
+
+    # --- the run ------------------------------------------------------------------------------
+
+    def arrange_clients(self, specs: list[ClientSpec]) -> list[ClientSpec]:
+        """Adjust the clients before the run (e.g. FedHelp's roles); the source's specs by default."""
+        return specs
+
+    def prepare_run(self, source: DataSource, specs: list[ClientSpec], run_dir: Path, echo: Callable[[str], None]) -> dict[str, Any]:
+        """Once per run, in the driver, before the actors start (and again on resume): whatever
+        every client actor needs besides its own shards; handed to `attach` in each actor."""
+        return {}
+
+    def attach(self, source: DataSource, context: dict[str, Any]) -> None:
+        """In each client actor, after it loaded its shards: receive `prepare_run`'s context."""
+        self.context = context
 
     # --- server side --------------------------------------------------------------------------
 

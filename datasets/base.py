@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -43,6 +43,15 @@ class SampleTable:
 
     def take(self, index: np.ndarray) -> SampleTable:
         return SampleTable(self.sample_ids[index], self.labels[index], {k: v[index] for k, v in self.attributes.items()})
+
+    @staticmethod
+    def concat(tables: Sequence[SampleTable]) -> SampleTable:
+        """The rows of several tables, in order (their attributes must match)."""
+        return SampleTable(
+            np.concatenate([t.sample_ids for t in tables]),
+            np.concatenate([t.labels for t in tables]),
+            {k: np.concatenate([t.attributes[k] for t in tables]) for k in tables[0].attributes},
+        )
 
     def group_counts(self, attribute: str) -> dict[int, int]:
         codes, counts = np.unique(self.attributes[attribute], return_counts=True)

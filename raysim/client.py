@@ -74,24 +74,27 @@ class Client:
             index = order[start : start + batch_size]
             if seed is not None and len(index) == 1 and n > 1:
                 continue  # a single-sample batch breaks BatchNorm in training mode
-            yield self._batch(shard, index)
+            yield self.batch_of(shard, index)
 
     def train_epochs(self, round_: int, epochs: int, batch_size: int, base_seed: int) -> Iterator[Iterator[Batch]]:
         for epoch in range(epochs):
             yield self.batches("train", batch_size=batch_size, seed=derive_seed(base_seed, "order", round_, self.id, epoch))
 
     @torch.no_grad()
-    def predict(self, split: str) -> Predictions:
-        self.model.eval()
+    def predict(self, split: str, model: nn.Module | None = None) -> Predictions:
+        """Scores of `model` (default: the client's model as loaded) on one of its splits."""
+        model = model if model is not None else self.model
+        model.eval()
         shard = self.shards[split]
-        probs = [torch.softmax(forward(self.model, b).float(), dim=1).cpu() for b in self.batches(split, batch_size=EVAL_BATCH)]
+        probs = [torch.softmax(forward(model, b).float(), dim=1).cpu() for b in self.batches(split, batch_size=EVAL_BATCH)]
         scores = torch.cat(probs).numpy().astype(np.float64)
         if scores.shape[1] == 2:
             scores = scores[:, 1]
         table = shard.table
         return Predictions(self.id, split, table.sample_ids, table.labels, scores, dict(table.attributes), self.spec.role)
 
-    def _batch(self, shard: Shard, index: torch.Tensor) -> Batch:
+    def batch_of(self, shard: Shard, index: torch.Tensor) -> Batch:
+        """The rows `index` of a shard as a normalised batch on this client's device."""
         idx = index.numpy()
         x = torch.from_numpy(shard.images[idx]).to(self.device, torch.float32).div_(255.0)
         x = (x - self.mean) / self.std

@@ -19,7 +19,7 @@ from raysim.types import Predictions, Tensors, Update
 class ClientHost:
     """Plain-Python body of the actor (testable without Ray)."""
 
-    def __init__(self, cfg: ExperimentConfig, specs: list[ClientSpec]) -> None:
+    def __init__(self, cfg: ExperimentConfig, specs: list[ClientSpec], context: dict[str, Any] | None = None) -> None:
         torch.set_num_threads(cfg.resources.threads_per_client)
         from raysim.algorithms import ALGORITHMS
 
@@ -37,6 +37,7 @@ class ClientHost:
             )
             for spec in specs
         }
+        self.algorithm.attach(source, context or {})
 
     def describe(self) -> dict[str, Any]:
         """Per client: samples per split after the drop rules, and what was dropped why."""
@@ -50,8 +51,8 @@ class ClientHost:
 
     def evaluate(self, client_id: str, payload: Tensors, splits: list[str]) -> list[Predictions]:
         client = self.clients[client_id]
-        self.algorithm.eval_model(client, payload)
-        return [client.predict(split) for split in splits]
+        model = self.algorithm.eval_model(client, payload)
+        return [client.predict(split, model) for split in splits]
 
     def save(self, client_id: str, path: str) -> None:
         target = Path(path)

@@ -95,12 +95,13 @@ class Driver:
         """Read the metadata, build the initial (or checkpointed) state and start the actors."""
         self.cfg = resolve_weights(self.cfg, self.echo)  # adapter methods need a pretrained backbone
         self.algorithm = ALGORITHMS.get(self.cfg.algorithm["name"])(self.cfg.algorithm_params(), self.cfg)
-        specs = self.source.client_specs()
+        specs = self.algorithm.arrange_clients(self.source.client_specs())
         self.specs = {s.id: s for s in specs}
         if not resume:
             resources = {"per_actor": dataclasses.asdict(self.cfg.resources), "ray_cluster": ray.cluster_resources()}
             provenance.write(self.run_dir, data=self.source.fingerprint(), resources=resources, argv=sys.argv)
-        self.echo(f"data: {self.cfg.data.name} with {len(specs)} clients: " + ", ".join(f"{s.id} ({s.num_train} train)" for s in specs))
+        self.echo(f"data: {self.cfg.data.name} with {len(specs)} clients: " + ", ".join(f"{s.id} ({s.num_train} train{', ' + s.role if s.role else ''})" for s in specs))
+        self.context = self.algorithm.prepare_run(self.source, specs, self.run_dir, self.echo)
         model = self.algorithm.build_model(self.source)
         self.state = self.algorithm.init_state(model)
         self.next_round = 1
@@ -231,7 +232,7 @@ class Driver:
         self._check_capacity(len(groups))
         handles = []
         for group in groups:
-            actor = ClientActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(self.cfg, group)
+            actor = ClientActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(self.cfg, group, self.context)
             handles.append(actor)
             self.actors.update({spec.id: actor for spec in group})
         self.echo(f"starting {len(handles)} client actors ({res.num_cpus} CPU, {res.num_gpus} GPU each; {res.clients_per_actor} client(s) per actor)")

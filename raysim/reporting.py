@@ -132,10 +132,14 @@ def format_table(frame: pd.DataFrame, *, round_: int, split: str, attribute: str
         columns += [("EOD", attribute, "", "eod"), ("SPD", attribute, "", "spd")]
     else:  # a source without sensitive attributes
         columns = [("AUC", "", "", "auc"), ("Acc", "", "", "acc"), ("BAcc", "", "", "bacc")]
+    roles = {r.client: r.role for r in rows.itertuples() if r.role and not r.client.startswith("mean")}
+    if roles:  # e.g. FedHelp: large clients are scored with their own model; accuracy is its headline
+        columns.insert(1, ("Acc", "", "", "acc"))
     clients = list(dict.fromkeys(rows["client"]))
     clients = [c for c in clients if not c.startswith("mean")] + [c for c in clients if c.startswith("mean")]
     lookup = {(r.client, r.attribute, r.group, r.metric): r.value for r in rows.itertuples()}
-    width = max(10, *(len(c) for c in clients)) if clients else 10
+    labels = {c: f"{c} ({roles[c]})" if c in roles else c for c in clients}
+    width = max(10, *(len(label) for label in labels.values())) if clients else 10
     header = f"{'client':<{width}}" + "".join(f"{title:>{max(8, len(title) + 2)}}" for title, *_ in columns)
     title = f"{split} metrics after round {round_} (x100; attribute: {attribute})" if attribute else f"{split} metrics after round {round_} (x100)"
     lines = [title, header, "-" * len(header)]
@@ -144,7 +148,7 @@ def format_table(frame: pd.DataFrame, *, round_: int, split: str, attribute: str
         for title, attr, group, metric in columns:
             value = lookup.get((client, attr, group, metric), float("nan"))
             cells.append(f"{'-' if math.isnan(value) else f'{100 * value:.1f}':>{max(8, len(title) + 2)}}")
-        lines.append(f"{client:<{width}}" + "".join(cells))
+        lines.append(f"{labels[client]:<{width}}" + "".join(cells))
     return "\n".join(lines)
 
 

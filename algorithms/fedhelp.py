@@ -1,0 +1,290 @@
+"""FedHelp (Wang et al., KDD 2025): asymmetric reciprocity between large and small clients.
+
+The `top_n` clients with the most training examples are `large`, the rest `small`. One small
+model travels through the server. Small clients train it on their data (private head) and on
+a public set labelled once by a foundation model (public head, KL to its soft targets).
+Large clients keep a private large model that never leaves their actor; each round they
+distil it into the received small model (the proxy: CE + KD, large detached) and the proxy
+back into it (CE + KD + ranking on the proxy's top-k classes, proxy detached), and upload
+the proxy only. Large clients are scored with their large model, small ones with the global
+small model. Rules and defaults: specs/fedhelp.md.
+
+The public set is held out of the clients' training rows (`public_fraction` of each, seeded)
+and pooled; the foundation model labels it once per run into `foundation_targets.parquet` in
+the run directory, which every later round and a resumed run reuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from raysim import foundation
+from raysim.algorithms.aggregation import weighted_average
+from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
+from raysim.client import Client
+from raysim.config import ConfigError
+from raysim.datasets.base import ClientSpec, DataSource, SampleTable, Shard
+from raysim.datasets.cache import load_cached
+from raysim.models import build_model
+from raysim.seeding import derive_seed, rng
+from raysim.training import Batch, forward, make_optimizer, train_epochs
+from raysim.types import Tensors, Update
+
+TARGETS_FILE = "foundation_targets.parquet"
+LARGE = "large"  # client.memory key of a large client's private model (state dict)
+ROLES = ("large", "small")
+
+
+@dataclass
+class FedHelpParams:
+    top_n: int = 2  # the top_n clients by training examples are large
+    small_model: str = "resnet10t"  # timm name of the shared small model (the paper's ResNet-20)
+    large_model: str = "resnet50"  # timm name of each large client's private model (the paper's ResNet-110)
+    temperature: float = 1.0  # T of every KD term (each is scaled by T², Hinton et al.)
+    kd_public: float = 1.0  # small clients: weight of KL(p_FM || public head) on public batches
+    kd_forward: float = 1.0  # large clients: weight of KL(large || proxy) in the proxy's loss
+    kd_backward: float = 1.0  # large clients: weight of KL(proxy || large) in the large model's loss
+    lambda_rank: float = 0.2  # large clients: weight of the ranking loss on the proxy's top-k classes
+    top_k: int | None = None  # classes the ranking loss protects; None: 1 for binary tasks, else min(5, K - 1)
+    margin: float = 0.0  # ranking margin
+    public_fraction: float = 0.1  # share of each client's training rows held out into the public set
+    weighting: str = "uniform"  # server mean of the uploads: "uniform" (the paper's code) or "examples" (FedAvg)
+    foundation: dict[str, Any] = field(default_factory=lambda: {"backend": "timm", "model": "resnet50"})
+    # `backend` (timm / callable / http) plus its options (raysim.foundation); timm without
+    # `weights` uses the backbone `python -m raysim.pretrain` builds on the synthetic public pool.
+
+    def __post_init__(self) -> None:
+        if self.top_n < 1:
+            raise ValueError(f"algorithm.top_n must be >= 1, got {self.top_n}")
+        if self.temperature <= 0:
+            raise ValueError(f"algorithm.temperature must be > 0, got {self.temperature}")
+        for key in ("kd_public", "kd_forward", "kd_backward", "lambda_rank", "margin"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"algorithm.{key} must be >= 0, got {getattr(self, key)}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"algorithm.top_k must be >= 1 or null, got {self.top_k}")
+        if not 0.0 < self.public_fraction < 1.0:
+            raise ValueError(f"algorithm.public_fraction must be in (0, 1), got {self.public_fraction}")
+        if self.weighting not in ("uniform", "examples"):
+            raise ValueError(f"algorithm.weighting must be 'uniform' or 'examples', got {self.weighting!r}")
+        options = dict(self.foundation)
+        backend = options.pop("backend", None)
+        if backend is None:
+            raise ValueError("algorithm.foundation needs a 'backend' (timm, callable or http) and its options")
+        if backend not in foundation.FOUNDATION_MODELS:  # its options are checked in the driver, before any training
+            raise ValueError(f"algorithm.foundation: {foundation.FOUNDATION_MODELS.unknown_message(backend)}")
+
+
+class DualHead(nn.Module):
+    """A timm network (its head is the private head) plus a public head on the same features."""
+
+    def __init__(self, net: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.net = net
+        self.pretrained_cfg = getattr(net, "pretrained_cfg", {})
+        self.public_head = nn.Linear(net.num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def public_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.public_head(self.net.forward_head(self.net.forward_features(x), pre_logits=True))
+
+
+class Pair(nn.Module):
+    """A large client's proxy and private large model, trained in one loop with one optimizer:
+    each loss reaches only its own model (the other's logits are detached), so one step over
+    both parameter sets equals the two separate steps."""
+
+    def __init__(self, proxy: nn.Module, large: nn.Module) -> None:
+        super().__init__()
+        self.proxy, self.large = proxy, large
+
+
+# --- the losses (pure) --------------------------------------------------------------------------
+
+
+def kd(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(softmax(teacher/T) || softmax(student/T)), mean over the batch."""
+    target = F.softmax(teacher_logits / temperature, dim=1)
+    return temperature**2 * F.kl_div(F.log_softmax(student_logits / temperature, dim=1), target, reduction="batchmean")
+
+
+def rank_loss(large_logits: torch.Tensor, proxy_logits: torch.Tensor, k: int, margin: float = 0.0) -> torch.Tensor:
+    """mean_b (1/2k) Σ_{i∈Top} Σ_{j∉Top} ReLU(z_L[j] − z_L[i] + margin), Top = the proxy's top-k classes."""
+    top = proxy_logits.topk(k, dim=1).indices
+    in_top = torch.zeros_like(large_logits, dtype=torch.bool).scatter(1, top, True)
+    top_scores = large_logits.gather(1, top)  # (B, k)
+    others = large_logits.masked_fill(in_top, float("-inf"))  # (B, K); excluded classes give ReLU(-inf) = 0
+    pairs = F.relu(others.unsqueeze(1) - top_scores.unsqueeze(2) + margin)  # (B, k, K)
+    return pairs.sum(dim=(1, 2)).mean() / (2 * k)
+
+
+def forward_kd_loss(proxy_logits: torch.Tensor, large_logits: torch.Tensor, y: torch.Tensor, p: FedHelpParams) -> torch.Tensor:
+    """Large -> proxy: CE + KD from the detached large model; trains the proxy only."""
+    return F.cross_entropy(proxy_logits, y) + p.kd_forward * kd(large_logits.detach(), proxy_logits, p.temperature)
+
+
+def backward_kd_loss(proxy_logits: torch.Tensor, large_logits: torch.Tensor, y: torch.Tensor, p: FedHelpParams, k: int) -> torch.Tensor:
+    """Proxy -> large: CE + KD from the detached proxy + ranking on its top-k; trains the large model only."""
+    teacher = proxy_logits.detach()
+    return F.cross_entropy(large_logits, y) + p.kd_backward * kd(teacher, large_logits, p.temperature) + p.lambda_rank * rank_loss(large_logits, teacher, k, p.margin)
+
+
+def public_kd_loss(public_logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(p_FM || softmax(public head / T)) against the stored foundation-model targets."""
+    return temperature**2 * F.kl_div(F.log_softmax(public_logits / temperature, dim=1), targets, reduction="batchmean")
+
+
+@register_algorithm("fedhelp")
+class FedHelp(Algorithm):
+    Params = FedHelpParams
+
+    # --- the model and the clients ---------------------------------------------------------------
+
+    def build_model(self, source: DataSource) -> nn.Module:
+        """The shared small model with its public head (the `model` section's size and weights)."""
+        if source.volume_slices:
+            raise ConfigError("algorithm fedhelp works on 2D images; choose a 2D modality (e.g. data.modality=slo_fundus)")
+        small = build_model(self._model_cfg(self.params.small_model), num_classes=source.num_classes, in_chans=source.channels, seed=self.cfg.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.cfg.seed, "public_head"))
+            return DualHead(small, source.num_classes)
+
+    def communicated(self, model: nn.Module) -> list[str]:
+        return [k for k in super().communicated(model) if not k.startswith("public_head.")]  # h_pub stays with its client
+
+    def arrange_clients(self, specs: list[ClientSpec]) -> list[ClientSpec]:
+        """Hold the public rows out of every client, then rank the clients: top_n large, the rest small."""
+        if self.params.top_n >= len(specs):
+            raise ConfigError(f"algorithm.top_n={self.params.top_n} leaves no small client among {len(specs)} clients; choose at most {len(specs) - 1}")
+        kept, self.public_specs = [], []
+        for spec in specs:
+            train, public = hold_out(spec, self.params.public_fraction, self.cfg.seed)
+            kept.append(dataclasses.replace(spec, splits={**spec.splits, "train": train}))
+            self.public_specs.append(ClientSpec(spec.id, {"public": public}, source_info=spec.source_info))
+        ranked = sorted(kept, key=lambda s: (-s.num_train, s.id))
+        large = {s.id for s in ranked[: self.params.top_n]}
+        return [dataclasses.replace(s, role="large" if s.id in large else "small") for s in kept]
+
+    def prepare_run(self, source: DataSource, specs: list[ClientSpec], run_dir: Path, echo: Callable[[str], None]) -> dict[str, Any]:
+        """Label the public set with the foundation model, once per run (a resume reads the file)."""
+        images, ids = public_set(source, self.public_specs)
+        path = run_dir / TARGETS_FILE
+        if not path.exists():
+            echo(f"fedhelp: asking the foundation model ({self.params.foundation.get('backend')}) once for {len(ids)} public images")
+        targets = foundation.soft_targets(path, lambda: self._foundation(source, echo), images, ids, source.num_classes)
+        return {"public_specs": self.public_specs, "targets": targets.astype(np.float32)}
+
+    def attach(self, source: DataSource, context: dict[str, Any]) -> None:
+        super().attach(source, context)
+        self.source = source
+        self._public: Shard | None = None
+        self._large_net: nn.Module | None = None
+
+    # --- client side --------------------------------------------------------------------------------
+
+    def client_fit(self, client: Client, payload: Tensors, round_: int) -> Update:
+        model = client.load(payload)
+        fed = self.cfg.federation
+        epochs = client.train_epochs(round_, fed.local_epochs, fed.batch_size, self.cfg.seed)
+        if client.spec.role == "large":
+            large = self._large(client)
+            pair = Pair(model, large)
+            k = self._top_k(client)
+            stats = train_epochs(pair, epochs, make_optimizer(pair, fed), loss_fn=lambda m, b: self._large_loss(m, b, k))
+            client.memory[LARGE] = {key: v.detach().clone() for key, v in large.state_dict().items()}
+        else:
+            self._public_stream = self._public_batches(client, round_)
+            stats = train_epochs(model, epochs, make_optimizer(model, fed), loss_fn=self._small_loss)
+        state = model.state_dict()
+        client.keep(set(state) - set(payload))
+        return Update(client.id, {k: state[k].detach().cpu().clone() for k in payload}, client.num_train, stats)
+
+    def eval_model(self, client: Client, payload: Tensors) -> nn.Module:
+        return self._large(client) if client.spec.role == "large" else client.load(payload)
+
+    def _small_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        public, targets = next(self._public_stream)
+        private = F.cross_entropy(forward(model, batch), batch.y)
+        return private + self.params.kd_public * public_kd_loss(model.public_logits(public.x), targets, self.params.temperature)
+
+    def _large_loss(self, pair: nn.Module, batch: Batch, k: int) -> torch.Tensor:
+        proxy_logits, large_logits = forward(pair.proxy, batch), forward(pair.large, batch)
+        return forward_kd_loss(proxy_logits, large_logits, batch.y, self.params) + backward_kd_loss(proxy_logits, large_logits, batch.y, self.params, k)
+
+    def _large(self, client: Client) -> nn.Module:
+        """The actor's large network holding this client's private weights (fresh at first use)."""
+        if self._large_net is None:
+            cfg = self._model_cfg(self.params.large_model)
+            self._large_net = build_model(cfg, num_classes=self.source.num_classes, in_chans=self.source.channels, seed=derive_seed(self.cfg.seed, "large")).to(client.device)
+            self._large_init = {k: v.detach().clone() for k, v in self._large_net.state_dict().items()}
+        self._large_net.load_state_dict(client.memory.get(LARGE, self._large_init))
+        return self._large_net
+
+    def _public_batches(self, client: Client, round_: int) -> Iterator[tuple[Batch, torch.Tensor]]:
+        """Endless public batches with their targets, reshuffled each pass, seeded by (seed, round, client)."""
+        if self._public is None:
+            shards = [load_cached(self.source, spec, "public") for spec in self.context["public_specs"]]
+            self._public = Shard(np.concatenate([s.images for s in shards]), SampleTable.concat([s.table for s in shards]))
+        targets = torch.from_numpy(np.array(self.context["targets"]))  # a writable copy of the shared array
+        n, size = len(targets), self.cfg.federation.batch_size
+        for epoch in range(1_000_000):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.cfg.seed, "public", round_, client.id, epoch)))
+            for start in range(0, n - min(size, n) + 1, size):
+                index = order[start : start + size]
+                yield client.batch_of(self._public, index), targets[index].to(client.device)
+
+    def _top_k(self, client: Client) -> int:
+        classes = self.source.num_classes
+        return self.params.top_k or (1 if classes == 2 else min(5, classes - 1))
+
+    def _model_cfg(self, name: str):  # type: ignore[no-untyped-def]
+        return dataclasses.replace(self.cfg.model, name=name)
+
+    def _foundation(self, source: DataSource, echo: Callable[[str], None]) -> foundation.FoundationModel:
+        options = dict(self.params.foundation)
+        backend = options.pop("backend")
+        if backend == "timm" and "weights" not in options:
+            if source.name not in ("synthetic", "fairfedmed_oph"):
+                raise ConfigError(
+                    f"algorithm.foundation: the built-in foundation model knows the synthetic glaucoma task only, not {source.name}; "
+                    "give it weights ({backend: timm, model: NAME, weights: PATH}), a callable or an http endpoint"
+                )
+            from raysim.pretrain import ensure_pretrained
+
+            options["weights"] = str(ensure_pretrained(self._model_cfg(options.get("model", "resnet50")), echo=echo))
+            options.setdefault("img_size", self.cfg.model.img_size)
+        return foundation.build_foundation_model(backend, options)
+
+    # --- server side --------------------------------------------------------------------------------
+
+    def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
+        weights = [1.0] * len(updates) if self.params.weighting == "uniform" else [u.num_examples for u in updates]
+        return {**state, "weights": weighted_average([u.tensors for u in updates], weights, [u.client_id for u in updates])}
+
+
+def hold_out(spec: ClientSpec, fraction: float, seed: int):  # type: ignore[no-untyped-def]
+    """(train rows kept, public rows) of a client: a seeded `fraction` of its training rows."""
+    train = spec.splits["train"]
+    order = rng(seed, "public", spec.id).permutation(len(train))
+    n_public = int(round(fraction * len(train)))
+    if len(train) - n_public < 2 or n_public < 1:
+        raise ConfigError(f"algorithm.public_fraction={fraction}: client {spec.id} has {len(train)} training rows, too few to hold out a public share")
+    return train.take(np.sort(order[n_public:])), train.take(np.sort(order[:n_public]))
+
+
+def public_set(source: DataSource, public_specs: list[ClientSpec]) -> tuple[np.ndarray, np.ndarray]:
+    """The pooled public images (after the source's drop rules) and their sample ids."""
+    shards = [load_cached(source, spec, "public") for spec in public_specs]
+    ids = np.concatenate([np.asarray([f"{spec.id}/{i}" for i in s.table.sample_ids]) for spec, s in zip(public_specs, shards)])
+    return np.concatenate([s.images for s in shards]), ids
