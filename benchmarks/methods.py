@@ -111,12 +111,12 @@ def main() -> None:
     args = parser.parse_args()
     connect_ray()
     rows = []
-    for method in args.methods:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: an interrupted benchmark has every method for the first seeds
+        for method in args.methods:
             row = selected_row(run_once(method, seed, args))
             rows.append({"method": method, "seed": seed, **row})
             print(f"{method:<11} seed {seed}: test AUC {100 * row['auc']:.1f}, ES-AUC {100 * row['es_auc']:.1f} (round {row['round']}, {row['seconds']:.0f} s)", flush=True)
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows).sort_values(["method", "seed"], key=lambda c: c.map(args.methods.index) if c.name == "method" else c, kind="stable")
     frame.to_csv(args.out / "methods.csv", index=False)
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}, {args.rounds} rounds, {args.img_size} px, seeds {args.seeds}")
     print(table(frame))
