@@ -133,7 +133,7 @@ def format_table(frame: pd.DataFrame, *, round_: int, split: str, attribute: str
     else:  # a source without sensitive attributes
         columns = [("AUC", "", "", "auc"), ("Acc", "", "", "acc"), ("BAcc", "", "", "bacc")]
     roles = {r.client: r.role for r in rows.itertuples() if r.role and not r.client.startswith("mean")}
-    if roles:  # e.g. FedHelp: large clients are scored with their own model; accuracy is its headline
+    if roles and ("Acc", "", "", "acc") not in columns:  # e.g. FedHelp, whose headline is accuracy
         columns.insert(1, ("Acc", "", "", "acc"))
     clients = list(dict.fromkeys(rows["client"]))
     clients = [c for c in clients if not c.startswith("mean")] + [c for c in clients if c.startswith("mean")]
