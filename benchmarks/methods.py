@@ -90,6 +90,24 @@ def table(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def learning_curves(out: Path, methods: list[str], seeds: list[int]) -> str:
+    """Mean validation AUC per race group and round (mean over clients, then seeds): the
+    evidence for why a method does or does not close the group gap."""
+    frames = []
+    for method in methods:
+        for seed in seeds:
+            if not (out / f"{method}-s{seed}" / "DONE").exists():
+                continue
+            m = pd.read_parquet(out / f"{method}-s{seed}" / "metrics.parquet")
+            m = m[(m["client"] == "mean") & (m["split"] == "val") & (m["metric"] == "auc") & (m["attribute"].isin(["", "race"]))]
+            frames.append(m.assign(method=method, group=m["group"].replace("", "all")))
+    curves = pd.concat(frames).pivot_table(index=["method", "round"], columns="group", values="value", aggfunc="mean", sort=False)
+    lines = ["| method | round | all | " + " | ".join(RACES) + " |", "|---|---|---|" + "---|" * len(RACES)]
+    for (method, round_), row in curves.iterrows():
+        lines.append(f"| {method} | {round_} | {100 * row['all']:.1f} | " + " | ".join(f"{100 * row[r]:.1f}" for r in RACES) + " |")
+    return "\n".join(lines)
+
+
 def oracle_line(img_size: int) -> str:
     cfg = config.load("default", [f"model.img_size={img_size}"])
     source = DATASETS.get(cfg.data.name)(cfg.data, img_size=img_size, seed=0)
@@ -108,11 +126,15 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("benchmark-runs/methods"))
+    parser.add_argument("--report-only", action="store_true", help="tabulate the finished runs under --out; train nothing")
     args = parser.parse_args()
-    connect_ray()
+    if not args.report_only:
+        connect_ray()
     rows = []
     for seed in args.seeds:  # seed-major: an interrupted benchmark has every method for the first seeds
         for method in args.methods:
+            if args.report_only and not (args.out / f"{method}-s{seed}" / "DONE").exists():
+                continue
             row = selected_row(run_once(method, seed, args))
             rows.append({"method": method, "seed": seed, **row})
             print(f"{method:<11} seed {seed}: test AUC {100 * row['auc']:.1f}, ES-AUC {100 * row['es_auc']:.1f} (round {row['round']}, {row['seconds']:.0f} s)", flush=True)
@@ -121,6 +143,10 @@ def main() -> None:
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}, {args.rounds} rounds, {args.img_size} px, seeds {args.seeds}")
     print(table(frame))
     print(oracle_line(args.img_size))
+    curve_methods = [m for m in args.methods if m.split("+")[0] in ("fedavg", "fedlora", "fairlora")]
+    if curve_methods:
+        print("\nvalidation AUC per round and race group (mean over clients and seeds):")
+        print(learning_curves(args.out, curve_methods, args.seeds))
     print(f"wall per run: {np.mean(frame['seconds']):.0f} s mean")
 
 
