@@ -15,6 +15,25 @@ from raysim.datasets import DATASETS, ClientSpec
 from raysim.datasets.cache import load_cached
 from raysim.types import Predictions, Tensors, Update
 
+GPU_MEMORY_MARGIN = 0.05  # of the actor's share, left for its CUDA context and allocator slack
+
+
+def gpu_memory_fraction(num_gpus: float, margin: float = GPU_MEMORY_MARGIN) -> float | None:
+    """The share of its GPU's memory one client actor's PyTorch allocator may use.
+
+    `resources.num_gpus` below 1 (several actors on one GPU) gives that fraction less
+    `margin` of it, because the CUDA context (a few hundred MB per process) lives outside
+    the allocator's limit; a whole GPU gives 1.0; no GPU gives None (no cap). Every client
+    of an actor (`resources.clients_per_actor`) shares the actor's process and so its cap.
+    """
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    if num_gpus <= 0:
+        return None
+    if num_gpus >= 1:
+        return 1.0
+    return num_gpus * (1 - margin)
+
 
 class ClientHost:
     """Plain-Python body of the actor (testable without Ray)."""
@@ -26,6 +45,10 @@ class ClientHost:
         self.cfg = cfg
         use_cuda = cfg.resources.num_gpus > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_cuda else "cpu")
+        cap = gpu_memory_fraction(cfg.resources.num_gpus)
+        if use_cuda and cap is not None:
+            # Ray's GPU fractions are logical: cap this process's allocator to its share.
+            torch.cuda.set_per_process_memory_fraction(cap, self.device)
         source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
         self.algorithm = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg)
         # One model object per actor; each client swaps its own state in for its turn.

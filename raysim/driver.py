@@ -24,6 +24,8 @@ import pandas as pd
 import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raysim import provenance, reporting
 from raysim.algorithms import ALGORITHMS, ServerState
@@ -229,10 +231,15 @@ class Driver:
     def _start_actors(self, specs: list[ClientSpec]) -> None:
         res = self.cfg.resources
         groups = [specs[i : i + res.clients_per_actor] for i in range(0, len(specs), res.clients_per_actor)]
-        self._check_capacity(len(groups))
+        pg = get_current_placement_group()  # set inside a Tune trial: bundle 0 is the driver's
+        if pg is None:
+            self._check_capacity(len(groups))
+        elif len(pg.bundle_specs) < len(groups) + 1:
+            raise ConfigError(f"the placement group has {len(pg.bundle_specs)} bundles; {len(groups)} client actors need {len(groups) + 1} (the driver's + one each)")
         handles = []
-        for group in groups:
-            actor = ClientActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(self.cfg, group, self.context)
+        for i, group in enumerate(groups):
+            pinned = {} if pg is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i + 1)}
+            actor = ClientActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, **pinned).remote(self.cfg, group, self.context)
             handles.append(actor)
             self.actors.update({spec.id: actor for spec in group})
         self.echo(f"starting {len(handles)} client actors ({res.num_cpus} CPU, {res.num_gpus} GPU each; {res.clients_per_actor} client(s) per actor)")

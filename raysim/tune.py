@@ -1,0 +1,502 @@
+"""`python -m raysim.tune`: a Ray Tune study over any config key; each trial is one federated run.
+
+    python -m raysim.tune tune_configs/fairlora_rank_lr.yaml --num-samples 2
+    python -m raysim.tune STUDY.yaml --out studies/lr --resume     # continue an interrupted study
+
+A study file names a base config (preset or YAML file + overrides), a search space over config
+keys, an objective over validation metrics of the mean-over-clients row (e.g. `auc - 0.5*eod`),
+the scheduler (ASHA on rounds by default) and the search algorithm. Every evaluated round is
+reported to Tune with the run directory as the checkpoint, so trials resume. The study
+directory gets Tune's results (with TensorBoard event files), `trials.parquet` / `trials.csv`
+and `best.yaml`, a complete config that `python -m raysim.run --config best.yaml` reruns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime as dt
+import logging
+import math
+import operator
+import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from raysim import config as config_mod
+from raysim.config import ConfigError, ExperimentConfig
+from raysim.datasets import DataError
+
+log = logging.getLogger(__name__)
+EXIT_BAD_INPUT = 2
+DRIVER_CPU = 0.1  # the trial's own bundle (the trial function is the run's driver)
+ATTRIBUTE_FREE = ("auc", "acc", "bacc", "loss")  # rows with attribute ""
+FAIRNESS = ("es_auc", "es_acc", "eod", "spd")  # rows of the target attribute (data.attribute)
+METRICS = ATTRIBUTE_FREE + FAIRNESS
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid_search", "randint")
+SCHEDULERS = ("asha", "fifo")
+SEARCHERS = ("random", "optuna")
+STUDY_KEYS = ("base", "search_space", "objective", "mode", "num_samples", "scheduler", "search", "max_concurrent_trials")
+
+
+# --- the objective --------------------------------------------------------------------------
+
+_OPS: dict[type, Callable[[float, float], float]] = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """An arithmetic expression over metric names (`auc - 0.5*eod`), parsed without eval."""
+
+    text: str
+    tree: ast.Expression = field(repr=False)
+    names: tuple[str, ...]
+
+    def __call__(self, values: Mapping[str, float]) -> float:
+        return float(_evaluate(self.tree.body, values))
+
+
+def parse_objective(text: str) -> Objective:
+    """Only metric names, numbers, + - * / and parentheses; anything else is a ConfigError."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"objective must be an expression over {', '.join(METRICS)}, e.g. 'auc - 0.5*eod'; got {text!r}")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as err:
+        raise ConfigError(f"objective {text!r} is not an expression: {err.msg}") from err
+    names: list[str] = []
+    for node in ast.walk(tree.body):
+        if isinstance(node, ast.Name):
+            if node.id not in METRICS:
+                raise ConfigError(f"objective {text!r}: unknown metric {node.id!r}; use {', '.join(METRICS)}")
+            names.append(node.id)
+        elif isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
+                raise ConfigError(f"objective {text!r}: only numbers may appear besides metric names, got {node.value!r}")
+        elif not isinstance(node, (ast.BinOp, ast.UnaryOp, ast.Load, *_OPS, ast.USub, ast.UAdd)):
+            raise ConfigError(f"objective {text!r}: {type(node).__name__} is not allowed (only metric names, numbers, + - * / and parentheses)")
+    if not names:
+        raise ConfigError(f"objective {text!r} names no metric; use {', '.join(METRICS)}")
+    return Objective(text.strip(), tree, tuple(dict.fromkeys(names)))
+
+
+def _evaluate(node: ast.AST, values: Mapping[str, float]) -> float:
+    if isinstance(node, ast.Constant):
+        return float(node.value)
+    if isinstance(node, ast.Name):
+        return float(values.get(node.id, math.nan))
+    if isinstance(node, ast.UnaryOp):
+        inner = _evaluate(node.operand, values)
+        return -inner if isinstance(node.op, ast.USub) else inner
+    if isinstance(node, ast.BinOp):
+        left, right = _evaluate(node.left, values), _evaluate(node.right, values)
+        if isinstance(node.op, ast.Div) and right == 0:
+            return math.nan
+        return _OPS[type(node.op)](left, right)
+    raise ConfigError(f"unsupported objective node {type(node).__name__}")  # parse_objective rejects these first
+
+
+def round_metrics(frame: pd.DataFrame, round_: int, split: str, attribute: str | None) -> dict[str, float]:
+    """The mean-over-clients values of one round and split: attribute-free metrics from the
+    rows with attribute "", fairness metrics from the rows of `attribute`; NaN when absent."""
+    rows = frame[(frame["round"] == round_) & (frame["split"] == split) & (frame["client"] == "mean") & (frame["group"] == "")]
+    out = {}
+    for name in METRICS:
+        wanted = "" if name in ATTRIBUTE_FREE else (attribute or "")
+        hit = rows[(rows["metric"] == name) & (rows["attribute"] == wanted)]["value"]
+        out[name] = float(hit.iloc[0]) if len(hit) and (name in ATTRIBUTE_FREE or attribute) else math.nan
+    return out
+
+
+def report_row(frame: pd.DataFrame, round_: int, attribute: str | None, objective: Objective) -> dict[str, float]:
+    """What a trial reports for an evaluated round: the objective (validation) and val_/test_ metrics."""
+    val, test = round_metrics(frame, round_, "val", attribute), round_metrics(frame, round_, "test", attribute)
+    row: dict[str, float] = {"round": round_, "objective": objective(val)}
+    row |= {f"val_{k}": v for k, v in val.items()}
+    row |= {f"test_{k}": v for k, v in test.items()}  # recorded, never optimised
+    return row
+
+
+# --- the study file -------------------------------------------------------------------------
+
+
+@dataclass
+class Study:
+    path: Path
+    base: str  # preset name or config path
+    overrides: list[str]
+    space: dict[str, dict[str, Any]]  # config key -> {distribution: arguments}
+    objective: Objective
+    mode: str = "max"
+    num_samples: int = 4
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "asha"})
+    search: dict[str, Any] = field(default_factory=lambda: {"name": "random"})
+    max_concurrent_trials: int | None = None
+
+    def config(self, values: Mapping[str, Any] | None = None) -> ExperimentConfig:
+        """The base config with `values` (config key -> value) applied, validated."""
+        raw = config_mod.merge(config_mod.read_yaml(self.base), config_mod.parse_overrides(self.overrides))
+        tree: dict[str, Any] = {}
+        for key, value in (values or {}).items():
+            node = tree
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return config_mod.from_dict(config_mod.merge(raw, tree))
+
+    def validate(self) -> None:
+        """Every searched key exists and every corner of the space gives a valid config."""
+        self.config()
+        for key, spec in self.space.items():
+            for value in _corners(spec):
+                try:
+                    self.config({key: value})
+                except ConfigError as err:
+                    raise ConfigError(f"{self.path}: search_space.{key} = {value!r}: {err}") from None
+
+
+def load_study(path: str | Path, *, num_samples: int | None = None) -> Study:
+    """Parse and validate a study file; every problem is a ConfigError naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with base, search_space, objective")
+    unknown = sorted(set(raw) - set(STUDY_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown study key(s) {', '.join(unknown)}; valid: {', '.join(STUDY_KEYS)}")
+    for key in ("base", "search_space", "objective"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing `{key}`")
+    base, overrides = _base(path, raw["base"])
+    space = raw["search_space"]
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(f"{path}: search_space must map config keys to distributions, e.g. federation.lr: {{loguniform: [1.0e-4, 1.0e-2]}}")
+    space = {str(k): _distribution(path, str(k), v) for k, v in space.items()}
+    mode = raw.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise ConfigError(f"{path}: mode must be max or min, got {mode!r}")
+    study = Study(
+        path=path,
+        base=base,
+        overrides=overrides,
+        space=space,
+        objective=parse_objective(raw["objective"]),
+        mode=mode,
+        num_samples=int(num_samples or raw.get("num_samples", 4)),
+        scheduler=_named(path, "scheduler", raw.get("scheduler", "asha"), SCHEDULERS),
+        search=_named(path, "search", raw.get("search", "random"), SEARCHERS),
+        max_concurrent_trials=raw.get("max_concurrent_trials"),
+    )
+    if study.num_samples < 1:
+        raise ConfigError(f"{path}: num_samples must be >= 1, got {study.num_samples}")
+    study.validate()
+    return study
+
+
+def _base(path: Path, raw: Any) -> tuple[str, list[str]]:
+    if isinstance(raw, str):
+        raw = {"config": raw}
+    if not isinstance(raw, dict) or "config" not in raw or set(raw) - {"config", "overrides"}:
+        raise ConfigError(f"{path}: base must be a preset name / config path, or {{config: NAME_OR_PATH, overrides: [key=value, ...]}}; got {raw!r}")
+    source = str(raw["config"])
+    relative = path.parent / source
+    if not Path(source).is_absolute() and relative.is_file():
+        source = str(relative.resolve())  # a config file beside the study file
+    overrides = raw.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"{path}: base.overrides must be a list of key=value strings, got {overrides!r}")
+    return source, overrides
+
+
+def _distribution(path: Path, key: str, spec: Any) -> dict[str, Any]:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise ConfigError(f"{path}: search_space.{key} must be one of {{{': ..., '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if kind in ("choice", "grid_search"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{path}: search_space.{key}: {kind} needs a non-empty list of values, got {args!r}")
+        return {kind: args}
+    if not isinstance(args, list) or len(args) != 2:
+        raise ConfigError(f"{path}: search_space.{key}: {kind} needs [low, high], got {args!r}")
+    try:
+        low, high = (int(a) if kind == "randint" else float(a) for a in args)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: search_space.{key}: {kind} bounds must be numbers, got {args!r}") from err
+    if not low < high or (kind == "loguniform" and low <= 0):
+        raise ConfigError(f"{path}: search_space.{key}: {kind} needs low < high{' and low > 0' if kind == 'loguniform' else ''}, got {args!r}")
+    return {kind: [low, high]}
+
+
+def _corners(spec: dict[str, Any]) -> list[Any]:
+    kind, args = next(iter(spec.items()))
+    if kind in ("choice", "grid_search"):
+        return list(args)
+    if kind == "randint":
+        return [args[0], args[1] - 1]  # upper bound exclusive, as in tune.randint
+    return list(args)
+
+
+def _named(path: Path, key: str, raw: Any, choices: tuple[str, ...]) -> dict[str, Any]:
+    spec = {"name": raw} if isinstance(raw, str) else dict(raw or {})
+    if spec.get("name") not in choices:
+        raise ConfigError(f"{path}: {key} must be one of {', '.join(choices)} (as a name or {{name: ..., options}}), got {raw!r}")
+    return spec
+
+
+# --- Tune wiring (Ray is imported here only) ------------------------------------------------
+
+
+def search_space(study: Study) -> dict[str, Any]:
+    from ray import tune
+
+    makers = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint, "choice": tune.choice, "grid_search": tune.grid_search}
+    out = {}
+    for key, spec in study.space.items():
+        kind, args = next(iter(spec.items()))
+        out[key] = makers[kind](args) if kind in ("choice", "grid_search") else makers[kind](*args)
+    return out
+
+
+@lru_cache(maxsize=32)
+def _actor_count(data_yaml: str, algorithm_yaml: str, img_size: int, seed: int, clients_per_actor: int) -> int:
+    from raysim.algorithms import ALGORITHMS
+    from raysim.datasets import DATASETS
+
+    cfg = config_mod.from_dict({"data": yaml.safe_load(data_yaml), "algorithm": yaml.safe_load(algorithm_yaml), "model": {"img_size": img_size}, "seed": seed})
+    source = DATASETS.get(cfg.data.name)(cfg.data, img_size=img_size, seed=seed)
+    specs = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg).arrange_clients(source.client_specs())
+    return math.ceil(len(specs) / clients_per_actor)
+
+
+def bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
+    """The trial's placement group: its own bundle (the driver) + one per client actor."""
+    res = cfg.resources
+    n = _actor_count(yaml.safe_dump(cfg.to_dict()["data"]), yaml.safe_dump(cfg.algorithm), cfg.model.img_size, cfg.seed, res.clients_per_actor)
+    actor = {"CPU": float(res.num_cpus)} | ({"GPU": float(res.num_gpus)} if res.num_gpus else {})
+    return [{"CPU": DRIVER_CPU}] + [dict(actor) for _ in range(n)]
+
+
+def run_trial(values: dict[str, Any], study: Study) -> None:
+    """One federated run, round by round, reporting every evaluated round (runs inside Tune)."""
+    from ray import tune
+
+    from raysim.driver import Driver, latest_checkpoint
+
+    cfg = study.config(values)
+    run_dir = Path(os.getcwd()).resolve() / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as saved:
+            shutil.copytree(saved, run_dir)
+    else:
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
+    resume = latest_checkpoint(run_dir) is not None
+    driver = Driver(cfg, run_dir, echo=lambda line: log.info("%s", line))
+    try:
+        driver.start(resume=resume)
+        attribute = driver.source.attribute
+        rounds = cfg.federation.rounds
+        for round_ in range(driver.next_round, rounds + 1):
+            driver.step(round_)
+            if round_ % cfg.eval.every == 0 or round_ == rounds:
+                row = report_row(driver.recorder.metrics, round_, attribute, study.objective)
+                tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
+    finally:
+        driver.shutdown()
+
+
+def _scheduler(study: Study, rounds: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    options = {k: v for k, v in study.scheduler.items() if k != "name"}
+    if study.scheduler["name"] == "fifo":
+        return FIFOScheduler()
+    options.setdefault("grace_period", 1)
+    options.setdefault("max_t", rounds)
+    try:
+        return ASHAScheduler(time_attr="round", **options)
+    except TypeError as err:
+        raise ConfigError(f"{study.path}: scheduler options {options}: {err}") from err
+
+
+def _searcher(study: Study) -> Any:
+    options = {k: v for k, v in study.search.items() if k != "name"}
+    if study.search["name"] == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(**options)
+    try:
+        import optuna  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"{study.path}: search optuna needs the optuna package (pip install optuna); or use search: random") from err
+    if any("grid_search" in spec for spec in study.space.values()):
+        raise ConfigError(f"{study.path}: search optuna cannot sample grid_search; use choice")
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(**options)
+
+
+def tuner(study: Study, out: str, *, resume: bool) -> Any:
+    from ray import tune
+
+    cfg = study.config()
+    trainable = tune.with_parameters(run_trial, study=study)
+    trainable = tune.with_resources(trainable, lambda values: tune.PlacementGroupFactory(bundles(study.config(values)), strategy="PACK"))
+    if resume:
+        return tune.Tuner.restore(out, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    storage, name = _split_out(out)
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(study),
+        tune_config=tune.TuneConfig(
+            metric="objective",
+            mode=study.mode,
+            num_samples=study.num_samples,
+            scheduler=_scheduler(study, cfg.federation.rounds),
+            search_alg=_searcher(study),
+            max_concurrent_trials=study.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
+    )
+
+
+def _split_out(out: str) -> tuple[str, str]:
+    """(storage_path, experiment name) of a local path or a pyarrow.fs URI such as s3://bucket/studies/lr."""
+    if "://" in out:
+        parent, _, name = out.rstrip("/").rpartition("/")
+        return parent, name
+    path = Path(out).resolve()
+    return str(path.parent), path.name
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+
+def trials_table(results: Any, study: Study) -> pd.DataFrame:
+    """One row per trial: searched values, best and final validation metrics, test at the best round."""
+    rows = []
+    rounds = study.config().federation.rounds
+    sign = 1 if study.mode == "max" else -1
+    for result in results:
+        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id", ""), "status": "ERROR" if result.error else "TERMINATED"}
+        row |= {key: (result.config or {}).get(key) for key in study.space}
+        if len(history) and "objective" in history:
+            scores = sign * history["objective"].astype(float)
+            best = history.loc[scores.fillna(-math.inf).idxmax()]
+            last = history.iloc[-1]
+            row |= {"rounds_done": int(last["round"]), "stopped_early": int(last["round"]) < rounds, "best_round": int(best["round"]), "objective": float(best["objective"])}
+            row |= {f"{k}": float(best[k]) for k in history if k.startswith(("val_", "test_"))}
+            row |= {"final_objective": float(last["objective"])} | {f"final_{k}": float(last[k]) for k in history if k.startswith("val_")}
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if "objective" in frame:
+        frame = frame.sort_values("objective", ascending=study.mode == "min", na_position="last", ignore_index=True)
+    return frame
+
+
+def write_outputs(out: str, study: Study, table: pd.DataFrame) -> ExperimentConfig | None:
+    """trials.parquet, trials.csv and best.yaml in the study directory (local or a pyarrow.fs URI)."""
+    _write(out, "trials.parquet", table.to_parquet(index=False))
+    _write(out, "trials.csv", table.to_csv(index=False).encode())
+    scored = table.dropna(subset=["objective"]) if "objective" in table else table.iloc[0:0]
+    if scored.empty:
+        return None
+    best = study.config({k: _plain(scored.iloc[0][k]) for k in study.space})
+    header = f"# best trial {scored.iloc[0]['trial_id']} of {study.path.name}: objective {study.objective.text} = {scored.iloc[0]['objective']:.4f} (val, round {scored.iloc[0]['best_round']})\n"
+    _write(out, "best.yaml", (header + config_mod.dump(best)).encode())
+    return best
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def _write(out: str, name: str, data: bytes) -> None:
+    if "://" in out:
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(out)
+        with fs.open_output_stream(f"{root.rstrip('/')}/{name}") as stream:
+            stream.write(data)
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / name).write_bytes(data)
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m raysim.tune", description=__doc__.splitlines()[0].split("`: ", 1)[-1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", type=Path, help="study YAML (see tune_configs/)")
+    parser.add_argument("--num-samples", type=int, help="trials to sample (default: the study's num_samples, else 4)")
+    parser.add_argument("--out", help="study directory: a path every node reaches, or a pyarrow.fs URI (default studies/<time>-<study>)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted study in --out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        study = load_study(args.study, num_samples=args.num_samples)
+        out = args.out or str(Path("studies") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{args.study.stem}")
+        if args.resume and not args.out:
+            raise ConfigError("--resume needs --out STUDY_DIR (the study to continue)")
+        if not args.resume and "://" not in out and Path(out).exists() and any(Path(out).iterdir()):
+            raise ConfigError(f"--out {out} is not empty; choose a new directory or continue it with --resume")
+        print(f"study {study.path.name}: {len(study.space)} searched key(s), objective {study.objective.text} ({study.mode}) on val, {study.num_samples} sample(s)")
+        from raysim.driver import connect_ray
+        from raysim.pretrain import resolve_weights
+
+        base = study.config()
+        bundles(base)  # reads the clients once (and generates the synthetic set) before trials race for it
+        resolve_weights(base)  # builds a missing pretrained backbone once, before the trials
+        connect_ray()
+        from ray import tune
+
+        if args.resume and not tune.Tuner.can_restore(out if "://" in out else str(Path(out).resolve())):
+            raise ConfigError(f"--resume {out}: no Tune experiment there to continue")
+        results = tuner(study, out if "://" in out else str(Path(out).resolve()), resume=args.resume).fit()
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    table = trials_table(results, study)
+    best = write_outputs(out, study, table)
+    shown = [c for c in ("trial_id", "status", *study.space, "best_round", "objective", "test_auc") if c in table]
+    print(table[shown].to_string(index=False))
+    if best is None:
+        print("no trial reported a finite objective; see the errors above", file=sys.stderr)
+    print("wrote trials.parquet, trials.csv, best.yaml (python -m raysim.run --config best.yaml) and Tune's results (tensorboard --logdir) in:")
+    print(out)
+    return 0 if best is not None else 1
+
+
+if __name__ == "__main__":
+    # Run the imported module, not __main__: Ray pickles the trial function and Study by module name.
+    from raysim.tune import main as _main
+
+    raise SystemExit(_main())

@@ -1,0 +1,183 @@
+"""Ray Tune studies (raysim.tune), the study files in tune_configs/, the cluster files, the GPU cap."""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raysim import config
+from raysim.client_actor import gpu_memory_fraction
+from raysim.config import ConfigError
+from raysim.tune import load_study, parse_objective, report_row, round_metrics
+
+from conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _study(tmp_path: Path, **fields: object) -> Path:
+    body = {"base": {"config": "default", "overrides": ["federation.rounds=2"]}, "search_space": {"federation.lr": {"loguniform": [1e-4, 1e-2]}}, "objective": "auc - 0.5*eod"} | fields
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+# --- study files ----------------------------------------------------------------------------
+
+
+def test_study_parses(tmp_path: Path) -> None:
+    study = load_study(_study(tmp_path, search_space={"algorithm.q": {"uniform": [0, 2]}, "federation.lr": {"choice": [0.001, 0.01]}}, base={"config": "default", "overrides": ["algorithm.name=qffl"]}))
+    assert study.objective.names == ("auc", "eod")
+    assert study.scheduler == {"name": "asha"} and study.search == {"name": "random"}
+    cfg = study.config({"algorithm.q": 0.5, "federation.lr": 0.01})
+    assert cfg.algorithm == {"name": "qffl", "q": 0.5} and cfg.federation.lr == 0.01
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"search_space": {"federation.lrr": {"uniform": [0.1, 1]}}}, "did you mean federation.lr"),
+        ({"search_space": {"algorithm.rank": {"choice": [4, 8]}}}, "unknown config key 'algorithm.rank'"),  # fedavg has no rank
+        ({"search_space": {"federation.lr": {"normal": [0, 1]}}}, "must be one of"),
+        ({"search_space": {"federation.lr": {"loguniform": [0, 1]}}}, "low > 0"),
+        ({"search_space": {"federation.momentum": {"uniform": [0.5, 1.5]}}}, "federation.momentum must be in"),
+        ({"objective": "auc - __import__('os')"}, "not allowed"),
+        ({"objective": "auc ** 2"}, "not allowed"),
+        ({"objective": "auroc"}, "unknown metric 'auroc'"),
+        ({"objective": "auc +"}, "not an expression"),
+        ({"scheduler": "hyperband"}, "scheduler must be one of asha, fifo"),
+        ({"search": "bayes"}, "search must be one of"),
+        ({"mode": "best"}, "mode must be max or min"),
+        ({"searchspace": {}}, "unknown study key"),
+        ({"base": "no_such_preset"}, "not found"),
+    ],
+)
+def test_study_errors(tmp_path: Path, fields: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_study(_study(tmp_path, **fields))
+
+
+def test_tune_cli_bad_study_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from raysim.tune import main
+
+    assert main([str(_study(tmp_path, objective="auc ** 2"))]) == 2
+    assert "not allowed" in capsys.readouterr().err
+
+
+# --- the objective --------------------------------------------------------------------------
+
+
+def _frame() -> pd.DataFrame:
+    rows = []
+    for split, shift in (("val", 0.0), ("test", 0.1)):
+        for client, auc in (("site1", 0.7), ("mean", 0.8)):
+            rows += [(2, split, client, "", "", "", "auc", auc + shift), (2, split, client, "", "", "", "acc", 0.6)]
+            rows += [(2, split, client, "", "race", "", "eod", 0.2 + shift), (2, split, client, "", "gender", "", "eod", 0.9)]
+            rows += [(2, split, client, "", "race", "", "es_auc", 0.5), (2, split, client, "", "race", "Black", "auc", 0.1)]
+        rows += [(1, split, "mean", "", "", "", "auc", 0.3)]
+    return pd.DataFrame(rows, columns=["round", "split", "client", "role", "attribute", "group", "metric", "value"])
+
+
+def test_objective_from_the_validation_mean_row() -> None:
+    values = round_metrics(_frame(), 2, "val", "race")
+    assert values["auc"] == 0.8 and values["eod"] == 0.2 and values["es_auc"] == 0.5  # mean row, race, group ""
+    assert math.isnan(values["spd"]) and math.isnan(values["bacc"])
+    row = report_row(_frame(), 2, "race", parse_objective("auc - 0.5*eod"))
+    assert row["objective"] == pytest.approx(0.7)
+    assert row["test_auc"] == pytest.approx(0.9) and row["round"] == 2  # test recorded, never in the objective
+    assert parse_objective("(auc + es_auc) / 2 - -eod")({"auc": 0.8, "es_auc": 0.4, "eod": 0.1}) == pytest.approx(0.7)
+    assert math.isnan(parse_objective("auc / (eod - eod)")({"auc": 1.0, "eod": 0.2}))
+
+
+# --- GPU memory cap -------------------------------------------------------------------------
+
+
+def test_gpu_memory_fraction() -> None:
+    assert gpu_memory_fraction(0) is None
+    assert gpu_memory_fraction(1) == 1.0
+    assert gpu_memory_fraction(0.25) == pytest.approx(0.2375)
+    assert gpu_memory_fraction(0.5, margin=0) == 0.5
+    assert sum(gpu_memory_fraction(1 / 3) for _ in range(3)) < 1  # three actors fit on one GPU
+    with pytest.raises(ValueError):
+        gpu_memory_fraction(0.5, margin=1)
+
+
+# --- shipped files --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tune_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_study_is_valid(path: Path) -> None:
+    study = load_study(path)  # every searched key exists and every corner of the space validates
+    assert study.space and study.objective.names
+
+
+def test_required_studies_exist() -> None:
+    names = {p.stem for p in (ROOT / "tune_configs").glob("*.yaml")}
+    assert {"fairlora_rank_lr", "fairlora_fairness", "fairfed_beta", "qffl_q", "fedhelp"} <= names
+    methods = {load_study(ROOT / "tune_configs" / f"{n}.yaml").config().algorithm["name"] for n in names}
+    assert {"fairlora", "fairfed", "qffl", "fedhelp"} <= methods
+
+
+def _raysim_commands(text: str) -> list[list[str]]:
+    """Every `python -m raysim.X ...` command line in a file (YAML strings, shell, Markdown)."""
+    commands = []
+    for line in text.replace("\\\n", " ").splitlines():
+        match = re.search(r"python -m (raysim\.\w+)(.*)", line)
+        if match:
+            commands.append([match.group(1), *shlex.split(match.group(2).split("#")[0].strip().strip("\"'],"), posix=True)])
+    return commands
+
+
+def test_cluster_files_parse_and_name_real_commands() -> None:
+    import importlib.util
+
+    files = sorted((ROOT / "cluster").iterdir())
+    yamls = [p for p in files if p.suffix == ".yaml"]
+    assert {"aws-gpu.yaml", "rayjob.yaml", "runtime_env.yaml"} <= {p.name for p in yamls}
+    for path in yamls:
+        assert list(yaml.safe_load_all(path.read_text())), path
+    version = re.search(r"^version = (\S+)", (ROOT / "setup.cfg").read_text(), re.M).group(1)
+    assert f"raysim-{version}-py3-none-any.whl" in (ROOT / "cluster" / "runtime_env.yaml").read_text()
+    commands = [c for p in [*files, ROOT / "README.md"] if p.is_file() for c in _raysim_commands(p.read_text())]
+    assert {"raysim.run", "raysim.tune"} <= {c[0] for c in commands}
+    for module, *args in commands:
+        assert importlib.util.find_spec(module) is not None, module
+        overrides = [a for a in args if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+=\S*", a)]
+        if module == "raysim.run" and overrides:
+            config.load(None, [o for o in overrides if "data.root" not in o])  # every key exists
+        for arg in args:
+            if arg.startswith("tune_configs/"):
+                load_study(ROOT / arg)
+
+
+# --- a real study through Ray Tune ----------------------------------------------------------
+
+
+@pytest.mark.timeout(400)
+def test_tiny_study_writes_trials_and_best(ray_session, oph_root: Path, tmp_path: Path) -> None:
+    from raysim import run
+    from raysim.tune import main
+
+    base = tmp_path / "base.yaml"
+    base.write_text(config.dump(config.load(None, tiny_overrides(oph_root, **{"eval.bootstrap": 0, "resources.num_cpus": 0.2}))))
+    study = tmp_path / "tiny.yaml"
+    study.write_text(yaml.safe_dump({"base": "base.yaml", "search_space": {"federation.lr": {"grid_search": [0.001, 0.01]}}, "objective": "auc - 0.5*eod", "num_samples": 1}))
+    out = tmp_path / "study"
+    assert main([str(study), "--out", str(out)]) == 0
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 2 and set(trials["federation.lr"]) == {0.001, 0.01}
+    assert (trials["status"] == "TERMINATED").all()
+    assert {"objective", "best_round", "val_auc", "val_eod", "test_auc", "final_objective"} <= set(trials.columns)
+    assert trials["objective"].iloc[0] >= trials["objective"].iloc[1]  # best first
+    assert pd.read_csv(out / "trials.csv")["trial_id"].tolist() == trials["trial_id"].tolist()
+    assert list(out.glob("*/events.out.tfevents.*")), "TensorBoard logs of every trial"
+    best = config.load(out / "best.yaml")
+    assert best.federation.lr == trials["federation.lr"].iloc[0] and best.data.root == str(oph_root)
+    assert run.main(["--config", str(out / "best.yaml"), "--out", str(tmp_path / "rerun"), "federation.rounds=1"]) == 0
+    assert (tmp_path / "rerun" / "metrics.parquet").exists()
