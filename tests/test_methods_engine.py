@@ -27,7 +27,7 @@ def run_method(name: str, root: Path, run_dir: Path) -> tuple[pd.DataFrame, list
 
 
 def traffic(metrics: pd.DataFrame, metric: str) -> pd.Series:
-    rows = metrics[(metrics["split"] == "train") & (metrics["metric"] == metric) & (metrics["client"] != "mean")]
+    rows = metrics[(metrics["split"] == "train") & (metrics["metric"] == metric) & ~metrics["client"].str.startswith("mean")]
     return rows.set_index(["round", "client"])["value"]
 
 
@@ -40,7 +40,8 @@ def test_the_registry_holds_every_method_of_the_issue() -> None:
 def test_method_runs_two_rounds_through_ray_actors(name: str, ray_session, oph_root: Path, tmp_path: Path) -> None:
     metrics, lines = run_method(name, oph_root, tmp_path / name)
     test = metrics[(metrics["round"] == 2) & (metrics["split"] == "test") & (metrics["metric"] == "auc") & (metrics["attribute"] == "")]
-    assert set(test["client"]) == {"site1", "site2", "site3", "mean"}
+    roles = {f"mean:{r}" for r in test["role"] if r}  # FedHelp adds mean:large / mean:small
+    assert set(test["client"]) == {"site1", "site2", "site3", "mean"} | roles
     assert test["value"].between(0, 1).all()
     down, up = traffic(metrics, "bytes_down"), traffic(metrics, "bytes_up")
     assert set(down.index.get_level_values("round")) == {1, 2} and len(down) == len(up) == 6
