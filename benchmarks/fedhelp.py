@@ -1,6 +1,7 @@
 """FedHelp vs FedAvg vs local training on 6 quantity-skewed clients: the FedHelp table.
 
     python benchmarks/fedhelp.py [--seeds 0 1 2] [--rounds 6] [--out DIR] [--sets synthetic medmnist]
+                                 [--methods fedhelp fedavg local fedhelp+weighting=examples ...]
 
 Two sets, both split [0.6, 0.2, 0.08, 0.06, 0.04, 0.02] (the paper's pneumonia ratios):
 - `synthetic`: the embedded synthetic set with its sites pooled (the `fedhelp` preset);
@@ -12,7 +13,8 @@ FedAvg and local train the small model (resnet10t) only; FedHelp adds each large
 private resnet50. Reported: the mean over small clients of test accuracy and AUC, the mean
 over large clients of test accuracy (FedHelp: the private model), and MB sent per client
 per round, at the evaluated round with the best mean validation accuracy; mean ± std over
-seeds. Finished runs under --out are reused. Not part of CI.
+seeds. A method may carry FedHelp hyperparameters for an ablation (`fedhelp+kd_public=0`
+runs with `algorithm.kd_public=0`). Finished runs under --out are reused. Not part of CI.
 """
 
 from __future__ import annotations
@@ -61,15 +63,16 @@ def medmnist_fixture(out: Path, img_size: int = 28) -> Path:
 
 
 def overrides(data_set: str, method: str, seed: int, args: argparse.Namespace) -> list[str]:
-    common = [f"algorithm.name={method}", f"seed={seed}", f"federation.rounds={args.rounds}", "eval.bootstrap=0"]
-    if method != "fedhelp":
+    name, *params = method.split("+")
+    common = [f"algorithm.name={name}", *(f"algorithm.{p}" for p in params), f"seed={seed}", f"federation.rounds={args.rounds}", "eval.bootstrap=0"]
+    if name != "fedhelp":
         common.append("model.name=resnet10t")  # the same small model FedHelp shares
     if data_set == "synthetic":
         return common
     weights = ensure_pretrained(config.ModelConfig(name="resnet50", img_size=28))
     fm = f"algorithm.foundation={{backend: timm, model: resnet50, weights: '{weights}', img_size: 28}}"
     data = ["data.name=medmnist", f"data.root={args.out / 'medmnist-data'}", "data.partition=quantity", f"data.ratios={RATIOS}", "model.img_size=28"]
-    return common + data + ([fm] if method == "fedhelp" else [])
+    return common + data + ([fm] if name == "fedhelp" else [])
 
 
 def run_once(data_set: str, method: str, seed: int, args: argparse.Namespace) -> Path:
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--sets", nargs="+", default=["synthetic", "medmnist"], choices=["synthetic", "medmnist"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="methods, optionally with FedHelp ablations: fedhelp+weighting=examples")
     parser.add_argument("--out", type=Path, default=Path("benchmark-runs/fedhelp"))
     args = parser.parse_args()
     args.out = args.out.resolve()
@@ -128,7 +132,7 @@ def main() -> None:
     for seed in args.seeds:
         for data_set in args.sets:
             roles = roles_of(data_set, args)
-            for method in METHODS:
+            for method in args.methods:
                 row = summary(run_once(data_set, method, seed, args), roles)
                 rows.append({"set": data_set, "method": method, "seed": seed, **row})
                 print(f"{data_set:<9} {method:<8} seed {seed}: small acc {100 * row['small_acc']:.1f}, small AUC {100 * row['small_auc']:.1f}, "
@@ -136,10 +140,10 @@ def main() -> None:
     frame = pd.DataFrame(rows)
     frame.to_csv(args.out / "fedhelp.csv", index=False)
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}, {args.rounds} rounds, seeds {args.seeds}")
-    print("| set | method | small acc | small AUC | large acc | MB / client / round |\n|---|---|---|---|---|---|")
+    print("| set | method | small acc | small AUC | large acc | MB / client / round | wall (s) |\n|---|---|---|---|---|---|---|")
     for (data_set, method), g in frame.groupby(["set", "method"], sort=False):
         cells = [f"{100 * g[c].mean():.1f} ± {100 * g[c].std(ddof=0):.1f}" for c in ("small_acc", "small_auc", "large_acc")]
-        print(f"| {data_set} | {method} | " + " | ".join(cells) + f" | {g['mb_per_client_round'].mean():.2f} |")
+        print(f"| {data_set} | {method} | " + " | ".join(cells) + f" | {g['mb_per_client_round'].mean():.2f} | {g['seconds'].mean():.0f} |")
 
 
 if __name__ == "__main__":
