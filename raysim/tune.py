@@ -1,7 +1,7 @@
 """`python -m raysim.tune`: a Ray Tune study over any config key; each trial is one federated run.
 
     python -m raysim.tune tune_configs/fairlora_rank_lr.yaml --num-samples 2
-    python -m raysim.tune STUDY.yaml --out studies/lr --resume     # continue an interrupted study
+    python -m raysim.tune STUDY.yaml --out studies/lr --resume     # continue an interrupted study (Ctrl-C exits 130)
 
 A study file names a base config (preset or YAML file + overrides), a search space over config
 keys, an objective over validation metrics of the mean-over-clients row (e.g. `auc - 0.5*eod`),
@@ -37,6 +37,7 @@ from raysim.datasets import DataError
 
 log = logging.getLogger(__name__)
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # the shell convention for Ctrl-C
 DRIVER_CPU = 0.1  # the trial's own bundle (the trial function is the run's driver)
 ATTRIBUTE_FREE = ("auc", "acc", "bacc", "loss")  # rows with attribute ""
 FAIRNESS = ("es_auc", "es_acc", "eod", "spd")  # rows of the target attribute (data.attribute)
@@ -394,14 +395,14 @@ def _split_out(out: str) -> tuple[str, str]:
 # --- outputs --------------------------------------------------------------------------------
 
 
-def trials_table(results: Any, study: Study) -> pd.DataFrame:
+def trials_table(results: Any, study: Study, experiment: str) -> pd.DataFrame:
     """One row per trial: searched values, best and final validation metrics, test at the best round."""
     rows = []
     rounds = study.config().federation.rounds
     sign = 1 if study.mode == "max" else -1
-    for result in results:
+    for result, status in zip(results, trial_statuses(results, experiment)):
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
-        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id", ""), "status": "ERROR" if result.error else "TERMINATED"}
+        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id", ""), "status": status}
         row |= {key: (result.config or {}).get(key) for key in study.space}
         if len(history) and "objective" in history:
             scores = sign * history["objective"].astype(float)
@@ -415,6 +416,21 @@ def trials_table(results: Any, study: Study) -> pd.DataFrame:
     if "objective" in frame:
         frame = frame.sort_values("objective", ascending=study.mode == "min", na_position="last", ignore_index=True)
     return frame
+
+
+def trial_statuses(results: Any, experiment: str) -> list[str]:
+    """Each trial's status as Tune saved it: TERMINATED, ERROR, or PENDING / RUNNING when an
+    interruption (Ctrl-C) left it unfinished. The statuses `fit()` returns say TERMINATED
+    for those too (Tune stops them after saving), so they are read back from the saved state."""
+    from ray.tune import ExperimentAnalysis
+
+    saved = {Path(trial.path).name: str(trial.status) for trial in ExperimentAnalysis(experiment).trials}
+    return [saved.get(Path(result.path).name, "ERROR" if result.error else "TERMINATED") for result in results]
+
+
+def unfinished(table: pd.DataFrame) -> int:
+    """Trials an interruption left neither terminated nor errored: `--resume` continues them."""
+    return int((~table["status"].isin(["TERMINATED", "ERROR"])).sum()) if "status" in table else 0
 
 
 def write_outputs(out: str, study: Study, table: pd.DataFrame) -> ExperimentConfig | None:
@@ -480,11 +496,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.resume and not tune.Tuner.can_restore(out if "://" in out else str(Path(out).resolve())):
             raise ConfigError(f"--resume {out}: no Tune experiment there to continue")
-        results = tuner(study, out if "://" in out else str(Path(out).resolve()), resume=args.resume).fit()
+        experiment = out if "://" in out else str(Path(out).resolve())
+        results = tuner(study, experiment, resume=args.resume).fit()
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    table = trials_table(results, study)
+    table = trials_table(results, study, experiment)
     best = write_outputs(out, study, table)
     shown = [c for c in ("trial_id", "status", *study.space, "best_round", "objective", "test_auc") if c in table]
     print(table[shown].to_string(index=False))
@@ -492,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         print("no trial reported a finite objective; see the errors above", file=sys.stderr)
     print("wrote trials.parquet, trials.csv, best.yaml (python -m raysim.run --config best.yaml) and Tune's results (tensorboard --logdir) in:")
     print(out)
+    if unfinished(table):
+        print(f"study interrupted: {unfinished(table)} of {len(table)} trial(s) unfinished, best.yaml is the best so far; "
+              f"continue with: python -m raysim.tune {args.study} --out {out} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0 if best is not None else 1
 
 
