@@ -494,9 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         connect_ray()
         from ray import tune
 
-        if args.resume and not tune.Tuner.can_restore(out if "://" in out else str(Path(out).resolve())):
-            raise ConfigError(f"--resume {out}: no Tune experiment there to continue")
         experiment = out if "://" in out else str(Path(out).resolve())
+        if args.resume and not tune.Tuner.can_restore(experiment):
+            raise ConfigError(f"--resume {out}: no Tune experiment there to continue")
         results = tuner(study, experiment, resume=args.resume).fit()
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
