@@ -9,10 +9,12 @@ from typing import Any
 import ray
 import torch
 
+from raysim import provenance
 from raysim.client import Client
 from raysim.config import ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec
 from raysim.datasets.cache import load_cached
+from raysim.determinism import deterministic_torch
 from raysim.types import Predictions, Tensors, Update
 
 GPU_MEMORY_MARGIN = 0.05  # of the actor's share, left for its CUDA context and allocator slack
@@ -39,7 +41,7 @@ class ClientHost:
     """Plain-Python body of the actor (testable without Ray)."""
 
     def __init__(self, cfg: ExperimentConfig, specs: list[ClientSpec], context: dict[str, Any] | None = None) -> None:
-        torch.set_num_threads(cfg.resources.threads_per_client)
+        deterministic_torch(cfg.resources.threads_per_client)  # first: before CUDA starts
         from raysim.algorithms import ALGORITHMS
 
         self.cfg = cfg
@@ -67,7 +69,7 @@ class ClientHost:
         return {
             cid: {split: {"n": len(shard.table), "dropped": dict(shard.dropped)} for split, shard in c.shards.items()}
             for cid, c in self.clients.items()
-        } | {"_pid": os.getpid(), "_device": str(self.device)}
+        } | {"_pid": os.getpid(), "_device": str(self.device), "_machine": provenance.machine(str(self.device))}
 
     def fit(self, client_id: str, payload: Tensors, round_: int) -> Update:
         return self.algorithm.client_fit(self.clients[client_id], payload, round_)

@@ -8,6 +8,7 @@ run is a function of its config: the number of actors and their scheduling chang
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ from raysim.algorithms.aggregation import non_finite
 from raysim.client_actor import ClientActor
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec
+from raysim.determinism import deterministic_torch
 from raysim.metrics import UndefinedMetricWarning
 from raysim.pretrain import resolve_weights
 from raysim.seeding import derive_seed, rng
@@ -95,6 +97,8 @@ class Driver:
 
     def start(self, *, resume: bool = False) -> None:
         """Read the metadata, build the initial (or checkpointed) state and start the actors."""
+        # The server step and the metrics compute here: fixed threads, deterministic kernels.
+        deterministic_torch(self.cfg.resources.threads_per_client)
         self.cfg = resolve_weights(self.cfg, self.echo)  # adapter methods need a pretrained backbone
         self.algorithm = ALGORITHMS.get(self.cfg.algorithm["name"])(self.cfg.algorithm_params(), self.cfg)
         specs = self.algorithm.arrange_clients(self.source.client_specs())
@@ -236,7 +240,7 @@ class Driver:
             self._check_capacity(len(groups))
         elif len(pg.bundle_specs) < len(groups) + 1:
             raise ConfigError(f"the placement group has {len(pg.bundle_specs)} bundles; {len(groups)} client actors need {len(groups) + 1} (the driver's + one each)")
-        handles = []
+        handles, machines = [], []
         for i, group in enumerate(groups):
             pinned = {} if pg is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i + 1)}
             actor = ClientActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, **pinned).remote(self.cfg, group, self.context)
@@ -248,10 +252,14 @@ class Driver:
                 info = ray.get(actor.describe.remote())
             except RayTaskError as err:
                 raise _unwrap(err) from None
+            machines.append(info["_machine"])
             for cid, splits in ((k, v) for k, v in info.items() if not k.startswith("_")):
                 dropped = sum((Counter(s["dropped"]) for s in splits.values()), Counter())
                 note = f"; skipped {dict(dropped)}" if dropped else ""
                 self.echo(f"  {cid}: " + ", ".join(f"{split} {s['n']}" for split, s in splits.items()) + note)
+        # What the clients computed on (distinct machines only): what tells two runs' numbers apart.
+        distinct = list({json.dumps(m, sort_keys=True, default=str): m for m in machines}.values())
+        provenance.add(self.run_dir, "actor_machines" if self.next_round == 1 else f"actor_machines_from_round_{self.next_round}", distinct)
 
     def _check_capacity(self, n_actors: int) -> None:
         if os.environ.get("RAY_ADDRESS"):

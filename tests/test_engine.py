@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
+import torch
 import yaml
 
 from raysim import config
@@ -75,6 +77,20 @@ def test_two_clients_two_rounds_output_contract(ray_session, oph_root: Path, tmp
     assert auc(site1["label"].to_numpy(), site1["score"].to_numpy()) == pytest.approx(r2[r2["client"] == "site1"]["value"].item())
     assert latest_checkpoint(run_dir).name == "round_0002"
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    # provenance tells machines apart: CPU, kernels chosen by instruction set, math libraries, threads
+    record = json.loads((run_dir / "provenance.json").read_text())
+    assert record["cpu"]["model"] and record["math"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert {"mkl", "onednn", "ATEN_CPU_CAPABILITY", "cpu_count"} <= set(record["math"])
+    (actor,) = record["actor_machines"]  # one machine: the actors share this host
+    assert actor["cpu_capability"] == record["math"]["cpu_capability"]
+    assert actor["torch_settings"] == {
+        "torch_threads": 1,
+        "cudnn_deterministic": True,
+        "cudnn_benchmark": False,
+        "deterministic_algorithms": True,
+        "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+    }
 
 
 def test_same_seed_and_any_actor_layout_give_identical_metrics(ray_session, oph_root: Path, tmp_path: Path) -> None:
