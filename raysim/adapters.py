@@ -60,6 +60,14 @@ class LowRankAdapter(nn.Module):
         conv = self.base
         return F.conv2d(x, self.lora_A, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
 
+    def down_weight(self) -> torch.Tensor:
+        """A as a view in torch's layer layout, (r, fan-in): Linear (r, in), Conv2d (r, in·k·k).
+
+        Initialisers read the fan-in from dimension 1: on the stored (in, r) linear A it would
+        be r, not in_features.
+        """
+        return self.lora_A.T if isinstance(self.base, nn.Linear) else self.lora_A.view(self.rank, -1)
+
     def up(self, h: torch.Tensor) -> torch.Tensor:
         return h @ self.lora_B if isinstance(self.base, nn.Linear) else F.conv2d(h, self.lora_B)
 
@@ -71,11 +79,12 @@ class LowRankAdapter(nn.Module):
 
 
 class LoRA(LowRankAdapter):
-    """Plain LoRA: A random (Kaiming, as in PEFT), B zero, so training starts at W0."""
+    """Plain LoRA: A random (Kaiming with a = √5 as in PEFT: bound 1/√fan-in), B zero, so
+    training starts at W0."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
         super().__init__(base, rank, alpha)
-        nn.init.kaiming_uniform_(self.lora_A.view(self.lora_A.shape[0], -1), a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.down_weight(), a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
 

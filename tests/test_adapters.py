@@ -238,3 +238,22 @@ def test_slice_fold_passes_each_volumes_group_to_all_its_slice_groups() -> None:
     alone = forward(model, Batch(x[1:], torch.zeros(1, dtype=torch.long), {}, torch.arange(1), torch.tensor([2])))
     assert torch.allclose(both[1], alone[0], atol=1e-5)
 
+
+
+# --- initialisation: PEFT's bounds, and seeded by cfg.seed alone -----------------------------------
+
+
+def test_lora_a_init_bound_is_one_over_sqrt_fan_in() -> None:
+    """PEFT: kaiming_uniform(a=√5) on A as a layer weight (r, fan_in) gives bound 1/√fan_in."""
+    torch.manual_seed(0)
+    linear = adapters.LoRA(nn.Linear(3072, 768), 12, 2.0)  # ViT-B fc2: fan-in 3072, not r = 12
+    bound = 1 / np.sqrt(3072)
+    assert linear.lora_A.shape == (3072, 12)
+    assert bound * 0.99 < linear.lora_A.abs().max().item() <= bound
+    base = nn.Conv2d(64, 32, kernel_size=3, padding=1)
+    torch.manual_seed(1)
+    conv = adapters.LoRA(base, 8, 8.0)
+    torch.manual_seed(1)
+    expected = torch.empty(8, 64, 3, 3)
+    nn.init.kaiming_uniform_(expected.view(8, -1), a=np.sqrt(5))  # conv adapters were right: unchanged
+    assert torch.equal(conv.lora_A, expected) and conv.lora_A.abs().max().item() <= 1 / np.sqrt(64 * 9)
