@@ -18,6 +18,7 @@ from torch import nn
 from raysim.algorithms.aggregation import weighted_average
 from raysim.models import build_model, exchangeable_keys
 from raysim.registry import Registry
+from raysim.seeding import derive_seed
 from raysim.training import Batch, cross_entropy, make_optimizer, train_epochs
 from raysim.types import Tensors, Update
 
@@ -56,7 +57,12 @@ class Algorithm:
     def build_model(self, source: DataSource) -> nn.Module:
         """The model every client and the server start from (same seed: the same everywhere)."""
         model = build_model(self.cfg.model, num_classes=source.num_classes, in_chans=source.channels, seed=self.cfg.seed, slices=source.volume_slices)
-        return self.adapt(model, source)
+        # Adapters draw initial values (LoRA's A, FairLoRA's B): from the seed alone, not from
+        # whatever the process's RNG went through before (several runs in one process). Only
+        # the CPU generator is seeded, inside a fork, so the caller's RNG state is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(derive_seed(self.cfg.seed, "adapters"))
+            return self.adapt(model, source)
 
     def adapt(self, model: nn.Module, source: DataSource) -> nn.Module:
         """Change the model before training (adapter methods inject adapters and freeze the rest)."""

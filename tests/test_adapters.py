@@ -257,3 +257,24 @@ def test_lora_a_init_bound_is_one_over_sqrt_fan_in() -> None:
     expected = torch.empty(8, 64, 3, 3)
     nn.init.kaiming_uniform_(expected.view(8, -1), a=np.sqrt(5))  # conv adapters were right: unchanged
     assert torch.equal(conv.lora_A, expected) and conv.lora_A.abs().max().item() <= 1 / np.sqrt(64 * 9)
+
+
+def build_adapted(root: Path, name: str, seed: int) -> dict[str, torch.Tensor]:
+    overrides = {"algorithm.name": name, "algorithm.rank": 6, "seed": seed}
+    cfg = config.load(None, tiny_overrides(root, **overrides))
+    source = DATASETS.get("fairfedmed_oph")(cfg.data, img_size=16, seed=0)
+    return ALGORITHMS.get(name)(cfg.algorithm_params(), cfg).build_model(source).state_dict()
+
+
+@pytest.mark.parametrize("name", ["fedlora", "fairlora"])
+def test_adapter_init_depends_only_on_the_seed(oph_root: Path, name: str) -> None:
+    global_rng = torch.get_rng_state()
+    first = build_adapted(oph_root, name, seed=0)
+    assert torch.equal(torch.get_rng_state(), global_rng)  # the process's RNG is left alone
+    torch.rand(1000)  # unrelated RNG use between two runs in one process
+    second = build_adapted(oph_root, name, seed=0)
+    other = build_adapted(oph_root, name, seed=1)
+    random_init = "lora_A" if name == "fedlora" else "lora_B"  # FairLoRA's A starts at 0
+    keys = [k for k in first if k.endswith(random_init)]
+    assert keys and all(torch.equal(first[k], second[k]) for k in first)
+    assert all(not torch.equal(first[k], other[k]) for k in keys)
