@@ -2,7 +2,8 @@
 
 Each adapted layer computes `W0·x + (alpha/r)·((x·A) ⊙ π(g)S)·B`. The server averages S row
 by row with each client's count of that group, makes the first half of S shared across
-groups, and blends the result with the previous global by a round-dependent EMA. An optional
+groups, and blends the result with the previous global by a round-dependent EMA
+(β_t = ema·(t−1)/T, FedLoRA's `server_blend`; 0 in the first round). An optional
 differentiable group-fairness loss (`lambda_fair`, 0 as in the paper) penalises unequal error.
 Rules: specs/fairfedmed.md.
 """
@@ -29,7 +30,7 @@ from raysim.types import Tensors, Update
 class FairLoRAParams(LoRAParams):
     own_weight: float = 0.7  # π's weight on the sample's own group (reference code); 1.0 = the paper's one-hot
     lambda_fair: float = 0.0  # weight of the differentiable group-fairness loss (0 in the paper)
-    ema: float = 0.999  # β_t = ema · t / T blends the new global with the previous one; 0 disables
+    ema: float = 0.999  # the reference's server EMA (FedLoRA's field, off there): β_t = ema·(t−1)/T; 0 disables
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -37,8 +38,6 @@ class FairLoRAParams(LoRAParams):
             raise ValueError(f"algorithm.own_weight must be in (0, 1], got {self.own_weight}")
         if self.lambda_fair < 0:
             raise ValueError(f"algorithm.lambda_fair must be >= 0, got {self.lambda_fair}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"algorithm.ema must be in [0, 1), got {self.ema}")
 
 
 @register_algorithm("fairlora")
@@ -81,8 +80,7 @@ class FairLoRA(FedLoRA):
         for key in singular_value_keys(previous):
             rows = aggregate_singular_values([t[key] for t in tensors], counts, previous[key])
             averaged[key] = share_first_half(rows)
-        beta = self.params.ema * round_ / self.cfg.federation.rounds
-        return {**state, "weights": ema(averaged, previous, beta)}
+        return {**state, "weights": self.server_blend(round_, averaged, previous)}
 
     def _groups(self, payload: Tensors) -> int:
         key = next(iter(singular_value_keys(payload)))
@@ -124,13 +122,6 @@ def share_first_half(s: torch.Tensor) -> torch.Tensor:
     out = s.clone()
     out[:, :half] = s[:, :half].to(torch.float64).mean(dim=0, keepdim=True).to(s.dtype)
     return out
-
-
-def ema(new: Tensors, previous: Tensors, beta: float) -> dict[str, torch.Tensor]:
-    """w = (1 - β)·new + β·previous for float tensors (integer buffers take the new value)."""
-    if beta == 0:
-        return dict(new)
-    return {k: ((1 - beta) * v.to(torch.float64) + beta * previous[k].to(torch.float64)).to(v.dtype) if v.is_floating_point() else v for k, v in new.items()}
 
 
 def group_error_gap(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,23 @@
 """FedLoRA: a frozen pretrained backbone with LoRA adapters; adapters, head and BatchNorm
-affine parameters are trained and averaged as FedAvg does (each of A and B independently)."""
+affine parameters are trained and averaged as FedAvg does (each of A and B independently).
+
+`ema` > 0 blends each new global with the previous one on FairLoRA's schedule (the same code),
+so the two methods can be compared under one server step; 0 (the default) is FedAvg's rule.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from raysim import adapters
-from raysim.algorithms.base import Algorithm, register_algorithm
+from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
 from raysim.config import ConfigError
 from raysim.datasets.base import DataSource
+from raysim.types import Tensors, Update
 
 
 @dataclass
@@ -19,12 +25,15 @@ class LoRAParams:
     rank: int | None = None  # adapter rank r; None: the architecture's default (ViT 12, ResNet 32)
     alpha: float | None = None  # the low-rank path is scaled by alpha / r; None: ViT 2, ResNet 8
     targets: list[str] = field(default_factory=list)  # regexes over layer names; empty: the architecture's defaults
+    ema: float = 0.0  # server EMA: new global = (1-β_t)·average + β_t·previous, β_t = ema·(t−1)/T; 0 = FedAvg
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"algorithm.rank must be >= 1, got {self.rank}")
         if self.alpha is not None and not self.alpha > 0:
             raise ValueError(f"algorithm.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"algorithm.ema must be in [0, 1), got {self.ema}")
         for pattern in self.targets:
             try:
                 re.compile(pattern)
@@ -56,3 +65,30 @@ class FedLoRA(Algorithm):
 
     def target_layers(self, model: nn.Module) -> list[str]:
         return adapters.matching_layers(model, self.params.targets) if self.params.targets else adapters.default_targets(model)
+
+    def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
+        averaged = super().aggregate(round_, updates, state)["weights"]
+        return {**state, "weights": self.server_blend(round_, averaged, state["weights"])}
+
+    def server_blend(self, round_: int, averaged: Tensors, previous: Tensors) -> dict[str, torch.Tensor]:
+        """The round's average blended with the previous global by the EMA schedule."""
+        return ema(averaged, previous, ema_beta(self.params.ema, round_, self.cfg.federation.rounds))
+
+
+def ema_beta(strength: float, round_: int, rounds: int) -> float:
+    """β_t = strength·(t−1)/T for rounds t = 1..T (`algorithm.ema`; specs/fairfedmed.md).
+
+    β_1 = 0: the reference code counts epochs from 0, so the first round takes the clients'
+    average unblended. T is the configured number of rounds, so resuming or stopping early
+    does not change the schedule.
+    """
+    if not 1 <= round_ <= rounds:
+        raise ValueError(f"EMA schedule: round {round_} is outside 1..{rounds} (federation.rounds)")
+    return strength * (round_ - 1) / rounds
+
+
+def ema(new: Tensors, previous: Tensors, beta: float) -> dict[str, torch.Tensor]:
+    """w = (1 - β)·new + β·previous for float tensors (integer buffers take the new value)."""
+    if beta == 0:
+        return dict(new)  # not even a float64 round trip: bit for bit the plain average
+    return {k: ((1 - beta) * v.to(torch.float64) + beta * previous[k].to(torch.float64)).to(v.dtype) if v.is_floating_point() else v for k, v in new.items()}

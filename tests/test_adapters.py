@@ -12,13 +12,15 @@ from torch import nn
 
 from raysim import adapters, config
 from raysim.algorithms import ALGORITHMS
-from raysim.algorithms.fairlora import aggregate_singular_values, ema, group_error_gap, share_first_half
+from raysim.algorithms.aggregation import weighted_average
+from raysim.algorithms.fairlora import aggregate_singular_values, group_error_gap, share_first_half
+from raysim.algorithms.fedlora import ema, ema_beta
 from raysim.client_actor import ClientHost
 from raysim.config import ConfigError
 from raysim.datasets import DATASETS
 from raysim.models import SliceFold
 from raysim.training import Batch, forward
-from raysim.types import nbytes
+from raysim.types import Update, nbytes
 
 from conftest import tiny_overrides
 
@@ -194,8 +196,8 @@ def test_fairlora_server_round_on_real_updates(oph_root: Path) -> None:
     state = algorithm.init_state(host.clients["site1"].model)
     payload = algorithm.payload(state, 1)
     updates = [host.fit(cid, payload, 1) for cid in ("site1", "site2")]
-    new = algorithm.aggregate(1, updates, state)["weights"]
-    beta = 0.999 * 1 / 2  # round 1 of 2
+    new = algorithm.aggregate(2, updates, state)["weights"]
+    beta = 0.999 * (2 - 1) / 2  # round 2 of 2
     for key in (k for k in new if k.endswith("lora_S")):
         s = new[key]
         assert torch.equal(s[:, :3], s[:1, :3].expand_as(s[:, :3]))  # the shared half
@@ -278,3 +280,48 @@ def test_adapter_init_depends_only_on_the_seed(oph_root: Path, name: str) -> Non
     keys = [k for k in first if k.endswith(random_init)]
     assert keys and all(torch.equal(first[k], second[k]) for k in first)
     assert all(not torch.equal(first[k], other[k]) for k in keys)
+
+
+# --- the server's EMA, shared by FedLoRA and FairLoRA ---------------------------------------------
+
+
+def lora_algorithm(name: str, rounds: int, **params: object):  # type: ignore[no-untyped-def]
+    overrides = [f"algorithm.name={name}", f"federation.rounds={rounds}", "data.name=synthetic"] + [f"algorithm.{k}={v}" for k, v in params.items()]
+    cfg = config.load(None, overrides)
+    return ALGORITHMS.get(name)(cfg.algorithm_params(), cfg)
+
+
+def fake_updates() -> tuple[list[Update], dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    tensors = [{"w": torch.randn(4, 3, generator=gen), "n": torch.tensor(k + 1)} for k in range(3)]
+    updates = [Update(f"c{k}", t, num_examples=10 * (k + 1), extra={"group_counts": [1]}) for k, t in enumerate(tensors)]
+    return updates, {"w": torch.randn(4, 3, generator=gen), "n": torch.tensor(0)}
+
+
+def test_ema_schedule_starts_at_zero_and_ends_one_round_short() -> None:
+    T = 6
+    assert ema_beta(0.999, 1, T) == 0.0
+    assert ema_beta(0.999, T, T) == pytest.approx(0.999 * (T - 1) / T)
+    assert ema_beta(0.0, 4, T) == 0.0
+    for bad in (0, T + 1):
+        with pytest.raises(ValueError, match="round"):
+            ema_beta(0.999, bad, T)
+    assert lora_algorithm("fairlora", T).params.ema == 0.999 and lora_algorithm("fedlora", T).params.ema == 0.0
+    for bad_ema in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="algorithm.ema"):
+            lora_algorithm("fedlora", T, ema=bad_ema)
+
+
+@pytest.mark.parametrize("round_", [1, 3, 4])
+def test_fedlora_ema_blends_as_fairlora_and_zero_is_fedavg(round_: int) -> None:
+    updates, previous = fake_updates()
+    state = {"weights": previous}
+    fedavg = weighted_average([u.tensors for u in updates], [u.num_examples for u in updates])
+    plain = lora_algorithm("fedlora", 4).aggregate(round_, updates, state)["weights"]
+    assert all(torch.equal(plain[k], fedavg[k]) for k in fedavg)  # ema = 0: bit for bit FedAvg
+    lora = lora_algorithm("fedlora", 4, ema=0.999).aggregate(round_, updates, state)["weights"]
+    fair = lora_algorithm("fairlora", 4).aggregate(round_, updates, state)["weights"]
+    assert all(torch.equal(lora[k], fair[k]) for k in fair)  # one schedule, one blend
+    beta = 0.999 * (round_ - 1) / 4
+    expected = (1 - beta) * fedavg["w"].double() + beta * previous["w"].double()
+    assert torch.allclose(lora["w"].double(), expected, atol=1e-6) and torch.equal(lora["n"], fedavg["n"])
