@@ -60,10 +60,20 @@ class Client:
         return self.model
 
     def keep(self, keys: set[str] | None = None) -> None:
-        """Save the model's current values of `keys` (default: all) as this client's own state."""
+        """Save the model's current values of `keys` (default: all) as this client's own state.
+
+        Only values that differ from the shared initial state are stored: `load` overlays
+        them on it anyway, and a frozen backbone (an adapter method's) would otherwise be
+        copied once per client. A value back at its initial one is dropped.
+        """
         current = self.model.state_dict()
         for key in keys if keys is not None else current:
-            self.own_state[key] = current[key].detach().clone()
+            value = current[key]
+            initial = self.initial_state.get(key)
+            if initial is not None and torch.equal(value, initial):
+                self.own_state.pop(key, None)
+            else:
+                self.own_state[key] = value.detach().clone()
 
     def batches(self, split: str, *, batch_size: int, seed: int | None = None) -> Iterator[Batch]:
         """Batches of a split; shuffled by `seed` (training) or in order (evaluation)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from raysim.algorithms import ALGORITHMS
 from raysim.algorithms.aggregation import weighted_average
 from raysim.algorithms.fairlora import aggregate_singular_values, group_error_gap, share_first_half
 from raysim.algorithms.fedlora import ema, ema_beta
+from raysim.client import Client
 from raysim.client_actor import ClientHost
 from raysim.config import ConfigError
 from raysim.datasets import DATASETS
@@ -325,3 +327,40 @@ def test_fedlora_ema_blends_as_fairlora_and_zero_is_fedavg(round_: int) -> None:
     beta = 0.999 * (round_ - 1) / 4
     expected = (1 - beta) * fedavg["w"].double() + beta * previous["w"].double()
     assert torch.allclose(lora["w"].double(), expected, atol=1e-6) and torch.equal(lora["n"], fedavg["n"])
+
+
+# --- what a client keeps -------------------------------------------------------------------------
+
+
+def test_client_keeps_only_what_differs_from_the_initial_state() -> None:
+    model = nn.Linear(3, 2)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    client = Client(SimpleNamespace(id="a"), {}, model, initial_state=initial, channels=3, device=torch.device("cpu"))  # type: ignore[arg-type]
+    client.keep()
+    assert client.own_state == {}
+    with torch.no_grad():
+        model.bias.add_(1.0)
+    client.keep()
+    assert client.own_state.keys() == {"bias"} and torch.equal(client.load({})(torch.ones(1, 3)), model(torch.ones(1, 3)))
+    with torch.no_grad():
+        model.bias.copy_(initial["bias"])
+    client.keep({"bias"})
+    assert client.own_state == {}  # back at its initial value: dropped again
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert all(torch.equal(v, initial[k]) for k, v in client.load({}).state_dict().items())
+
+
+def test_adapter_clients_do_not_copy_the_frozen_backbone(oph_root: Path) -> None:
+    cfg = config.load(None, tiny_overrides(oph_root, **{"algorithm.name": "fedlora", "algorithm.rank": 4}))
+    specs = DATASETS.get("fairfedmed_oph")(cfg.data, img_size=16, seed=0).client_specs()[:1]
+    host = ClientHost(cfg, specs)
+    client = host.clients["site1"]
+    state = host.algorithm.init_state(client.model)
+    payload = host.algorithm.payload(state, 1)
+    host.fit("site1", payload, 1)
+    frozen = set(client.model.state_dict()) - set(payload)
+    assert frozen and not frozen & set(client.own_state)
+    assert nbytes(client.own_state) < 0.01 * nbytes(client.model.state_dict())
+    loaded = client.load(payload).state_dict()
+    assert all(torch.equal(loaded[k], client.initial_state[k]) for k in frozen)
