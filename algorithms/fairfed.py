@@ -1,10 +1,22 @@
 """FairFed (Ezzeldin et al., "FairFed: Enabling Group Fairness in Federated Learning", AAAI 2023).
 
 Each client counts, per group of the target attribute, a confusion matrix of the received global
-model on its train split (before training). The server sums them into the global gap F_g (EOD or
-SPD, defined as in `raysim.metrics`), gives each client Δ_k = |F_g − F_k| (|Acc_g − Acc_k| where a
-gap is undefined, e.g. a client holding one group, as the paper does), moves the weights
-ω_k ← ω_k − β(Δ_k − mean Δ) and aggregates Σ ω_k θ_k / Σ ω_k.
+model on its train split (before training). The server sums them into the global gap F_g, gives
+each client Δ_k = |F_g − F_k| (|Acc_g − Acc_k| where a gap is undefined, e.g. a client holding one
+group, as the paper does), moves the weights ω_k ← ω_k − β(Δ_k − mean Δ) and aggregates
+Σ ω_k θ_k / Σ ω_k.
+
+The gap (`metric`), as in the paper for a two-group attribute A ∈ {a0, a1} (a0 < a1, the source's
+group codes), is **signed**, so a client biased the opposite way to the global model is far from it:
+- `eop`: equal opportunity TPR(A=a0) − TPR(A=a1);
+- `spd`: statistical parity P(ŷ=1 | A=a0) − P(ŷ=1 | A=a1).
+For more than two groups raysim's documented extension uses the unsigned max − min forms of
+`raysim.metrics`: `eod` (equalized odds, max of the TPR and FPR gaps) and `spd`; `eod` is also
+available for two groups. `auto` (the default) is `eop` for two groups, `eod` otherwise; `eop` on
+an attribute with more groups is a ConfigError before training.
+Multi-class tasks: a signed gap is a vector of one-vs-rest values, one per class present in the
+cohort's labels, and Δ_k is the mean |F_g,c − F_k,c| over the classes where both are defined;
+the unsigned gaps are the mean one-vs-rest value, as the evaluation metrics define them.
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +42,8 @@ from raysim.types import Update
 log = logging.getLogger(__name__)
 STATS_KEY = "group_confusion"  # Update.extra: {group code: (K, K) counts [label, prediction]}, -1 = unknown group
 Confusion = Mapping[int, np.ndarray]
+METRICS = ("auto", "eop", "spd", "eod")
+SIGNED = ("eop", "spd")  # signed when the attribute has two groups
 
 
 @dataclass
@@ -37,16 +51,31 @@ class FairFedParams:
     """The paper studies β as a fairness budget; its default here is declearn's (the Inria FairFed port)."""
 
     beta: float = 1.0  # fairness budget β >= 0 (β = 0 is FedAvg); 1.0 as in declearn's FairFed (Inria)
-    metric: str = "eod"  # the gap the weights chase: "eod" (equalized odds) or "spd" (statistical parity)
+    # The gap the weights chase: "auto" (eop for a two-group attribute, the paper's; eod otherwise),
+    # "eop" (signed equal opportunity, two groups only), "spd" (statistical parity: signed for two
+    # groups, max − min for more) or "eod" (equalized odds, max − min: raysim's extension)
+    metric: str = "auto"
     weight_floor: float = 1e-3  # a step never leaves a client below this share of the cohort's total weight, in (0, 1)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0):
             raise ValueError(f"beta must be a number >= 0, got {self.beta!r}")
-        if self.metric not in ("eod", "spd"):
-            raise ValueError(f"metric must be 'eod' or 'spd', got {self.metric!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if not 0 < self.weight_floor < 1:
             raise ValueError(f"weight_floor must be in (0, 1), got {self.weight_floor!r}")
+
+
+def resolve_metric(metric: str, groups: Mapping[int, str], attribute: str = "the target attribute") -> str:
+    """`auto` → eop (two groups) or eod; `eop` with other than two groups is a ConfigError."""
+    if metric == "auto":
+        return "eop" if len(groups) == 2 else "eod"
+    if metric == "eop" and len(groups) != 2:
+        names = ", ".join(groups.values())
+        raise ConfigError(
+            f"algorithm.metric=eop (signed equal opportunity) needs a two-group attribute; {attribute} has {len(groups)} groups ({names}): use metric=eod or spd (max − min over groups) or auto"
+        )
+    return metric
 
 
 def group_confusion(labels: npt.ArrayLike, preds: npt.ArrayLike, groups: npt.ArrayLike, num_classes: int) -> dict[int, np.ndarray]:
@@ -88,7 +117,8 @@ def _one_vs_rest(m: np.ndarray, k: int) -> np.ndarray:
 
 
 def fairness_gap(confusion: Confusion, metric: str) -> float:
-    """EOD or SPD of the counts, known groups only; multi-class: mean one-vs-rest over the labels present. NaN if undefined."""
+    """Unsigned EOD or SPD (max − min) of the counts, known groups only; multi-class: mean one-vs-rest
+    over the labels present. NaN if undefined. Equals `raysim.metrics`' eod / spd."""
     known = {g: m for g, m in sorted(confusion.items()) if g >= 0}
     if not known:
         return math.nan
@@ -101,21 +131,55 @@ def fairness_gap(confusion: Confusion, metric: str) -> float:
     return float(np.mean(defined)) if defined else math.nan
 
 
+def _rate(m: np.ndarray | None, metric: str, k: int) -> float:
+    """TPR of class k (eop) or P(ŷ = k) (spd) in one group's counts; NaN when undefined."""
+    if m is None:
+        return math.nan
+    hits, total = (m[k, k], m[k].sum()) if metric == "eop" else (m[:, k].sum(), m.sum())
+    return float(hits / total) if total > 0 else math.nan
+
+
+def signed_gaps(confusion: Confusion, metric: str, groups: tuple[int, int], classes: Sequence[int]) -> np.ndarray:
+    """rate(A=groups[0]) − rate(A=groups[1]) per class in `classes` (eop: TPR, spd: P(ŷ=k)); NaN where undefined."""
+    first, second = (confusion.get(g) for g in groups)
+    return np.array([_rate(first, metric, k) - _rate(second, metric, k) for k in classes], dtype=np.float64)
+
+
 def accuracy_of(confusion: Confusion) -> float:
     """Accuracy over every sample counted, unknown group included."""
     total = sum(int(m.sum()) for m in confusion.values())
     return sum(int(np.trace(m)) for m in confusion.values()) / total if total else math.nan
 
 
-def fairness_deltas(confusions: Sequence[Confusion], metric: str) -> list[float]:
-    """Δ_k = |F_g − F_k|, or |Acc_g − Acc_k| where F_g or F_k is undefined (NaN if both are)."""
+def fairness_deltas(confusions: Sequence[Confusion], metric: str, groups: Sequence[int] | None = None) -> list[float]:
+    """Δ_k = |F_g − F_k|, or |Acc_g − Acc_k| where F_g or F_k is undefined (NaN if both are).
+
+    `metric` is resolved (eop, spd or eod); `groups` are the target attribute's group codes (default:
+    the known groups the counts show). eop / spd with two groups are signed, the rest max − min.
+    """
     merged = merge_confusions(confusions)
-    global_gap, global_acc = fairness_gap(merged, metric), accuracy_of(merged)
-    log.debug("fairfed: global %s %.4f, accuracy %.4f", metric, global_gap, global_acc)
+    codes = sorted(groups) if groups is not None else sorted(g for g in merged if g >= 0)
+    global_acc = accuracy_of(merged)
+    if metric in SIGNED and len(codes) == 2:
+        pair = (codes[0], codes[1])
+        labels = sum(merged.values()).sum(axis=1)
+        classes = [1] if len(labels) == 2 else np.flatnonzero(labels).tolist()  # binary: the positive class
+        global_gap = signed_gaps(merged, metric, pair, classes)
+        log.debug("fairfed: global signed %s %s, accuracy %.4f", metric, np.round(global_gap, 4).tolist(), global_acc)
+        out = []
+        for part in confusions:
+            diff = np.abs(global_gap - signed_gaps(part, metric, pair, classes))
+            defined = diff[~np.isnan(diff)]
+            out.append(float(defined.mean()) if defined.size else abs(global_acc - accuracy_of(part)))
+        return out
+    if metric == "eop":
+        raise ValueError(f"eop is defined for two groups, got {codes}")
+    unsigned = fairness_gap(merged, metric)
+    log.debug("fairfed: global %s %.4f, accuracy %.4f", metric, unsigned, global_acc)
     out = []
     for part in confusions:
         local = fairness_gap(part, metric)
-        out.append(abs(global_gap - local) if not (math.isnan(global_gap) or math.isnan(local)) else abs(global_acc - accuracy_of(part)))
+        out.append(abs(unsigned - local) if not (math.isnan(unsigned) or math.isnan(local)) else abs(global_acc - accuracy_of(part)))
     return out
 
 
@@ -140,13 +204,31 @@ class FairFed(Algorithm):
 
     Params = FairFedParams
 
+    def __init__(self, params: Any, cfg: Any) -> None:
+        super().__init__(params, cfg)
+        # The target attribute's group codes, from the data source (`adapt`). Without one (the
+        # class used on its own) the known groups the cohort's counts show stand in.
+        self.groups: tuple[int, ...] | None = None
+
     def init_state(self, model: nn.Module) -> ServerState:
         return {**super().init_state(model), "fair_weights": {}}
 
     def adapt(self, model: nn.Module, source: DataSource) -> nn.Module:
+        """Runs in the driver before training (and in each actor): checks the attribute and the metric."""
         if source.attribute is None:
             raise ConfigError(f"algorithm fairfed needs a target sensitive attribute (data.attribute); data source {source.name} has none")
+        names = source.group_names[source.attribute]
+        resolve_metric(self.params.metric, names, f"data.attribute={source.attribute}")
+        self.groups = tuple(sorted(names))
         return model
+
+    def gap_metric(self, updates: Sequence[Update]) -> tuple[str, list[int]]:
+        """(resolved metric, group codes) for this aggregation."""
+        if self.groups is not None:
+            codes = list(self.groups)
+        else:
+            codes = sorted({g for u in updates for g in cast(Confusion, u.extra[STATS_KEY]) if g >= 0})
+        return resolve_metric(self.params.metric, {g: str(g) for g in codes}), codes
 
     def before_training(self, client: Client, model: nn.Module) -> dict[str, object]:
         seen = client.predict("train")  # the received global model, before local training
@@ -158,7 +240,8 @@ class FairFed(Algorithm):
         if missing:
             raise AggregationError(f"fairfed needs each client's group counts (extra[{STATS_KEY!r}]); missing from {missing}")
         known: dict[str, float] = state["fair_weights"]
-        deltas = fairness_deltas([cast(Confusion, u.extra[STATS_KEY]) for u in updates], self.params.metric)
+        metric, codes = self.gap_metric(updates)
+        deltas = fairness_deltas([cast(Confusion, u.extra[STATS_KEY]) for u in updates], metric, codes)
         weights = fairfed_weights([known.get(u.client_id, float(u.num_examples)) for u in updates], deltas, beta=self.params.beta, floor=self.params.weight_floor)
         averaged = weighted_average([u.tensors for u in updates], weights, [u.client_id for u in updates])
         return {**state, "weights": averaged, "fair_weights": {**known, **{u.client_id: w for u, w in zip(updates, weights)}}}

@@ -245,7 +245,7 @@ def test_fairfed_needs_group_counts() -> None:
         (AdaptiveParams, {"eta": -1.0}, "eta"),
         (QFFLParams, {"q": -0.5}, "q must be"),
         (FairFedParams, {"beta": -1.0}, "beta must be"),
-        (FairFedParams, {"metric": "auc"}, "metric must be 'eod' or 'spd'"),
+        (FairFedParams, {"metric": "auc"}, "metric must be one of auto, eop, spd, eod"),
         (FairFedParams, {"weight_floor": 0.0}, "weight_floor"),
     ],
 )
