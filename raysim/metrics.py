@@ -17,6 +17,12 @@ raysim's choices where the reference is loose (see ``specs/fairfedmed.md``):
   are the mean of the one-vs-rest binary values over the classes present (in the
   labels). For two classes both one-vs-rest values equal the binary value, so the
   binary and multi-class definitions agree.
+* Balanced accuracy (mean recall over the classes present) is reported per group and
+  equity-scaled (``es_bacc``) for every source, binary included: on imbalanced
+  multi-class tasks (ISIC) plain accuracy rewards the majority class.
+* ``auc_lo`` / ``auc_hi`` are a per-client bootstrap interval; the mean of two
+  clients' bounds is no interval of anything, so :func:`mean_over_clients` writes no
+  mean rows for them.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ import numpy.typing as npt
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
 
-METRIC_NAMES = ("auc", "acc", "bacc", "loss", "es_auc", "es_acc", "eod", "spd", "auc_lo", "auc_hi", "bytes_up", "bytes_down")
+METRIC_NAMES = ("auc", "acc", "bacc", "loss", "es_auc", "es_acc", "es_bacc", "eod", "spd", "auc_lo", "auc_hi", "bytes_up", "bytes_down")
 FRAME_COLUMNS = ("round", "split", "client", "role", "attribute", "group", "metric", "value")
-_GROUP_METRICS = ("auc", "acc", "auc_lo", "auc_hi")
+_GROUP_METRICS = ("auc", "acc", "bacc", "auc_lo", "auc_hi")
+NOT_AVERAGED = ("auc_lo", "auc_hi")  # per-client intervals: no mean rows (see the module docstring)
 Row = tuple[str, str, str, float]  # (attribute, group, metric, value)
 _EPS = 1e-7
 _MAX_BOOT_CELLS = 2_000_000  # resample-matrix cells processed at once
@@ -306,13 +313,13 @@ def _group_seed(seed: int, code: int) -> int:
 
 def _group_stats(
     y: np.ndarray, s: np.ndarray, preds: np.ndarray, n_boot: int, seed: int
-) -> tuple[float, float, float, float]:
-    """AUC, accuracy and bootstrap AUC interval of one group's samples (NaN when undefined)."""
+) -> tuple[float, float, float, float, float]:
+    """AUC, accuracy, balanced accuracy and bootstrap AUC interval of one group's samples (NaN when undefined)."""
     value = auc(y, s)
     lo, hi = (math.nan, math.nan)
     if n_boot > 0 and not math.isnan(value):  # (an undefined AUC's interval would only repeat the warning)
         lo, hi = bootstrap_auc_interval(y, s, n_boot=n_boot, seed=seed)
-    return value, accuracy(y, preds), lo, hi
+    return value, accuracy(y, preds), balanced_accuracy(y, preds), lo, hi
 
 
 def _attribute_codes(attr: str, raw: npt.ArrayLike, names: Mapping[int, str], n: int) -> np.ndarray:
@@ -337,30 +344,31 @@ def client_metrics(
     """All metrics of one client's evaluation set as (attribute, group, metric, value) rows.
 
     Whole-population rows (attribute and group ``""``): auc, acc, bacc, loss. Per
-    attribute: es_auc, es_acc, eod, spd (group ``""``), then auc, acc, auc_lo, auc_hi for
-    every group listed in ``group_names[attr]`` in code order (NaN when absent). The
-    bootstrap seed of a group is derived from ``seed`` and its code.
+    attribute: es_auc, es_acc, es_bacc, eod, spd (group ``""``), then auc, acc, bacc,
+    auc_lo, auc_hi for every group listed in ``group_names[attr]`` in code order (NaN
+    when absent). The bootstrap seed of a group is derived from ``seed`` and its code.
 
     Raises:
         ValueError: If an attribute has no group names, or uses a code that is not listed.
     """
     y, s = _prepare(labels, scores)
     preds = predictions(s)
-    overall_auc, overall_acc = auc(y, s), accuracy(y, preds)
+    overall_auc, overall_acc, overall_bacc = auc(y, s), accuracy(y, preds), balanced_accuracy(y, preds)
     rows: list[Row] = [("", "", "auc", overall_auc), ("", "", "acc", overall_acc)]
-    rows += [("", "", "bacc", balanced_accuracy(y, preds)), ("", "", "loss", log_loss(y, s))]
+    rows += [("", "", "bacc", overall_bacc), ("", "", "loss", log_loss(y, s))]
     for attr, raw in attributes.items():
         if attr not in group_names:
             raise ValueError(f"no group names for attribute {attr!r}")
         names = group_names[attr]
         codes = _attribute_codes(attr, raw, names, len(y))
-        stats: dict[int, tuple[float, float, float, float]] = {}
+        stats: dict[int, tuple[float, float, float, float, float]] = {}
         for code in sorted(names):
             m = codes == code
             stats[code] = _group_stats(y[m], s[m], preds[m], n_boot, _group_seed(seed, code))
         rows += [
             (attr, "", "es_auc", equity_scaled(overall_auc, {c: v[0] for c, v in stats.items()})),
             (attr, "", "es_acc", equity_scaled(overall_acc, {c: v[1] for c, v in stats.items()})),
+            (attr, "", "es_bacc", equity_scaled(overall_bacc, {c: v[2] for c, v in stats.items()})),
             (attr, "", "eod", equalized_odds_difference(y, preds, codes)),
             (attr, "", "spd", demographic_parity_difference(preds, codes, classes=np.unique(y))),
         ]
@@ -374,11 +382,13 @@ def mean_over_clients(frame: pd.DataFrame, client: str = "mean") -> pd.DataFrame
 
     NaN values are ignored (all-NaN gives NaN); keys keep their first-seen order; the
     result has the same columns with ``client`` set to ``client`` and ``role`` to ``""``.
+    Metrics in ``NOT_AVERAGED`` (the per-client AUC intervals) get no mean rows.
     """
     missing = [c for c in FRAME_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"frame lacks columns {missing}")
     keys = ["round", "split", "attribute", "group", "metric"]
-    out = frame.groupby(keys, sort=False, dropna=False)["value"].mean().reset_index()
+    averaged = frame[~frame["metric"].isin(NOT_AVERAGED)]
+    out = averaged.groupby(keys, sort=False, dropna=False)["value"].mean().reset_index()
     out["client"], out["role"] = client, ""
     return out[list(FRAME_COLUMNS)]

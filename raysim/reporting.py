@@ -38,7 +38,11 @@ def metric_rows(round_: int, preds: Predictions, group_names: Mapping[str, Mappi
 
 
 def with_means(frame: pd.DataFrame) -> pd.DataFrame:
-    """Append the mean over clients (`mean`) and over clients of each role (`mean:<role>`)."""
+    """Append the mean over clients (`mean`) and over clients of each role (`mean:<role>`).
+
+    The per-client AUC intervals (`auc_lo` / `auc_hi`) get no mean rows: averaging two
+    clients' bounds gives no interval of the mean (`metrics.NOT_AVERAGED`).
+    """
     parts = [frame, metrics.mean_over_clients(frame, client="mean")]
     for role in sorted(r for r in frame["role"].unique() if r):
         part = metrics.mean_over_clients(frame[frame["role"] == role], client=f"mean:{role}")

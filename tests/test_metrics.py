@@ -312,10 +312,10 @@ def test_client_metrics_rows_names_and_absent_groups() -> None:
         rows = M.client_metrics(LABELS, SCORES, attributes, names, n_boot=30, seed=1)
     keys = [(a, g, m) for a, g, m, _ in rows]
     assert keys[:4] == [("", "", m) for m in ("auc", "acc", "bacc", "loss")]
-    per_group = ["auc", "acc", "auc_lo", "auc_hi"]
-    expected_sex = [("sex", "", m) for m in ("es_auc", "es_acc", "eod", "spd")]
+    per_group = ["auc", "acc", "bacc", "auc_lo", "auc_hi"]
+    expected_sex = [("sex", "", m) for m in ("es_auc", "es_acc", "es_bacc", "eod", "spd")]
     expected_sex += [("sex", g, m) for g in ("A", "B") for m in per_group]
-    expected_race = [("race", "", m) for m in ("es_auc", "es_acc", "eod", "spd")]
+    expected_race = [("race", "", m) for m in ("es_auc", "es_acc", "es_bacc", "eod", "spd")]
     expected_race += [("race", g, m) for g in ("White", "Black", "Asian") for m in per_group]
     assert keys[4:] == expected_sex + expected_race
     assert {m for _, _, m in keys} <= set(M.METRIC_NAMES)
@@ -340,6 +340,38 @@ def test_client_metrics_multiclass() -> None:
     expected_bacc = balanced_accuracy_score(labels, probs.argmax(1))
     assert values[("", "", "bacc")] == pytest.approx(expected_bacc)
     assert 0.0 <= values[("age", "", "eod")] <= 1.0 and 0.0 <= values[("age", "", "spd")] <= 1.0
+
+
+def test_multiclass_group_balanced_accuracy_and_es_bacc_hand_computed() -> None:
+    # 3 classes, two groups of six samples; predictions are the argmax of one-hot-ish scores.
+    #   group young (0): y = [0, 0, 0, 0, 1, 2], ŷ = [0, 0, 0, 0, 0, 2]: acc 5/6, recalls (1, 0, 1) -> bacc 2/3
+    #   group old   (1): y = [0, 1, 1, 1, 2, 2], ŷ = [0, 1, 1, 0, 2, 1]: acc 4/6, recalls (1, 2/3, 1/2) -> bacc 13/18
+    labels = np.array([0, 0, 0, 0, 1, 2, 0, 1, 1, 1, 2, 2])
+    preds = np.array([0, 0, 0, 0, 0, 2, 0, 1, 1, 0, 2, 1])
+    probs = np.full((12, 3), 0.1) + 0.7 * np.eye(3)[preds]
+    groups = np.repeat([0, 1], 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        values = _rows_to_dict(M.client_metrics(labels, probs, {"age": groups}, {"age": {0: "young", 1: "old"}}, n_boot=0))
+    # overall: recalls class 0 5/5, class 1 2/4, class 2 2/3 -> bacc (1 + 1/2 + 2/3) / 3 = 13/18; acc 9/12
+    assert values[("", "", "bacc")] == pytest.approx(13 / 18) and values[("", "", "acc")] == pytest.approx(0.75)
+    assert values[("age", "young", "bacc")] == pytest.approx(2 / 3) and values[("age", "old", "bacc")] == pytest.approx(13 / 18)
+    assert values[("age", "young", "acc")] == pytest.approx(5 / 6) and values[("age", "old", "acc")] == pytest.approx(4 / 6)  # acc keeps its meaning
+    # ES-BAcc = 13/18 / (1 + |2/3 - 13/18| + 0) = (13/18) / (1 + 1/18) = 13/19; ES-Acc unchanged: 0.75 / (1 + 1/12 + 1/12)
+    assert values[("age", "", "es_bacc")] == pytest.approx(13 / 19)
+    assert values[("age", "", "es_acc")] == pytest.approx(0.75 / (1 + 1 / 6))
+
+
+def test_mean_rows_leave_out_the_per_client_auc_intervals() -> None:
+    from raysim.reporting import with_means
+
+    rows = [(1, "test", c, "", "sex", "A", m, v) for c, (lo, hi, a) in (("c0", (0.5, 0.9, 0.7)), ("c1", (0.6, 0.8, 0.7))) for m, v in (("auc_lo", lo), ("auc_hi", hi), ("auc", a))]
+    frame = pd.DataFrame(rows, columns=list(M.FRAME_COLUMNS)).assign(role=["x"] * 3 + ["y"] * 3)
+    out = with_means(frame)
+    means = out[out["client"].str.startswith("mean")]
+    # (0.55, 0.85) would be no interval of the mean AUC: no mean rows at all for the bounds
+    assert sorted(means["client"]) == ["mean", "mean:x", "mean:y"] and set(means["metric"]) == {"auc"}
+    assert len(out[~out["client"].str.startswith("mean")]) == 6  # the clients' own intervals stay
 
 
 def test_mean_over_clients() -> None:
