@@ -83,6 +83,16 @@ class Algorithm:
         """In each client actor, after it loaded its shards: receive `prepare_run`'s context."""
         self.context = context
 
+    def client_setup(self, client: Client) -> dict[str, Any]:
+        """Once per client, in its actor, before round 1 (not again on resume): what the client
+        shares with the server before training, e.g. FedRDN's channel statistics. Raw images
+        never leave the client; whatever this returns does."""
+        return {}
+
+    def setup_state(self, state: ServerState, shared: dict[str, dict[str, Any]]) -> ServerState:
+        """In the driver, before round 1: fold the clients' `client_setup` results (by client id) into the server state."""
+        return state
+
     # --- server side --------------------------------------------------------------------------
 
     def init_state(self, model: nn.Module) -> ServerState:

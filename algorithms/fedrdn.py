@@ -1,13 +1,15 @@
-"""FedRDN (Yan et al., MICCAI 2023): each client shares its images' channel mean/std; in
-training every batch is normalised with a random client's statistics, at test with its own.
-Aggregation is FedAvg."""
+"""FedRDN (Yan et al., MICCAI 2023): each client computes its training images' channel mean/std
+once and shares them (the statistics, never the images) before round 1; the server sends every
+client's statistics down with the weights; in training each *image* is normalised with the
+statistics of a client drawn at random (per sample, as in the paper; seeded by seed, round,
+client id and step), at test with the client's own. Aggregation is FedAvg."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
 from itertools import count
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,6 +54,16 @@ def split_payload(payload: Tensors) -> tuple[dict[str, torch.Tensor], dict[str, 
 class FedRDN(Algorithm):
     """The server keeps every client's statistics and sends them all down with the weights."""
 
+    # --- before round 1 -----------------------------------------------------------------------
+
+    def client_setup(self, client: Client) -> dict[str, Any]:
+        """In the client's actor: its channel statistics, C floats each (what the paper shares; no pixels)."""
+        mean, std = self.own_stats(client)
+        return {"mean": mean, "std": std}
+
+    def setup_state(self, state: ServerState, shared: dict[str, dict[str, Any]]) -> ServerState:
+        return {**state, "stats": {**state["stats"], **{cid: (s["mean"], s["std"]) for cid, s in shared.items()}}}
+
     # --- server side --------------------------------------------------------------------------
 
     def init_state(self, model: nn.Module) -> ServerState:
@@ -62,11 +74,6 @@ class FedRDN(Algorithm):
         if clash := [k for k in weights if k.startswith(PREFIX)]:
             raise ValueError(f"fedrdn: model keys {clash[:3]} clash with the statistics prefix {PREFIX!r}")
         return {**weights, **{PREFIX + cid: torch.tensor(ms, dtype=torch.float64) for cid, ms in sorted(state["stats"].items())}}
-
-    def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
-        state = super().aggregate(round_, updates, state)
-        arrived = {u.client_id: (u.extra["fedrdn_mean"], u.extra["fedrdn_std"]) for u in updates}
-        return {**state, "stats": {**state["stats"], **arrived}}
 
     # --- client side --------------------------------------------------------------------------
 
@@ -83,7 +90,8 @@ class FedRDN(Algorithm):
     def client_fit(self, client: Client, payload: Tensors, round_: int) -> Update:
         weights, shared = split_payload(payload)
         self.use_own_stats(client)
-        # Until the server knows any statistics the pool is the client's own only.
+        # Every client's statistics arrive before round 1 (`setup_state`); the client's own are
+        # in the pool even when a payload lacks them (the hook not run, e.g. outside the driver).
         pool = {**shared, client.id: torch.tensor(self.own_stats(client), dtype=torch.float64)}
         model = client.load(weights)
         fed = self.cfg.federation
@@ -92,19 +100,21 @@ class FedRDN(Algorithm):
         state = model.state_dict()
         client.keep(set(state) - set(weights))
         tensors = {k: state[k].detach().cpu().clone() for k in weights}
-        mean, std = self.own_stats(client)
-        return Update(client.id, tensors, client.num_train, stats, extra={"fedrdn_mean": mean, "fedrdn_std": std})
+        return Update(client.id, tensors, client.num_train, stats)
 
     def randomly_normalised(self, client: Client, epochs: Iterator[Iterator[Batch]], pool: list[torch.Tensor], round_: int) -> Iterator[Iterator[Batch]]:
-        """The epochs' batches, each re-normalised with the statistics of a client drawn by
-        (seed, round, client id, step): raw pixels x·std + mean, then (raw − mean_r) / std_r."""
+        """The epochs' batches with each image re-normalised by the statistics of a client drawn for
+        it, by (seed, round, client id, step) and its place in the batch: raw pixels x·std + mean,
+        then (raw − mean_r) / std_r."""
         norms = [self._as_norm(client, ms) for ms in pool]
+        means, stds = (torch.cat([n[i] for n in norms]) for i in (0, 1))  # (P, C, 1, 1)
         steps = count()
 
         def shift(batches: Iterator[Batch]) -> Iterator[Batch]:
             for batch in batches:
-                mean, std = norms[rng(self.cfg.seed, "fedrdn", round_, client.id, next(steps)).integers(len(norms))]
-                yield replace(batch, x=(batch.x * client.std + client.mean - mean) / std)
+                drawn = rng(self.cfg.seed, "fedrdn", round_, client.id, next(steps)).integers(len(norms), size=len(batch.x))
+                index = torch.from_numpy(drawn).to(means.device)
+                yield replace(batch, x=(batch.x * client.std + client.mean - means[index]) / stds[index])
 
         return (shift(batches) for batches in epochs)
 

@@ -71,6 +71,10 @@ class ClientHost:
             for cid, c in self.clients.items()
         } | {"_pid": os.getpid(), "_device": str(self.device), "_machine": provenance.machine(str(self.device))}
 
+    def setup(self, client_id: str) -> dict[str, Any]:
+        """Once per client before round 1: what it shares with the server (`Algorithm.client_setup`)."""
+        return self.algorithm.client_setup(self.clients[client_id])
+
     def fit(self, client_id: str, payload: Tensors, round_: int) -> Update:
         return self.algorithm.client_fit(self.clients[client_id], payload, round_)
 

@@ -121,6 +121,8 @@ class Driver:
         if checkpoint is not None:
             self._restore_clients(checkpoint)
             self.echo(f"resumed from {checkpoint} (round {done} done)")
+        else:  # what each client shares before round 1 (a resumed state holds it already)
+            self.state = self.algorithm.setup_state(self.state, self._client_setup())
         self.progress = reporting.Progress(self.cfg.federation.rounds, self.next_round, self.echo)
 
     def step(self, round_: int) -> None:
@@ -260,6 +262,14 @@ class Driver:
         # What the clients computed on (distinct machines only): what tells two runs' numbers apart.
         distinct = list({json.dumps(m, sort_keys=True, default=str): m for m in machines}.values())
         provenance.add(self.run_dir, "actor_machines" if self.next_round == 1 else f"actor_machines_from_round_{self.next_round}", distinct)
+
+    def _client_setup(self) -> dict[str, Any]:
+        """Every client's `Algorithm.client_setup`, by client id; a failure ends the run before training."""
+        refs = {cid: self.actors[cid].setup.remote(cid) for cid in sorted(self.specs)}
+        try:
+            return {cid: ray.get(ref) for cid, ref in refs.items()}
+        except RayTaskError as err:
+            raise _unwrap(err) from None
 
     def _check_capacity(self, n_actors: int) -> None:
         if os.environ.get("RAY_ADDRESS"):

@@ -200,38 +200,50 @@ def numpy_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=(0, 2, 3)), x.std(axis=(0, 2, 3))
 
 
-def test_fedrdn_shares_each_clients_channel_statistics(oph_root: Path) -> None:
+def fedrdn_start(host: ClientHost) -> tuple[dict, dict]:
+    """(server state, round-1 payload) after the driver's set-up step: every client's `setup` gathered."""
+    shared = {cid: host.setup(cid) for cid in sorted(host.clients)}
+    state = host.algorithm.setup_state(host.algorithm.init_state(host.clients["site1"].model), shared)
+    return state, dict(host.algorithm.payload(state, 1))
+
+
+def test_fedrdn_shares_every_clients_channel_statistics_before_round_1(oph_root: Path) -> None:
     host = make_host(oph_root, "fedrdn")
-    state, payload = start(host)
-    assert not any(k.startswith(PREFIX) for k in payload)  # nothing known before round 1
+    for cid, client in host.clients.items():
+        mean, std = numpy_stats(client.shards["train"].images)
+        shared = host.setup(cid)
+        assert set(shared) == {"mean", "std"}  # the statistics only: no pixels leave the client
+        np.testing.assert_allclose(shared["mean"], mean, rtol=1e-12)
+        np.testing.assert_allclose(shared["std"], std, rtol=1e-12)
+    state, payload = fedrdn_start(host)
+    assert {k for k in payload if k.startswith(PREFIX)} == {PREFIX + "site1", PREFIX + "site2"}  # already in round 1
+    assert torch.equal(payload[PREFIX + "site2"], torch.tensor([host.setup("site2")["mean"], host.setup("site2")["std"]], dtype=torch.float64))
     updates = [host.fit(cid, payload, 1) for cid in ("site1", "site2")]
-    for update in updates:
-        mean, std = numpy_stats(host.clients[update.client_id].shards["train"].images)
-        np.testing.assert_allclose(update.extra["fedrdn_mean"], mean, rtol=1e-12)
-        np.testing.assert_allclose(update.extra["fedrdn_std"], std, rtol=1e-12)
-        assert not any(k.startswith(PREFIX) for k in update.tensors)
+    assert all(u.tensors.keys() == state["weights"].keys() for u in updates)  # the statistics do not reach load() nor go back up
     merged = host.algorithm.aggregate(1, updates, state)
-    shared = host.algorithm.payload(merged, 2)
-    assert {k for k in shared if k.startswith(PREFIX)} == {PREFIX + "site1", PREFIX + "site2"}
-    assert torch.equal(shared[PREFIX + "site2"], torch.tensor([updates[1].extra["fedrdn_mean"], updates[1].extra["fedrdn_std"]], dtype=torch.float64))
-    assert host.fit("site1", shared, 2).tensors.keys() == merged["weights"].keys()  # the statistics do not reach load()
+    assert merged["stats"] == state["stats"] and host.algorithm.payload(merged, 2).keys() == payload.keys()
 
 
-def test_fedrdn_trains_on_randomly_drawn_statistics(oph_root: Path) -> None:
+def test_fedrdn_draws_statistics_per_image(oph_root: Path) -> None:
     host = make_host(oph_root, "fedrdn", **{"federation.local_epochs": 4})
     algorithm, client = host.algorithm, host.clients["site1"]
     algorithm.use_own_stats(client)
     pool = [torch.tensor([[m] * client.mean.numel(), [s] * client.mean.numel()], dtype=torch.float64) for m, s in ((0.1, 0.2), (0.5, 0.3), (0.9, 0.4))]
 
-    def drawn(round_: int) -> list[int]:
-        """Which pool entry each training batch was normalised with, read back from its pixels."""
+    def drawn(round_: int) -> list[list[int]]:
+        """Per batch, which pool entry each image was normalised with, read back from its pixels."""
         epochs = client.train_epochs(round_, 4, 16, host.cfg.seed)
         plain = [b.x * client.std + client.mean for batches in client.train_epochs(round_, 4, 16, host.cfg.seed) for b in batches]
         shifted = [b.x for batches in algorithm.randomly_normalised(client, epochs, pool, round_) for b in batches]
-        return [next(i for i, ms in enumerate(pool) if torch.allclose(x * float(ms[1, 0]) + float(ms[0, 0]), raw, atol=1e-5)) for x, raw in zip(shifted, plain, strict=True)]
+        return [
+            [next(i for i, ms in enumerate(pool) if torch.allclose(x * float(ms[1, 0]) + float(ms[0, 0]), raw, atol=1e-5)) for x, raw in zip(batch, raws, strict=True)]
+            for batch, raws in zip(shifted, plain, strict=True)
+        ]
 
     first = drawn(1)
-    assert len(set(first)) > 1 and drawn(1) == first and drawn(2) != first
+    full = [batch for batch in first if len(batch) == 16]
+    assert full and all(len(set(batch)) > 1 for batch in full)  # the images of one batch get different clients' statistics
+    assert drawn(1) == first and drawn(2) != first  # seeded by (seed, round, client id, step)
     # in client_fit: other clients' statistics change the training, and twice is bit-identical
     _, payload = start(host)
     others = {**payload, PREFIX + "zzz": pool[2]}
