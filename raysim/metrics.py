@@ -34,7 +34,6 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from sklearn.metrics import balanced_accuracy_score
 
 METRIC_NAMES = ("auc", "acc", "bacc", "loss", "es_auc", "es_acc", "es_bacc", "eod", "spd", "auc_lo", "auc_hi", "bytes_up", "bytes_down")
 FRAME_COLUMNS = ("round", "split", "client", "role", "attribute", "group", "metric", "value")
@@ -153,14 +152,15 @@ def accuracy(labels: npt.ArrayLike, preds: npt.ArrayLike) -> float:
 
 
 def balanced_accuracy(labels: npt.ArrayLike, preds: npt.ArrayLike) -> float:
-    """Mean per-class recall over the classes present (scikit-learn); NaN when empty."""
+    """Mean per-class recall over the classes present in ``labels`` (scikit-learn's
+    ``balanced_accuracy_score``, in numpy: it is computed per group); NaN when empty."""
     y, p = _as_ints(labels, "labels"), _as_ints(preds, "preds")
     _check_lengths(y, p, "labels and preds")
     if not y.size:
         return _undefined("balanced accuracy undefined: no samples")
-    with warnings.catch_warnings():  # "y_pred contains classes not in y_true"
-        warnings.simplefilter("ignore", UserWarning)
-        return float(balanced_accuracy_score(y, p))
+    classes, index = np.unique(y, return_inverse=True)
+    hits = np.bincount(index, weights=(y == p).astype(np.float64), minlength=len(classes))
+    return float(np.mean(hits / np.bincount(index, minlength=len(classes))))
 
 
 def log_loss(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:

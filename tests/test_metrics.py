@@ -360,6 +360,10 @@ def test_multiclass_group_balanced_accuracy_and_es_bacc_hand_computed() -> None:
     # ES-BAcc = 13/18 / (1 + |2/3 - 13/18| + 0) = (13/18) / (1 + 1/18) = 13/19; ES-Acc unchanged: 0.75 / (1 + 1/12 + 1/12)
     assert values[("age", "", "es_bacc")] == pytest.approx(13 / 19)
     assert values[("age", "", "es_acc")] == pytest.approx(0.75 / (1 + 1 / 6))
+    with warnings.catch_warnings():  # sklearn: "y_pred contains classes not in y_true"
+        warnings.simplefilter("ignore", UserWarning)
+        for y, p in (([0, 0, 1], [0, 2, 2]), ([1, 1, 1], [0, 1, 1]), (labels[6:], preds[6:])):
+            assert M.balanced_accuracy(y, p) == pytest.approx(balanced_accuracy_score(y, p), abs=1e-12)
 
 
 def test_mean_rows_leave_out_the_per_client_auc_intervals() -> None:
