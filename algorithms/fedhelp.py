@@ -9,9 +9,10 @@ back into it (CE + KD + ranking on the proxy's top-k classes, proxy detached), a
 the proxy only. Large clients are scored with their large model, small ones with the global
 small model. Rules and defaults: specs/fedhelp.md.
 
-The public set is held out of the clients' training rows (`public_fraction` of each, seeded)
-and pooled; the foundation model labels it once per run into `foundation_targets.parquet` in
-the run directory, which every later round and a resumed run reuse.
+The public set D_pub comes from outside the clients (`algorithm.public`, see
+`fedhelp_public`): the clients keep exactly the training rows FedAvg would give them. The
+foundation model labels D_pub once per run into `foundation_targets.parquet` in the run
+directory, which every later round and a resumed run reuse.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from raysim import foundation
+from raysim.algorithms import fedhelp_public as public_set
 from raysim.algorithms.aggregation import weighted_average
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
 from raysim.client import Client
 from raysim.config import ConfigError
-from raysim.datasets.base import ClientSpec, DataSource, SampleTable, Shard
-from raysim.datasets.cache import load_cached
+from raysim.datasets.base import ClientSpec, DataSource, Shard
 from raysim.models import build_model
-from raysim.seeding import derive_seed, rng
+from raysim.seeding import derive_seed
 from raysim.training import Batch, forward, make_optimizer, train_epochs
 from raysim.types import Tensors, Update
 
@@ -56,11 +57,12 @@ class FedHelpParams:
     lambda_rank: float = 0.2  # large clients: weight of the ranking loss on the proxy's top-k classes
     top_k: int | None = None  # classes the ranking loss protects; None: 1 for binary tasks, else min(5, K - 1)
     margin: float = 0.0  # ranking margin
-    public_fraction: float = 0.1  # share of each client's training rows held out into the public set
+    public: dict[str, Any] | None = None  # where D_pub comes from (fedhelp_public); null: the synthetic public population
     weighting: str = "uniform"  # server mean of the uploads: "uniform" (the paper's code) or "examples" (FedAvg)
     foundation: dict[str, Any] = field(default_factory=lambda: {"backend": "timm", "model": "resnet50"})
     # `backend` (timm / callable / http) plus its options (raysim.foundation); timm without
     # `weights` uses the backbone `python -m raysim.pretrain` builds on the synthetic public pool.
+    public_fraction: None = field(default=None, repr=False)  # removed: it took D_pub from the clients' rows
 
     def __post_init__(self) -> None:
         if self.top_n < 1:
@@ -72,8 +74,12 @@ class FedHelpParams:
                 raise ValueError(f"algorithm.{key} must be >= 0, got {getattr(self, key)}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"algorithm.top_k must be >= 1 or null, got {self.top_k}")
-        if not 0.0 < self.public_fraction < 1.0:
-            raise ValueError(f"algorithm.public_fraction must be in (0, 1), got {self.public_fraction}")
+        if self.public_fraction is not None:
+            raise ValueError(
+                "algorithm.public_fraction was removed (it carved the public set out of the clients' private training rows); "
+                f"use algorithm.public instead: null (the synthetic public population) or {public_set.FORMS}"
+            )
+        public_set.check_option(self.public)
         if self.weighting not in ("uniform", "examples"):
             raise ValueError(f"algorithm.weighting must be 'uniform' or 'examples', got {self.weighting!r}")
         options = dict(self.foundation)
@@ -164,26 +170,29 @@ class FedHelp(Algorithm):
         return [k for k in super().communicated(model) if not k.startswith("public_head.")]  # h_pub stays with its client
 
     def arrange_clients(self, specs: list[ClientSpec]) -> list[ClientSpec]:
-        """Hold the public rows out of every client, then rank the clients: top_n large, the rest small."""
+        """Rank the clients: top_n large, the rest small. Their rows are untouched; only a site
+        named by `algorithm.public: {site: ID}` leaves the run (its rows become D_pub)."""
+        specs, self.held_out = public_set.hold_out_site(self.params.public, specs)
         if self.params.top_n >= len(specs):
             raise ConfigError(f"algorithm.top_n={self.params.top_n} leaves no small client among {len(specs)} clients; choose at most {len(specs) - 1}")
-        kept, self.public_specs = [], []
-        for spec in specs:
-            train, public = hold_out(spec, self.params.public_fraction, self.cfg.seed)
-            kept.append(dataclasses.replace(spec, splits={**spec.splits, "train": train}))
-            self.public_specs.append(ClientSpec(spec.id, {"public": public}, source_info=spec.source_info))
-        ranked = sorted(kept, key=lambda s: (-s.num_train, s.id))
+        ranked = sorted(specs, key=lambda s: (-s.num_train, s.id))
         large = {s.id for s in ranked[: self.params.top_n]}
-        return [dataclasses.replace(s, role="large" if s.id in large else "small") for s in kept]
+        return [dataclasses.replace(s, role="large" if s.id in large else "small") for s in specs]
 
     def prepare_run(self, source: DataSource, specs: list[ClientSpec], run_dir: Path, echo: Callable[[str], None]) -> dict[str, Any]:
-        """Label the public set with the foundation model, once per run (a resume reads the file)."""
-        images, ids = public_set(source, self.public_specs)
+        """Find D_pub and check it is public, then label it with the foundation model, once per
+        run (a resume reads the file)."""
+        held_out = getattr(self, "held_out", None)  # set by arrange_clients
+        public = public_set.resolve(self.params.public, source, held_out)
+        clients = None if held_out is not None else public_set.pool_of(source, f"{source.name}, the run's data")
+        public_set.check_disjoint(public, clients, public_set.foundation_pool(self.params.foundation, self.cfg.model.img_size))
+        shard, ids = public.load(source)
+        echo(f"fedhelp: public set D_pub: {public.description} ({len(ids)} images, outside the clients)")
         path = run_dir / TARGETS_FILE
         if not path.exists():
             echo(f"fedhelp: asking the foundation model ({self.params.foundation.get('backend')}) once for {len(ids)} public images")
-        targets = foundation.soft_targets(path, lambda: self._foundation(source, echo), images, ids, source.num_classes)
-        return {"public_specs": self.public_specs, "targets": targets.astype(np.float32)}
+        targets = foundation.soft_targets(path, lambda: self._foundation(source, echo), shard.images, ids, source.num_classes)
+        return {"public": public, "targets": targets.astype(np.float32)}
 
     def attach(self, source: DataSource, context: dict[str, Any]) -> None:
         super().attach(source, context)
@@ -233,10 +242,11 @@ class FedHelp(Algorithm):
 
     def _public_batches(self, client: Client, round_: int) -> Iterator[tuple[Batch, torch.Tensor]]:
         """Endless public batches with their targets, reshuffled each pass, seeded by (seed, round, client)."""
-        if self._public is None:
-            shards = [load_cached(self.source, spec, "public") for spec in self.context["public_specs"]]
-            self._public = Shard(np.concatenate([s.images for s in shards]), SampleTable.concat([s.table for s in shards]))
         targets = torch.from_numpy(np.array(self.context["targets"]))  # a writable copy of the shared array
+        if self._public is None:  # D_pub is public: each actor reads it from its own source
+            self._public, _ = self.context["public"].load(self.source)
+            if len(self._public.table) != len(targets):
+                raise RuntimeError(f"FedHelp: this actor read {len(self._public.table)} public images, the driver labelled {len(targets)}")
         n, size = len(targets), self.cfg.federation.batch_size
         for epoch in range(1_000_000):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.cfg.seed, "public", round_, client.id, epoch)))
@@ -271,20 +281,3 @@ class FedHelp(Algorithm):
     def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
         weights = [1.0] * len(updates) if self.params.weighting == "uniform" else [u.num_examples for u in updates]
         return {**state, "weights": weighted_average([u.tensors for u in updates], weights, [u.client_id for u in updates])}
-
-
-def hold_out(spec: ClientSpec, fraction: float, seed: int):  # type: ignore[no-untyped-def]
-    """(train rows kept, public rows) of a client: a seeded `fraction` of its training rows."""
-    train = spec.splits["train"]
-    order = rng(seed, "public", spec.id).permutation(len(train))
-    n_public = int(round(fraction * len(train)))
-    if len(train) - n_public < 2 or n_public < 1:
-        raise ConfigError(f"algorithm.public_fraction={fraction}: client {spec.id} has {len(train)} training rows, too few to hold out a public share")
-    return train.take(np.sort(order[n_public:])), train.take(np.sort(order[:n_public]))
-
-
-def public_set(source: DataSource, public_specs: list[ClientSpec]) -> tuple[np.ndarray, np.ndarray]:
-    """The pooled public images (after the source's drop rules) and their sample ids."""
-    shards = [load_cached(source, spec, "public") for spec in public_specs]
-    ids = np.concatenate([np.asarray([f"{spec.id}/{i}" for i in s.table.sample_ids]) for spec, s in zip(public_specs, shards)])
-    return np.concatenate([s.images for s in shards]), ids

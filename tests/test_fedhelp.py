@@ -1,7 +1,8 @@
-"""FedHelp: its losses, roles, the private large model, the one-time foundation model, Ray runs."""
+"""FedHelp: its losses, roles, the public set, both models' weights, the one-time foundation model, Ray runs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,14 @@ from test_engine import make_driver
 from raysim import config
 from raysim.algorithms import ALGORITHMS
 from raysim.algorithms.fedhelp import LARGE, TARGETS_FILE, FedHelpParams, backward_kd_loss, forward_kd_loss, rank_loss
+from raysim.algorithms.fedhelp_public import PUBLIC_PATIENTS, PUBLIC_SEED
 from raysim.client_actor import ClientHost
 from raysim.config import ConfigError
 from raysim.datasets import DATASETS
+from raysim.datasets.synthetic import generate
+from raysim.pretrain import PretrainSettings
 
-from conftest import tiny_overrides
+from conftest import TINY, tiny_overrides
 
 FM = "{backend: callable, target: 'fedhelp_fm:brightness'}"
 TINY_FEDHELP = {
@@ -67,16 +71,12 @@ def host_for(root: Path, tmp_path: Path, **extra: object) -> ClientHost:
     return ClientHost(cfg, specs, context)
 
 
-def test_roles_public_hold_out_and_no_large_tensor_in_any_update(oph_root: Path, tmp_path: Path) -> None:
+def test_roles_and_no_large_tensor_in_any_update(oph_root: Path, tmp_path: Path) -> None:
     host = host_for(oph_root, tmp_path)
     roles = {cid: c.spec.role for cid, c in host.clients.items()}
     sizes = {cid: c.num_train for cid, c in host.clients.items()}
     largest = max(sizes, key=lambda c: (sizes[c], c))
     assert roles[largest] == "large" and sorted(roles.values()) == ["large", "small", "small"]
-    public_ids = set(pd.read_parquet(tmp_path / TARGETS_FILE)["sample_id"])
-    for cid, client in host.clients.items():
-        train = {f"{cid}/{s}" for s in client.shards["train"].table.sample_ids}
-        assert not train & public_ids  # public rows are held out of training
     algorithm = host.algorithm
     state = algorithm.init_state(host.clients[largest].model)
     payload = algorithm.payload(state, 1)
@@ -118,6 +118,9 @@ def test_fedhelp_runs_through_ray_and_asks_the_foundation_model_once_across_resu
     lines: list[str] = []
     make_driver(oph_root, run_dir, lines, **TINY_FEDHELP).run(until=1)
     assert log.read_text().count("\n") == 1
+    ids = public_ids(run_dir)  # D_pub: the synthetic public population, read by every actor itself
+    assert log.read_text() == f"{len(ids)}\n" and all("/public_" in i for i in ids)
+    assert any(line.startswith("fedhelp: public set D_pub: the synthetic public population") for line in lines)
     make_driver(oph_root, run_dir, lines, **TINY_FEDHELP).run(resume=True)
     assert log.read_text().count("\n") == 1  # the resumed run read the stored targets
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
@@ -129,3 +132,78 @@ def test_fedhelp_runs_through_ray_and_asks_the_foundation_model_once_across_resu
     assert test.set_index("client")["value"]["mean:small"] == pytest.approx(np.mean([test.set_index("client")["value"][c] for c in small]))
     console = "\n".join(lines)
     assert "(large)" in console and "(small)" in console and "Acc" in console
+
+
+# --- the public set comes from outside the clients (issue 11, defect 4) -------------------------
+
+
+def train_ids(root: Path, algorithm: str, **extra: object) -> dict[str, list[str]]:
+    """Each client's training sample ids after `algorithm` arranged the clients (no pixels read)."""
+    method = TINY_FEDHELP if algorithm == "fedhelp" else {"algorithm.name": algorithm}
+    cfg = config.load(None, tiny_overrides(root, **{**method, **extra}))
+    source = DATASETS.get(cfg.data.name)(cfg.data, img_size=16, seed=cfg.seed)
+    specs = ALGORITHMS.get(algorithm)(cfg.algorithm_params(), cfg).arrange_clients(source.client_specs())
+    return {s.id: list(s.splits["train"].sample_ids) for s in specs}
+
+
+def public_ids(run_dir: Path) -> list[str]:
+    return list(pd.read_parquet(run_dir / TARGETS_FILE)["sample_id"])
+
+
+def test_public_fraction_is_gone_and_its_error_names_the_replacement(oph_root: Path) -> None:
+    with pytest.raises(ConfigError, match="public_fraction was removed.*algorithm.public"):
+        config.load(None, tiny_overrides(oph_root, **{**TINY_FEDHELP, "algorithm.public_fraction": 0.1})).algorithm_params()
+
+
+def test_clients_train_on_fedavgs_rows_and_the_default_public_set_is_the_public_population(oph_root: Path, tmp_path: Path) -> None:
+    for extra in ({}, {"data.partition": "quantity", "data.ratios": "[0.5, 0.3, 0.2]"}):
+        assert train_ids(oph_root, "fedhelp", **extra) == train_ids(oph_root, "fedavg", **extra)
+    host = host_for(oph_root, tmp_path)
+    assert {cid: list(c.shards["train"].table.sample_ids) for cid, c in host.clients.items()} == train_ids(oph_root, "fedavg")
+    ids = public_ids(tmp_path)
+    assert 300 <= len(ids) <= PUBLIC_PATIENTS and all("/public_" in i for i in ids)  # the generator's public population
+    assert PUBLIC_SEED != PretrainSettings().seed  # not the patients the foundation model trained on
+    private = {f"{cid}/{split}/{s}" for cid, c in host.clients.items() for split, shard in c.shards.items() for s in shard.table.sample_ids}
+    assert not private & set(ids)
+
+
+def test_a_held_out_site_is_no_client_and_its_rows_are_the_public_set(oph_root: Path, tmp_path: Path) -> None:
+    extra = {"algorithm.public": "{site: site3}"}
+    fedavg = train_ids(oph_root, "fedavg")
+    assert train_ids(oph_root, "fedhelp", **extra) == {c: fedavg[c] for c in ("site1", "site2")}
+    host = host_for(oph_root, tmp_path, **extra)
+    assert sorted(c.spec.role for c in host.clients.values()) == ["large", "small"]
+    cfg = config.load(None, tiny_overrides(oph_root))
+    site3 = next(s for s in DATASETS.get("fairfedmed_oph")(cfg.data, img_size=16, seed=0).client_specs() if s.id == "site3")
+    assert sorted(public_ids(tmp_path)) == sorted(f"site3/{split}/{s}" for split, t in site3.splits.items() for s in t.sample_ids)
+    with pytest.raises(ConfigError, match="site='site9' is not a client of this data; its clients: site1, site2, site3"):
+        train_ids(oph_root, "fedhelp", **{"algorithm.public": "{site: site9}"})
+
+
+def test_a_public_source_is_read_by_each_actor_and_may_not_be_the_clients_data(oph_root: Path, tmp_path: Path) -> None:
+    other = tmp_path / "public-set"
+    generate(other, **{**TINY, "seed": 11})
+    host = host_for(oph_root, tmp_path, **{"algorithm.public": f"{{name: fairfedmed_oph, root: '{other}'}}"})
+    ids = public_ids(tmp_path)
+    assert {i.split("/")[1] for i in ids} == {"train", "val"}  # the source's training split on disk; its test rows stay out
+    small = next(cid for cid, c in host.clients.items() if c.spec.role == "small")
+    host.fit(small, host.algorithm.payload(host.algorithm.init_state(host.clients[small].model), 1), 1)
+    assert [f"{i.split('/')[0]}/{i.split('/')[1]}/{s}" for i, s in zip(ids, host.algorithm._public.table.sample_ids)] == ids  # the actor read the labelled rows
+    with pytest.raises(ConfigError, match="overlaps the clients' data .*both read"):
+        host_for(oph_root, tmp_path / "x", **{"algorithm.public": f"{{name: fairfedmed_oph, root: '{oph_root}'}}"})
+
+
+def test_a_public_set_inside_the_foundation_models_training_pool_fails_naming_both(oph_root: Path, tmp_path: Path) -> None:
+    built_in = "{backend: timm, model: test_resnet}"  # raysim.pretrain's backbone: the check runs before it is built
+    with pytest.raises(ConfigError, match="generator seed 0.*overlaps the foundation model's training pool .raysim.pretrain.*generator seed 0.*in-sample"):
+        host_for(oph_root, tmp_path, **{"algorithm.public": "{patients: 60, generator_seed: 0}", "algorithm.foundation": built_in})
+    other = tmp_path / "public-set"
+    generate(other, **{**TINY, "seed": 11})
+    pool = tmp_path / "pool"
+    (pool / "all").mkdir(parents=True)
+    (pool / "all" / "data_00001.npz").symlink_to(other / "all" / "data_00001.npz")
+    weights = tmp_path / "fm.pth"
+    weights.write_bytes(b"")
+    Path(f"{weights}.json").write_text(json.dumps({"created_by": "raysim.pretrain", "pool": {"population": "public", "seed": 0}, "pool_root": str(pool)}))
+    with pytest.raises(ConfigError, match="overlaps the foundation model's training pool .the pool raysim.pretrain trained .*fm.pth.*1 sample files are shared"):
+        host_for(oph_root, tmp_path, **{"algorithm.public": f"{{name: fairfedmed_oph, root: '{other}'}}", "algorithm.foundation": f"{{backend: timm, model: test_resnet, weights: '{weights}'}}"})
