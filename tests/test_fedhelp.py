@@ -17,9 +17,10 @@ from raysim.algorithms import ALGORITHMS
 from raysim.algorithms.fedhelp import LARGE, TARGETS_FILE, FedHelpParams, backward_kd_loss, forward_kd_loss, rank_loss
 from raysim.algorithms.fedhelp_public import PUBLIC_PATIENTS, PUBLIC_SEED
 from raysim.client_actor import ClientHost
-from raysim.config import ConfigError
+from raysim.config import ConfigError, ModelConfig
 from raysim.datasets import DATASETS
 from raysim.datasets.synthetic import generate
+from raysim.models import build_model
 from raysim.pretrain import PretrainSettings
 
 from conftest import TINY, tiny_overrides
@@ -207,3 +208,32 @@ def test_a_public_set_inside_the_foundation_models_training_pool_fails_naming_bo
     Path(f"{weights}.json").write_text(json.dumps({"created_by": "raysim.pretrain", "pool": {"population": "public", "seed": 0}, "pool_root": str(pool)}))
     with pytest.raises(ConfigError, match="overlaps the foundation model's training pool .the pool raysim.pretrain trained .*fm.pth.*1 sample files are shared"):
         host_for(oph_root, tmp_path, **{"algorithm.public": f"{{name: fairfedmed_oph, root: '{other}'}}", "algorithm.foundation": f"{{backend: timm, model: test_resnet, weights: '{weights}'}}"})
+
+
+# --- each model its own weights file (issue 11, defect 5) -----------------------------------------
+
+
+def weights_file(tmp_path: Path, name: str) -> Path:
+    net = build_model(ModelConfig(name=name, img_size=16), num_classes=2, in_chans=1, seed=7)
+    path = tmp_path / f"{name}.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_model_weights_go_to_the_small_model_and_large_weights_to_the_large_one(oph_root: Path, tmp_path: Path) -> None:
+    small_file, large_file = weights_file(tmp_path, "test_resnet"), weights_file(tmp_path, "resnet10t")
+    host = host_for(oph_root, tmp_path, **{"algorithm.large_model": "resnet10t", "model.weights": str(small_file)})
+    largest = next(cid for cid, c in host.clients.items() if c.spec.role == "large")
+    small_state, saved = host.clients[largest].model.net.state_dict(), torch.load(small_file)
+    assert all(torch.equal(small_state[k], v) for k, v in saved.items() if not k.startswith("fc."))
+    host.fit(largest, host.algorithm.payload(host.algorithm.init_state(host.clients[largest].model), 1), 1)  # used to fail here, every round
+    host = host_for(oph_root, tmp_path / "b", **{"algorithm.large_model": "resnet10t", "algorithm.large_weights": str(large_file)})
+    large = host.algorithm._large(host.clients[largest]).state_dict()
+    assert all(torch.equal(large[k], v) for k, v in torch.load(large_file).items() if not k.startswith("fc."))
+
+
+@pytest.mark.parametrize(("key", "model", "file_of"), [("algorithm.large_weights", "resnet10t", "test_resnet"), ("model.weights", "test_resnet", "resnet10t"), ("model.weights", "test_resnet", "test_vit")])
+def test_a_weights_file_that_does_not_fit_fails_before_training_naming_file_and_model(oph_root: Path, tmp_path: Path, key: str, model: str, file_of: str) -> None:
+    path = weights_file(tmp_path, file_of)  # test_vit's keys are all unexpected in test_resnet: timm alone would load nothing, silently
+    with pytest.raises(ConfigError, match=rf"^{key}={path} does not fit {model}: \S"):
+        host_for(oph_root, tmp_path, **{"algorithm.large_model": "resnet10t", key: str(path)})
