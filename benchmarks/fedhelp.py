@@ -7,10 +7,13 @@ Two sets, both split [0.6, 0.2, 0.08, 0.06, 0.04, 0.02] (the paper's pneumonia r
 - `synthetic`: the embedded synthetic set with its sites pooled (the `fedhelp` preset);
 - `medmnist`: a MedMNIST-format file (`pneumoniamnist.npz`, 28 px, gray) written from the
   synthetic fundus images, so the MedMNIST loader and its partitioner are exercised on a
-  learnable task. Its foundation model is given explicitly (the public-pool resnet50 that
-  `raysim.pretrain` builds, as a local weights file), as a user with their own data would.
-FedAvg and local train the small model (resnet10t) only; FedHelp adds each large client's
-private resnet50. Reported: the mean over small clients of test accuracy and AUC, the mean
+  learnable task. Its foundation model and public set are given explicitly (the public-pool
+  resnet50 that `raysim.pretrain` builds, as a local weights file; D_pub = the synthetic
+  public population, `algorithm.public={population: public}`), as a user with their own data
+  would.
+On both sets D_pub comes from outside the clients, so FedHelp's clients train on exactly
+FedAvg's and local's rows. FedAvg and local train the small model (resnet10t) only; FedHelp
+adds each large client's private resnet50. Reported: the mean over small clients of test accuracy and AUC, the mean
 over large clients of test accuracy (FedHelp: the private model), and MB sent per client
 per round, at the evaluated round with the best mean validation accuracy; mean ± std over
 seeds. A method may carry FedHelp hyperparameters for an ablation (`fedhelp+kd_public=0`
@@ -71,8 +74,9 @@ def overrides(data_set: str, method: str, seed: int, args: argparse.Namespace) -
         return common
     weights = ensure_pretrained(config.ModelConfig(name="resnet50", img_size=28))
     fm = f"algorithm.foundation={{backend: timm, model: resnet50, weights: '{weights}', img_size: 28}}"
+    public = "algorithm.public={population: public}"  # synthetic fundus images, as the fixture's
     data = ["data.name=medmnist", f"data.root={args.out / 'medmnist-data'}", "data.partition=quantity", f"data.ratios={RATIOS}", "model.img_size=28"]
-    return common + data + ([fm] if name == "fedhelp" else [])
+    return common + data + ([fm, public] if name == "fedhelp" else [])
 
 
 def run_once(data_set: str, method: str, seed: int, args: argparse.Namespace) -> Path:
