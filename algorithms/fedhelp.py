@@ -20,18 +20,13 @@ in the driver, before any actor starts.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
-import pickle
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from timm.models import load_state_dict as timm_load_state_dict
 from torch import nn
 from torch.nn import functional as F
 
@@ -42,7 +37,7 @@ from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
 from raysim.client import Client
 from raysim.config import ConfigError, ModelConfig
 from raysim.datasets.base import ClientSpec, DataSource, Shard
-from raysim.models import build_model
+from raysim.models import build_model, check_weights
 from raysim.seeding import derive_seed
 from raysim.training import Batch, forward, make_optimizer, train_epochs
 from raysim.types import Tensors, Update
@@ -190,8 +185,8 @@ class FedHelp(Algorithm):
     def prepare_run(self, source: DataSource, specs: list[ClientSpec], run_dir: Path, echo: Callable[[str], None]) -> dict[str, Any]:
         """Check both models' weights files, find D_pub and check it is public, then label it with
         the foundation model, once per run (a resume reads the file)."""
-        check_weights("model.weights", self._small_cfg(), source)
-        check_weights("algorithm.large_weights", self._large_cfg(), source)
+        for key, model_cfg in (("model.weights", self._small_cfg()), ("algorithm.large_weights", self._large_cfg())):
+            check_weights(key, model_cfg, num_classes=source.num_classes, in_chans=source.channels)
         held_out = getattr(self, "held_out", None)  # set by arrange_clients
         public = public_set.resolve(self.params.public, source, held_out)
         clients = None if held_out is not None else public_set.pool_of(source, f"{source.name}, the run's data")
@@ -245,7 +240,7 @@ class FedHelp(Algorithm):
         """The actor's large network holding this client's private weights (fresh at first use)."""
         if self._large_net is None:
             cfg = self._large_cfg()
-            self._large_net = build_model(cfg, num_classes=self.source.num_classes, in_chans=self.source.channels, seed=derive_seed(self.cfg.seed, "large")).to(client.device)
+            self._large_net = build_model(cfg, num_classes=self.source.num_classes, in_chans=self.source.channels, seed=derive_seed(self.cfg.seed, "large"), weights_key="algorithm.large_weights").to(client.device)
             self._large_init = {k: v.detach().clone() for k, v in self._large_net.state_dict().items()}
         self._large_net.load_state_dict(client.memory.get(LARGE, self._large_init))
         return self._large_net
@@ -294,82 +289,3 @@ class FedHelp(Algorithm):
     def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
         weights = [1.0] * len(updates) if self.params.weighting == "uniform" else [u.num_examples for u in updates]
         return {**state, "weights": weighted_average([u.tensors for u in updates], weights, [u.client_id for u in updates])}
-
-
-def check_weights(key: str, model_cfg: ModelConfig, source: DataSource) -> None:
-    """Load `model_cfg.weights` into its network once, in the driver, so that a file that does
-    not fit fails here, in one line naming the file and the model, before any actor starts.
-    timm drops a head of another size and otherwise skips missing or unexpected keys silently
-    (a resnet18 file "loads" into a resnet34), so those count as not fitting too."""
-    if not model_cfg.weights:
-        return
-    path = Path(model_cfg.weights).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{key}={path} is not a file (weights for {model_cfg.name})")
-    fail = f"{key}={path} does not fit {model_cfg.name}"
-    build = functools.partial(build_model, num_classes=source.num_classes, in_chans=source.channels, seed=0)
-    with _timm_load_report() as report:
-        try:
-            net = build(model_cfg)
-        except ConfigError:
-            raise
-        except (RuntimeError, OSError, ValueError, KeyError, EOFError, NotImplementedError, pickle.UnpicklingError) as err:
-            # timm's own message names its first obstacle; the key-by-key comparison says more
-            why = _differences(path, build(dataclasses.replace(model_cfg, weights=None, pretrained=False)))
-            message = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-            if why is None:
-                raise ConfigError(f"{key}={path} is not a weights file timm can read (for {model_cfg.name}; {message})") from err
-            raise ConfigError(f"{fail}: {why or message}") from err
-    missing = [k for k in report["missing"] if not _is_head(net, k)]
-    if missing or report["unexpected"]:
-        raise ConfigError(f"{fail}: {_describe(missing, report['unexpected'], [])}")
-
-
-def _is_head(net: nn.Module, key: str) -> bool:
-    heads = net.pretrained_cfg.get("classifier") or ()
-    return any(key.startswith(f"{h}.") for h in ((heads,) if isinstance(heads, str) else heads))
-
-
-def _differences(path: Path, fresh: nn.Module) -> str | None:
-    """Tensor by tensor, how the file differs from the network (head excluded): "" when they
-    agree, None when the file is no readable state dict."""
-    try:
-        given = {k: tuple(v.shape) for k, v in timm_load_state_dict(str(path)).items()}
-    except (RuntimeError, OSError, ValueError, KeyError, EOFError, AttributeError, pickle.UnpicklingError):
-        return None
-    expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items() if not _is_head(fresh, k)}
-    given = {k: v for k, v in given.items() if not _is_head(fresh, k)}
-    shapes = [(k, given[k], shape) for k, shape in expected.items() if k in given and given[k] != shape]
-    return _describe([k for k in expected if k not in given], [k for k in given if k not in expected], shapes)
-
-
-def _describe(missing: list[str], unexpected: list[str], shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> str:
-    parts = [f"{len(shapes)} tensors of another shape (e.g. {k}: {f} in the file, {m} in the model)" for k, f, m in shapes[:1]]
-    parts += [f"{len(missing)} of its tensors missing from the file (e.g. {missing[0]})"] if missing else []
-    parts += [f"{len(unexpected)} tensors in the file it does not have (e.g. {unexpected[0]})"] if unexpected else []
-    return "; ".join(parts)
-
-
-@contextmanager
-def _timm_load_report() -> Iterator[dict[str, list[str]]]:
-    """The keys timm reports missing / unexpected while it loads a weights file (it logs them)."""
-    report: dict[str, list[str]] = {"missing": [], "unexpected": []}
-
-    class Handler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            message = record.getMessage()
-            for prefix, key in (("Missing keys (", "missing"), ("Unexpected keys (", "unexpected")):
-                if message.startswith(prefix):
-                    report[key] += message[len(prefix) :].split(")", 1)[0].split(", ")
-
-    logger = logging.getLogger("timm.models._builder")
-    handler, level, propagate = Handler(), logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # the report replaces timm's log lines
-    try:
-        yield report
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import timm
@@ -36,18 +37,18 @@ class SliceFold(nn.Module):
         return logits.reshape(batch, self.groups, -1).mean(dim=1)
 
 
-def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, seed: int, slices: int | None = None) -> nn.Module:
+def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, seed: int, slices: int | None = None, weights_key: str = "model.weights") -> nn.Module:
     """A timm model; initialisation depends only on `seed` (every actor builds the same one).
 
     With `slices` (a volume), the backbone takes 3 channels behind a SliceFold front end.
+    `weights_key` names the config key of `cfg.weights` in errors.
     """
     if cfg.name not in timm.list_models() and not timm.is_model(cfg.name):
         raise ConfigError(f"model.name {cfg.name!r} is not a timm model (see timm.list_models())")
     kwargs: dict = {"num_classes": num_classes, "in_chans": 3 if slices else in_chans}
     if cfg.weights:
         path = Path(cfg.weights).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"model.weights {path} is not a file")
+        check_weights(weights_key, cfg, num_classes=num_classes, in_chans=kwargs["in_chans"])
         # timm adapts a local file's stem to in_chans and drops a head of the wrong size.
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     elif cfg.pretrained:
@@ -64,6 +65,56 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, seed: int,
                     "raysim needs no network: pass model.weights=PATH to a local file"
                 ) from err
             raise
+
+
+def check_weights(key: str, cfg: ModelConfig, *, num_classes: int, in_chans: int) -> None:
+    """A local weights file that does not fit `cfg.name` fails here, in one line naming the
+    key, the file and the model.
+
+    timm drops a head of another size and adapts the stem to `in_chans`, but it skips missing
+    or unexpected tensors with only a log line (a resnet18 file "loads" into a resnet34). So
+    the file is compared with the model first, tensor by tensor: every tensor but the head's
+    must be there with the model's shape (the stem's input channels may differ).
+    """
+    if not cfg.weights:
+        return
+    path = Path(cfg.weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}={path} is not a file (weights for {cfg.name})")
+    try:
+        given = {k: tuple(v.shape) for k, v in timm.models.load_state_dict(str(path), weights_only=True).items()}
+    except (RuntimeError, OSError, ValueError, KeyError, EOFError, AttributeError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"{key}={path} is not a weights file timm can read (for {cfg.name}): {' '.join(str(err).split())[:200]}") from err
+    if cfg.name not in timm.list_models() and not timm.is_model(cfg.name):
+        return  # build_model says so
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        fresh = timm.create_model(cfg.name, num_classes=num_classes, in_chans=in_chans)
+    heads, stem = _head_and_stem(fresh)
+    expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items() if not k.startswith(heads)}
+    given = {k: v for k, v in given.items() if not k.startswith(heads)}
+    wrong = [(k, given[k], shape) for k, shape in expected.items() if k in given and not _same_shape(k, given[k], shape, stem)]
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    problems = [f"{len(wrong)} tensors of another shape (e.g. {k}: {f} in the file, {m} in the model)" for k, f, m in wrong[:1]]
+    problems += [f"{len(missing)} of its tensors missing from the file (e.g. {missing[0]})"] if missing else []
+    problems += [f"{len(unexpected)} tensors in the file it does not have (e.g. {unexpected[0]})"] if unexpected else []
+    if problems:
+        raise ConfigError(f"{key}={path} does not fit {cfg.name}: " + "; ".join(problems))
+
+
+def _head_and_stem(model: nn.Module) -> tuple[tuple[str, ...], str]:
+    """Key prefixes of the classifier head(s) and of the first convolution (timm's pretrained_cfg)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    heads = cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    return tuple(f"{h}." for h in heads), f"{cfg.get('first_conv') or ''}."
+
+
+def _same_shape(key: str, given: tuple[int, ...], expected: tuple[int, ...], stem: str) -> bool:
+    """Equal shapes; the stem's input-channel dimension may differ (timm adapts it)."""
+    if key.startswith(stem) and len(given) == len(expected) == 4:
+        return given[0] == expected[0] and given[2:] == expected[2:]
+    return given == expected
 
 
 def normalization(model: nn.Module, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
