@@ -17,7 +17,8 @@ adds each large client's private resnet50. Reported: the mean over small clients
 over large clients of test accuracy (FedHelp: the private model), and MB sent per client
 per round, at the evaluated round with the best mean validation accuracy; mean ± std over
 seeds. A method may carry FedHelp hyperparameters for an ablation (`fedhelp+kd_public=0`
-runs with `algorithm.kd_public=0`). Finished runs under --out are reused. Not part of CI.
+runs with `algorithm.kd_public=0`), any method a full config key (`fedavg+federation.batch_size=4`).
+Finished runs under --out are reused. Not part of CI.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def medmnist_fixture(out: Path, img_size: int = 28) -> Path:
 
 def overrides(data_set: str, method: str, seed: int, args: argparse.Namespace) -> list[str]:
     name, *params = method.split("+")
-    common = [f"algorithm.name={name}", *(f"algorithm.{p}" for p in params), f"seed={seed}", f"federation.rounds={args.rounds}", "eval.bootstrap=0"]
+    # `fedhelp+kd_public=0` sets algorithm.kd_public; a dotted key is a full config key (`fedavg+federation.batch_size=4`)
+    settings = [p if "." in p.split("=")[0] else f"algorithm.{p}" for p in params]
+    common = [f"algorithm.name={name}", f"seed={seed}", f"federation.rounds={args.rounds}", "eval.bootstrap=0", *settings]
     if name != "fedhelp":
         common.append("model.name=resnet10t")  # the same small model FedHelp shares
     if data_set == "synthetic":
