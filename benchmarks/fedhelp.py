@@ -101,16 +101,19 @@ def summary(run_dir: Path, roles: dict[str, str]) -> dict[str, float]:
     whole = m[(m["attribute"] == "") & (m["client"].isin(roles))]
     whole = whole.assign(role=whole["client"].map(roles))
     val = whole[(whole["split"] == "val") & (whole["metric"] == "acc")].groupby("round")["value"].mean()
-    best = int(val.idxmax())
-    test = whole[(whole["split"] == "test") & (whole["round"] == best)]
+    best, last = int(val.idxmax()), int(val.index.max())  # idxmax: the first of tied rounds
 
-    def mean(role: str, metric: str) -> float:
+    def mean(role: str, metric: str, round_: int = best) -> float:
+        test = whole[(whole["split"] == "test") & (whole["round"] == round_)]
         return float(test[(test["role"] == role) & (test["metric"] == metric)]["value"].mean())
 
     traffic = m[(m["split"] == "train") & (m["client"] != "mean") & ~m["client"].str.startswith("mean:")]
     per_client_round = traffic.groupby(["round", "client"])["value"].sum().mean() / 1e6 if len(traffic) else 0.0
     return {
         "round": best, "small_acc": mean("small", "acc"), "small_auc": mean("small", "auc"), "large_acc": mean("large", "acc"),
+        # at the last round too: when every round ties on validation accuracy (all clients predict one
+        # class at 0.5), the selected round is the first, while AUC may still be climbing
+        "small_auc_last": mean("small", "auc", last), "large_auc_last": mean("large", "auc", last),
         "mb_per_client_round": float(per_client_round), "seconds": float((run_dir / "DONE").read_text()),
     }
 
@@ -147,10 +150,13 @@ def main() -> None:
     frame = pd.DataFrame(rows)
     frame.to_csv(args.out / "fedhelp.csv", index=False)
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}, {args.rounds} rounds, seeds {args.seeds}")
-    print("| set | method | small acc | small AUC | large acc | MB / client / round | wall (s) |\n|---|---|---|---|---|---|---|")
+    columns = ("small_acc", "small_auc", "large_acc", "small_auc_last", "large_auc_last")
+    print("| set | method | small acc | small AUC | large acc | small AUC, last round | large AUC, last round | MB / client / round | round | wall (s) |")
+    print("|" + "---|" * 10)
     for (data_set, method), g in frame.groupby(["set", "method"], sort=False):
-        cells = [f"{100 * g[c].mean():.1f} ± {100 * g[c].std(ddof=0):.1f}" for c in ("small_acc", "small_auc", "large_acc")]
-        print(f"| {data_set} | {method} | " + " | ".join(cells) + f" | {g['mb_per_client_round'].mean():.2f} | {g['seconds'].mean():.0f} |")
+        cells = [f"{100 * g[c].mean():.1f} ± {100 * g[c].std(ddof=0):.1f}" for c in columns]
+        rounds = "/".join(str(int(r)) for r in g["round"])
+        print(f"| {data_set} | {method} | " + " | ".join(cells) + f" | {g['mb_per_client_round'].mean():.2f} | {rounds} | {g['seconds'].mean():.0f} |")
 
 
 if __name__ == "__main__":
