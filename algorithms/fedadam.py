@@ -6,6 +6,6 @@ from raysim.algorithms.fedopt import FedOpt
 
 @register_algorithm("fedadam")
 class FedAdam(FedOpt):
-    """v ← β2 v + (1−β2) Δ²; hyperparameters in `FedOptParams` (eta, tau, beta1, beta2)."""
+    """v ← β2 v + (1−β2) Δ²; hyperparameters in `FedOptParams` (eta, tau, beta1, beta2, weighting)."""
 
     rule = "adam"

@@ -19,6 +19,7 @@ from raysim.algorithms.base import Algorithm, ServerState
 from raysim.types import Update
 
 RULES = ("adam", "yogi", "adagrad")
+WEIGHTINGS = ("examples", "uniform")
 
 
 def stepped_keys(model: nn.Module, keys: Sequence[str]) -> list[str]:
@@ -51,16 +52,20 @@ class ServerStep(Algorithm):
         return {**state, "stepped": stepped_keys(model, list(state["weights"]))}
 
     def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
-        tensors, ids = [u.tensors for u in updates], [u.client_id for u in updates]
-        validate_updates(tensors, [u.num_examples for u in updates], ids)
+        tensors, ids, weights = [u.tensors for u in updates], [u.client_id for u in updates], self.mean_weights(updates)
+        validate_updates(tensors, weights, ids)
         stepped = set(state["stepped"])
-        rest = weighted_average([{k: v for k, v in t.items() if k not in stepped} for t in tensors], [u.num_examples for u in updates], ids)
+        rest = weighted_average([{k: v for k, v in t.items() if k not in stepped} for t in tensors], weights, ids)
         new, state = self.server_step(updates, state)
         return {**state, "weights": {k: new[k] if k in stepped else rest[k] for k in state["weights"]}}
 
     def server_step(self, updates: list[Update], state: ServerState) -> tuple[dict[str, torch.Tensor], ServerState]:
         """New values of `state["stepped"]` (any dtype; cast back here) and the updated state."""
         raise NotImplementedError
+
+    def mean_weights(self, updates: list[Update]) -> list[float]:
+        """Client weights of the buffers' mean (and of FedOpt's mean update): example counts."""
+        return [float(u.num_examples) for u in updates]
 
 
 def apply_delta(weights: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -112,6 +117,9 @@ class AdaptiveParams:
     eta: float = 1e-2  # server learning rate η: the step the mean client update drives
     tau: float = 1e-3  # adaptivity τ: added to √v (small = more adaptive); v starts at τ² (Algorithm 2)
     beta1: float = 0.9  # first-moment (server momentum) decay β1, in [0, 1)
+    # mean of the client updates (and of the buffers): "examples" weighs client k by n_k (FedAvg's
+    # weights), "uniform" is the paper's unweighted mean (Algorithm 2: Δ = (1/|S|) Σ_k Δ_k)
+    weighting: str = "examples"
 
     def __post_init__(self) -> None:
         if not self.eta > 0:
@@ -120,6 +128,8 @@ class AdaptiveParams:
             raise ValueError(f"tau (adaptivity) must be > 0, got {self.tau!r}")
         if not 0 <= self.beta1 < 1:
             raise ValueError(f"beta1 must be in [0, 1), got {self.beta1!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"algorithm.weighting must be 'examples' or 'uniform', got {self.weighting!r}")
 
 
 @dataclass
@@ -135,7 +145,8 @@ class FedOptParams(AdaptiveParams):
 
 
 class FedOpt(ServerStep):
-    """Server optimiser on the example-weighted mean update; moments live in the server state (checkpointed)."""
+    """Server optimiser on the mean update (`weighting`: by examples or uniform); moments live in the
+    server state (checkpointed). BatchNorm buffers get the same weighted mean."""
 
     rule: ClassVar[str] = "adam"
     Params: ClassVar[type] = FedOptParams
@@ -149,8 +160,12 @@ class FedOpt(ServerStep):
         return {**state, "m": m, "v": v}
 
     def server_step(self, updates: list[Update], state: ServerState) -> tuple[dict[str, torch.Tensor], ServerState]:
-        total = float(sum(u.num_examples for u in updates))
-        delta = update_sum([u.tensors for u in updates], [u.num_examples / total for u in updates], state["weights"], state["stepped"])
+        shares = self.mean_weights(updates)
+        total = sum(shares)
+        delta = update_sum([u.tensors for u in updates], [w / total for w in shares], state["weights"], state["stepped"])
         p = self.params
         weights, m, v = fedopt_step(self.rule, state["weights"], delta, state["m"], state["v"], eta=p.eta, tau=p.tau, beta1=p.beta1, beta2=getattr(p, "beta2", 0.0))
         return weights, {**state, "m": m, "v": v}
+
+    def mean_weights(self, updates: list[Update]) -> list[float]:
+        return [1.0] * len(updates) if self.params.weighting == "uniform" else super().mean_weights(updates)

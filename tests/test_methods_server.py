@@ -85,6 +85,22 @@ def test_fedopt_first_step_is_the_closed_form(cls: type[Algorithm]) -> None:
     assert state["weights"]["w"].item() == 1.0  # the input state is left as it was
 
 
+# weighting=uniform (the paper's unweighted mean): Δ = ((1.5-1) + (2-1)) / 2 = 0.75, Δ² = 0.5625; m = 0.075
+UNIFORM_V = {"fedadam": 0.99e-6 + 0.01 * 0.5625, "fedyogi": 1e-6 + 0.01 * 0.5625, "fedadagrad": 1e-6 + 0.5625}
+
+
+@pytest.mark.parametrize("cls", [FedAdam, FedYogi, FedAdagrad])
+def test_fedopt_uniform_weighting_is_the_unweighted_mean(cls: type[Algorithm]) -> None:
+    assert cls.Params().weighting == "examples"  # the default keeps FedAvg's example weights
+    algorithm = cls(cls.Params(weighting="uniform"), CFG)
+    out = algorithm.aggregate(1, two_clients(), toy_state(algorithm))
+    v = UNIFORM_V[cls.name]
+    assert out["m"]["w"].item() == pytest.approx(0.075, rel=1e-7) and out["v"]["w"].item() == pytest.approx(v, rel=1e-6)
+    assert out["weights"]["w"].item() == pytest.approx(1.0 + 1e-2 * 0.075 / (math.sqrt(v) + 1e-3), rel=1e-7)
+    # the buffers get the same unweighted mean: r = (0 + 4) / 2 = 2, n = (4 + 8) / 2 = 6
+    assert out["weights"]["r"].item() == 2.0 and out["weights"]["n"].item() == 6
+
+
 @pytest.mark.parametrize(("rule", "v"), [("adam", 0.99 * 0.01 + 0.01 * 0.0025), ("yogi", 0.01 - 0.01 * 0.0025), ("adagrad", 0.01 + 0.0025)])
 def test_fedopt_moment_rules_when_the_update_is_small(rule: str, v: float) -> None:
     # m 0.05, v 0.01, Δ 0.05 (Δ² = 0.0025 < v): Adam shrinks v by β2, Yogi subtracts (1-β2)Δ², Adagrad adds Δ²
@@ -244,6 +260,8 @@ def test_fairfed_needs_group_counts() -> None:
         (FedOptParams, {"beta2": 1.5}, "beta2"),
         (AdaptiveParams, {"eta": -1.0}, "eta"),
         (QFFLParams, {"q": -0.5}, "q must be"),
+        (FedOptParams, {"weighting": "size"}, "weighting must be 'examples' or 'uniform'"),
+        (AdaptiveParams, {"weighting": "size"}, "weighting"),
         (FairFedParams, {"beta": -1.0}, "beta must be"),
         (FairFedParams, {"metric": "auc"}, "metric must be one of auto, eop, spd, eod"),
         (FairFedParams, {"weight_floor": 0.0}, "weight_floor"),
