@@ -19,7 +19,7 @@ from raysim.algorithms.aggregation import AggregationError, weighted_average
 from raysim.algorithms.fairfed import STATS_KEY, FairFed, FairFedParams, accuracy_of, fairfed_weights, fairness_gap, group_confusion
 from raysim.algorithms.fedadagrad import FedAdagrad
 from raysim.algorithms.fedadam import FedAdam
-from raysim.algorithms.fednova import FedNova, fednova_coefficients
+from raysim.algorithms.fednova import FedNova, effective_steps, fednova_coefficients, solver_norm
 from raysim.algorithms.fedopt import AdaptiveParams, FedOptParams, fedopt_step
 from raysim.algorithms.fedyogi import FedYogi
 from raysim.algorithms.qffl import LOSS_KEY, QFFL, QFFLParams
@@ -29,7 +29,10 @@ from raysim.types import Update
 
 from conftest import tiny_overrides
 
-CFG = SimpleNamespace(federation=SimpleNamespace(lr=0.5))  # all the server halves read: L = 1/lr = 2
+# all the server halves read: plain SGD with lr 0.5 (q-FedAvg's L = 1/lr = 2)
+CFG = SimpleNamespace(federation=SimpleNamespace(lr=0.5, optimizer="sgd", momentum=0.0, weight_decay=0.0))
+MOMENTUM = SimpleNamespace(federation=SimpleNamespace(lr=0.5, optimizer="sgd", momentum=0.9, weight_decay=5e-4))
+ADAM = SimpleNamespace(federation=SimpleNamespace(lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=0.0))
 
 
 class Toy(nn.Module):
@@ -145,6 +148,55 @@ def test_fednova_with_equal_steps_is_fedavg() -> None:
     out = algorithm.aggregate(1, updates, toy_state(algorithm))
     fedavg = weighted_average([u.tensors for u in updates], [1, 3])
     assert all(torch.equal(out["weights"][k], fedavg[k]) for k in fedavg) and out["weights"]["w"].item() == 0.75
+
+
+# SGD momentum 0.9: ‖a‖₁ = Σ_{j=1}^{τ} (1 - 0.9^j) / 0.1 = 10 (τ - 9 (1 - 0.9^τ)); 2 steps: 1 + 1.9 = 2.9
+A24 = 10 * (24 - 9 * (1 - 0.9**24))  # 24 steps: 157.17898...
+
+
+def test_fednova_normalises_by_the_momentum_a_norm() -> None:
+    # A: w 3, n 1, 2 steps; B: w 0, n 3, 24 steps; θ = 1. p = (0.25, 0.75), d = (2 / 2.9, -1 / A24)
+    # τ_eff = 0.25 * 2.9 + 0.75 * A24 = 118.609...; θ = 1 + τ_eff (0.25 * 2 / 2.9 - 0.75 / A24) = 20.884...
+    # (by step counts: τ_eff = 18.5, θ = 1 + 18.5 (0.25 * 2 / 2 - 0.75 / 24) = 5.047)
+    algorithm = FedNova(FedNova.Params(), MOMENTUM)
+    out = algorithm.aggregate(1, [update("A", 3.0, 0.0, 4, 1, steps=2), update("B", 0.0, 4.0, 8, 3, steps=24)], toy_state(algorithm))
+    tau_eff = 0.25 * 2.9 + 0.75 * A24
+    assert out["weights"]["w"].item() == pytest.approx(1 + tau_eff * (0.25 * 2 / 2.9 - 0.75 / A24), rel=1e-6)
+    assert_buffers_are_fedavg(out)
+    assert solver_norm(2, momentum=0.9) == pytest.approx(2.9, rel=1e-12) and solver_norm(24, momentum=0.9) == pytest.approx(A24, rel=1e-12)
+    # the step counts alone (τ = 2 vs 24) would give A 4.5x too little weight relative to B
+    c_a, c_b = fednova_coefficients([1, 3], [2.9, A24])
+    assert c_a / c_b == pytest.approx(A24 / 2.9 / 3, rel=1e-12) and (A24 / 2.9) / (24 / 2) == pytest.approx(4.52, abs=0.01)
+
+
+def test_fednova_a_norm_reductions() -> None:
+    assert [solver_norm(t) for t in (0, 1, 2, 24)] == [0.0, 1.0, 2.0, 24.0]  # ρ = 0: the step count
+    # weight decay is part of every client's objective: it leaves ‖a‖₁ unchanged
+    assert effective_steps(MOMENTUM.federation, 24) == solver_norm(24, momentum=0.9)
+    assert effective_steps(CFG.federation, 24) == 24.0
+    assert effective_steps(ADAM.federation, 24) == 24.0  # Adam: no such normalisation, τ_k
+    # proximal μ without momentum (Wang et al.): ‖a‖₁ = (1 - (1 - lr μ)^τ) / (lr μ), lr μ = 0.05
+    assert solver_norm(24, lr=0.1, mu=0.5) == pytest.approx((1 - 0.95**24) / 0.05, rel=1e-12)
+
+
+def test_fednova_says_once_that_adam_falls_back_to_step_counts(tmp_path: Path) -> None:
+    lines: list[str] = []
+    for cfg in (ADAM, MOMENTUM):
+        FedNova(FedNova.Params(), cfg).prepare_run(None, [], tmp_path, lines.append)  # type: ignore[arg-type]
+    assert len(lines) == 1 and "federation.optimizer=adam has no FedNova normalisation" in lines[0]
+
+
+def test_fednova_a_norm_is_what_torch_sgd_does() -> None:
+    # a constant unit gradient for τ steps moves θ by lr ‖a‖₁ (every a_j > 0 here): PyTorch's SGD with
+    # momentum and a proximal term (μ/2)(θ - θ_0)² in the loss, as FedProx adds it
+    lr, mu, momentum, steps = 0.01, 0.1, 0.9, 24
+    theta = nn.Parameter(torch.zeros((), dtype=torch.float64))
+    optimizer = torch.optim.SGD([theta], lr=lr, momentum=momentum)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (theta + mu / 2 * theta**2).backward()
+        optimizer.step()
+    assert -theta.item() / lr == pytest.approx(solver_norm(steps, momentum=momentum, lr=lr, mu=mu), rel=1e-12)
 
 
 def test_fednova_needs_step_counts() -> None:
