@@ -71,3 +71,31 @@ def train_epochs(
             total += loss.item()
             steps += 1
     return {"loss": total / max(steps, 1), "steps": float(steps)}
+
+
+def full_gradient(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn = cross_entropy) -> tuple[float, dict[str, torch.Tensor]]:
+    """Mean loss over all `batches` and its gradient (name -> tensor) for the trainable parameters.
+
+    No optimizer step: the model's parameters are unchanged. It runs in training mode, like the
+    first local epoch would (BatchNorm normalises by batch statistics and updates its running
+    statistics); each batch's mean loss is weighted by its size, so the result is the gradient
+    of the mean loss over every sample the batches hold.
+    """
+    train_mode(model)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for p in params.values():
+        p.grad = None
+    total, count = 0.0, 0
+    for batch in batches:
+        loss = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at the received model")
+        (loss * len(batch.y)).backward()  # sum over the batch's samples; divided by the count below
+        total += loss.item() * len(batch.y)
+        count += len(batch.y)
+    if count == 0:
+        raise ValueError("full_gradient needs at least one batch")
+    grads = {name: (p.grad / count if p.grad is not None else torch.zeros_like(p)).detach() for name, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    return total / count, grads

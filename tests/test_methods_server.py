@@ -22,9 +22,11 @@ from raysim.algorithms.fedadam import FedAdam
 from raysim.algorithms.fednova import FedNova, effective_steps, fednova_coefficients, solver_norm
 from raysim.algorithms.fedopt import AdaptiveParams, FedOptParams, fedopt_step
 from raysim.algorithms.fedyogi import FedYogi
-from raysim.algorithms.qffl import LOSS_KEY, QFFL, QFFLParams
+from raysim.algorithms.qffl import LOSS_KEY, QFFL, QFFLParams, qffl_coefficients
 from raysim.client_actor import ClientHost
 from raysim.config import ConfigError
+from raysim.models import train_mode
+from raysim.training import forward
 from raysim.types import Update
 
 from conftest import tiny_overrides
@@ -209,29 +211,79 @@ def test_fednova_needs_step_counts() -> None:
 # --- q-FFL ----------------------------------------------------------------------------------
 
 
-def qffl_pair(q: float) -> tuple[QFFL, list[Update], dict]:
-    algorithm = QFFL(QFFLParams(q=q), CFG)
+def qffl_pair(q: float, variant: str = "qfedavg", cfg: SimpleNamespace = CFG, **params: float) -> tuple[QFFL, list[Update], dict]:
+    """q-FedAvg: the clients' trained models θ̄_k; q-FedSGD: their gradients, set to L(θ - θ̄_k) with L = 2."""
+    algorithm = QFFL(QFFLParams(q=q, variant=variant, **params), cfg)
     state = algorithm.init_state(Toy())
     state["weights"]["w"] = torch.tensor([1.0, 1.0])  # two trainable tensors: the norm spans both
     state["weights"]["v"], state["stepped"] = torch.tensor([0.0]), ["w", "v"]
-    a = Update("A", {"w": torch.tensor([0.0, 1.0]), "v": torch.tensor([0.0]), "r": torch.tensor([0.0])}, 1, extra={LOSS_KEY: 2.0})
-    b = Update("B", {"w": torch.tensor([1.0, 2.0]), "v": torch.tensor([2.0]), "r": torch.tensor([4.0])}, 3, extra={LOSS_KEY: 0.5})
-    return algorithm, [a, b], state
+    a, b = ([0.0, 1.0], [0.0]), ([1.0, 2.0], [2.0])
+    if variant == "qfedsgd":
+        a, b = ([2.0, 0.0], [0.0]), ([0.0, -2.0], [-4.0])
+    ua = Update("A", {"w": torch.tensor(a[0]), "v": torch.tensor(a[1]), "r": torch.tensor([0.0])}, 1, {"steps": 2.0}, {LOSS_KEY: 2.0})
+    ub = Update("B", {"w": torch.tensor(b[0]), "v": torch.tensor(b[1]), "r": torch.tensor([4.0])}, 3, {"steps": 24.0}, {LOSS_KEY: 0.5})
+    return algorithm, [ua, ub], state
 
 
-def test_qffl_matches_hand_computation() -> None:
-    # L = 1/0.5 = 2, q = 1. A: F 2, g = L(θ-θ̄) = 2*[1, 0 | 0], ‖g‖² = 4; Δ = 2g = [4, 0 | 0], h = 1*4 + 2*2 = 8
-    # B: F 0.5, g = 2*[0, -1 | -2], ‖g‖² = 20; Δ = 0.5g = [0, -1 | -2], h = 20 + 2*0.5 = 21
-    # θ - ΣΔ/Σh = [1 - 4/29, 1 + 1/29 | 0 + 2/29]
-    algorithm, updates, state = qffl_pair(1.0)
+# L = 2, q = 1. A: F 2, g = L(θ-θ̄) = 2*[1, 0 | 0], ‖g‖² = 4; Δ = 2g = [4, 0 | 0], h = 1*4 + 2*2 = 8
+# B: F 0.5, g = 2*[0, -1 | -2], ‖g‖² = 20; Δ = 0.5g = [0, -1 | -2], h = 20 + 2*0.5 = 21
+# θ - ΣΔ/Σh = [1 - 4/29, 1 + 1/29 | 0 + 2/29]
+QFFL_STEP = ([1 - 4 / 29, 1 + 1 / 29], 2 / 29)
+
+
+@pytest.mark.parametrize("variant", ["qfedavg", "qfedsgd"])
+def test_qffl_matches_hand_computation(variant: str) -> None:
+    # q-FedAvg under plain SGD (L = 1/lr = 2) and q-FedSGD sent g_k = L(θ - θ̄_k) with lipschitz = 2: the same step
+    algorithm, updates, state = qffl_pair(1.0, variant, **({"lipschitz": 2.0} if variant == "qfedsgd" else {}))
     out = algorithm.aggregate(1, updates, state)
-    assert out["weights"]["w"].tolist() == pytest.approx([1 - 4 / 29, 1 + 1 / 29], rel=1e-7)
-    assert out["weights"]["v"].item() == pytest.approx(2 / 29, rel=1e-7)
+    assert out["weights"]["w"].tolist() == pytest.approx(QFFL_STEP[0], rel=1e-7)
+    assert out["weights"]["v"].item() == pytest.approx(QFFL_STEP[1], rel=1e-7)
     assert out["weights"]["r"].item() == 3.0  # buffer: FedAvg, (1*0 + 3*4) / 4
 
 
+def test_qfedsgd_is_the_default_and_its_step_does_not_depend_on_the_client_optimizer() -> None:
+    assert QFFLParams().variant == "qfedsgd"
+    _, updates, state = qffl_pair(1.0, "qfedsgd", lipschitz=2.0)
+    steps = [QFFL(QFFLParams(lipschitz=2.0), cfg).aggregate(1, updates, state)["weights"]["w"] for cfg in (CFG, MOMENTUM, ADAM)]
+    assert all(torch.equal(steps[0], w) for w in steps) and steps[0].tolist() == pytest.approx(QFFL_STEP[0], rel=1e-7)
+
+
+def test_qfedsgd_with_q0_is_gradient_descent_on_the_unweighted_mean() -> None:
+    # q = 0: Δ_k = g_k, h_k = L: θ - Σ g_k / (K L) = θ - mean_k g_k / L, ignoring F_k and n_k (1 vs 3)
+    algorithm, updates, state = qffl_pair(0.0, "qfedsgd", lipschitz=4.0)
+    out = algorithm.aggregate(1, updates, state)
+    # mean g = [1, -1 | -2]; θ - mean g / 4 = [0.75, 1.25 | 0.5]
+    assert out["weights"]["w"].tolist() == [0.75, 1.25] and out["weights"]["v"].item() == 0.5
+
+
+def test_qfedavg_corrects_L_for_momentum() -> None:
+    # SGD momentum 0.9: the displacements are inflated by ‖a_k‖₁/τ_k, so g_k = s_k L (θ - θ̄_k) with s_k = τ_k / ‖a_k‖₁:
+    # s_A = 2 / 2.9 (2 steps), s_B = 24 / A24 (24 steps). ‖g_A‖² = 4 s_A², ‖g_B‖² = 20 s_B²; h = ‖g‖² + L F^q with L = 2:
+    # Σh = 4 s_A² + 4 + 20 s_B² + 1; θ - ΣΔ/Σh = [1 - 4 s_A/Σh, 1 + s_B/Σh | 2 s_B/Σh]
+    algorithm, updates, state = qffl_pair(1.0, "qfedavg", MOMENTUM)
+    s_a, s_b = 2 / 2.9, 24 / A24
+    total_h = 4 * s_a**2 + 20 * s_b**2 + 5
+    out = algorithm.aggregate(1, updates, state)
+    assert out["weights"]["w"].tolist() == pytest.approx([1 - 4 * s_a / total_h, 1 + s_b / total_h], rel=1e-6)
+    assert out["weights"]["v"].item() == pytest.approx(2 * s_b / total_h, rel=1e-6)
+
+
+def test_qfedavg_is_rejected_under_adam_before_training(oph_root: Path) -> None:
+    with pytest.raises(ConfigError, match="q-FedSGD.*algorithm.variant=qfedsgd"):
+        QFFL(QFFLParams(variant="qfedavg"), ADAM)
+    cfg = config.load(None, tiny_overrides(oph_root, **{"algorithm.name": "qffl", "algorithm.variant": "qfedavg"}))  # the default preset: Adam
+    with pytest.raises(ConfigError, match="federation.optimizer=adam"):
+        ALGORITHMS.get("qffl")(cfg.algorithm_params(), cfg)
+    QFFL(QFFLParams(variant="qfedavg"), MOMENTUM)  # SGD (with momentum) is fine
+
+
+def test_qffl_coefficients_with_q0_ignore_a_zero_loss() -> None:
+    # q = 0: c_k = 1 / (K L); F = 0 must not produce 0 * inf = NaN
+    assert qffl_coefficients([0.0, 0.5], [4.0, 20.0], q=0.0, lipschitz=2.0) == [0.25, 0.25]
+
+
 def test_qffl_with_q0_is_the_unweighted_mean() -> None:
-    # q = 0: Δ_k = L(θ-θ̄_k), h_k = L, so θ - Σ L(θ-θ̄_k) / (K L) = mean_k θ̄_k, ignoring n_k (1 vs 3)
+    # q-FedAvg, q = 0: Δ_k = L(θ-θ̄_k), h_k = L, so θ - Σ L(θ-θ̄_k) / (K L) = mean_k θ̄_k, ignoring n_k (1 vs 3)
     algorithm, updates, state = qffl_pair(0.0)
     out = algorithm.aggregate(1, updates, state)
     assert out["weights"]["w"].tolist() == [0.5, 1.5] and out["weights"]["v"].item() == 1.0
@@ -312,6 +364,9 @@ def test_fairfed_needs_group_counts() -> None:
         (FedOptParams, {"beta2": 1.5}, "beta2"),
         (AdaptiveParams, {"eta": -1.0}, "eta"),
         (QFFLParams, {"q": -0.5}, "q must be"),
+        (QFFLParams, {"variant": "fedsgd"}, "variant must be 'qfedsgd' or 'qfedavg'"),
+        (QFFLParams, {"lipschitz": 0.0}, "lipschitz must be a number > 0"),
+        (QFFLParams, {"variant": "qfedavg", "lipschitz": 5.0}, "uses L = 1/federation.lr"),
         (FedOptParams, {"weighting": "size"}, "weighting must be 'examples' or 'uniform'"),
         (AdaptiveParams, {"weighting": "size"}, "weighting"),
         (FairFedParams, {"beta": -1.0}, "beta must be"),
@@ -352,7 +407,7 @@ def fit_two(host: ClientHost) -> tuple[dict, dict, list[Update]]:
 def test_client_fit_and_aggregate_on_real_data(oph_root: Path, name: str) -> None:
     host = host_for(oph_root, name)
     state, payload, updates = fit_two(host)
-    assert all(u.tensors.keys() == payload.keys() and u.metrics["steps"] > 0 for u in updates)
+    assert all(u.tensors.keys() == payload.keys() and (u.metrics["steps"] > 0) == (name != "qffl") for u in updates)  # q-FedSGD: no step
     out = host.algorithm.aggregate(1, updates, state)
     assert out["weights"].keys() == state["weights"].keys()
     assert all(torch.isfinite(v).all() for v in out["weights"].values())
@@ -362,11 +417,6 @@ def test_client_fit_and_aggregate_on_real_data(oph_root: Path, name: str) -> Non
     if name != "fairfed":  # buffers (BatchNorm statistics) are averaged exactly as FedAvg does
         assert all(torch.equal(out["weights"][k], fedavg[k]) for k in buffers)
     for client, u in zip(host.clients.values(), updates):
-        if name == "qffl":
-            # F_k: cross-entropy of the received model on the train split, recomputed from the client's predictions
-            client.load(payload)
-            seen = client.predict("train")
-            assert u.extra[LOSS_KEY] == pytest.approx(metrics.log_loss(seen.labels, seen.scores), rel=1e-4)
         if name == "fairfed":
             counts = u.extra[STATS_KEY]
             train = client.shards["train"].table
@@ -394,6 +444,40 @@ def test_fairfed_with_beta0_is_fedavg_bit_for_bit(oph_root: Path) -> None:
     fair = FairFed(FairFedParams(beta=1.0), host.cfg).aggregate(1, updates, state)
     assert set(fair["fair_weights"]) == {"site1", "site2"}
     assert sum(fair["fair_weights"].values()) == pytest.approx(sum(u.num_examples for u in updates), rel=1e-12)
+
+
+def train_mode_loss(host: ClientHost, cid: str, tensors: dict, round_: int) -> float:
+    """Mean cross-entropy over the batches of the client's first local epoch, BatchNorm in training mode."""
+    client = host.clients[cid]
+    model = train_mode(client.load(tensors))
+    fed = host.cfg.federation
+    batches = list(next(iter(client.train_epochs(round_, 1, fed.batch_size, host.cfg.seed))))
+    with torch.no_grad():
+        return sum(float(nn.functional.cross_entropy(forward(model, b), b.y, reduction="sum")) for b in batches) / sum(len(b.y) for b in batches)
+
+
+def test_qfedsgd_client_sends_its_gradient_at_the_received_model(oph_root: Path) -> None:
+    host = host_for(oph_root, "qffl")  # the default preset: Adam, so q-FedSGD
+    state = host.algorithm.init_state(host.clients["site1"].model)
+    payload = host.algorithm.payload(state, 1)
+    u = host.fit("site1", payload, 1)
+    grad = {k: u.tensors[k].double() for k in state["stepped"]}
+    model = host.clients["site1"].model
+    assert all(torch.equal(model.state_dict()[k], payload[k]) for k in state["stepped"])  # no local training
+    assert u.extra[LOSS_KEY] == pytest.approx(train_mode_loss(host, "site1", payload, 1), rel=1e-5)
+    # the directional derivative along g is ‖g‖² (central difference along the unit direction; the loss is
+    # strongly curved along g, so the step is small)
+    norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grad.values()))
+    eps = 1e-4
+    moved = [{**payload, **{k: (payload[k].double() + sign * eps * g / norm).float() for k, g in grad.items()}} for sign in (1, -1)]
+    slope = (train_mode_loss(host, "site1", moved[0], 1) - train_mode_loss(host, "site1", moved[1], 1)) / (2 * eps)
+    assert slope == pytest.approx(norm, rel=0.02)
+    # the server steps against it: θ - c g with c = F / (‖g‖² + L F) for one client and q = 1
+    out = host.algorithm.aggregate(1, [u], state)
+    f, lip = u.extra[LOSS_KEY], host.algorithm.params.lipschitz
+    for k, g in grad.items():
+        expected = state["weights"][k].double() - f / (norm**2 + lip * f) * g
+        torch.testing.assert_close(out["weights"][k].double(), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_fednova_with_equal_steps_is_fedavg_on_real_data(oph_root: Path) -> None:
