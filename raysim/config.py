@@ -109,16 +109,39 @@ class FederationConfig:
 
 @dataclass
 class ResourcesConfig:
-    num_cpus: float = _doc("CPUs reserved per client actor (fractions allowed)", 0.5)
+    # How the pool is sized and filled: raysim/placement.py.
+    actors: int | str = _doc(
+        "client actors: auto = min(clients, (CPUs - driver_cpus) / num_cpus, GPUs / num_gpus) from Ray's resources "
+        "(in a Tune trial: its reserved client bundles); an integer on an autoscaling cluster",
+        "auto",
+    )
+    num_cpus: float | None = _doc("CPUs reserved per client actor (null: threads_per_client, no oversubscription; fractions allowed)", None)
     num_gpus: float = _doc("GPU fraction per client actor, in [0, 1]", 0.0)
-    clients_per_actor: int = _doc("clients hosted by one actor (1 = one actor per hospital)", 1)
+    driver_cpus: float = _doc("CPUs kept for the driver (0: it is not yet a Ray actor and mostly waits while clients train)", 0.0)
+    clients_per_actor: int | None = _doc("clients hosted by one actor (null: from resources.actors); sets ceil(clients / it) actors", None)
     threads_per_client: int = _doc("torch threads per client (fixed for bit-identical results)", 1)
 
+    @property
+    def actor_cpus(self) -> float:
+        """The CPUs each client actor asks Ray for: `num_cpus`, else `threads_per_client`."""
+        return float(self.threads_per_client) if self.num_cpus is None else self.num_cpus
+
     def validate(self) -> None:
-        _check_positive("resources.num_cpus", self.num_cpus)
+        if self.actors != "auto":
+            if isinstance(self.actors, bool) or not isinstance(self.actors, int) or self.actors < 1:
+                raise ConfigError(f"resources.actors must be auto or a positive integer, got {self.actors!r}")
+            if self.clients_per_actor is not None:
+                raise ConfigError(
+                    f"resources.actors={self.actors} and resources.clients_per_actor={self.clients_per_actor} both set the number of client actors; set one of them"
+                )
+        if self.num_cpus is not None:
+            _check_positive("resources.num_cpus", self.num_cpus)
         if not 0 <= self.num_gpus <= 1:
             raise ConfigError(f"resources.num_gpus must be a fraction in [0, 1], got {self.num_gpus}")
-        _check_positive("resources.clients_per_actor", self.clients_per_actor)
+        if self.driver_cpus < 0:
+            raise ConfigError(f"resources.driver_cpus must be >= 0, got {self.driver_cpus}")
+        if self.clients_per_actor is not None:
+            _check_positive("resources.clients_per_actor", self.clients_per_actor)
         _check_positive("resources.threads_per_client", self.threads_per_client)
 
 
@@ -323,6 +346,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is bool or text.startswith("bool"):
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if text == "int | str":  # resources.actors: auto or a count; its validate() checks the value
         return value
     if hint is int or text.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int):

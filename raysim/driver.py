@@ -28,7 +28,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raysim import provenance, reporting
+from raysim import placement, provenance, reporting
 from raysim.algorithms import ALGORITHMS, ServerState
 from raysim.algorithms.aggregation import non_finite
 from raysim.client_actor import ClientActor
@@ -236,19 +236,16 @@ class Driver:
 
     def _start_actors(self, specs: list[ClientSpec]) -> None:
         res = self.cfg.resources
-        groups = [specs[i : i + res.clients_per_actor] for i in range(0, len(specs), res.clients_per_actor)]
+        groups = placement.assign(specs, self._actor_count(len(specs)), res.clients_per_actor)
         pg = get_current_placement_group()  # set inside a Tune trial: bundle 0 is the driver's
-        if pg is None:
-            self._check_capacity(len(groups))
-        elif len(pg.bundle_specs) < len(groups) + 1:
-            raise ConfigError(f"the placement group has {len(pg.bundle_specs)} bundles; {len(groups)} client actors need {len(groups) + 1} (the driver's + one each)")
         handles, machines = [], []
         for i, group in enumerate(groups):
             pinned = {} if pg is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i + 1)}
-            actor = ClientActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, **pinned).remote(self.cfg, group, self.context)
+            actor = ClientActor.options(num_cpus=res.actor_cpus, num_gpus=res.num_gpus, **pinned).remote(self.cfg, group, self.context)
             handles.append(actor)
             self.actors.update({spec.id: actor for spec in group})
-        self.echo(f"starting {len(handles)} client actors ({res.num_cpus} CPU, {res.num_gpus} GPU each; {res.clients_per_actor} client(s) per actor)")
+        provenance.add(self.run_dir, "actor_plan", [[spec.id for spec in group] for group in groups])
+        self.echo(f"starting {len(handles)} client actors ({res.actor_cpus:g} CPU, {res.num_gpus:g} GPU each; {placement.clients_per_actor_text(groups)} per actor)")
         for actor in handles:
             try:
                 info = ray.get(actor.describe.remote())
@@ -271,19 +268,22 @@ class Driver:
         except RayTaskError as err:
             raise _unwrap(err) from None
 
-    def _check_capacity(self, n_actors: int) -> None:
-        if os.environ.get("RAY_ADDRESS"):
-            return  # a cluster may autoscale; Ray queues the actors
-        available = ray.cluster_resources()
-        need_cpu = n_actors * self.cfg.resources.num_cpus
-        if need_cpu > available.get("CPU", 0) + 1e-9:
-            raise ConfigError(
-                f"{n_actors} client actors x resources.num_cpus={self.cfg.resources.num_cpus} need {need_cpu:g} CPUs, "
-                f"but Ray has {available.get('CPU', 0):g}: lower resources.num_cpus (fractions are fine) or raise resources.clients_per_actor"
-            )
-        need_gpu = n_actors * self.cfg.resources.num_gpus
-        if need_gpu > available.get("GPU", 0) + 1e-9:
-            raise ConfigError(f"{n_actors} client actors x resources.num_gpus={self.cfg.resources.num_gpus} need {need_gpu:g} GPUs, but Ray has {available.get('GPU', 0):g}")
+    def _actor_count(self, n_clients: int) -> int:
+        """The pool's size: from Ray's resources, or, in a Tune trial, the client bundles it reserved."""
+        res = self.cfg.resources
+        pg = get_current_placement_group()
+        if pg is None:
+            capacity = placement.Capacity.of(ray.cluster_resources())  # a cluster's: what it has now
+            n = placement.actor_count(n_clients, res, capacity)
+            if not os.environ.get("RAY_ADDRESS"):  # a cluster may autoscale: Ray queues what does not fit yet
+                placement.check_fits(n, res, capacity)
+            return n
+        # A Tune trial: raysim.tune sized its group with placement.actor_count; bundle 0 is the driver's.
+        reserved = len(pg.bundle_specs) - 1
+        n = min(reserved, n_clients) if placement.is_auto(res) else placement.actor_count(n_clients, res, None)
+        if n > reserved:
+            raise ConfigError(f"the placement group has {len(pg.bundle_specs)} bundles; {n} client actors need {n + 1} (the driver's + one each)")
+        return n
 
     def _collect(self, refs: dict[str, Any]) -> RoundOutcome:
         outcome = RoundOutcome(updates=[])

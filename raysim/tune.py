@@ -34,11 +34,12 @@ import yaml
 from raysim import config as config_mod
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
+from raysim.placement import Capacity, actor_count
 
 log = logging.getLogger(__name__)
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # the shell convention for Ctrl-C
-DRIVER_CPU = 0.1  # the trial's own bundle (the trial function is the run's driver)
+DRIVER_CPU = 0.1  # the trial's own bundle (the trial function is the run's driver), plus resources.driver_cpus
 ATTRIBUTE_FREE = ("auc", "acc", "bacc", "loss")  # rows with attribute ""
 FAIRNESS = ("es_auc", "es_acc", "es_bacc", "eod", "spd")  # rows of the target attribute (data.attribute)
 METRICS = ATTRIBUTE_FREE + FAIRNESS
@@ -273,22 +274,36 @@ def search_space(study: Study) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=32)
-def _actor_count(data_yaml: str, algorithm_yaml: str, img_size: int, seed: int, clients_per_actor: int) -> int:
+def _client_count(data_yaml: str, algorithm_yaml: str, img_size: int, seed: int) -> int:
     from raysim.algorithms import ALGORITHMS
     from raysim.datasets import DATASETS
 
     cfg = config_mod.from_dict({"data": yaml.safe_load(data_yaml), "algorithm": yaml.safe_load(algorithm_yaml), "model": {"img_size": img_size}, "seed": seed})
     source = DATASETS.get(cfg.data.name)(cfg.data, img_size=img_size, seed=seed)
-    specs = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg).arrange_clients(source.client_specs())
-    return math.ceil(len(specs) / clients_per_actor)
+    return len(ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg).arrange_clients(source.client_specs()))
 
 
-def bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
-    """The trial's placement group: its own bundle (the driver) + one per client actor."""
+def client_count(cfg: ExperimentConfig) -> int:
+    """The run's clients (read once per data / method config, then cached)."""
+    return _client_count(yaml.safe_dump(cfg.to_dict()["data"]), yaml.safe_dump(cfg.algorithm), cfg.model.img_size, cfg.seed)
+
+
+def trial_share(study: Study, cluster: Mapping[str, float]) -> Capacity:
+    """What one trial's driver and client actors may use: the cluster's resources (as they
+    are when the study starts) divided by `max_concurrent_trials` (unset: the whole cluster),
+    less the trial function's own bundle. Tune packs as many trials as fit."""
+    total = Capacity.of(cluster)
+    concurrent = study.max_concurrent_trials or 1
+    return Capacity(total.cpus / concurrent - DRIVER_CPU, total.gpus / concurrent)
+
+
+def bundles(cfg: ExperimentConfig, share: Capacity) -> list[dict[str, float]]:
+    """The trial's placement group: the driver's bundle + one per client actor, as many as
+    `placement.actor_count` gives for the trial's `share` (the driver fills exactly these)."""
     res = cfg.resources
-    n = _actor_count(yaml.safe_dump(cfg.to_dict()["data"]), yaml.safe_dump(cfg.algorithm), cfg.model.img_size, cfg.seed, res.clients_per_actor)
-    actor = {"CPU": float(res.num_cpus)} | ({"GPU": float(res.num_gpus)} if res.num_gpus else {})
-    return [{"CPU": DRIVER_CPU}] + [dict(actor) for _ in range(n)]
+    n = actor_count(client_count(cfg), res, share)
+    actor = {"CPU": res.actor_cpus} | ({"GPU": float(res.num_gpus)} if res.num_gpus else {})
+    return [{"CPU": DRIVER_CPU + res.driver_cpus}] + [dict(actor) for _ in range(n)]
 
 
 def run_trial(values: dict[str, Any], study: Study) -> None:
@@ -354,11 +369,14 @@ def _searcher(study: Study) -> Any:
 
 
 def tuner(study: Study, out: str, *, resume: bool) -> Any:
+    import ray
     from ray import tune
 
     cfg = study.config()
+    share = trial_share(study, ray.cluster_resources())
+    bundles(cfg, share)  # a base config whose pool does not fit fails here, before Tune starts
     trainable = tune.with_parameters(run_trial, study=study)
-    trainable = tune.with_resources(trainable, lambda values: tune.PlacementGroupFactory(bundles(study.config(values)), strategy="PACK"))
+    trainable = tune.with_resources(trainable, lambda values: tune.PlacementGroupFactory(bundles(study.config(values), share), strategy="PACK"))
     if resume:
         return tune.Tuner.restore(out, trainable=trainable, resume_unfinished=True, resume_errored=True)
     storage, name = _split_out(out)
@@ -489,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         from raysim.pretrain import resolve_weights
 
         base = study.config()
-        bundles(base)  # reads the clients once (and generates the synthetic set) before trials race for it
+        client_count(base)  # reads the clients once (and generates the synthetic set) before trials race for it
         resolve_weights(base)  # builds a missing pretrained backbone once, before the trials
         connect_ray()
         from ray import tune

@@ -20,7 +20,7 @@ def test_default_preset_loads_with_public_keys() -> None:
     for key in ("seed", "data.name", "data.root", "data.attribute", "data.val_fraction", "model.name", "model.img_size",
                 "algorithm.name", "federation.rounds", "federation.clients_per_round", "federation.local_epochs",
                 "federation.batch_size", "federation.optimizer", "federation.lr", "federation.momentum",
-                "federation.weight_decay", "resources.num_cpus", "resources.num_gpus", "resources.clients_per_actor",
+                "federation.weight_decay", "resources.actors", "resources.num_cpus", "resources.num_gpus", "resources.driver_cpus", "resources.clients_per_actor",
                 "resources.threads_per_client", "eval.every", "eval.attributes", "checkpoint.every"):
         assert key in keys
 
@@ -44,6 +44,10 @@ def test_overrides_are_typed_and_merged() -> None:
         ("federation.rounds=-2", "federation.rounds must be a positive number"),
         ("data.val_fraction=1.5", "data.val_fraction must be a fraction in (0, 1)"),
         ("resources.num_gpus=2", "resources.num_gpus must be a fraction in [0, 1]"),
+        ("resources.actors=many", "resources.actors must be auto or a positive integer, got 'many'"),
+        ("resources.actors=0", "resources.actors must be auto or a positive integer, got 0"),
+        ("resources.actors=1.5", "resources.actors must be auto or a positive integer, got 1.5"),
+        ("resources.driver_cpus=-1", "resources.driver_cpus must be >= 0"),
         ("federation.optimizer=lbfgs", "sgd, adam, adamw"),
         ("federation.rounds=ten", "federation.rounds must be an integer"),
         ("algorithm.mu=0.1", "unknown config key 'algorithm.mu'"),
@@ -54,6 +58,18 @@ def test_bad_values_fail_with_a_clear_message(override: str, needle: str) -> Non
     with pytest.raises(ConfigError) as err:
         config.load(None, [override])
     assert needle in str(err.value)
+
+
+def test_resources_defaults_and_the_pool_keys() -> None:
+    res = config.load().resources
+    assert res.actors == "auto" and res.num_cpus is None and res.clients_per_actor is None and res.driver_cpus == 0
+    assert res.actor_cpus == 1.0  # num_cpus defaults to threads_per_client: no oversubscription
+    assert config.load(None, ["resources.threads_per_client=2"]).resources.actor_cpus == 2.0
+    assert config.load(None, ["resources.num_cpus=0.25"]).resources.actor_cpus == 0.25
+    assert config.load(None, ["resources.clients_per_actor=2"]).resources.clients_per_actor == 2  # alone, as before
+    assert config.load(None, ["resources.actors=auto", "resources.clients_per_actor=2"]).resources.clients_per_actor == 2
+    with pytest.raises(ConfigError, match=r"resources.actors=3 and resources.clients_per_actor=2 both set the number of client actors; set one"):
+        config.load(None, ["resources.actors=3", "resources.clients_per_actor=2"])
 
 
 def test_missing_config_file_names_it(tmp_path) -> None:

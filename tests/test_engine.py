@@ -94,13 +94,17 @@ def test_two_clients_two_rounds_output_contract(ray_session, oph_root: Path, tmp
 
 
 def test_same_seed_and_any_actor_layout_give_identical_metrics(ray_session, oph_root: Path, tmp_path: Path) -> None:
-    a = make_driver(oph_root, tmp_path / "a").run()
-    b = make_driver(oph_root, tmp_path / "b").run()
-    c = make_driver(oph_root, tmp_path / "c", **{"resources.clients_per_actor": 2}).run()
-    pd.testing.assert_frame_equal(a, b, check_exact=True)
-    pd.testing.assert_frame_equal(a, c, check_exact=True)
-    other = make_driver(oph_root, tmp_path / "d", seed=1).run()
-    assert not a["value"].equals(other["value"])
+    lines: list[str] = []
+    runs = {n: make_driver(oph_root, tmp_path / f"actors{n}", lines, **{"resources.actors": n}).run() for n in (1, 2, 3)}
+    pd.testing.assert_frame_equal(runs[1], runs[2], check_exact=True)
+    pd.testing.assert_frame_equal(runs[1], runs[3], check_exact=True)
+    assert "starting 1 client actors (0.25 CPU, 0 GPU each; 3 clients per actor)" in lines
+    assert "starting 2 client actors (0.25 CPU, 0 GPU each; 1–2 clients per actor)" in lines
+    assert "starting 3 client actors (0.25 CPU, 0 GPU each; 1 client per actor)" in lines
+    plan = json.loads((tmp_path / "actors2" / "provenance.json").read_text())["actor_plan"]
+    assert sorted(len(group) for group in plan) == [1, 2] and sorted(sum(plan, [])) == ["site1", "site2", "site3"]
+    other = make_driver(oph_root, tmp_path / "seed1", seed=1).run()  # auto: 3 actors of 0.25 CPU on Ray's 2
+    assert not runs[1]["value"].equals(other["value"])
 
 
 def test_resume_matches_an_uninterrupted_run(ray_session, oph_root: Path, tmp_path: Path) -> None:

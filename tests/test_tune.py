@@ -95,6 +95,30 @@ def test_objective_from_the_validation_mean_row() -> None:
     assert math.isnan(parse_objective("auc / (eod - eod)")({"auc": 1.0, "eod": 0.2}))
 
 
+# --- the trial's placement group ------------------------------------------------------------
+
+
+def test_trial_bundles_come_from_the_same_plan_as_the_driver(oph_root: Path, tmp_path: Path) -> None:
+    from raysim.placement import Capacity
+    from raysim.tune import DRIVER_CPU, bundles, trial_share
+
+    laptop = {"CPU": 2.0}
+    assert trial_share(load_study(_study(tmp_path)), laptop) == Capacity(2 - DRIVER_CPU, 0)
+    assert trial_share(load_study(_study(tmp_path, max_concurrent_trials=2)), {"CPU": 8.0, "GPU": 2.0}) == Capacity(4 - DRIVER_CPU, 1)
+
+    def pg(share: Capacity, **extra: object) -> list[dict[str, float]]:
+        return bundles(config.load(None, tiny_overrides(oph_root, **extra)), share)
+
+    share = Capacity(2 - DRIVER_CPU)
+    assert pg(share) == [{"CPU": DRIVER_CPU}] + [{"CPU": 0.25}] * 3  # 3 clients, fractions leave room for a second trial
+    assert pg(share, **{"resources.num_cpus": "null"}) == [{"CPU": DRIVER_CPU}, {"CPU": 1.0}]  # one whole core fits beside the driver
+    assert pg(share, **{"resources.actors": 2}) == [{"CPU": DRIVER_CPU}] + [{"CPU": 0.25}] * 2
+    assert pg(share, **{"resources.clients_per_actor": 2, "resources.driver_cpus": 0.5}) == [{"CPU": DRIVER_CPU + 0.5}] + [{"CPU": 0.25}] * 2
+    assert pg(Capacity(16, 1), **{"resources.num_gpus": 0.5}) == [{"CPU": DRIVER_CPU}] + [{"CPU": 0.25, "GPU": 0.5}] * 2
+    with pytest.raises(ConfigError, match="not even one client actor fits"):
+        pg(Capacity(0.5 - DRIVER_CPU), **{"resources.num_cpus": "null"})
+
+
 # --- GPU memory cap -------------------------------------------------------------------------
 
 
