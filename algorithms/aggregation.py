@@ -1,4 +1,8 @@
-"""Pure aggregation helpers: tensors and weights in, tensors out, input checked first."""
+"""Pure aggregation helpers: tensors and weights in, tensors out, input checked first.
+
+`WeightedSum` is the running form the engine folds updates into, one at a time in sorted
+client order, so the server holds one accumulator whatever the cohort size.
+"""
 
 from __future__ import annotations
 
@@ -34,17 +38,65 @@ def non_finite(update: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def weighted_average(tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """Σ_k w_k t_k / Σ_k w_k per tensor name, summed in the given (sorted) order for bit-stability.
+    """Σ_k w_k t_k / Σ_k w_k per tensor name: `WeightedSum` over a list, in the given (sorted) order.
 
     Integer tensors (e.g. BatchNorm's batch counters) take the weighted mean rounded down.
     """
     names = list(names) if names is not None else [str(i) for i in range(len(tensors))]
     validate_updates(tensors, weights, names)
-    total = float(sum(weights))
-    out: dict[str, torch.Tensor] = {}
-    for key, first in tensors[0].items():
-        acc = torch.zeros_like(first, dtype=torch.float64)
-        for update, weight in zip(tensors, weights):
-            acc += update[key].to(torch.float64) * (weight / total)
-        out[key] = acc.to(first.dtype) if first.is_floating_point() else acc.floor().to(first.dtype)
-    return out
+    acc = WeightedSum()
+    for update, weight, name in zip(tensors, weights, names):
+        acc.add(update, weight, name)
+    return acc.mean()
+
+
+class WeightedSum:
+    """Σ_k w_k t_k per tensor name in float64 and Σ_k w_k, added one update at a time.
+
+    The engine adds updates in sorted client-id order, whichever actor computed them, so the
+    float64 rounding (and hence every bit of `mean()`) depends only on the cohort. Memory: one
+    float64 copy of the summed tensors, whatever the number of updates. `keys` restricts what
+    is summed (e.g. the buffers of a method whose parameters take another rule).
+    """
+
+    def __init__(self, keys: Sequence[str] | None = None) -> None:
+        self.keys = list(keys) if keys is not None else None
+        self.sums: dict[str, torch.Tensor] = {}
+        self.reference: dict[str, tuple[torch.Size, torch.dtype]] = {}
+        self.first = ""  # the first client's name, for error messages
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, tensors: Mapping[str, torch.Tensor], weight: float, name: str) -> None:
+        if not weight > 0:
+            raise AggregationError(f"client {name}: weight must be positive, got {weight}")
+        chosen = {k: tensors[k] for k in self.keys if k in tensors} if self.keys is not None else dict(tensors)
+        if not self.count:
+            self.first = name
+            self.reference = {k: (v.shape, v.dtype) for k, v in chosen.items()}
+            self.sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in chosen.items()}
+        self._check(chosen, name)
+        for key, value in chosen.items():
+            self.sums[key].add_(value.to(torch.float64), alpha=weight)
+        self.total += float(weight)
+        self.count += 1
+
+    def _check(self, tensors: Mapping[str, torch.Tensor], name: str) -> None:
+        if tensors.keys() != self.reference.keys():
+            diff = sorted(set(tensors) ^ set(self.reference))
+            raise AggregationError(f"client {name}: tensor names differ from client {self.first}: {diff[:5]}")
+        for key, value in tensors.items():
+            if value.shape != self.reference[key][0]:
+                raise AggregationError(f"client {name}: {key} has shape {tuple(value.shape)}, expected {tuple(self.reference[key][0])}")
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """Σ w t / Σ w in each tensor's own dtype; integer tensors take the weighted mean rounded down."""
+        if not self.count:
+            raise AggregationError("no client updates to aggregate")
+        out: dict[str, torch.Tensor] = {}
+        for key, acc in self.sums.items():
+            dtype = self.reference[key][1]
+            value = acc / self.total
+            # + 1e-9: a mean of equal counts must not round down to one less through float64 sums
+            out[key] = value.to(dtype) if dtype.is_floating_point else (value + 1e-9).floor().to(dtype)
+        return out

@@ -1,8 +1,13 @@
 """The Algorithm base class: FedAvg behaviour, with hooks each method overrides.
 
-Server half (driver): `init_state`, `payload`, `aggregate`. Client half (inside the client's
-actor): `client_fit`, `loss`, `after_step`, `eval_model`. A method subclasses this and
-overrides only the steps that differ; hyperparameters are a dataclass in `Params`.
+Server half (driver): `init_state`, `payload`, and the server step as a fold over the round's
+updates: `fold_start` -> `accumulate` (once per update, in sorted client order, each update
+dropped right after) -> `finalize`. The server therefore holds one accumulator, never the
+cohort. A method whose weights need cohort-wide numbers (FairFed's global gap) sets
+`round_statistics` and gets every sampled client's `client_statistics` (small values) in
+`fold_start`, before any update arrives. Client half (inside the client's actor):
+`client_fit`, `loss`, `after_step`, `eval_model`. A method subclasses this and overrides only
+the steps that differ; hyperparameters are a dataclass in `Params`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from raysim.algorithms.aggregation import weighted_average
+from raysim.algorithms.aggregation import WeightedSum
 from raysim.models import build_model, exchangeable_keys
 from raysim.registry import Registry
 from raysim.seeding import derive_seed
@@ -41,6 +46,9 @@ class Algorithm:
     # Adapter methods adapt a pretrained backbone: without model.weights / model.pretrained
     # the run uses the synthetic public-pool backbone built by `python -m raysim.pretrain`.
     needs_pretrained: ClassVar[bool] = False
+    # True: before each round's training, every sampled client's `client_statistics` reaches
+    # `fold_start` (a light pass over the cohort; one extra call per actor).
+    round_statistics: ClassVar[bool] = False
 
     def __init__(self, params: Any, cfg: ExperimentConfig) -> None:
         self.params = params
@@ -102,9 +110,24 @@ class Algorithm:
     def payload(self, state: ServerState, round_: int) -> Tensors:
         return state["weights"]
 
-    def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
-        averaged = weighted_average([u.tensors for u in updates], [u.num_examples for u in updates], [u.client_id for u in updates])
-        return {**state, "weights": averaged}
+    def fold_start(self, round_: int, state: ServerState, statistics: dict[str, dict[str, Any]]) -> Any:
+        """The round's empty accumulator; `statistics`: client id -> `client_statistics` (empty unless `round_statistics`)."""
+        return WeightedSum()
+
+    def accumulate(self, fold: Any, update: Update) -> None:
+        """Add one update (called in sorted client-id order; the update is dropped afterwards)."""
+        fold.add(update.tensors, float(update.num_examples), update.client_id)
+
+    def finalize(self, round_: int, fold: Any, state: ServerState) -> ServerState:
+        """The new server state from the round's accumulator."""
+        return {**state, "weights": fold.mean()}
+
+    def aggregate(self, round_: int, updates: list[Update], state: ServerState, statistics: dict[str, dict[str, Any]] | None = None) -> ServerState:
+        """The fold over a list of updates in the given order (tests, tools; the engine folds as updates arrive)."""
+        fold = self.fold_start(round_, state, statistics or {})
+        for update in updates:
+            self.accumulate(fold, update)
+        return self.finalize(round_, fold, state)
 
     # --- client side --------------------------------------------------------------------------
 
@@ -123,6 +146,11 @@ class Algorithm:
         client.keep(set(state) - set(payload))
         tensors = {k: state[k].detach().cpu().clone() for k in payload}
         return Update(client.id, tensors, client.num_train, stats, extra)
+
+    def client_statistics(self, client: Client, payload: Tensors, round_: int) -> dict[str, Any]:
+        """With `round_statistics`: what this sampled client tells the server before the round's
+        fold starts (small values only, e.g. FairFed's group confusion of the received model)."""
+        return {}
 
     def before_training(self, client: Client, model: nn.Module) -> dict[str, object]:
         """Measure what the server needs from the received model (e.g. q-FFL's loss); goes to Update.extra."""
