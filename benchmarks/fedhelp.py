@@ -33,7 +33,7 @@ import pandas as pd
 
 from raysim import config
 from raysim.datasets import DATASETS
-from raysim.driver import Driver, connect_ray
+from raysim.engine.driver import Driver, connect_ray
 from raysim.pretrain import ensure_pretrained
 
 RATIOS = "[0.6, 0.2, 0.08, 0.06, 0.04, 0.02]"

@@ -28,7 +28,7 @@ import pandas as pd
 from raysim import config
 from raysim.algorithms import ALGORITHMS
 from raysim.datasets import DATASETS
-from raysim.driver import Driver, connect_ray
+from raysim.engine.driver import Driver, connect_ray
 
 RACES = ("Asian", "Black", "White")
 COLUMNS = ["auc", "es_auc", *(f"auc_{r}" for r in RACES), "eod", "spd"]

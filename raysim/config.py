@@ -109,7 +109,7 @@ class FederationConfig:
 
 @dataclass
 class ResourcesConfig:
-    # How the pool is sized and filled: raysim/placement.py.
+    # How the pool is sized and filled: raysim/engine/placement.py.
     actors: int | str = _doc(
         "client actors: auto = min(clients, (CPUs - driver_cpus) / num_cpus, GPUs / num_gpus) from Ray's resources "
         "(in a Tune trial: its reserved client bundles); an integer on an autoscaling cluster",

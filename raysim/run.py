@@ -20,7 +20,7 @@ import yaml
 from raysim import config as config_mod
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
-from raysim.driver import Driver, connect_ray, latest_checkpoint
+from raysim.engine.driver import Driver, connect_ray, latest_checkpoint
 
 EXIT_BAD_INPUT = 2
 

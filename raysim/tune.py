@@ -34,7 +34,7 @@ import yaml
 from raysim import config as config_mod
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
-from raysim.placement import Capacity, actor_count
+from raysim.engine.placement import Capacity, actor_count
 
 log = logging.getLogger(__name__)
 EXIT_BAD_INPUT = 2
@@ -310,7 +310,7 @@ def run_trial(values: dict[str, Any], study: Study) -> None:
     """One federated run, round by round, reporting every evaluated round (runs inside Tune)."""
     from ray import tune
 
-    from raysim.driver import Driver, latest_checkpoint
+    from raysim.engine.driver import Driver, latest_checkpoint
 
     cfg = study.config(values)
     run_dir = Path(os.getcwd()).resolve() / "run"
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.resume and "://" not in out and Path(out).exists() and any(Path(out).iterdir()):
             raise ConfigError(f"--out {out} is not empty; choose a new directory or continue it with --resume")
         print(f"study {study.path.name}: {len(study.space)} searched key(s), objective {study.objective.text} ({study.mode}) on val, {study.num_samples} sample(s)")
-        from raysim.driver import connect_ray
+        from raysim.engine.driver import connect_ray
         from raysim.pretrain import resolve_weights
 
         base = study.config()

@@ -17,9 +17,9 @@ from raysim.algorithms.aggregation import weighted_average
 from raysim.algorithms.fairlora import aggregate_singular_values, group_error_gap, share_first_half
 from raysim.algorithms.fedlora import ema, ema_beta
 from raysim.client import Client
-from raysim.client_actor import ClientHost
 from raysim.config import ConfigError
 from raysim.datasets import DATASETS
+from raysim.engine.client_actor import ClientHost
 from raysim.models import SliceFold
 from raysim.training import Batch, forward
 from raysim.types import Update, nbytes

@@ -11,8 +11,8 @@ import torch
 from raysim import config
 from raysim.algorithms import ALGORITHMS, Algorithm, register_algorithm
 from raysim.algorithms.aggregation import AggregationError, non_finite, weighted_average
-from raysim.client_actor import ClientHost
 from raysim.datasets import DATASETS
+from raysim.engine.client_actor import ClientHost
 
 from conftest import tiny_overrides
 

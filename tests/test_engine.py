@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from raysim import config
-from raysim.driver import Driver, latest_checkpoint
+from raysim.engine.driver import Driver, latest_checkpoint
 from raysim.metrics import METRIC_NAMES
 
 from conftest import tiny_overrides

@@ -385,7 +385,7 @@ def test_prep_errors_are_clear(raw: dict[str, Path], tmp_path: Path, capsys: pyt
 
 
 def test_one_round_through_ray_actors(ray_session, chest_root: Path, tmp_path: Path) -> None:
-    from raysim.driver import Driver
+    from raysim.engine.driver import Driver
 
     overrides = tiny_overrides(chest_root, **{"data.name": "fairfedmed_chest", "federation.rounds": 1, "eval.bootstrap": 0})
     cfg = config.load(None, overrides)

@@ -15,7 +15,7 @@ from raysim.config import DataConfig
 from raysim.datasets import DATASETS, DataError
 from raysim.datasets.fed_isic2019 import FedISIC2019
 from raysim.datasets.imaging import resize_chw
-from raysim.driver import Driver
+from raysim.engine.driver import Driver
 
 from conftest import tiny_overrides
 

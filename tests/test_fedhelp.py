@@ -16,10 +16,10 @@ from raysim import config
 from raysim.algorithms import ALGORITHMS
 from raysim.algorithms.fedhelp import LARGE, TARGETS_FILE, FedHelpParams, backward_kd_loss, forward_kd_loss, rank_loss
 from raysim.algorithms.fedhelp_public import PUBLIC_PATIENTS, PUBLIC_SEED
-from raysim.client_actor import ClientHost
 from raysim.config import ConfigError, ModelConfig
 from raysim.datasets import DATASETS
 from raysim.datasets.synthetic import generate
+from raysim.engine.client_actor import ClientHost
 from raysim.models import build_model
 from raysim.pretrain import PretrainSettings
 

@@ -12,7 +12,7 @@ from raysim import config
 from raysim.config import DataConfig
 from raysim.datasets import DATASETS, DataError
 from raysim.datasets.medmnist import KEYS, MedMNIST
-from raysim.driver import Driver
+from raysim.engine.driver import Driver
 
 from conftest import tiny_overrides
 

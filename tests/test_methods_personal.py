@@ -13,9 +13,9 @@ from torch import nn
 from raysim import config
 from raysim.algorithms import ALGORITHMS
 from raysim.algorithms.fedrdn import PREFIX
-from raysim.client_actor import ClientHost
 from raysim.config import ConfigError
 from raysim.datasets import DATASETS
+from raysim.engine.client_actor import ClientHost
 from raysim.models import SliceFold, exchangeable_keys
 from raysim.training import Batch
 

@@ -23,8 +23,8 @@ from raysim.algorithms.fednova import FedNova, effective_steps, fednova_coeffici
 from raysim.algorithms.fedopt import AdaptiveParams, FedOptParams, fedopt_step
 from raysim.algorithms.fedyogi import FedYogi
 from raysim.algorithms.qffl import LOSS_KEY, QFFL, QFFLParams, qffl_coefficients
-from raysim.client_actor import ClientHost
 from raysim.config import ConfigError
+from raysim.engine.client_actor import ClientHost
 from raysim.models import train_mode
 from raysim.training import forward
 from raysim.types import Update

@@ -92,7 +92,7 @@ def test_key_families_and_gender_coding(oph_copy: Path) -> None:
 
 def test_oct_run_through_ray(ray_session, oph_root: Path, tmp_path: Path) -> None:
     from raysim import config
-    from raysim.driver import Driver
+    from raysim.engine.driver import Driver
 
     from conftest import tiny_overrides
 

@@ -1,4 +1,4 @@
-"""The client actor pool's plan (raysim.placement): pure functions, no Ray."""
+"""The client actor pool's plan (raysim.engine.placement): pure functions, no Ray."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from raysim.config import ConfigError, ResourcesConfig
-from raysim.placement import Capacity, actor_count, assign, check_fits, clients_per_actor_text, is_auto
+from raysim.engine.placement import Capacity, actor_count, assign, check_fits, clients_per_actor_text, is_auto
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from raysim import config
-from raysim.client_actor import gpu_memory_fraction
 from raysim.config import ConfigError
+from raysim.engine.client_actor import gpu_memory_fraction
 from raysim.tune import load_study, parse_objective, report_row, round_metrics
 
 from conftest import tiny_overrides
@@ -99,7 +99,7 @@ def test_objective_from_the_validation_mean_row() -> None:
 
 
 def test_trial_bundles_come_from_the_same_plan_as_the_driver(oph_root: Path, tmp_path: Path) -> None:
-    from raysim.placement import Capacity
+    from raysim.engine.placement import Capacity
     from raysim.tune import DRIVER_CPU, bundles, trial_share
 
     laptop = {"CPU": 2.0}

@@ -26,7 +26,7 @@ def gpu_memory_fraction(num_gpus: float, margin: float = GPU_MEMORY_MARGIN) -> f
     `resources.num_gpus` below 1 (several actors on one GPU) gives that fraction less
     `margin` of it, because the CUDA context (a few hundred MB per process) lives outside
     the allocator's limit; a whole GPU gives 1.0; no GPU gives None (no cap). Every client
-    an actor hosts (raysim.placement's plan) shares the actor's process and so its cap.
+    an actor hosts (raysim.engine.placement's plan) shares the actor's process and so its cap.
     """
     if not 0 <= margin < 1:
         raise ValueError(f"margin must be in [0, 1), got {margin}")

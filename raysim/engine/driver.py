@@ -28,13 +28,14 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raysim import placement, provenance, reporting
+from raysim import provenance, reporting
 from raysim.algorithms import ALGORITHMS, ServerState
 from raysim.algorithms.aggregation import non_finite
-from raysim.client_actor import ClientActor
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec
 from raysim.determinism import deterministic_torch
+from raysim.engine import placement
+from raysim.engine.client_actor import ClientActor
 from raysim.metrics import UndefinedMetricWarning
 from raysim.pretrain import resolve_weights
 from raysim.seeding import derive_seed, rng
