@@ -123,7 +123,7 @@ def test_a_dead_client_actor_is_reported_and_the_others_aggregate(ray_session, o
     try:
         driver.start()
         driver.step(1)
-        ray.kill(driver.actors["site2"])
+        ray.kill(driver.pool.actor_of("site2"))
         driver.step(2)
     finally:
         driver.shutdown()

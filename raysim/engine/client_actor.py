@@ -15,6 +15,7 @@ from raysim.config import ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec
 from raysim.datasets.cache import load_cached
 from raysim.determinism import deterministic_torch
+from raysim.engine import checkpoints
 from raysim.types import Predictions, Tensors, Update
 
 GPU_MEMORY_MARGIN = 0.05  # of the actor's share, left for its CUDA context and allocator slack
@@ -63,6 +64,8 @@ class ClientHost:
             for spec in specs
         }
         self.algorithm.attach(source, context or {})
+        self.payload: Tensors | None = None
+        self.changed: set[str] = set()  # clients whose state changed since the last save
 
     def describe(self) -> dict[str, Any]:
         """Per client: samples per split after the drop rules, and what was dropped why."""
@@ -73,25 +76,50 @@ class ClientHost:
 
     def setup(self, client_id: str) -> dict[str, Any]:
         """Once per client before round 1: what it shares with the server (`Algorithm.client_setup`)."""
+        self.changed.add(client_id)
         return self.algorithm.client_setup(self.clients[client_id])
 
-    def fit(self, client_id: str, payload: Tensors, round_: int) -> Update:
-        return self.algorithm.client_fit(self.clients[client_id], payload, round_)
+    def set_payload(self, payload: Tensors) -> None:
+        """What the server sends this round (or for this evaluation): fetched once per actor, used
+        by every later `fit` / `statistics` / `evaluate` call that passes no payload of its own."""
+        self.payload = payload
 
-    def evaluate(self, client_id: str, payload: Tensors, splits: list[str]) -> list[Predictions]:
+    def fit(self, client_id: str, payload: Tensors | None = None, round_: int = 0) -> Update:
+        self.changed.add(client_id)
+        return self.algorithm.client_fit(self.clients[client_id], self._payload(payload), round_)
+
+    def statistics(self, client_id: str, payload: Tensors | None = None, round_: int = 0) -> dict[str, Any]:
+        """`Algorithm.client_statistics` of one sampled client, before the round's fold starts."""
+        return self.algorithm.client_statistics(self.clients[client_id], self._payload(payload), round_)
+
+    def evaluate(self, client_id: str, payload: Tensors | None = None, splits: list[str] | None = None) -> list[Predictions]:
         client = self.clients[client_id]
-        model = self.algorithm.eval_model(client, payload)
-        return [client.predict(split, model) for split in splits]
+        model = self.algorithm.eval_model(client, self._payload(payload))
+        return [client.predict(split, model) for split in splits or ["val", "test"]]
 
-    def save(self, client_id: str, path: str) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        torch.save(self.clients[client_id].state(), tmp)
-        tmp.replace(target)  # never leave a half-written checkpoint behind
+    def _payload(self, payload: Tensors | None) -> Tensors:
+        if payload is not None:
+            return payload
+        if self.payload is None:
+            raise RuntimeError("no payload: the driver calls set_payload before a round's calls")
+        return self.payload
 
-    def restore(self, client_id: str, path: str) -> None:
-        self.clients[client_id].set_state(torch.load(path, map_location=self.device, weights_only=False))
+    def save_changed(self, path: str) -> list[str]:
+        """Write the clients whose state changed since the last save to `path` (one file, atomic);
+        their ids. Nothing changed: no file, []."""
+        changed = sorted(self.changed)
+        if changed:
+            checkpoints.save_atomic({cid: self.clients[cid].state() for cid in changed}, Path(path))
+        self.changed.clear()
+        return changed
+
+    def restore(self, files: dict[str, list[str]]) -> None:
+        """Load each listed client's state: `files` maps a checkpoint file to the clients it holds for this actor."""
+        for path, client_ids in files.items():
+            saved = torch.load(path, map_location=self.device, weights_only=False)
+            for cid in client_ids:
+                self.clients[cid].set_state(saved[cid])
+        self.changed.clear()
 
 
 @ray.remote(max_restarts=0)

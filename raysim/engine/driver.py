@@ -1,8 +1,10 @@
-"""The driver: starts client actors, runs the rounds, aggregates, evaluates, checkpoints.
+"""The driver: starts the client actor pool, runs the rounds, folds updates, evaluates, checkpoints.
 
-The round loop exists here once. Every sampled client is waited for, updates are aggregated
-in sorted client-id order, and every random choice is seeded from (seed, round, client), so a
-run is a function of its config: the number of actors and their scheduling change nothing.
+The round loop exists here once. Every sampled client is waited for; updates are folded into
+the method's accumulator one at a time in sorted client-id order as they stream from the pool
+(`pool.ActorPool.ordered`), so the driver holds one accumulator and one update whatever the
+cohort; every random choice is seeded from (seed, round, client), so a run is a function of
+its config: the number of actors and their scheduling change nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import warnings
 from collections import Counter
@@ -23,7 +24,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray
-import torch
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -34,16 +34,17 @@ from raysim.algorithms.aggregation import non_finite
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec
 from raysim.determinism import deterministic_torch
-from raysim.engine import placement
+from raysim.engine import checkpoints, placement
 from raysim.engine.client_actor import ClientActor
+from raysim.engine.pool import ActorPool
 from raysim.metrics import UndefinedMetricWarning
 from raysim.pretrain import resolve_weights
 from raysim.seeding import derive_seed, rng
-from raysim.types import Predictions, Update, nbytes
+from raysim.types import Predictions, nbytes
 
 log = logging.getLogger(__name__)
-CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"
+CHECKPOINTS = checkpoints.CHECKPOINTS
+latest_checkpoint = checkpoints.latest
 
 
 def connect_ray(num_cpus: int | None = None) -> None:
@@ -57,8 +58,18 @@ def connect_ray(num_cpus: int | None = None) -> None:
 
 
 @dataclass
+class Arrived:
+    """What the driver keeps of a folded update: a few numbers, never its tensors."""
+
+    client_id: str
+    num_examples: int
+    nbytes: int
+    loss: float
+
+
+@dataclass
 class RoundOutcome:
-    updates: list[Update]
+    arrived: list[Arrived] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # client id -> reason
 
 
@@ -71,7 +82,8 @@ class Driver:
         self.algorithm = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg)
         self.attributes = self._eval_attributes()
         self.recorder = reporting.RunRecorder(self.run_dir)
-        self.actors: dict[str, Any] = {}  # client id -> actor handle
+        self.pool: ActorPool | None = None
+        self.manifest: dict[str, str] = {}  # client id -> checkpoint file with its latest state
         self.traffic_down = self.traffic_up = 0  # bytes sent in this process's rounds
         self.dead: dict[str, str] = {}  # client id -> why it is out of the run
 
@@ -91,9 +103,8 @@ class Driver:
 
     def shutdown(self) -> None:
         """Stop this run's actors (each holds a process and its shards) and close the outputs."""
-        for actor in {id(a): a for a in self.actors.values()}.values():
-            ray.kill(actor)
-        self.actors.clear()
+        if self.pool is not None:
+            self.pool.kill()
         self.recorder.close()
 
     def start(self, *, resume: bool = False) -> None:
@@ -112,9 +123,9 @@ class Driver:
         model = self.algorithm.build_model(self.source)
         self.state = self.algorithm.init_state(model)
         self.next_round = 1
-        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        checkpoint = checkpoints.latest(self.run_dir) if resume else None
         if checkpoint is not None:
-            self.state, done = self._load_server(checkpoint)
+            self.state, done = checkpoints.load_server(checkpoint)
             self.next_round = done + 1
             self.recorder.load_existing()
             self.recorder.truncate(done)
@@ -138,33 +149,58 @@ class Driver:
 
     def run_round(self, round_: int, state: ServerState, progress: reporting.Progress) -> ServerState:
         sampled = self.sample_clients(round_)
+        self.last_sampled = sampled
         payload = self.algorithm.payload(state, round_)
-        payload_ref = ray.put(payload)
-        refs = {cid: self.actors[cid].fit.remote(cid, payload_ref, round_) for cid in sampled}
-        outcome = self._collect(refs)
-        self._record_traffic(round_, nbytes(payload), outcome)
-        if outcome.updates:
-            state = self.algorithm.aggregate(round_, outcome.updates, state)
+        down = nbytes(payload)
+        self.pool.broadcast(payload, sampled)
+        del payload  # the object store holds it for the actors; the state holds the driver's
+        statistics = self._round_statistics(sampled, round_) if self.algorithm.round_statistics else {}
+        fold = self.algorithm.fold_start(round_, state, statistics)
+        outcome = RoundOutcome()
+        for cid, result in self.pool.ordered("fit", sampled, None, round_):
+            if isinstance(result, Exception):
+                outcome.failed[cid] = self._mark_failed(cid, result)
+                continue
+            bad = non_finite(result.tensors)
+            if bad:
+                outcome.failed[cid] = f"non-finite values in {', '.join(bad[:3])}"
+                self.echo(f"client {cid}: update rejected ({outcome.failed[cid]})")
+                continue
+            self.algorithm.accumulate(fold, result)
+            outcome.arrived.append(Arrived(cid, result.num_examples, result.nbytes, result.metrics.get("loss", math.nan)))
+        if outcome.arrived:
+            state = self.algorithm.finalize(round_, fold, state)
         else:
             self.echo(f"round {round_}: no client update arrived; the global state is unchanged")
-        losses = [u.metrics.get("loss", math.nan) for u in outcome.updates]
-        weights = [u.num_examples for u in outcome.updates]
-        train_loss = float(np.average(losses, weights=weights)) if losses else math.nan
-        progress.round_done(round_, clients=len(outcome.updates), failed=sorted(outcome.failed), train_loss=train_loss)
+        del fold
+        self._record_traffic(round_, down, outcome)
+        losses = [a.loss for a in outcome.arrived]
+        train_loss = float(np.average(losses, weights=[a.num_examples for a in outcome.arrived])) if losses else math.nan
+        progress.round_done(round_, clients=len(outcome.arrived), failed=sorted(outcome.failed), train_loss=train_loss)
         return state
+
+    def _round_statistics(self, sampled: list[str], round_: int) -> dict[str, dict[str, Any]]:
+        """Every sampled client's `client_statistics` (small values), before the fold starts."""
+        out: dict[str, dict[str, Any]] = {}
+        for cid, result in self.pool.ordered("statistics", sampled, None, round_, window=8):
+            if isinstance(result, Exception):
+                self._mark_failed(cid, result)
+                continue
+            out[cid] = result
+        return out
 
     def _record_traffic(self, round_: int, down: int, outcome: RoundOutcome) -> None:
         """bytes_down / bytes_up per client that took part (split `train`), and their mean."""
-        rows = [(u.client_id, "bytes_down", float(down)) for u in outcome.updates]
-        rows += [(u.client_id, "bytes_up", float(u.nbytes)) for u in outcome.updates]
+        rows = [(a.client_id, "bytes_down", float(down)) for a in outcome.arrived]
+        rows += [(a.client_id, "bytes_up", float(a.nbytes)) for a in outcome.arrived]
         if not rows:
             return
         frame = pd.DataFrame(rows, columns=["client", "metric", "value"])
         roles = {cid: spec.role for cid, spec in self.specs.items()}
         frame = frame.assign(round=round_, split="train", role=frame["client"].map(roles), attribute="", group="")
         self.recorder.add(reporting.with_means(frame[reporting.METRIC_COLUMNS]), [])
-        self.traffic_down += down * len(outcome.updates)
-        self.traffic_up += sum(u.nbytes for u in outcome.updates)
+        self.traffic_down += down * len(outcome.arrived)
+        self.traffic_up += sum(a.nbytes for a in outcome.arrived)
 
     def sample_clients(self, round_: int) -> list[str]:
         """Seeded by (seed, round) over all clients, so every method sees the same selections."""
@@ -174,15 +210,14 @@ class Driver:
         return [everyone[i] for i in sorted(chosen) if everyone[i] not in self.dead]
 
     def evaluate(self, round_: int, state: ServerState, *, splits: list[str], show: str) -> None:
-        payload_ref = ray.put(self.algorithm.payload(state, round_))
-        alive = [cid for cid in sorted(self.specs) if cid not in self.dead]
-        refs = {cid: self.actors[cid].evaluate.remote(cid, payload_ref, splits) for cid in alive}
+        chosen = [cid for cid in self.eval_clients() if cid not in self.dead]
+        self.pool.broadcast(self.algorithm.payload(state, round_), chosen)
         predictions: list[Predictions] = []
-        for cid, ref in refs.items():
-            try:
-                predictions.extend(ray.get(ref))
-            except (RayActorError, RayTaskError) as err:
-                self._mark_failed(cid, err)
+        for cid, result in self.pool.ordered("evaluate", chosen, None, splits, window=8):
+            if isinstance(result, Exception):
+                self._mark_failed(cid, result)
+            else:
+                predictions.extend(result)
         if not predictions:
             raise RuntimeError(f"round {round_}: no client could be evaluated ({self.dead})")
         group_names = self.source.group_names
@@ -200,37 +235,63 @@ class Driver:
         attribute = self.source.attribute if self.source.attribute in self.attributes else next(iter(self.attributes), "")
         self.echo(reporting.format_table(metric_frame, round_=round_, split=show, attribute=attribute, group_names=group_names.get(attribute, {})))
 
+    def eval_clients(self) -> list[str]:
+        """`eval.clients`: all clients, the last round's cohort, or a seeded subset fixed for the run."""
+        everyone = sorted(self.specs)
+        chosen = self.cfg.eval.clients
+        if chosen == "all":
+            return everyone
+        if chosen == "sampled":
+            return getattr(self, "last_sampled", None) or everyone
+        picked = rng(self.cfg.seed, "eval_clients").choice(len(everyone), size=min(int(chosen), len(everyone)), replace=False)
+        return [everyone[i] for i in sorted(picked)]
+
     # --- checkpoints --------------------------------------------------------------------------
 
     def checkpoint(self, round_: int, state: ServerState) -> None:
-        """Server state by the driver, each client's own state by its actor; COMPLETE last."""
-        folder = self.run_dir / CHECKPOINTS / f"round_{round_:04d}"
+        """The server state by the driver; each actor writes one file with its clients whose state
+        changed since the last checkpoint; the manifest names every client's latest file; COMPLETE last."""
+        folder = checkpoints.folder(self.run_dir, round_)
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"round": round_, "state": state}, folder / "server.pt")
-        refs = {cid: self.actors[cid].save.remote(cid, str(folder / "clients" / f"{cid}.pt")) for cid in sorted(self.specs) if cid not in self.dead}
-        for cid, ref in refs.items():
+        checkpoints.write_server(folder, round_, state)
+        manifest, complete = dict(self.manifest), True
+        refs = [actor.save_changed.remote(str(checkpoints.actor_file(folder, i))) for i, actor in enumerate(self.pool.actors)]
+        for i, ref in enumerate(refs):
             try:
-                ray.get(ref)
+                saved = ray.get(ref)
             except (RayActorError, RayTaskError) as err:
-                self._mark_failed(cid, err)
-        (folder / COMPLETE).write_text(f"{round_}\n")
-        for older in (self.run_dir / CHECKPOINTS).glob("round_*"):
-            if older != folder:
-                shutil.rmtree(older, ignore_errors=True)
-
-    def _load_server(self, folder: Path) -> tuple[ServerState, int]:
-        saved = torch.load(folder / "server.pt", map_location="cpu", weights_only=False)
-        return saved["state"], int(saved["round"])
+                group = self.pool.plan[i]
+                if all(spec.id in self.dead for spec in group):
+                    continue  # an actor already out of the run: its clients' last states stay as they were
+                self._mark_failed(group[0].id, err)
+                if not isinstance(err, RayActorError):
+                    complete = False  # e.g. a full disk: this checkpoint would lose state
+                continue
+            manifest.update({cid: checkpoints.relative(checkpoints.actor_file(folder, i)) for cid in saved})
+        # Files written now stay named even when this checkpoint is incomplete: their clients are
+        # not rewritten until they change again (a failed save leaves its clients marked changed).
+        self.manifest = {cid: f for cid, f in manifest.items() if cid not in self.dead}
+        if not complete:
+            self.echo(f"round {round_}: checkpoint incomplete (a client's state could not be written); the previous one stays the latest")
+            return
+        checkpoints.complete(folder, round_, self.manifest, self.dead)
 
     def _restore_clients(self, folder: Path) -> None:
+        """Each actor loads its clients' latest states; a client in no file starts from the initial state."""
+        saved = checkpoints.load_manifest(folder)
+        self.manifest = dict(saved["clients"])
+        for cid, reason in saved.get("dead", {}).items():
+            if cid in self.specs:
+                self.dead[cid] = reason
+                self.echo(f"client {cid}: out of the run since before this checkpoint ({reason}); continuing without it")
+        root = folder.parent
         refs = []
-        for cid in sorted(self.specs):
-            path = folder / "clients" / f"{cid}.pt"
-            if path.exists():
-                refs.append(self.actors[cid].restore.remote(cid, str(path)))
-            else:  # its actor had died before this checkpoint: it stays out, as it was
-                self.dead[cid] = "no state in the checkpoint (its actor had died)"
-                self.echo(f"client {cid}: {self.dead[cid]}; continuing without it")
+        for i, group in enumerate(self.pool.plan):
+            files: dict[str, list[str]] = {}
+            for spec in group:
+                if spec.id in self.manifest:
+                    files.setdefault(str(root / self.manifest[spec.id]), []).append(spec.id)
+            refs.append(self.pool.actors[i].restore.remote(files))
         ray.get(refs)
 
     # --- actors -------------------------------------------------------------------------------
@@ -242,32 +303,44 @@ class Driver:
         handles, machines = [], []
         for i, group in enumerate(groups):
             pinned = {} if pg is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i + 1)}
-            actor = ClientActor.options(num_cpus=res.actor_cpus, num_gpus=res.num_gpus, **pinned).remote(self.cfg, group, self.context)
-            handles.append(actor)
-            self.actors.update({spec.id: actor for spec in group})
+            handles.append(ClientActor.options(num_cpus=res.actor_cpus, num_gpus=res.num_gpus, **pinned).remote(self.cfg, group, self.context))
+        self.pool = ActorPool(handles, groups)
         provenance.add(self.run_dir, "actor_plan", [[spec.id for spec in group] for group in groups])
         self.echo(f"starting {len(handles)} client actors ({res.actor_cpus:g} CPU, {res.num_gpus:g} GPU each; {placement.clients_per_actor_text(groups)} per actor)")
-        for actor in handles:
-            try:
-                info = ray.get(actor.describe.remote())
-            except RayTaskError as err:
-                raise _unwrap(err) from None
+        described: dict[str, Any] = {}
+        for info in self.pool.each_actor("describe"):
+            if isinstance(info, RayTaskError):
+                raise _unwrap(info) from None
+            if isinstance(info, Exception):
+                raise info
             machines.append(info["_machine"])
-            for cid, splits in ((k, v) for k, v in info.items() if not k.startswith("_")):
-                dropped = sum((Counter(s["dropped"]) for s in splits.values()), Counter())
-                note = f"; skipped {dict(dropped)}" if dropped else ""
-                self.echo(f"  {cid}: " + ", ".join(f"{split} {s['n']}" for split, s in splits.items()) + note)
+            described.update((k, v) for k, v in info.items() if not k.startswith("_"))
+        self._echo_shards(described)
         # What the clients computed on (distinct machines only): what tells two runs' numbers apart.
         distinct = list({json.dumps(m, sort_keys=True, default=str): m for m in machines}.values())
         provenance.add(self.run_dir, "actor_machines" if self.next_round == 1 else f"actor_machines_from_round_{self.next_round}", distinct)
 
+    def _echo_shards(self, described: dict[str, Any], listed: int = 12) -> None:
+        """Samples per split per client after the drop rules (a summary beyond `listed` clients)."""
+        for cid in sorted(described)[:listed]:
+            splits = described[cid]
+            dropped = sum((Counter(s["dropped"]) for s in splits.values()), Counter())
+            note = f"; skipped {dict(dropped)}" if dropped else ""
+            self.echo(f"  {cid}: " + ", ".join(f"{split} {s['n']}" for split, s in splits.items()) + note)
+        if len(described) > listed:
+            sizes = {split: [described[c][split]["n"] for c in described if split in described[c]] for split in next(iter(described.values()))}
+            self.echo(f"  ... {len(described) - listed} more; per client " + ", ".join(f"{split} {min(n)}-{max(n)} (median {int(np.median(n))})" for split, n in sizes.items()))
+
     def _client_setup(self) -> dict[str, Any]:
         """Every client's `Algorithm.client_setup`, by client id; a failure ends the run before training."""
-        refs = {cid: self.actors[cid].setup.remote(cid) for cid in sorted(self.specs)}
-        try:
-            return {cid: ray.get(ref) for cid, ref in refs.items()}
-        except RayTaskError as err:
-            raise _unwrap(err) from None
+        out: dict[str, Any] = {}
+        for cid, result in self.pool.ordered("setup", sorted(self.specs), window=8):
+            if isinstance(result, RayTaskError):
+                raise _unwrap(result) from None
+            if isinstance(result, Exception):
+                raise result
+            out[cid] = result
+        return out
 
     def _actor_count(self, n_clients: int) -> int:
         """The pool's size: from Ray's resources, or, in a Tune trial, the client bundles it reserved."""
@@ -286,26 +359,10 @@ class Driver:
             raise ConfigError(f"the placement group has {len(pg.bundle_specs)} bundles; {n} client actors need {n + 1} (the driver's + one each)")
         return n
 
-    def _collect(self, refs: dict[str, Any]) -> RoundOutcome:
-        outcome = RoundOutcome(updates=[])
-        for cid in sorted(refs):
-            try:
-                update: Update = ray.get(refs[cid])
-            except (RayActorError, RayTaskError) as err:
-                outcome.failed[cid] = self._mark_failed(cid, err)
-                continue
-            bad = non_finite(update.tensors)
-            if bad:
-                outcome.failed[cid] = f"non-finite values in {', '.join(bad[:3])}"
-                self.echo(f"client {cid}: update rejected ({outcome.failed[cid]})")
-                continue
-            outcome.updates.append(update)
-        return outcome
-
     def _mark_failed(self, cid: str, err: Exception) -> str:
         if isinstance(err, RayActorError):
             # The actor is gone, and with it every client it hosted.
-            gone = [c for c, a in self.actors.items() if a is self.actors[cid]]
+            gone = self.pool.clients_of(cid)
             for c in gone:
                 self.dead[c] = "actor died"
             self.echo(f"client actor of {', '.join(gone)} died; continuing with the other clients")
@@ -329,11 +386,6 @@ class Driver:
 
 def _megabytes(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    complete = sorted(p.parent for p in (Path(run_dir) / CHECKPOINTS).glob(f"round_*/{COMPLETE}"))
-    return complete[-1] if complete else None
 
 
 def _unwrap(err: RayTaskError) -> Exception:
