@@ -10,14 +10,16 @@ Rules: specs/fairfedmed.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from raysim import adapters
-from raysim.algorithms.aggregation import validate_updates, weighted_average
+from raysim.algorithms.aggregation import AggregationError, WeightedSum
 from raysim.algorithms.base import ServerState, register_algorithm
 from raysim.algorithms.fedlora import FedLoRA, LoRAParams
 from raysim.config import ConfigError
@@ -70,16 +72,26 @@ class FairLoRA(FedLoRA):
 
     # --- server side --------------------------------------------------------------------------
 
-    def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
-        names = [u.client_id for u in updates]
-        tensors = [u.tensors for u in updates]
-        validate_updates(tensors, [u.num_examples for u in updates], names)
-        counts = np.array([u.extra["group_counts"] for u in updates], dtype=np.float64)
-        averaged = weighted_average(tensors, [u.num_examples for u in updates], names)
+    def fold_start(self, round_: int, state: ServerState, statistics: dict[str, dict[str, Any]]) -> FairLoRAFold:
         previous = state["weights"]
-        for key in singular_value_keys(previous):
-            rows = aggregate_singular_values([t[key] for t in tensors], counts, previous[key])
-            averaged[key] = share_first_half(rows)
+        return FairLoRAFold(WeightedSum(), {key: GroupRows(previous[key].shape) for key in singular_value_keys(previous)})
+
+    def accumulate(self, fold: FairLoRAFold, update: Update) -> None:
+        """Every tensor into the example-weighted sum; each S row g also by the client's count n_{k,g}."""
+        counts = update.extra.get("group_counts")
+        if counts is None:
+            raise AggregationError(f"fairlora needs each client's group counts (extra['group_counts']); missing from {[update.client_id]}")
+        fold.mean.add(update.tensors, float(update.num_examples), update.client_id)  # names, shapes, weight
+        absent = [key for key in fold.rows if key not in update.tensors]
+        if absent:
+            raise AggregationError(f"client {update.client_id}: no singular values {absent[:3]}, which the server's weights hold")
+        for key, rows in fold.rows.items():
+            rows.add(update.tensors[key], cast(Sequence[float], counts), update.client_id)
+
+    def finalize(self, round_: int, fold: FairLoRAFold, state: ServerState) -> ServerState:
+        averaged, previous = fold.mean.mean(), state["weights"]
+        for key, rows in fold.rows.items():
+            averaged[key] = share_first_half(rows.rows(previous[key]))
         return {**state, "weights": self.server_blend(round_, averaged, previous)}
 
     def _groups(self, payload: Tensors) -> int:
@@ -106,14 +118,42 @@ def singular_value_keys(tensors: Tensors) -> list[str]:
     return [k for k in tensors if k.endswith("lora_S")]
 
 
+class GroupRows:
+    """Σ_k n_{k,g} S_k[g] and Σ_k n_{k,g} per group row g in float64, one client at a time."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        self.sums = torch.zeros(shape, dtype=torch.float64)
+        self.counts = torch.zeros(shape[0], dtype=torch.float64)
+
+    def add(self, s: torch.Tensor, counts: Sequence[float], name: str) -> None:
+        weights = torch.as_tensor(counts, dtype=torch.float64)
+        if weights.shape != self.counts.shape:
+            raise AggregationError(f"client {name}: {len(weights)} group counts for {len(self.counts)} rows of singular values")
+        if bool((weights < 0).any()):
+            raise AggregationError(f"client {name}: negative group counts {list(counts)}")
+        self.sums.add_(s.to(torch.float64) * weights.view(-1, *[1] * (s.dim() - 1)))
+        self.counts.add_(weights)
+
+    def rows(self, previous: torch.Tensor) -> torch.Tensor:
+        """S[g] = Σ_k n_{k,g} S_k[g] / Σ_k n_{k,g}; a group no client holds keeps its previous row."""
+        out = previous.to(torch.float64).clone()
+        held = self.counts > 0
+        out[held] = self.sums[held] / self.counts[held].view(-1, *[1] * (out.dim() - 1))
+        return out.to(previous.dtype)
+
+
+@dataclass
+class FairLoRAFold:
+    mean: WeightedSum  # every communicated tensor, by example counts (the S rows are replaced)
+    rows: dict[str, GroupRows]  # per singular-value key
+
+
 def aggregate_singular_values(rows: list[torch.Tensor], counts: np.ndarray, previous: torch.Tensor) -> torch.Tensor:
-    """S[g] = Σ_k n_{k,g} S_k[g] / Σ_k n_{k,g}; a group no client holds keeps its previous row."""
-    out = previous.to(torch.float64).clone()
-    for g in range(previous.shape[0]):
-        total = counts[:, g].sum()
-        if total > 0:
-            out[g] = sum(float(counts[k, g] / total) * rows[k][g].to(torch.float64) for k in range(len(rows)))
-    return out.to(previous.dtype)
+    """S[g] = Σ_k n_{k,g} S_k[g] / Σ_k n_{k,g} over a list (`GroupRows`, the fold's arithmetic); a group no client holds keeps its previous row."""
+    acc = GroupRows(previous.shape)
+    for k, s in enumerate(rows):
+        acc.add(s, counts[k].tolist(), str(k))
+    return acc.rows(previous)
 
 
 def share_first_half(s: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,8 @@ from torch.nn import functional as F
 
 from raysim import foundation
 from raysim.algorithms import fedhelp_public as public_set
-from raysim.algorithms.aggregation import weighted_average
-from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
+from raysim.algorithms.aggregation import WeightedSum
+from raysim.algorithms.base import Algorithm, register_algorithm
 from raysim.client import Client
 from raysim.config import ConfigError, ModelConfig
 from raysim.datasets.base import ClientSpec, DataSource, Shard
@@ -286,6 +286,6 @@ class FedHelp(Algorithm):
 
     # --- server side --------------------------------------------------------------------------------
 
-    def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
-        weights = [1.0] * len(updates) if self.params.weighting == "uniform" else [u.num_examples for u in updates]
-        return {**state, "weights": weighted_average([u.tensors for u in updates], weights, [u.client_id for u in updates])}
+    def accumulate(self, fold: WeightedSum, update: Update) -> None:
+        weight = 1.0 if self.params.weighting == "uniform" else float(update.num_examples)
+        fold.add(update.tensors, weight, update.client_id)

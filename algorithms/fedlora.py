@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from raysim import adapters
+from raysim.algorithms.aggregation import WeightedSum
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
 from raysim.config import ConfigError
 from raysim.datasets.base import DataSource
-from raysim.types import Tensors, Update
+from raysim.types import Tensors
 
 
 @dataclass
@@ -66,9 +67,8 @@ class FedLoRA(Algorithm):
     def target_layers(self, model: nn.Module) -> list[str]:
         return adapters.matching_layers(model, self.params.targets) if self.params.targets else adapters.default_targets(model)
 
-    def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
-        averaged = super().aggregate(round_, updates, state)["weights"]
-        return {**state, "weights": self.server_blend(round_, averaged, state["weights"])}
+    def finalize(self, round_: int, fold: WeightedSum, state: ServerState) -> ServerState:
+        return {**state, "weights": self.server_blend(round_, fold.mean(), state["weights"])}
 
     def server_blend(self, round_: int, averaged: Tensors, previous: Tensors) -> dict[str, torch.Tensor]:
         """The round's average blended with the previous global by the EMA schedule."""

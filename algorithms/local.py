@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
-from raysim.types import Update
 
 
 @register_algorithm("local")
@@ -13,11 +14,12 @@ class Local(Algorithm):
     """Nothing travels either way: each client trains and keeps its whole model and is scored with it.
 
     With nothing communicated the base class already sends an empty payload, keeps every key in
-    the client's own state and replies with empty tensors; only aggregation has to change.
+    the client's own state and replies with empty tensors, which the base fold takes (nothing to
+    sum); only the server's step differs: the state stays as it was.
     """
 
     def communicated(self, model: nn.Module) -> list[str]:
         return []
 
-    def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
+    def finalize(self, round_: int, fold: Any, state: ServerState) -> ServerState:
         return state  # there is nothing to average
