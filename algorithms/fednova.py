@@ -10,7 +10,7 @@ import torch
 
 from raysim.algorithms.aggregation import AggregationError
 from raysim.algorithms.base import ServerState, register_algorithm
-from raysim.algorithms.fedopt import ServerStep, apply_delta, update_sum
+from raysim.algorithms.fedopt import ServerStep, StepFold, apply_delta
 from raysim.types import Update
 
 if TYPE_CHECKING:
@@ -64,7 +64,8 @@ def fednova_coefficients(num_examples: Sequence[int], norms: Sequence[float]) ->
 
     Dividing by ‖a_k‖₁ stops clients that took more (or longer, with momentum) steps from dragging
     the model towards their own optimum; τ_eff restores the step length (without it the step
-    shrinks). A client that took no step sent Δ_k = 0 and gets c_k = 0.
+    shrinks). A client that took no step sent Δ_k = 0 and gets c_k = 0. The server folds the same
+    step as running sums: c_k = (T/N)/N · n_k/‖a_k‖₁ with N = Σ_k n_k, T = Σ_k n_k ‖a_k‖₁.
     """
     total = float(sum(num_examples))
     p = [n / total for n in num_examples]
@@ -83,11 +84,19 @@ class FedNova(ServerStep):
             echo(f"fednova: federation.optimizer={self.cfg.federation.optimizer} has no FedNova normalisation (derived for SGD); client updates are normalised by their local step counts")
         return {}
 
-    def server_step(self, updates: list[Update], state: ServerState) -> tuple[dict[str, torch.Tensor], ServerState]:
-        missing = [u.client_id for u in updates if "steps" not in u.metrics]
-        if missing:
-            raise AggregationError(f"fednova needs each client's local step count (metrics['steps']); missing from {missing}")
-        norms = [effective_steps(self.cfg.federation, u.metrics["steps"]) for u in updates]
-        coefs = fednova_coefficients([u.num_examples for u in updates], norms)
-        delta = update_sum([u.tensors for u in updates], coefs, state["weights"], state["stepped"])
-        return apply_delta(state["weights"], delta), state
+    def accumulate_step(self, fold: StepFold, update: Update) -> None:
+        """S += (n_k/‖a_k‖₁)(θ_k − θ), N += n_k, T += n_k ‖a_k‖₁; a client that took no step adds to N only."""
+        if "steps" not in update.metrics:
+            raise AggregationError(f"fednova needs each client's local step count (metrics['steps']); missing from {[update.client_id]}")
+        norm = effective_steps(self.cfg.federation, update.metrics["steps"])
+        examples = float(update.num_examples)
+        if norm > 0:
+            fold.add(update.tensors, examples / norm)
+        fold.total("examples", examples)
+        fold.total("steps", examples * norm)
+
+    def finalize_step(self, fold: StepFold, state: ServerState) -> tuple[dict[str, torch.Tensor], ServerState]:
+        """θ + δ with δ = Σ_k c_k Δ_k = τ_eff/N · S, τ_eff = T/N (`fednova_coefficients` in running form)."""
+        examples = fold.totals["examples"]
+        scale = fold.totals["steps"] / examples / examples
+        return apply_delta(state["weights"], {k: acc * scale for k, acc in fold.sums.items()}), state

@@ -2,19 +2,20 @@
 
 Shared base of fedadam, fedyogi and fedadagrad (they differ only in the second-moment rule),
 plus the pieces FedNova and q-FFL reuse: `ServerStep` (a server rule on the trainable
-parameters, FedAvg on the buffers) and `update_sum` (Σ_k c_k (θ_k − θ) in float64).
+parameters, FedAvg on the buffers), which folds each update into a `StepFold` (Σ_k c_k (θ_k − θ)
+in float64 and the method's running scalars).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from raysim.algorithms.aggregation import validate_updates, weighted_average
+from raysim.algorithms.aggregation import AggregationError, WeightedSum
 from raysim.algorithms.base import Algorithm, ServerState
 from raysim.types import Update
 
@@ -32,40 +33,75 @@ def stepped_keys(model: nn.Module, keys: Sequence[str]) -> list[str]:
     return [k for k in keys if k in trainable]
 
 
-def update_sum(tensors: Sequence[Mapping[str, torch.Tensor]], coefs: Sequence[float], base: Mapping[str, torch.Tensor], keys: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Σ_k c_k (θ_k − θ) per key in float64, summed in the given (sorted) order."""
-    out: dict[str, torch.Tensor] = {}
-    for key in keys:
-        origin = base[key].to(torch.float64)
-        acc = torch.zeros_like(origin)
-        for update, coef in zip(tensors, coefs):
-            acc += (update[key].to(torch.float64) - origin) * coef
-        out[key] = acc
-    return out
+class StepFold:
+    """One round of a `ServerStep` method as running sums: the buffers' `WeightedSum`, and per
+    stepped key Σ_k c_k (θ_k − θ) (or Σ_k c_k t_k) in float64, the method's scalars in `totals`.
+
+    Each update is checked against the server's weights (names, shapes), added and dropped:
+    nothing of it is kept. Memory: one float64 copy of the stepped tensors and of the buffers.
+    """
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], stepped: Sequence[str]) -> None:
+        self.origin = weights
+        self.buffers = WeightedSum([k for k in weights if k not in set(stepped)])
+        self.sums = {k: torch.zeros(weights[k].shape, dtype=torch.float64) for k in stepped}
+        self.totals: dict[str, float] = {}
+
+    def check(self, update: Update) -> None:
+        """The update carries exactly the server's tensors, each of its shape."""
+        if update.tensors.keys() != self.origin.keys():
+            diff = sorted(set(update.tensors) ^ set(self.origin))
+            raise AggregationError(f"client {update.client_id}: tensor names differ from the server's weights: {diff[:5]}")
+        for key, value in update.tensors.items():
+            if value.shape != self.origin[key].shape:
+                raise AggregationError(f"client {update.client_id}: {key} has shape {tuple(value.shape)}, expected {tuple(self.origin[key].shape)}")
+
+    def add(self, tensors: Mapping[str, torch.Tensor], coef: float, *, relative: bool = True) -> None:
+        """sums += coef · (t − θ) per stepped key (`relative=False`: coef · t)."""
+        for key, acc in self.sums.items():
+            value = tensors[key].to(torch.float64)
+            acc.add_(value - self.origin[key] if relative else value, alpha=coef)
+
+    def total(self, name: str, value: float) -> None:
+        """totals[name] += value."""
+        self.totals[name] = self.totals.get(name, 0.0) + value
 
 
 class ServerStep(Algorithm):
-    """A method whose server applies its own rule to the trainable parameters; buffers get FedAvg."""
+    """A method whose server applies its own rule to the trainable parameters; buffers get FedAvg.
+
+    The fold is a `StepFold`: per update `accumulate_step` adds to the method's running sums,
+    `finalize_step` turns them into the new values of the stepped keys.
+    """
 
     def init_state(self, model: nn.Module) -> ServerState:
         state = super().init_state(model)
         return {**state, "stepped": stepped_keys(model, list(state["weights"]))}
 
-    def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
-        tensors, ids, weights = [u.tensors for u in updates], [u.client_id for u in updates], self.mean_weights(updates)
-        validate_updates(tensors, weights, ids)
-        stepped = set(state["stepped"])
-        rest = weighted_average([{k: v for k, v in t.items() if k not in stepped} for t in tensors], weights, ids)
-        new, state = self.server_step(updates, state)
-        return {**state, "weights": {k: new[k] if k in stepped else rest[k] for k in state["weights"]}}
+    def fold_start(self, round_: int, state: ServerState, statistics: dict[str, dict[str, Any]]) -> StepFold:
+        return StepFold(state["weights"], state["stepped"])
 
-    def server_step(self, updates: list[Update], state: ServerState) -> tuple[dict[str, torch.Tensor], ServerState]:
-        """New values of `state["stepped"]` (any dtype; cast back here) and the updated state."""
+    def accumulate(self, fold: StepFold, update: Update) -> None:
+        fold.check(update)
+        fold.buffers.add(update.tensors, self.mean_weight(update), update.client_id)  # checks the weight too
+        self.accumulate_step(fold, update)
+
+    def finalize(self, round_: int, fold: StepFold, state: ServerState) -> ServerState:
+        rest = fold.buffers.mean()  # also: no update at all is an AggregationError
+        new, state = self.finalize_step(fold, state)
+        return {**state, "weights": {k: new[k] if k in fold.sums else rest[k] for k in state["weights"]}}
+
+    def accumulate_step(self, fold: StepFold, update: Update) -> None:
+        """Add one (checked) update to the stepped keys' running sums and the method's totals."""
         raise NotImplementedError
 
-    def mean_weights(self, updates: list[Update]) -> list[float]:
-        """Client weights of the buffers' mean (and of FedOpt's mean update): example counts."""
-        return [float(u.num_examples) for u in updates]
+    def finalize_step(self, fold: StepFold, state: ServerState) -> tuple[dict[str, torch.Tensor], ServerState]:
+        """New values of `state["stepped"]` (each in its tensor's dtype) and the updated state."""
+        raise NotImplementedError
+
+    def mean_weight(self, update: Update) -> float:
+        """A client's weight in the buffers' mean (and in FedOpt's mean update): its example count."""
+        return float(update.num_examples)
 
 
 def apply_delta(weights: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -159,13 +195,17 @@ class FedOpt(ServerStep):
         v = {k: torch.full_like(weights[k], self.params.tau**2) for k in state["stepped"]}
         return {**state, "m": m, "v": v}
 
-    def server_step(self, updates: list[Update], state: ServerState) -> tuple[dict[str, torch.Tensor], ServerState]:
-        shares = self.mean_weights(updates)
-        total = sum(shares)
-        delta = update_sum([u.tensors for u in updates], [w / total for w in shares], state["weights"], state["stepped"])
+    def accumulate_step(self, fold: StepFold, update: Update) -> None:
+        weight = self.mean_weight(update)
+        fold.add(update.tensors, weight)
+        fold.total("weight", weight)
+
+    def finalize_step(self, fold: StepFold, state: ServerState) -> tuple[dict[str, torch.Tensor], ServerState]:
+        total = fold.totals["weight"]
+        delta = {k: acc / total for k, acc in fold.sums.items()}  # Δ = Σ_k w_k (θ_k − θ) / Σ_k w_k
         p = self.params
         weights, m, v = fedopt_step(self.rule, state["weights"], delta, state["m"], state["v"], eta=p.eta, tau=p.tau, beta1=p.beta1, beta2=getattr(p, "beta2", 0.0))
         return weights, {**state, "m": m, "v": v}
 
-    def mean_weights(self, updates: list[Update]) -> list[float]:
-        return [1.0] * len(updates) if self.params.weighting == "uniform" else super().mean_weights(updates)
+    def mean_weight(self, update: Update) -> float:
+        return 1.0 if self.params.weighting == "uniform" else super().mean_weight(update)

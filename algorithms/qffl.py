@@ -24,7 +24,7 @@ from torch import nn
 from raysim.algorithms.aggregation import AggregationError
 from raysim.algorithms.base import ServerState, register_algorithm
 from raysim.algorithms.fednova import effective_steps
-from raysim.algorithms.fedopt import ServerStep, apply_delta, stepped_keys, update_sum
+from raysim.algorithms.fedopt import ServerStep, StepFold, apply_delta, stepped_keys
 from raysim.client import EVAL_BATCH, Client
 from raysim.config import ConfigError
 from raysim.training import forward, full_gradient
@@ -67,13 +67,19 @@ class QFFLParams:
             raise ValueError("algorithm.lipschitz is q-FedSGD's L; q-FedAvg (algorithm.variant=qfedavg) uses L = 1/federation.lr")
 
 
-def qffl_coefficients(losses: Sequence[float], sq_norms: Sequence[float], *, q: float, lipschitz: float) -> list[float]:
-    """c_k = F_k^q / Σ_j h_j with h_j = q F_j^(q−1) ‖g_j‖² + L F_j^q, so that θ ← θ − Σ_k c_k g_k."""
-    fq = [max(f, _MIN_LOSS) ** q for f in losses]
+def qffl_terms(loss: float, sq_norm: float, *, q: float, lipschitz: float) -> tuple[float, float]:
+    """(F_k^q, h_k) of one client: Δ_k = F_k^q g_k and h_k = q F_k^(q−1) ‖g_k‖² + L F_k^q."""
+    f = max(loss, _MIN_LOSS)
+    fq = f**q
     # q = 0: the ‖g‖² term is multiplied by 0, not evaluated as 0 · F^-1 (inf for F → 0).
-    h = [(q * max(f, _MIN_LOSS) ** (q - 1) * n if q != 0 else 0.0) + lipschitz * fk for f, n, fk in zip(losses, sq_norms, fq)]
-    total_h = sum(h)
-    return [fk / total_h for fk in fq]
+    return fq, (q * f ** (q - 1) * sq_norm if q != 0 else 0.0) + lipschitz * fq
+
+
+def qffl_coefficients(losses: Sequence[float], sq_norms: Sequence[float], *, q: float, lipschitz: float) -> list[float]:
+    """c_k = F_k^q / Σ_j h_j, so that θ ← θ − Σ_k c_k g_k (the server folds Σ_k F_k^q g_k and Σ_k h_k instead)."""
+    terms = [qffl_terms(f, n, q=q, lipschitz=lipschitz) for f, n in zip(losses, sq_norms)]
+    total_h = sum(h for _, h in terms)
+    return [fq / total_h for fq, _ in terms]
 
 
 def sq_norm(tensors: Mapping[str, torch.Tensor], keys: Sequence[str], origin: Mapping[str, torch.Tensor] | None = None) -> float:
@@ -83,32 +89,6 @@ def sq_norm(tensors: Mapping[str, torch.Tensor], keys: Sequence[str], origin: Ma
         t = tensors[k].to(torch.float64)
         total += float(((t - origin[k].to(torch.float64)) if origin is not None else t).pow(2).sum())
     return total
-
-
-def qfedsgd_step(
-    weights: Mapping[str, torch.Tensor], grads: Sequence[Mapping[str, torch.Tensor]], losses: Sequence[float], *, q: float, lipschitz: float, keys: Sequence[str]
-) -> dict[str, torch.Tensor]:
-    """θ ← θ − Σ_k Δ_k / Σ_k h_k over `keys` with g_k = ∇F_k (‖·‖ over all keys together)."""
-    coefs = qffl_coefficients(losses, [sq_norm(g, keys) for g in grads], q=q, lipschitz=lipschitz)
-    zero = {k: torch.zeros_like(weights[k], dtype=torch.float64) for k in keys}
-    return apply_delta(weights, update_sum(grads, [-c for c in coefs], zero, keys))
-
-
-def qfedavg_step(
-    weights: Mapping[str, torch.Tensor],
-    tensors: Sequence[Mapping[str, torch.Tensor]],
-    losses: Sequence[float],
-    scales: Sequence[float],
-    *,
-    q: float,
-    lipschitz: float,
-    keys: Sequence[str],
-) -> dict[str, torch.Tensor]:
-    """The same step with g_k = s_k L (θ − θ̄_k): `scales` s_k = τ_k/‖a_k‖₁ (1 for plain SGD)."""
-    sq = [(s * lipschitz) ** 2 * sq_norm(t, keys, weights) for t, s in zip(tensors, scales)]
-    coefs = qffl_coefficients(losses, sq, q=q, lipschitz=lipschitz)
-    # −Σ_k c_k g_k = Σ_k c_k s_k L (θ̄_k − θ)
-    return apply_delta(weights, update_sum(tensors, [c * s * lipschitz for c, s in zip(coefs, scales)], weights, keys))
 
 
 def momentum_scale(fed: FederationConfig, steps: float) -> float:
@@ -165,14 +145,23 @@ class QFFL(ServerStep):
 
     # --- server side --------------------------------------------------------------------------
 
-    def server_step(self, updates: list[Update], state: ServerState) -> tuple[dict[str, torch.Tensor], ServerState]:
-        missing = [u.client_id for u in updates if LOSS_KEY not in u.extra]
-        if missing:
-            raise AggregationError(f"qffl needs each client's loss at the received model (extra[{LOSS_KEY!r}]); missing from {missing}")
-        losses = [float(cast(float, u.extra[LOSS_KEY])) for u in updates]
-        p, keys, tensors = self.params, state["stepped"], [u.tensors for u in updates]
-        if p.variant == "qfedsgd":
-            return qfedsgd_step(state["weights"], tensors, losses, q=p.q, lipschitz=p.lipschitz, keys=keys), state
-        fed = self.cfg.federation
-        scales = [momentum_scale(fed, u.metrics.get("steps", 0.0)) for u in updates]
-        return qfedavg_step(state["weights"], tensors, losses, scales, q=p.q, lipschitz=1.0 / fed.lr, keys=keys), state
+    def accumulate_step(self, fold: StepFold, update: Update) -> None:
+        """Σ_k F_k^q (−g_k) into the sums (‖g_k‖ over all stepped keys together), Σ_k h_k into the totals."""
+        if LOSS_KEY not in update.extra:
+            raise AggregationError(f"qffl needs each client's loss at the received model (extra[{LOSS_KEY!r}]); missing from {[update.client_id]}")
+        loss = float(cast(float, update.extra[LOSS_KEY]))
+        p, keys = self.params, list(fold.sums)
+        if p.variant == "qfedsgd":  # g_k = ∇F_k as sent
+            fq, h = qffl_terms(loss, sq_norm(update.tensors, keys), q=p.q, lipschitz=p.lipschitz)
+            fold.add(update.tensors, -fq, relative=False)
+        else:  # g_k = s_k L (θ − θ̄_k), s_k = τ_k/‖a_k‖₁ (1 for plain SGD), L = 1/lr: −F_k^q g_k = F_k^q s_k L (θ̄_k − θ)
+            lipschitz = 1.0 / self.cfg.federation.lr
+            scale = momentum_scale(self.cfg.federation, update.metrics.get("steps", 0.0)) * lipschitz
+            fq, h = qffl_terms(loss, scale**2 * sq_norm(update.tensors, keys, fold.origin), q=p.q, lipschitz=lipschitz)
+            fold.add(update.tensors, fq * scale)
+        fold.total("h", h)
+
+    def finalize_step(self, fold: StepFold, state: ServerState) -> tuple[dict[str, torch.Tensor], ServerState]:
+        """θ ← θ − Σ_k Δ_k / Σ_k h_k."""
+        total_h = fold.totals["h"]
+        return apply_delta(state["weights"], {k: acc / total_h for k, acc in fold.sums.items()}), state
