@@ -1,7 +1,8 @@
 """FairFed (Ezzeldin et al., "FairFed: Enabling Group Fairness in Federated Learning", AAAI 2023).
 
-Each client counts, per group of the target attribute, a confusion matrix of the received global
-model on its train split (before training). The server sums them into the global gap F_g, gives
+Each sampled client counts, per group of the target attribute, a confusion matrix of the received
+global model on its train split (`client_statistics`, the round's statistics pass before training).
+From the whole cohort's counts, before any update is folded, the server forms the global gap F_g, gives
 each client Δ_k = |F_g − F_k| (|Acc_g − Acc_k| where a gap is undefined, e.g. a client holding one
 group, as the paper does), moves the weights ω_k ← ω_k − β(Δ_k − mean Δ) and aggregates
 Σ ω_k θ_k / Σ ω_k.
@@ -24,23 +25,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 from torch import nn
 
-from raysim.algorithms.aggregation import AggregationError, weighted_average
+from raysim.algorithms.aggregation import AggregationError, WeightedSum
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
 from raysim.client import Client
 from raysim.config import ConfigError
 from raysim.datasets.base import DataSource
 from raysim.metrics import predictions
-from raysim.types import Update
+from raysim.types import Tensors, Update
 
 log = logging.getLogger(__name__)
-STATS_KEY = "group_confusion"  # Update.extra: {group code: (K, K) counts [label, prediction]}, -1 = unknown group
+STATS_KEY = "group_confusion"  # client_statistics: {group code: (K, K) counts [label, prediction]}, -1 = unknown group
 Confusion = Mapping[int, np.ndarray]
 METRICS = ("auto", "eop", "spd", "eod")
 SIGNED = ("eop", "spd")  # signed when the attribute has two groups
@@ -203,6 +204,7 @@ class FairFed(Algorithm):
     """Weights ω_k live in the server state per client id, in example units (start: ω_k = n_k)."""
 
     Params = FairFedParams
+    round_statistics = True  # the weights need the whole cohort's group counts before the fold
 
     def __init__(self, params: Any, cfg: Any) -> None:
         super().__init__(params, cfg)
@@ -222,26 +224,71 @@ class FairFed(Algorithm):
         self.groups = tuple(sorted(names))
         return model
 
-    def gap_metric(self, updates: Sequence[Update]) -> tuple[str, list[int]]:
-        """(resolved metric, group codes) for this aggregation."""
+    def gap_metric(self, confusions: Sequence[Confusion]) -> tuple[str, list[int]]:
+        """(resolved metric, group codes) for this round's cohort."""
         if self.groups is not None:
             codes = list(self.groups)
         else:
-            codes = sorted({g for u in updates for g in cast(Confusion, u.extra[STATS_KEY]) if g >= 0})
+            codes = sorted({g for confusion in confusions for g in confusion if g >= 0})
         return resolve_metric(self.params.metric, {g: str(g) for g in codes}), codes
 
-    def before_training(self, client: Client, model: nn.Module) -> dict[str, object]:
-        seen = client.predict("train")  # the received global model, before local training
-        classes = 2 if seen.scores.ndim == 1 else seen.scores.shape[1]
-        return {STATS_KEY: group_confusion(seen.labels, predictions(seen.scores), seen.attributes[client.attribute], classes)}
+    # --- client side --------------------------------------------------------------------------
 
-    def aggregate(self, round_: int, updates: list[Update], state: ServerState) -> ServerState:
-        missing = [u.client_id for u in updates if STATS_KEY not in u.extra]
+    def client_statistics(self, client: Client, payload: Tensors, round_: int) -> dict[str, Any]:
+        """The received global model's group confusion on the client's train split, and its example count."""
+        seen = client.predict("train", client.load(payload))
+        classes = 2 if seen.scores.ndim == 1 else seen.scores.shape[1]
+        confusion = group_confusion(seen.labels, predictions(seen.scores), seen.attributes[client.attribute], classes)
+        return {STATS_KEY: confusion, "num_examples": client.num_train}
+
+    # --- server side --------------------------------------------------------------------------
+
+    def fold_start(self, round_: int, state: ServerState, statistics: dict[str, dict[str, Any]]) -> FairFedFold:
+        """The round's weights ω_k for the whole sampled cohort, from its statistics, before any update."""
+        ids = sorted(statistics)
+        missing = [cid for cid in ids if STATS_KEY not in statistics[cid] or "num_examples" not in statistics[cid]]
         if missing:
-            raise AggregationError(f"fairfed needs each client's group counts (extra[{STATS_KEY!r}]); missing from {missing}")
+            raise AggregationError(f"fairfed needs each client's group counts and example count (client_statistics: {STATS_KEY!r}, 'num_examples'); missing from {missing}")
         known: dict[str, float] = state["fair_weights"]
-        metric, codes = self.gap_metric(updates)
-        deltas = fairness_deltas([cast(Confusion, u.extra[STATS_KEY]) for u in updates], metric, codes)
-        weights = fairfed_weights([known.get(u.client_id, float(u.num_examples)) for u in updates], deltas, beta=self.params.beta, floor=self.params.weight_floor)
-        averaged = weighted_average([u.tensors for u in updates], weights, [u.client_id for u in updates])
-        return {**state, "weights": averaged, "fair_weights": {**known, **{u.client_id: w for u, w in zip(updates, weights)}}}
+        if not ids:
+            return FairFedFold({}, {}, WeightedSum())  # nothing to weigh by: `accumulate` says so
+        confusions = [cast(Confusion, statistics[cid][STATS_KEY]) for cid in ids]
+        metric, codes = self.gap_metric(confusions)
+        deltas = fairness_deltas(confusions, metric, codes)
+        previous = {cid: known.get(cid, float(statistics[cid]["num_examples"])) for cid in ids}
+        weights = fairfed_weights([previous[cid] for cid in ids], deltas, beta=self.params.beta, floor=self.params.weight_floor)
+        return FairFedFold(dict(zip(ids, weights)), previous, WeightedSum())
+
+    def accumulate(self, fold: FairFedFold, update: Update) -> None:
+        weight = fold.weights.get(update.client_id)
+        if weight is None:
+            if not fold.weights:
+                raise AggregationError(
+                    "fairfed weighs each update by the cohort's round statistics, and none were given: "
+                    "pass statistics={client id: FairFed.client_statistics(...)} to aggregate (the engine gathers them when round_statistics is set)"
+                )
+            raise AggregationError(f"client {update.client_id}: its update arrived without round statistics (client_statistics), so fairfed has no weight for it")
+        fold.mean.add(update.tensors, weight, update.client_id)
+        fold.arrived.append(update.client_id)
+
+    def finalize(self, round_: int, fold: FairFedFold, state: ServerState) -> ServerState:
+        averaged = fold.mean.mean()  # no update at all is an AggregationError
+        stored = {cid: fold.weights[cid] for cid in fold.arrived}
+        if len(stored) < len(fold.weights):
+            # A sampled client whose update never arrived keeps its old weight. The others' step
+            # used the whole cohort's statistics (they describe the received model, so F_g and the
+            # mean Δ were the cohort's), and this round was averaged with those weights; they are
+            # stored rescaled to the total the arrived clients had before the round. Σ ω θ / Σ ω
+            # does not see the scale, and the known weights keep their sum, as when every update
+            # arrives, instead of the missing client's share leaking into (or out of) the others'.
+            scale = sum(fold.previous[cid] for cid in stored) / sum(stored.values())
+            stored = {cid: w * scale for cid, w in stored.items()}
+        return {**state, "weights": averaged, "fair_weights": {**state["fair_weights"], **stored}}
+
+
+@dataclass
+class FairFedFold:
+    weights: dict[str, float]  # client id -> this round's ω_k (the whole sampled cohort)
+    previous: dict[str, float]  # client id -> ω_k before the step
+    mean: WeightedSum  # Σ ω_k θ_k over the updates that arrived
+    arrived: list[str] = field(default_factory=list)

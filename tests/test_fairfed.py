@@ -1,4 +1,5 @@
-"""FairFed's gap: the paper's signed EOP / SPD for a two-group attribute, max − min beyond (no Ray)."""
+"""FairFed's gap (the paper's signed EOP / SPD for a two-group attribute, max − min beyond) and its
+fold over the round's statistics (no Ray)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import torch
 from torch import nn
 
 from raysim import config
-from raysim.algorithms.fairfed import STATS_KEY, FairFed, FairFedParams, fairfed_weights, fairness_deltas, resolve_metric, signed_gaps
+from raysim.algorithms.aggregation import AggregationError
+from raysim.algorithms.fairfed import STATS_KEY, FairFed, FairFedParams, fairfed_weights, fairness_deltas, group_confusion, resolve_metric, signed_gaps
 from raysim.config import ConfigError
 from raysim.datasets import DATASETS
+from raysim.engine.client_actor import ClientHost
+from raysim.metrics import predictions
 from raysim.types import Update
 
 from conftest import tiny_overrides
@@ -45,8 +49,13 @@ def test_a_client_biased_the_opposite_way_is_far_from_the_global_gap_when_signed
     assert fairfed_weights([40, 120], fairness_deltas([A, B], "eop", [0, 1]), beta=0.1, floor=1e-3) == pytest.approx([36.0, 124.0], rel=1e-12)
 
 
-def update(cid: str, w: float, n: int, confusion: dict[int, np.ndarray]) -> Update:
-    return Update(cid, {"w": torch.tensor([w])}, n, {"loss": 0.0}, {STATS_KEY: confusion})
+def update(cid: str, w: float, n: int) -> Update:
+    return Update(cid, {"w": torch.tensor([w])}, n, {"loss": 0.0})
+
+
+def stats(n: int, confusion: dict[int, np.ndarray]) -> dict[str, object]:
+    """What `FairFed.client_statistics` returns for a client of `n` examples."""
+    return {STATS_KEY: confusion, "num_examples": n}
 
 
 class One(nn.Module):
@@ -57,7 +66,8 @@ class One(nn.Module):
 
 def test_default_aggregation_on_two_groups_uses_the_signed_gap() -> None:
     algorithm = FairFed(FairFedParams(beta=0.1), SimpleNamespace())
-    out = algorithm.aggregate(1, [update("A", 1.0, 40, A), update("B", 2.0, 120, B)], {**algorithm.init_state(One())})
+    statistics = {"A": stats(40, A), "B": stats(120, B)}
+    out = algorithm.aggregate(1, [update("A", 1.0, 40), update("B", 2.0, 120)], {**algorithm.init_state(One())}, statistics)
     assert out["fair_weights"] == pytest.approx({"A": 36.0, "B": 124.0}, rel=1e-12)  # unsigned EOD: A 41.6, B 118.4
     assert algorithm.params.metric == "auto"
     assert out["weights"]["w"].item() == pytest.approx((36.0 * 1.0 + 124.0 * 2.0) / 160, rel=1e-6)
@@ -107,4 +117,50 @@ def test_the_data_sources_groups_decide_before_training(oph_root: Path, attribut
     algorithm.adapt(One(), source)
     assert algorithm.groups == tuple(sorted(source.group_names[attribute]))
     # the source's groups, not the cohort's: a round whose clients show one group still uses the resolved metric
-    assert algorithm.gap_metric([update("A", 0.0, 1, {0: counts(1, 0, 0, 1)})]) == (resolved, list(algorithm.groups))
+    assert algorithm.gap_metric([{0: counts(1, 0, 0, 1)}]) == (resolved, list(algorithm.groups))
+
+
+def test_a_sampled_client_whose_update_never_arrives_keeps_its_weight() -> None:
+    # A, B and C are sampled and send statistics; C's update fails. The round's weights come from the
+    # whole cohort; the arrived A and B are stored rescaled to the total they had (the sum of every known
+    # weight stays), C keeps its old weight.
+    c = {0: counts(4, 0, 0, 4), 1: counts(2, 2, 1, 3)}
+    algorithm = FairFed(FairFedParams(beta=0.5), SimpleNamespace())
+    state = {**algorithm.init_state(One()), "fair_weights": {"C": 70.0}}
+    statistics = {"A": stats(40, A), "B": stats(120, B), "C": stats(60, c)}
+    cohort = fairfed_weights([40.0, 120.0, 70.0], fairness_deltas([A, B, c], "eop", [0, 1]), beta=0.5, floor=1e-3)
+    out = algorithm.aggregate(1, [update("A", 1.0, 40), update("B", 2.0, 120)], state, statistics)
+    scale = 160.0 / (cohort[0] + cohort[1])
+    assert out["fair_weights"] == pytest.approx({"A": cohort[0] * scale, "B": cohort[1] * scale, "C": 70.0}, rel=1e-12)
+    assert sum(out["fair_weights"].values()) == pytest.approx(230.0, rel=1e-12)
+    assert out["weights"]["w"].item() == pytest.approx((cohort[0] * 1.0 + cohort[1] * 2.0) / (cohort[0] + cohort[1]), rel=1e-6)
+    # every update arrived: the weights are stored exactly as they were aggregated with
+    full = algorithm.aggregate(1, [update("A", 1.0, 40), update("B", 2.0, 120), update("C", 0.0, 60)], state, statistics)
+    assert full["fair_weights"] == dict(zip("ABC", cohort))
+
+
+def test_an_update_without_statistics_is_an_error_naming_the_client() -> None:
+    algorithm = FairFed(FairFedParams(), SimpleNamespace())
+    state = algorithm.init_state(One())
+    with pytest.raises(AggregationError, match="client B: .*without round statistics"):
+        algorithm.aggregate(1, [update("A", 1.0, 40), update("B", 2.0, 120)], state, {"A": stats(40, A)})
+    with pytest.raises(AggregationError, match="statistics=\\{client id"):
+        algorithm.aggregate(1, [update("A", 1.0, 40)], state)
+    # no update at all (every sampled client failed): the fold says so, whatever the statistics
+    with pytest.raises(AggregationError, match="no client updates"):
+        algorithm.aggregate(1, [], state, {"A": stats(40, A)})
+
+
+def test_client_statistics_is_the_received_models_confusion_on_the_train_split(oph_root: Path) -> None:
+    cfg = config.load(None, tiny_overrides(oph_root, **{"algorithm.name": "fairfed", "resources.clients_per_actor": 2}))
+    source = DATASETS.get("fairfedmed_oph")(cfg.data, img_size=16, seed=0)
+    host = ClientHost(cfg, source.client_specs()[:1])
+    (cid, client), algorithm = next(iter(host.clients.items())), host.algorithm
+    state = algorithm.init_state(client.model)
+    payload = algorithm.payload(state, 1)
+    got = algorithm.client_statistics(client, payload, 1)
+    seen = client.predict("train", client.load(payload))
+    expected = group_confusion(seen.labels, predictions(seen.scores), seen.attributes[client.attribute], 2)
+    assert got["num_examples"] == client.num_train and got[STATS_KEY].keys() == expected.keys()
+    assert all(np.array_equal(got[STATS_KEY][g], m) for g, m in expected.items())
+    assert STATS_KEY not in host.fit(cid, payload, 1).extra  # measured once, in the statistics pass

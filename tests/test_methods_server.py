@@ -332,23 +332,27 @@ def test_fairfed_weight_step_matches_hand_computation() -> None:
 
 def test_fairfed_aggregate_matches_hand_computation() -> None:
     # A holds one group (its gap is undefined: Δ_A = |Acc_g - Acc_A|); B's model is perfect on group 0, inverted on 1
-    a = update("A", 2.0, 0.0, 4, 1, **{STATS_KEY: {0: np.array([[2, 0], [0, 2]])}})
-    b = update("B", 6.0, 4.0, 8, 3, **{STATS_KEY: {0: np.array([[1, 0], [0, 1]]), 1: np.array([[0, 1], [1, 0]])}})
+    a, b = update("A", 2.0, 0.0, 4, 1), update("B", 6.0, 4.0, 8, 3)
+    stats_a = {STATS_KEY: {0: np.array([[2, 0], [0, 2]])}, "num_examples": 1}
+    stats_b = {STATS_KEY: {0: np.array([[1, 0], [0, 1]]), 1: np.array([[0, 1], [1, 0]])}, "num_examples": 3}
     # global: group 0 [[3,0],[0,3]] TPR 1 FPR 0, group 1 TPR 0 FPR 1: F_g = 1, Acc_g = 6/8 = 0.75
     # Δ_A = |0.75 - 1| = 0.25, Δ_B = |1 - 1| = 0; mean 0.125; N = 4
     # ω_A = 1 - 4*(0.25-0.125) = 0.5, ω_B = 3 - 4*(0-0.125) = 3.5; w = (0.5*2 + 3.5*6)/4 = 5.5 (FedAvg: 5.0)
     algorithm = FairFed(FairFedParams(), CFG)
-    out = algorithm.aggregate(1, [a, b], toy_state(algorithm))
+    out = algorithm.aggregate(1, [a, b], toy_state(algorithm), {"A": stats_a, "B": stats_b})
     assert out["fair_weights"] == {"A": 0.5, "B": 3.5}
     assert out["weights"]["w"].item() == 5.5 and out["weights"]["r"].item() == 3.5  # r: (0.5*0 + 3.5*4)/4
     # next round only B is sampled: alone, its Δ equals the mean, nothing moves; A keeps its weight
-    again = algorithm.aggregate(2, [b], out)
+    again = algorithm.aggregate(2, [b], out, {"B": stats_b})
     assert again["fair_weights"] == {"A": 0.5, "B": 3.5}
 
 
 def test_fairfed_needs_group_counts() -> None:
     algorithm = FairFed(FairFedParams(), CFG)
+    assert algorithm.round_statistics
     with pytest.raises(AggregationError, match="missing from \\['A', 'B'\\]"):
+        algorithm.aggregate(1, two_clients(), toy_state(algorithm), {"A": {"num_examples": 1}, "B": {STATS_KEY: {}}})
+    with pytest.raises(AggregationError, match="statistics="):  # the list form without the statistics pass
         algorithm.aggregate(1, two_clients(), toy_state(algorithm))
 
 
@@ -403,12 +407,20 @@ def fit_two(host: ClientHost) -> tuple[dict, dict, list[Update]]:
     return state, payload, [host.fit(cid, payload, 1) for cid in ("site1", "site2")]
 
 
+def statistics_of(host: ClientHost, payload: dict) -> dict[str, dict]:
+    """The round's statistics pass (`client_statistics` of both clients), as the engine runs it before training."""
+    return {cid: host.algorithm.client_statistics(host.clients[cid], payload, 1) for cid in ("site1", "site2")} if host.algorithm.round_statistics else {}
+
+
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fednova", "qffl", "fairfed"])
 def test_client_fit_and_aggregate_on_real_data(oph_root: Path, name: str) -> None:
     host = host_for(oph_root, name)
-    state, payload, updates = fit_two(host)
+    state = host.algorithm.init_state(host.clients["site1"].model)
+    payload = host.algorithm.payload(state, 1)
+    statistics = statistics_of(host, payload)
+    updates = [host.fit(cid, payload, 1) for cid in ("site1", "site2")]
     assert all(u.tensors.keys() == payload.keys() and (u.metrics["steps"] > 0) == (name != "qffl") for u in updates)  # q-FedSGD: no step
-    out = host.algorithm.aggregate(1, updates, state)
+    out = host.algorithm.aggregate(1, updates, state, statistics)
     assert out["weights"].keys() == state["weights"].keys()
     assert all(torch.isfinite(v).all() for v in out["weights"].values())
     fedavg = weighted_average([u.tensors for u in updates], [u.num_examples for u in updates])
@@ -416,9 +428,10 @@ def test_client_fit_and_aggregate_on_real_data(oph_root: Path, name: str) -> Non
     assert any(k.endswith("running_var") for k in buffers)
     if name != "fairfed":  # buffers (BatchNorm statistics) are averaged exactly as FedAvg does
         assert all(torch.equal(out["weights"][k], fedavg[k]) for k in buffers)
-    for client, u in zip(host.clients.values(), updates):
+    for cid, client in host.clients.items():
         if name == "fairfed":
-            counts = u.extra[STATS_KEY]
+            counts = statistics[cid][STATS_KEY]
+            assert statistics[cid]["num_examples"] == client.num_train
             train = client.shards["train"].table
             assert sorted(counts) == sorted(np.unique(train.attributes[client.attribute]).tolist())
             label_counts = sum(m.sum(axis=1) for m in counts.values())
@@ -434,14 +447,17 @@ def test_client_fit_and_aggregate_on_real_data(oph_root: Path, name: str) -> Non
 
 def test_fairfed_with_beta0_is_fedavg_bit_for_bit(oph_root: Path) -> None:
     host = host_for(oph_root, "fairfed", **{"algorithm.beta": 0.0})
-    state, _, updates = fit_two(host)
-    deltas_moved = host.algorithm.aggregate(1, updates, state)
-    fedavg = Algorithm.aggregate(host.algorithm, 1, updates, state)
-    assert all(torch.equal(deltas_moved["weights"][k], fedavg["weights"][k]) for k in fedavg["weights"])
-    again = host.algorithm.aggregate(2, updates, deltas_moved)  # the stored weights stay FedAvg's too
-    assert all(torch.equal(again["weights"][k], fedavg["weights"][k]) for k in fedavg["weights"])
+    state = host.algorithm.init_state(host.clients["site1"].model)
+    payload = host.algorithm.payload(state, 1)
+    statistics = statistics_of(host, payload)
+    updates = [host.fit(cid, payload, 1) for cid in ("site1", "site2")]
+    deltas_moved = host.algorithm.aggregate(1, updates, state, statistics)
+    fedavg = weighted_average([u.tensors for u in updates], [u.num_examples for u in updates])
+    assert all(torch.equal(deltas_moved["weights"][k], fedavg[k]) for k in fedavg)
+    again = host.algorithm.aggregate(2, updates, deltas_moved, statistics)  # the stored weights stay FedAvg's too
+    assert all(torch.equal(again["weights"][k], fedavg[k]) for k in fedavg)
     # with β = 1 the weights move, but the cohort keeps its total weight Σ n_k
-    fair = FairFed(FairFedParams(beta=1.0), host.cfg).aggregate(1, updates, state)
+    fair = FairFed(FairFedParams(beta=1.0), host.cfg).aggregate(1, updates, state, statistics)
     assert set(fair["fair_weights"]) == {"site1", "site2"}
     assert sum(fair["fair_weights"].values()) == pytest.approx(sum(u.num_examples for u in updates), rel=1e-12)
 
