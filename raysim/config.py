@@ -150,7 +150,7 @@ class EvalConfig:
     every: int = _doc("evaluate on val and test every N rounds (the last round always)", 2)
     attributes: list[str] | None = _doc("attributes scored for fairness (null: all the source has)", None)
     bootstrap: int = _doc("bootstrap resamples for group AUC 95% intervals (0: off)", 200)
-    clients: str | int = _doc("clients evaluated: all, sampled (the round's cohort) or an integer k (a seeded subset of k, the same every round)", "all")
+    clients: int | str = _doc("clients evaluated: all, sampled (the round's cohort) or an integer k (a seeded subset of k, the same every round)", "all")
 
     def validate(self) -> None:
         _check_positive("eval.every", self.every)

@@ -76,8 +76,11 @@ class ClientHost:
 
     def setup(self, client_id: str) -> dict[str, Any]:
         """Once per client before round 1: what it shares with the server (`Algorithm.client_setup`)."""
-        self.changed.add(client_id)
-        return self.algorithm.client_setup(self.clients[client_id])
+        client = self.clients[client_id]
+        shared = self.algorithm.client_setup(client)
+        if client.own_state or client.memory:  # e.g. FedRDN keeps its statistics: that is state to save
+            self.changed.add(client_id)
+        return shared
 
     def set_payload(self, payload: Tensors) -> None:
         """What the server sends this round (or for this evaluation): fetched once per actor, used
