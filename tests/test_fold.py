@@ -43,8 +43,13 @@ class Tiny(nn.Module):
 
 
 def tiny_model(name: str) -> nn.Module:
-    """What the method's `adapt` / `build_model` would make of a network, on Tiny."""
-    model: nn.Module = Tiny()
+    """What the method's `adapt` / `build_model` would make of a network, on Tiny (seeded: the same every time)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _adapted(Tiny(), name)
+
+
+def _adapted(model: nn.Module, name: str) -> nn.Module:
     if name == "fedlora":
         adapters.inject(model, ["fc"], adapters.LoRA, rank=2, alpha=2.0)
         adapters.freeze_backbone(model)
