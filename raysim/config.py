@@ -117,7 +117,8 @@ class ResourcesConfig:
     )
     num_cpus: float | None = _doc("CPUs reserved per client actor (null: threads_per_client, no oversubscription; fractions allowed)", None)
     num_gpus: float = _doc("GPU fraction per client actor, in [0, 1]", 0.0)
-    driver_cpus: float = _doc("CPUs kept for the driver (0: it is not yet a Ray actor and mostly waits while clients train)", 0.0)
+    driver_cpus: float = _doc("CPUs of the driver actor, which runs the rounds and the server step (0: it mostly waits while clients train)", 0.0)
+    driver_gpus: float = _doc("GPU share of the driver actor, for server-side computation (> 0 lets it run on any node with a GPU)", 0.0)
     clients_per_actor: int | None = _doc("clients hosted by one actor (null: from resources.actors); sets ceil(clients / it) actors", None)
     threads_per_client: int = _doc("torch threads per client (fixed for bit-identical results)", 1)
 
@@ -140,6 +141,8 @@ class ResourcesConfig:
             raise ConfigError(f"resources.num_gpus must be a fraction in [0, 1], got {self.num_gpus}")
         if self.driver_cpus < 0:
             raise ConfigError(f"resources.driver_cpus must be >= 0, got {self.driver_cpus}")
+        if self.driver_gpus < 0:
+            raise ConfigError(f"resources.driver_gpus must be >= 0, got {self.driver_gpus}")
         if self.clients_per_actor is not None:
             _check_positive("resources.clients_per_actor", self.clients_per_actor)
         _check_positive("resources.threads_per_client", self.threads_per_client)

@@ -5,6 +5,8 @@
     python -m raysim.run --resume runs/20261122-101500-fedavg-s0
 
 Prints progress per round, a metrics table at each evaluation, and the run directory last.
+The rounds run in a driver actor (`ray::DriverActor`, `resources.driver_cpus` /
+`driver_gpus`) on this node; this process streams its console lines.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import yaml
 from raysim import config as config_mod
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
+from raysim.engine import driver_actor
 from raysim.engine.driver import Driver, connect_ray, latest_checkpoint
 
 EXIT_BAD_INPUT = 2
@@ -45,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg, run_dir, resume = prepare(args)
-        driver = Driver(cfg, run_dir)
+        Driver(cfg, run_dir)  # reads the data source's metadata: bad input fails here, before Ray starts
         connect_ray()
-        driver.run(resume=resume)
+        for event in driver_actor.stream(driver_actor.start(cfg, run_dir), resume=resume):
+            for line in event.lines:
+                print(line, flush=True)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -39,7 +39,7 @@ from raysim.engine.placement import Capacity, actor_count
 log = logging.getLogger(__name__)
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # the shell convention for Ctrl-C
-DRIVER_CPU = 0.1  # the trial's own bundle (the trial function is the run's driver), plus resources.driver_cpus
+DRIVER_CPU = 0.1  # the trial function (it streams the driver actor's progress); bundle 0 adds resources.driver_cpus for that actor
 ATTRIBUTE_FREE = ("auc", "acc", "bacc", "loss")  # rows with attribute ""
 FAIRNESS = ("es_auc", "es_acc", "es_bacc", "eod", "spd")  # rows of the target attribute (data.attribute)
 METRICS = ATTRIBUTE_FREE + FAIRNESS
@@ -303,14 +303,18 @@ def bundles(cfg: ExperimentConfig, share: Capacity) -> list[dict[str, float]]:
     res = cfg.resources
     n = actor_count(client_count(cfg), res, share)
     actor = {"CPU": res.actor_cpus} | ({"GPU": float(res.num_gpus)} if res.num_gpus else {})
-    return [{"CPU": DRIVER_CPU + res.driver_cpus}] + [dict(actor) for _ in range(n)]
+    driver = {"CPU": DRIVER_CPU + res.driver_cpus} | ({"GPU": float(res.driver_gpus)} if res.driver_gpus else {})
+    return [driver] + [dict(actor) for _ in range(n)]
 
 
 def run_trial(values: dict[str, Any], study: Study) -> None:
     """One federated run, round by round, reporting every evaluated round (runs inside Tune)."""
+    import ray
     from ray import tune
+    from ray.util import get_current_placement_group
 
-    from raysim.engine.driver import Driver, latest_checkpoint
+    from raysim.engine import driver_actor
+    from raysim.engine.driver import latest_checkpoint
 
     cfg = study.config(values)
     run_dir = Path(os.getcwd()).resolve() / "run"
@@ -323,18 +327,18 @@ def run_trial(values: dict[str, Any], study: Study) -> None:
         run_dir.mkdir(parents=True)
         (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
     resume = latest_checkpoint(run_dir) is not None
-    driver = Driver(cfg, run_dir, echo=lambda line: log.info("%s", line))
+    # The rounds run in the trial's driver actor, in bundle 0 of its placement group (grown by
+    # resources.driver_cpus); its client actors take bundles 1..n.
+    actor = driver_actor.start(cfg, run_dir, placement_group=get_current_placement_group())
     try:
-        driver.start(resume=resume)
-        attribute = driver.source.attribute
-        rounds = cfg.federation.rounds
-        for round_ in range(driver.next_round, rounds + 1):
-            driver.step(round_)
-            if round_ % cfg.eval.every == 0 or round_ == rounds:
-                row = report_row(driver.recorder.metrics, round_, attribute, study.objective)
+        for event in driver_actor.stream(actor, resume=resume):
+            for line in event.lines:
+                log.info("%s", line)
+            if event.evaluated is not None:  # every evaluated round (eval.every and the last)
+                row = report_row(event.evaluated, event.round, event.attribute, study.objective)
                 tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
     finally:
-        driver.shutdown()
+        ray.kill(actor)
 
 
 def _scheduler(study: Study, rounds: int) -> Any:

@@ -26,6 +26,7 @@ import pandas as pd
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util import get_current_placement_group
+from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raysim import provenance, reporting
@@ -74,8 +75,10 @@ class RoundOutcome:
 
 
 class Driver:
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, echo: reporting.Echo = print) -> None:
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, echo: reporting.Echo = print, placement_group: PlacementGroup | None = None) -> None:
         self.cfg = cfg
+        # A Tune trial's group (bundle 0: the driver's, then one per client actor); None: any node.
+        self.placement_group = placement_group
         self.run_dir = Path(run_dir)
         self.echo = echo
         self.source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
@@ -83,6 +86,7 @@ class Driver:
         self.attributes = self._eval_attributes()
         self.recorder = reporting.RunRecorder(self.run_dir)
         self.pool: ActorPool | None = None
+        self.evaluated_round = 0
         self.manifest: dict[str, str] = {}  # client id -> checkpoint file with its latest state
         self.traffic_down = self.traffic_up = 0  # bytes sent in this process's rounds
         self.dead: dict[str, str] = {}  # client id -> why it is out of the run
@@ -96,10 +100,13 @@ class Driver:
             last = min(until or self.cfg.federation.rounds, self.cfg.federation.rounds)
             for round_ in range(self.next_round, last + 1):
                 self.step(round_)
-            self.echo(f"communication: {_megabytes(self.traffic_down)} down, {_megabytes(self.traffic_up)} up over rounds {self.progress.first}-{last}")
+            self.echo_traffic(last)
         finally:
             self.shutdown()
         return self.recorder.metrics
+
+    def echo_traffic(self, last: int) -> None:
+        self.echo(f"communication: {_megabytes(self.traffic_down)} down, {_megabytes(self.traffic_up)} up over rounds {self.progress.first}-{last}")
 
     def shutdown(self) -> None:
         """Stop this run's actors (each holds a process and its shards) and close the outputs."""
@@ -231,6 +238,7 @@ class Driver:
             # Small groups make undefined values routine: one line, not one warning each.
             log.warning("round %d: %d metric values undefined (NaN), e.g. %s", round_, len(undefined), undefined[0].message)
         metric_frame = reporting.with_means(pd.concat(frames, ignore_index=True))
+        self.evaluated_round = round_
         self.recorder.add(metric_frame, [reporting.prediction_rows(round_, p, self.attributes) for p in predictions])
         attribute = self.source.attribute if self.source.attribute in self.attributes else next(iter(self.attributes), "")
         self.echo(reporting.format_table(metric_frame, round_=round_, split=show, attribute=attribute, group_names=group_names.get(attribute, {})))
@@ -299,7 +307,7 @@ class Driver:
     def _start_actors(self, specs: list[ClientSpec]) -> None:
         res = self.cfg.resources
         groups = placement.assign(specs, self._actor_count(len(specs)), res.clients_per_actor)
-        pg = get_current_placement_group()  # set inside a Tune trial: bundle 0 is the driver's
+        pg = self._placement_group()  # set inside a Tune trial: bundle 0 is the driver's
         handles, machines = [], []
         for i, group in enumerate(groups):
             pinned = {} if pg is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i + 1)}
@@ -342,10 +350,13 @@ class Driver:
             out[cid] = result
         return out
 
+    def _placement_group(self) -> PlacementGroup | None:
+        return self.placement_group or get_current_placement_group()
+
     def _actor_count(self, n_clients: int) -> int:
         """The pool's size: from Ray's resources, or, in a Tune trial, the client bundles it reserved."""
         res = self.cfg.resources
-        pg = get_current_placement_group()
+        pg = self._placement_group()
         if pg is None:
             capacity = placement.Capacity.of(ray.cluster_resources())  # a cluster's: what it has now
             n = placement.actor_count(n_clients, res, capacity)

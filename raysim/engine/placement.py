@@ -74,7 +74,7 @@ def actor_count(n_clients: int, res: ResourcesConfig, capacity: Capacity | None)
         raise ValueError("resources.actors=auto needs the capacity to size the pool from")
     fits = [n_clients, _how_many(capacity.cpus - res.driver_cpus, res.actor_cpus)]
     if res.num_gpus > 0:
-        fits.append(_how_many(capacity.gpus, res.num_gpus))
+        fits.append(_how_many(capacity.gpus - res.driver_gpus, res.num_gpus))
     if min(fits) < 1:
         raise ConfigError(f"resources.actors=auto: not even one client actor fits in {_describe(capacity)}: {_needs(res)}. {_REMEDY}")
     return min(fits)
@@ -83,7 +83,7 @@ def actor_count(n_clients: int, res: ResourcesConfig, capacity: Capacity | None)
 def check_fits(n_actors: int, res: ResourcesConfig, capacity: Capacity) -> None:
     """ConfigError unless `n_actors` actors (and the driver's CPUs) fit in `capacity`."""
     cpus = n_actors * res.actor_cpus + res.driver_cpus
-    gpus = n_actors * res.num_gpus
+    gpus = n_actors * res.num_gpus + res.driver_gpus
     if cpus > capacity.cpus + EPSILON or gpus > capacity.gpus + EPSILON:
         raise ConfigError(
             f"{n_actors} client actors need {cpus:g} CPUs and {gpus:g} GPUs, but there are {_describe(capacity)}: {_needs(res)}. "
@@ -128,7 +128,7 @@ def _describe(capacity: Capacity) -> str:
 
 def _needs(res: ResourcesConfig) -> str:
     cpus = f"resources.num_cpus={res.actor_cpus:g}" + (" (its default, resources.threads_per_client)" if res.num_cpus is None else "")
-    return f"each actor asks for {cpus} and resources.num_gpus={res.num_gpus:g}, and resources.driver_cpus={res.driver_cpus:g} stay with the driver"
+    return f"each actor asks for {cpus} and resources.num_gpus={res.num_gpus:g}, and resources.driver_cpus={res.driver_cpus:g} / driver_gpus={res.driver_gpus:g} go to the driver actor"
 
 
 _REMEDY = "Lower resources.num_cpus / resources.num_gpus (fractions are fine) or resources.driver_cpus; on an autoscaling cluster set resources.actors to an integer."

@@ -1,0 +1,126 @@
+"""The driver as a Ray actor: the CLI (and a Tune trial) starts it and streams its progress.
+
+Running the rounds in an actor gives server-side computation (foundation-model queries, a
+server-trained generator, DP noise) its own resources in the cluster (`resources.driver_cpus`,
+`resources.driver_gpus`). The actor is pinned to the node of the process that starts it, so
+a local `--out` stays local, unless it asks for a GPU (then `--out` must be on storage every
+GPU node shares). Its client actors are its children: when the caller goes away (Ctrl-C, a
+killed job), the driver actor and with it every client actor goes too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+from ray.exceptions import RayTaskError
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+from raysim.config import ExperimentConfig
+from raysim.engine.driver import Driver
+
+
+@dataclass
+class Progress:
+    """What the driver actor streams after its start and after every round."""
+
+    lines: list[str]  # console lines since the last event
+    round: int | None = None  # the round just finished (None: start-up or the end)
+    evaluated: pd.DataFrame | None = field(default=None, repr=False)  # that round's metric rows, when it was evaluated
+    attribute: str | None = None  # the data source's target attribute (what the console table shows)
+
+
+class DriverHost:
+    """Plain-Python body of the actor: a `Driver` whose console lines are buffered for streaming."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: str, placement_group: PlacementGroup | None = None) -> None:
+        self.lines: list[str] = []
+        self.args = (cfg, Path(run_dir), placement_group)
+
+    def capture_warnings(self) -> None:
+        """raysim's warnings (e.g. undefined metric values) become console lines of the stream
+        instead of the actor's stderr, which Ray would print with its own prefix."""
+        handler = _Lines(self.lines)
+        handler.setLevel(logging.WARNING)
+        raysim_log = logging.getLogger("raysim")
+        raysim_log.addHandler(handler)
+        raysim_log.propagate = False
+
+    def rounds(self, resume: bool = False, until: int | None = None) -> Iterator[Progress]:
+        cfg, run_dir, placement_group = self.args
+        # Built here, not in __init__: a bad config or data set fails this call with its own error.
+        self.driver = driver = Driver(cfg, run_dir, echo=self.lines.append, placement_group=placement_group)
+        try:
+            driver.start(resume=resume)
+            yield self._event(None)
+            rounds = driver.cfg.federation.rounds
+            last = min(until or rounds, rounds)
+            for round_ in range(driver.next_round, last + 1):
+                driver.step(round_)
+                yield self._event(round_)
+            driver.echo_traffic(last)
+            yield self._event(None)
+        finally:
+            driver.shutdown()
+
+    def _event(self, round_: int | None) -> Progress:
+        lines, self.lines[:] = list(self.lines), []
+        evaluated = None
+        if round_ is not None and self.driver.evaluated_round == round_:
+            metrics = self.driver.recorder.metrics
+            evaluated = metrics[metrics["round"] == round_].reset_index(drop=True)
+        return Progress(lines, round_, evaluated, self.driver.source.attribute)
+
+
+class _Lines(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname.lower()}: {record.getMessage()}")
+
+
+@ray.remote(max_restarts=0)
+class DriverActor(DriverHost):
+    """DriverHost as a Ray actor (`ray::DriverActor`): `rounds` streams `Progress` events."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: str, placement_group: PlacementGroup | None = None) -> None:
+        super().__init__(cfg, run_dir, placement_group)
+        self.capture_warnings()  # its own process: nothing else logs here
+
+    @ray.method(num_returns="streaming")
+    def rounds(self, resume: bool = False, until: int | None = None) -> Iterator[Progress]:  # type: ignore[override]
+        yield from DriverHost.rounds(self, resume, until)
+
+
+def start(cfg: ExperimentConfig, run_dir: Path, placement_group: PlacementGroup | None = None) -> Any:
+    """Start the run's driver actor: in bundle 0 of `placement_group` (a Tune trial), else on this node.
+
+    `run_dir` is made absolute here: the actor's working directory is not the caller's.
+    """
+    res = cfg.resources
+    if placement_group is not None:
+        strategy: Any = PlacementGroupSchedulingStrategy(placement_group=placement_group, placement_group_bundle_index=0)
+    elif res.driver_gpus > 0:
+        strategy = "DEFAULT"  # wherever a GPU is free
+    else:
+        strategy = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return DriverActor.options(num_cpus=res.driver_cpus, num_gpus=res.driver_gpus, scheduling_strategy=strategy).remote(cfg, str(Path(run_dir).resolve()), placement_group)
+
+
+def stream(actor: Any, *, resume: bool = False, until: int | None = None) -> Iterator[Progress]:
+    """The actor's events as they come; an error raised in the actor is re-raised as itself
+    (a ConfigError or DataError stays one, so the CLI can print its one line)."""
+    try:
+        for ref in actor.rounds.remote(resume, until):
+            yield ray.get(ref)
+    except RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        raise (cause if isinstance(cause, Exception) else err) from None
