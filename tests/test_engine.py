@@ -134,12 +134,18 @@ def test_a_dead_client_actor_is_reported_and_the_others_aggregate(ray_session, o
     assert set(last["client"]) == {"site1", "site3", "mean"}
 
 
-def test_cli_run_writes_the_run_directory_and_prints_it_last(oph_root: Path, tmp_path: Path) -> None:
+def test_cli_run_writes_the_run_directory_and_prints_it_last(ray_session, oph_root: Path, tmp_path: Path) -> None:
+    """The CLI runs the rounds in a driver actor on this node, streams its lines, resolves a
+    relative --out against its own working directory, and computes the in-process driver's bits."""
     run_dir = tmp_path / "cli"
     overrides = tiny_overrides(oph_root, **{"federation.rounds": 1})
-    proc = subprocess.run([sys.executable, "-m", "raysim.run", "--out", str(run_dir), *overrides], capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, "-m", "raysim.run", "--out", "cli", *overrides], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == str(run_dir)
+    out = proc.stdout.strip().splitlines()
+    assert out[-1] == "cli" and any(line.startswith("round   1/1 | clients 3 |") for line in out)
+    assert "DriverActor pid=" not in proc.stdout + proc.stderr  # warnings come through the stream, not Ray's log prefix
+    driver = json.loads((run_dir / "provenance.json").read_text())["driver"]
+    assert driver["ray_actor_id"]  # the rounds ran in an actor, not in the CLI process
     for name in ("config.yaml", "provenance.json", "metrics.parquet", "predictions.parquet"):
         assert (run_dir / name).exists(), name
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -148,3 +154,5 @@ def test_cli_run_writes_the_run_directory_and_prints_it_last(oph_root: Path, tmp
     assert again.returncode == 2 and "--resume" in again.stderr
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     assert not math.isnan(metrics[(metrics["client"] == "mean") & (metrics["metric"] == "auc") & (metrics["attribute"] == "")]["value"].iloc[-1])
+    in_process = make_driver(oph_root, tmp_path / "in_process", **{"federation.rounds": 1}).run()
+    pd.testing.assert_frame_equal(metrics, in_process, check_exact=True)

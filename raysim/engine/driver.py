@@ -125,6 +125,9 @@ class Driver:
         if not resume:
             resources = {"per_actor": dataclasses.asdict(self.cfg.resources), "ray_cluster": ray.cluster_resources()}
             provenance.write(self.run_dir, data=self.source.fingerprint(), resources=resources, argv=sys.argv)
+        context = ray.get_runtime_context()
+        where = {"pid": os.getpid(), "node_id": context.get_node_id(), "ray_actor_id": context.get_actor_id()}
+        provenance.add(self.run_dir, "driver" if not resume else f"driver_from_round_{self.next_round}", where)
         self.echo(f"data: {self.cfg.data.name} with {len(specs)} clients: " + ", ".join(f"{s.id} ({s.num_train} train{', ' + s.role if s.role else ''})" for s in specs))
         self.context = self.algorithm.prepare_run(self.source, specs, self.run_dir, self.echo)
         model = self.algorithm.build_model(self.source)
@@ -161,9 +164,12 @@ class Driver:
         down = nbytes(payload)
         self.pool.broadcast(payload, sampled)
         del payload  # the object store holds it for the actors; the state holds the driver's
-        statistics = self._round_statistics(sampled, round_) if self.algorithm.round_statistics else {}
-        fold = self.algorithm.fold_start(round_, state, statistics)
         outcome = RoundOutcome()
+        statistics: dict[str, dict[str, Any]] = {}
+        if self.algorithm.round_statistics:
+            statistics = self._round_statistics(sampled, round_, outcome)
+            sampled = [cid for cid in sampled if cid in statistics]  # no statistics, no place in the fold
+        fold = self.algorithm.fold_start(round_, state, statistics)
         for cid, result in self.pool.ordered("fit", sampled, None, round_):
             if isinstance(result, Exception):
                 outcome.failed[cid] = self._mark_failed(cid, result)
@@ -186,12 +192,13 @@ class Driver:
         progress.round_done(round_, clients=len(outcome.arrived), failed=sorted(outcome.failed), train_loss=train_loss)
         return state
 
-    def _round_statistics(self, sampled: list[str], round_: int) -> dict[str, dict[str, Any]]:
-        """Every sampled client's `client_statistics` (small values), before the fold starts."""
+    def _round_statistics(self, sampled: list[str], round_: int, outcome: RoundOutcome) -> dict[str, dict[str, Any]]:
+        """Every sampled client's `client_statistics` (small values), before the fold starts; a
+        client whose call fails is out of this round (`outcome.failed`)."""
         out: dict[str, dict[str, Any]] = {}
         for cid, result in self.pool.ordered("statistics", sampled, None, round_, window=8):
             if isinstance(result, Exception):
-                self._mark_failed(cid, result)
+                outcome.failed[cid] = self._mark_failed(cid, result)
                 continue
             out[cid] = result
         return out
