@@ -115,7 +115,10 @@ class Algorithm:
         return WeightedSum()
 
     def accumulate(self, fold: Any, update: Update) -> None:
-        """Add one update (called in sorted client-id order; the update is dropped afterwards)."""
+        """Add one update (called in sorted client-id order; the update is dropped afterwards).
+
+        The update's tensors may be read-only views of Ray's object store: read them, never
+        change them in place, never keep them (keep running sums)."""
         fold.add(update.tensors, float(update.num_examples), update.client_id)
 
     def finalize(self, round_: int, fold: Any, state: ServerState) -> ServerState:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
 FILE_PATTERN = re.compile(r"^[a-z0-9]+mnist(3d)?(_(64|128|224))?\.npz$")
+IMAGE_CACHE_BYTES = 1 << 30  # per process; larger files (MedMNIST+ at 224 px) are read per client
 _READ_ERRORS = (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, KeyError)
 
 
@@ -121,9 +122,7 @@ class MedMNIST(DataSource):
     def load(self, spec: ClientSpec, split: str) -> Shard:
         table = spec.splits[split]
         official, rows = _rows(table.sample_ids)
-        with self._open() as data:
-            images = self._array(data, f"{official}_images")
-        picked = images[rows]
+        picked = self._split_images(official)[rows]
         resized = [resize_chw(image, self.img_size, self.channels) for image in picked]
         out = np.stack(resized) if resized else np.empty((0, self.channels, self.img_size, self.img_size), dtype=np.uint8)
         return Shard(out, table)
@@ -186,6 +185,19 @@ class MedMNIST(DataSource):
         return tuple(shape)
 
     # --- file access --------------------------------------------------------------------------
+
+    def _split_images(self, official: str) -> np.ndarray:
+        """All images of an official split. Kept in memory (up to IMAGE_CACHE_BYTES over the
+        splits) because a process loads many clients from one file: decompressing the whole
+        array per client made loading grow with clients x file size."""
+        cache: dict[str, np.ndarray] = self.__dict__.setdefault("_image_cache", {})
+        if official in cache:
+            return cache[official]
+        with self._open() as data:
+            images = self._array(data, f"{official}_images")
+        if sum(a.nbytes for a in cache.values()) + images.nbytes <= IMAGE_CACHE_BYTES:
+            cache[official] = images
+        return images
 
     def _open(self) -> Any:
         try:

@@ -42,6 +42,9 @@ def test_aggregation_rejects_bad_updates(tensors, weights, needle) -> None:
 
 def test_non_finite_names_the_tensor() -> None:
     assert non_finite({"ok": torch.ones(2), "bad": torch.tensor([1.0, float("nan")])}) == ["bad"]
+    assert non_finite({"inf": torch.tensor([1.0, float("inf")]), "both": torch.tensor([float("inf"), float("-inf")])}) == ["inf", "both"]
+    # huge finite values whose float32 sum overflows are still finite (the fast check is confirmed)
+    assert non_finite({"huge": torch.full((4,), 3e38)}) == []
 
 
 def test_duplicate_registration_is_an_error() -> None:

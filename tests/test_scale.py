@@ -110,3 +110,26 @@ def test_fold_is_bit_identical_for_any_number_of_actors(method: str, ray_session
     runs = {n: make_driver(oph_root, tmp_path / f"{method}{n}", **settings, **{"resources.actors": n}).run() for n in (1, 2, 3)}
     pd.testing.assert_frame_equal(runs[1], runs[2], check_exact=True)
     pd.testing.assert_frame_equal(runs[1], runs[3], check_exact=True)
+
+
+def test_wire_format_round_trips_every_dtype_bit_for_bit() -> None:
+    import numpy as np
+
+    from raysim.engine.client_actor import from_wire, to_wire
+
+    tensors = {
+        "w": torch.randn(3, 4),
+        "d": torch.randn(2, dtype=torch.float64),
+        "n": torch.tensor(7),
+        "half": torch.randn(5).half(),
+        "bf16": torch.randn(5).bfloat16(),  # numpy has no bfloat16: travels as a tensor
+    }
+    wire = to_wire(tensors)
+    assert isinstance(wire["w"], np.ndarray) and isinstance(wire["bf16"], torch.Tensor)
+    for copy in (False, True):
+        back = from_wire(wire, copy=copy)
+        assert back.keys() == tensors.keys()
+        for key, value in tensors.items():
+            assert back[key].dtype == value.dtype and torch.equal(back[key], value)
+    assert from_wire(wire, copy=True)["w"].data_ptr() != tensors["w"].data_ptr()
+    assert from_wire(wire, copy=False)["w"].data_ptr() == tensors["w"].data_ptr()  # a view, no copy

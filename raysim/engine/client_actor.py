@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
@@ -125,6 +129,39 @@ class ClientHost:
         self.changed.clear()
 
 
+def to_wire(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Tensors as numpy views, for the trip through Ray's object store.
+
+    Ray writes numpy buffers into its object store and maps them back out of band (pickle
+    protocol 5, no copy), where a torch tensor is copied through pickle on both sides: for a
+    resnet18 update (45 MB) about 50 ms each way against well under 1 ms. Tensors numpy cannot
+    hold (bfloat16, CUDA) travel as they are.
+    """
+    return {k: v.numpy() if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype in _NUMPY_DTYPES else v for k, v in tensors.items()}
+
+
+def from_wire(arrays: Mapping[str, Any], *, copy: bool) -> dict[str, Any]:
+    """Back to tensors: views of the (read-only) object-store buffers, or private copies with `copy`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {k: (torch.from_numpy(v.copy() if copy else v) if isinstance(v, np.ndarray) else v) for k, v in arrays.items()}
+
+
+_NUMPY_DTYPES = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool}
+
+
 @ray.remote(max_restarts=0)
 class ClientActor(ClientHost):
-    """ClientHost as a Ray actor (one process; `num_cpus` / `num_gpus` set by the driver)."""
+    """ClientHost as a Ray actor (one process; `num_cpus` / `num_gpus` set by the driver).
+
+    Tensors cross the actor boundary as numpy arrays (`to_wire`): the payload comes in once per
+    round and is copied (the method's client code may change what it gets), updates go out as
+    views of their own tensors, written into the object store when the call returns.
+    """
+
+    def set_payload(self, payload: Mapping[str, Any]) -> None:
+        super().set_payload(from_wire(payload, copy=True))
+
+    def fit(self, client_id: str, payload: Tensors | None = None, round_: int = 0) -> Update:
+        update = super().fit(client_id, payload, round_)
+        return dataclasses.replace(update, tensors=to_wire(update.tensors))

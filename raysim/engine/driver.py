@@ -17,6 +17,7 @@ import os
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec
 from raysim.determinism import deterministic_torch
 from raysim.engine import checkpoints, placement
-from raysim.engine.client_actor import ClientActor
+from raysim.engine.client_actor import ClientActor, from_wire
 from raysim.engine.pool import ActorPool
 from raysim.metrics import UndefinedMetricWarning
 from raysim.pretrain import resolve_weights
@@ -125,10 +126,7 @@ class Driver:
         if not resume:
             resources = {"per_actor": dataclasses.asdict(self.cfg.resources), "ray_cluster": ray.cluster_resources()}
             provenance.write(self.run_dir, data=self.source.fingerprint(), resources=resources, argv=sys.argv)
-        context = ray.get_runtime_context()
-        where = {"pid": os.getpid(), "node_id": context.get_node_id(), "ray_actor_id": context.get_actor_id()}
-        provenance.add(self.run_dir, "driver" if not resume else f"driver_from_round_{self.next_round}", where)
-        self.echo(f"data: {self.cfg.data.name} with {len(specs)} clients: " + ", ".join(f"{s.id} ({s.num_train} train{', ' + s.role if s.role else ''})" for s in specs))
+        self.echo(f"data: {self.cfg.data.name} with {len(specs)} clients: " + _client_list(specs))
         self.context = self.algorithm.prepare_run(self.source, specs, self.run_dir, self.echo)
         model = self.algorithm.build_model(self.source)
         self.state = self.algorithm.init_state(model)
@@ -139,6 +137,9 @@ class Driver:
             self.next_round = done + 1
             self.recorder.load_existing()
             self.recorder.truncate(done)
+        context = ray.get_runtime_context()
+        where = {"pid": os.getpid(), "node_id": context.get_node_id(), "ray_actor_id": context.get_actor_id()}
+        provenance.add(self.run_dir, "driver" if self.next_round == 1 else f"driver_from_round_{self.next_round}", where)
         self._start_actors(specs)
         if checkpoint is not None:
             self._restore_clients(checkpoint)
@@ -149,12 +150,21 @@ class Driver:
 
     def step(self, round_: int) -> None:
         """One round: train and aggregate, then evaluate and checkpoint when due."""
+        for _ in self.step_parts(round_):
+            pass
+
+    def step_parts(self, round_: int) -> Iterator[str]:
+        """`step`, pausing after each part ("round", "evaluate", "checkpoint") so a caller can
+        stream the console lines of each as it ends (the driver actor does)."""
         rounds = self.cfg.federation.rounds
         self.state = self.run_round(round_, self.state, self.progress)
+        yield "round"
         if round_ % self.cfg.eval.every == 0 or round_ == rounds:
             self.evaluate(round_, self.state, splits=["val", "test"], show="test" if round_ == rounds else "val")
+            yield "evaluate"
         if round_ % self.cfg.checkpoint.every == 0 or round_ == rounds:
             self.checkpoint(round_, self.state)
+            yield "checkpoint"
         self.next_round = round_ + 1
 
     def run_round(self, round_: int, state: ServerState, progress: reporting.Progress) -> ServerState:
@@ -174,6 +184,7 @@ class Driver:
             if isinstance(result, Exception):
                 outcome.failed[cid] = self._mark_failed(cid, result)
                 continue
+            result.tensors = from_wire(result.tensors, copy=False)  # read-only views: a fold only reads them
             bad = non_finite(result.tensors)
             if bad:
                 outcome.failed[cid] = f"non-finite values in {', '.join(bad[:3])}"
@@ -400,6 +411,15 @@ class Driver:
         if self.source.attribute not in available:
             raise ConfigError(f"data.attribute {self.source.attribute!r} not in data source {self.cfg.data.name}; choose from {', '.join(available)}")
         return list(chosen)
+
+
+def _client_list(specs: list[ClientSpec], listed: int = 12) -> str:
+    """`site1 (475 train), ...`; beyond `listed` clients the first few and a size summary."""
+    named = ", ".join(f"{s.id} ({s.num_train} train{', ' + s.role if s.role else ''})" for s in specs[:listed])
+    if len(specs) <= listed:
+        return named
+    sizes = [s.num_train for s in specs]
+    return f"{named}, ... ({len(specs) - listed} more; train {min(sizes)}-{max(sizes)} per client, {sum(sizes)} in all)"
 
 
 def _megabytes(n: int) -> str:

@@ -62,15 +62,21 @@ class DriverHost:
             rounds = driver.cfg.federation.rounds
             last = min(until or rounds, rounds)
             for round_ in range(driver.next_round, last + 1):
-                driver.step(round_)
+                for part in driver.step_parts(round_):
+                    if part != "checkpoint":  # the round's event comes after its checkpoint (Tune saves it)
+                        yield Progress(self._take_lines())
                 yield self._event(round_)
             driver.echo_traffic(last)
             yield self._event(None)
         finally:
             driver.shutdown()
 
-    def _event(self, round_: int | None) -> Progress:
+    def _take_lines(self) -> list[str]:
         lines, self.lines[:] = list(self.lines), []
+        return lines
+
+    def _event(self, round_: int | None) -> Progress:
+        lines = self._take_lines()
         evaluated = None
         if round_ is not None and self.driver.evaluated_round == round_:
             metrics = self.driver.recorder.metrics

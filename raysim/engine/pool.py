@@ -18,6 +18,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from raysim.datasets import ClientSpec
+from raysim.engine.client_actor import to_wire
 
 # Results an actor may have finished (or be computing) ahead of the driver's fold. 2: an actor
 # starts its next client while its last result waits for the driver; more buys little and
@@ -43,7 +44,7 @@ class ActorPool:
         """Put `payload` into the object store once; each actor that hosts one of `client_ids`
         fetches and deserialises it once (`set_payload`), before any call submitted after this.
         A failure shows in those later calls (actor tasks from one caller run in order)."""
-        ref = ray.put(payload)
+        ref = ray.put(to_wire(payload))
         for i in sorted({self.index[cid] for cid in client_ids}):
             self.actors[i].set_payload.remote(ref)
 
