@@ -44,7 +44,7 @@ def live_tensor_bytes() -> int:
     gc.collect()
     storages = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type == "cpu":  # type(): no lazy-attribute warnings
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
