@@ -116,6 +116,12 @@ class Client:
         """Everything this client keeps between rounds (what its checkpoint holds)."""
         return {"own_state": self.own_state, "memory": self.memory}
 
+    def snapshot(self) -> dict[str, object]:
+        """`state()` as it is now, cheaply: the dicts are copied, their values shared. Methods
+        replace a client's values (`keep` stores fresh tensors), never change them in place, so
+        the snapshot stays what it was."""
+        return {"own_state": dict(self.own_state), "memory": dict(self.memory)}
+
     def set_state(self, saved: Mapping[str, object]) -> None:
         self.own_state = dict(saved["own_state"])  # type: ignore[arg-type]
         self.memory = dict(saved["memory"])  # type: ignore[arg-type]

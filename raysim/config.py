@@ -166,9 +166,11 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every: int = _doc("checkpoint server and client state every N rounds (the last round always)", 1)
+    keep: int = _doc("complete checkpoints kept (the newest; a damaged one falls back to the previous)", 2)
 
     def validate(self) -> None:
         _check_positive("checkpoint.every", self.every)
+        _check_positive("checkpoint.keep", self.keep)
 
 
 @dataclass

@@ -138,3 +138,17 @@ def test_the_fold_equals_the_list_aggregate(name: str) -> None:
     assert_identical(state, before)  # the server's input state is left as it was
     if name != "local":  # something moved (local communicates nothing)
         assert any(not torch.equal(listed["weights"][k], state["weights"][k]) for k in state["weights"])
+
+
+@pytest.mark.parametrize("name", ALGORITHMS.names())
+def test_the_server_state_checkpoints_with_tensors_and_plain_values_only(name: str, tmp_path) -> None:
+    """Checkpoints load with `weights_only=True`: every method's server state (before and after a
+    round) must hold nothing else."""
+    from raysim.engine import checkpoints
+
+    algorithm, state, statistics = setup(name)
+    after = algorithm.aggregate(ROUND, list(toy_updates(state)), state, statistics or None)
+    for round_, saved in ((0, state), (ROUND, after)):
+        folder = tmp_path / "checkpoints" / f"round_{round_:04d}"
+        checkpoints.write_server(folder, round_, saved)
+        assert_identical(checkpoints.load_server(folder), (saved, round_))

@@ -264,3 +264,24 @@ def test_fedrdn_evaluates_with_the_clients_own_statistics(oph_root: Path) -> Non
     with torch.no_grad():
         probs = torch.softmax(client.model.eval()(x), dim=1)[:, 1].numpy()
     np.testing.assert_allclose(scored.scores, probs, rtol=1e-4, atol=1e-6)
+
+
+# --- a rejected update rolls the client back ----------------------------------------------------
+
+
+def test_a_rejected_update_rolls_the_client_back_to_before_the_round(oph_root: Path) -> None:
+    """FedBN keeps its BatchNorm statistics at home: round 2's `fit` changes them; when the driver
+    rejects that update (non-finite values) or the call fails, `rollback` restores round 1's."""
+    host = make_host(oph_root, "fedbn")
+    _, payload = start(host)
+    host.fit("site1", payload, 1)  # round 1: the client now holds trained statistics
+    before = {k: v.clone() for k, v in host.clients["site1"].own_state.items()}
+    host.set_payload({k: v + 0.05 if v.is_floating_point() else v for k, v in payload.items()})
+    host.fit("site1", None, 2)
+    assert any(not torch.equal(host.clients["site1"].own_state[k], before[k]) for k in before)
+    host.rollback("site1")
+    after = host.clients["site1"].own_state
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    host.set_payload(payload)  # the next round commits: nothing is left to roll back
+    host.rollback("site1")
+    assert all(torch.equal(host.clients["site1"].own_state[k], before[k]) for k in before)

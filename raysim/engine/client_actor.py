@@ -70,6 +70,7 @@ class ClientHost:
         self.algorithm.attach(source, context or {})
         self.payload: Tensors | None = None
         self.changed: set[str] = set()  # clients whose state changed since the last save
+        self.before: dict[str, dict[str, object]] = {}  # this round's fitted clients: their state before it
 
     def describe(self) -> dict[str, Any]:
         """Per client: samples per split after the drop rules, and what was dropped why."""
@@ -90,10 +91,18 @@ class ClientHost:
         """What the server sends this round (or for this evaluation): fetched once per actor, used
         by every later `fit` / `statistics` / `evaluate` call that passes no payload of its own."""
         self.payload = payload
+        self.before.clear()  # the driver has folded the previous round: nothing is rolled back now
 
     def fit(self, client_id: str, payload: Tensors | None = None, round_: int = 0) -> Update:
+        client = self.clients[client_id]
+        self.before[client_id] = client.snapshot()
         self.changed.add(client_id)
-        return self.algorithm.client_fit(self.clients[client_id], self._payload(payload), round_)
+        return self.algorithm.client_fit(client, self._payload(payload), round_)
+
+    def rollback(self, client_id: str) -> None:
+        """Back to the client's state before this round's `fit` (its update was rejected)."""
+        if client_id in self.before:
+            self.clients[client_id].set_state(self.before.pop(client_id))
 
     def statistics(self, client_id: str, payload: Tensors | None = None, round_: int = 0) -> dict[str, Any]:
         """`Algorithm.client_statistics` of one sampled client, before the round's fold starts."""
@@ -123,7 +132,7 @@ class ClientHost:
     def restore(self, files: dict[str, list[str]]) -> None:
         """Load each listed client's state: `files` maps a checkpoint file to the clients it holds for this actor."""
         for path, client_ids in files.items():
-            saved = torch.load(path, map_location=self.device, weights_only=False)
+            saved = checkpoints.load(Path(path), self.device)
             for cid in client_ids:
                 self.clients[cid].set_state(saved[cid])
         self.changed.clear()

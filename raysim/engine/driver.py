@@ -89,6 +89,7 @@ class Driver:
         self.pool: ActorPool | None = None
         self.evaluated_round = 0
         self.manifest: dict[str, str] = {}  # client id -> checkpoint file with its latest state
+        self.known_files: dict[str, dict[str, Any]] = {}  # checkpoint file -> size and sha256, as written
         self.traffic_down = self.traffic_up = 0  # bytes sent in this process's rounds
         self.dead: dict[str, str] = {}  # client id -> why it is out of the run
 
@@ -131,7 +132,11 @@ class Driver:
         model = self.algorithm.build_model(self.source)
         self.state = self.algorithm.init_state(model)
         self.next_round = 1
-        checkpoint = checkpoints.latest(self.run_dir) if resume else None
+        checkpoint = None
+        if resume:
+            checkpoint, skipped = checkpoints.usable(self.run_dir)
+            for line in skipped:
+                self.echo(line)
         if checkpoint is not None:
             self.state, done = checkpoints.load_server(checkpoint)
             self.next_round = done + 1
@@ -183,12 +188,15 @@ class Driver:
         for cid, result in self.pool.ordered("fit", sampled, None, round_):
             if isinstance(result, Exception):
                 outcome.failed[cid] = self._mark_failed(cid, result)
+                if not isinstance(result, RayActorError):  # a failed fit may have changed part of its state
+                    self.pool.actor_of(cid).rollback.remote(cid)
                 continue
             result.tensors = from_wire(result.tensors, copy=False)  # read-only views: a fold only reads them
             bad = non_finite(result.tensors)
             if bad:
                 outcome.failed[cid] = f"non-finite values in {', '.join(bad[:3])}"
-                self.echo(f"client {cid}: update rejected ({outcome.failed[cid]})")
+                self.echo(f"client {cid}: update rejected ({outcome.failed[cid]}); its state is rolled back to before the round")
+                self.pool.actor_of(cid).rollback.remote(cid)  # runs before anything the driver sends it later
                 continue
             self.algorithm.accumulate(fold, result)
             outcome.arrived.append(Arrived(cid, result.num_examples, result.nbytes, result.metrics.get("loss", math.nan)))
@@ -300,12 +308,13 @@ class Driver:
         if not complete:
             self.echo(f"round {round_}: checkpoint incomplete (a client's state could not be written); the previous one stays the latest")
             return
-        checkpoints.complete(folder, round_, self.manifest, self.dead)
+        self.known_files = checkpoints.complete(folder, round_, self.manifest, self.dead, self.known_files, self.cfg.checkpoint.keep)
 
     def _restore_clients(self, folder: Path) -> None:
         """Each actor loads its clients' latest states; a client in no file starts from the initial state."""
         saved = checkpoints.load_manifest(folder)
         self.manifest = dict(saved["clients"])
+        self.known_files = dict(saved["files"])
         for cid, reason in saved.get("dead", {}).items():
             if cid in self.specs:
                 self.dead[cid] = reason
