@@ -174,6 +174,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class FaultConfig:
+    max_restarts: int = _doc("actor losses (client actors, the driver actor) recovered by restart and replay before the run stops", 3)
+    on_client_loss: str = _doc("recover: restart the actor and replay from the last checkpoint (exact); drop: continue without its clients (not deterministic)", "recover")
+    min_timeout_s: float = _doc("no wait on an actor ends before this many seconds (the deadline is max(this, timeout_factor x the slowest round so far))", 600.0)
+    timeout_factor: float = _doc("a call slower than this many times the slowest round so far counts as a lost actor", 5.0)
+
+    def validate(self) -> None:
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ConfigError(f"fault.max_restarts must be an integer >= 0, got {self.max_restarts!r}")
+        _check_choice("fault.on_client_loss", self.on_client_loss, ("recover", "drop"))
+        _check_positive("fault.min_timeout_s", self.min_timeout_s)
+        _check_positive("fault.timeout_factor", self.timeout_factor)
+
+
+@dataclass
 class ExperimentConfig:
     seed: int = _doc("seed of every random choice in the run", 0)
     data: DataConfig = _doc("", DataConfig)
@@ -183,6 +198,7 @@ class ExperimentConfig:
     resources: ResourcesConfig = _doc("", ResourcesConfig)
     eval: EvalConfig = _doc("", EvalConfig)
     checkpoint: CheckpointConfig = _doc("", CheckpointConfig)
+    fault: FaultConfig = _doc("", FaultConfig)
 
     def validate(self) -> None:
         for section in SECTIONS:
@@ -215,7 +231,7 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("data", "model", "federation", "resources", "eval", "checkpoint")
+SECTIONS = ("data", "model", "federation", "resources", "eval", "checkpoint", "fault")
 
 
 def _check_positive(key: str, value: float) -> None:

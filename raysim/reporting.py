@@ -19,22 +19,21 @@ PREDICTION_COLUMNS = ["round", "split", "client", "sample_id", "label", "score"]
 Echo = Callable[[str], None]
 
 
-def metric_rows(round_: int, preds: Predictions, group_names: Mapping[str, Mapping[int, str]], attributes: Sequence[str], *, n_boot: int, seed: int) -> pd.DataFrame:
-    """Long-format metric rows of one client and split."""
-    rows = metrics.client_metrics(
-        preds.labels,
-        preds.scores,
-        {a: preds.attributes[a] for a in attributes if a in preds.attributes},
-        {a: group_names[a] for a in attributes},
-        n_boot=n_boot,
-        seed=seed,
-    )
-    frame = pd.DataFrame(rows, columns=["attribute", "group", "metric", "value"])
-    frame.insert(0, "role", preds.role)
-    frame.insert(0, "client", preds.client_id)
-    frame.insert(0, "split", preds.split)
-    frame.insert(0, "round", round_)
-    return frame[METRIC_COLUMNS]
+def metric_frame(round_: int, scored: Sequence[tuple[Predictions, int]], group_names: Mapping[str, Mapping[int, str]], attributes: Sequence[str], *, n_boot: int) -> pd.DataFrame:
+    """Long-format metric rows of many (predictions, bootstrap seed) pairs, built as one frame
+    (a frame per client and split cost ~3 ms each: seconds at 1,000 clients)."""
+    rows: list[tuple[object, ...]] = []
+    for preds, seed in scored:
+        values = metrics.client_metrics(
+            preds.labels,
+            preds.scores,
+            {a: preds.attributes[a] for a in attributes if a in preds.attributes},
+            {a: group_names[a] for a in attributes},
+            n_boot=n_boot,
+            seed=seed,
+        )
+        rows.extend((round_, preds.split, preds.client_id, preds.role, *value) for value in values)
+    return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
 def with_means(frame: pd.DataFrame) -> pd.DataFrame:
@@ -51,20 +50,24 @@ def with_means(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def prediction_rows(round_: int, preds: Predictions, attributes: Sequence[str]) -> pd.DataFrame:
+def prediction_rows(round_: int, preds: Predictions | Sequence[Predictions], attributes: Sequence[str]) -> pd.DataFrame:
+    """`predictions.parquet` rows of one or many clients' predictions (one frame for all)."""
+    many = [preds] if isinstance(preds, Predictions) else list(preds)
+    n = sum(len(p.labels) for p in many)
     columns: dict[str, object] = {
-        "round": np.full(len(preds.labels), round_, dtype=np.int64),
-        "split": preds.split,
-        "client": preds.client_id,
-        "sample_id": preds.sample_ids.astype(str),
-        "label": preds.labels.astype(np.int64),
+        "round": np.full(n, round_, dtype=np.int64),
+        "split": np.concatenate([np.full(len(p.labels), p.split, dtype=object) for p in many]) if many else np.array([], dtype=object),
+        "client": np.concatenate([np.full(len(p.labels), p.client_id, dtype=object) for p in many]) if many else np.array([], dtype=object),
+        "sample_id": np.concatenate([p.sample_ids.astype(str).astype(object) for p in many]) if many else np.array([], dtype=object),
+        "label": np.concatenate([p.labels.astype(np.int64) for p in many]) if many else np.array([], dtype=np.int64),
     }
-    if preds.scores.ndim == 1:
-        columns["score"] = preds.scores
+    scores = np.concatenate([p.scores for p in many]) if many else np.array([])
+    if scores.ndim == 1:
+        columns["score"] = scores
     else:
-        columns.update({f"score_{k}": preds.scores[:, k] for k in range(preds.scores.shape[1])})
+        columns.update({f"score_{k}": scores[:, k] for k in range(scores.shape[1])})
     for attr in attributes:
-        columns[attr] = preds.attributes[attr].astype(np.int64)
+        columns[attr] = np.concatenate([p.attributes[attr].astype(np.int64) for p in many]) if many else np.array([], dtype=np.int64)
     return pd.DataFrame(columns)
 
 

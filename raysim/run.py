@@ -18,14 +18,16 @@ import sys
 from pathlib import Path
 
 import yaml
+from ray.exceptions import RayActorError
 
 from raysim import config as config_mod
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
 from raysim.engine import driver_actor
-from raysim.engine.driver import Driver, connect_ray, latest_checkpoint
+from raysim.engine.driver import Driver, RunFailed, connect_ray, latest_checkpoint
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,15 +52,37 @@ def main(argv: list[str] | None = None) -> int:
         cfg, run_dir, resume = prepare(args)
         Driver(cfg, run_dir)  # reads the data source's metadata: bad input fails here, before Ray starts
         connect_ray()
-        for event in driver_actor.stream(driver_actor.start(cfg, run_dir), resume=resume):
-            for line in event.lines:
-                print(line, flush=True)
+        drive(cfg, run_dir, resume)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     print("wrote config.yaml, provenance.json, metrics.parquet, predictions.parquet, checkpoints/, tensorboard/ in:")
     print(run_dir)
     return 0
+
+
+def drive(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
+    """Run the rounds in a driver actor and print its lines; a lost driver actor (its process
+    killed, its node gone) is started again from the last complete checkpoint, up to
+    fault.max_restarts times."""
+    losses = 0
+    while True:
+        try:
+            for event in driver_actor.stream(driver_actor.start(cfg, run_dir), resume=resume):
+                for line in event.lines:
+                    print(line, flush=True)
+            return
+        except RayActorError as err:
+            losses += 1
+            latest = latest_checkpoint(run_dir)
+            if losses > cfg.fault.max_restarts:
+                where = f"--resume {run_dir} continues from {latest.name}" if latest else "no checkpoint was complete yet"
+                raise RunFailed(f"the driver actor was lost {losses} times (fault.max_restarts={cfg.fault.max_restarts}); {where}") from err
+            resume = latest is not None
+            print(f"driver actor lost ({str(err).splitlines()[0][:120]}); " + (f"resuming from {latest.name}" if resume else "starting the run again"), flush=True)
 
 
 def prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, bool]:

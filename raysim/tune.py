@@ -399,7 +399,8 @@ def tuner(study: Study, out: str, *, resume: bool) -> Any:
             name=name,
             storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=0),
+            # A failed trial (its process or node lost) starts again from its last checkpoint.
+            failure_config=tune.FailureConfig(max_failures=cfg.fault.max_restarts),
             verbose=1,
         ),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -131,3 +132,64 @@ def test_wire_format_round_trips_every_dtype_bit_for_bit() -> None:
             assert back[key].dtype == value.dtype and torch.equal(back[key], value)
     assert from_wire(wire, copy=True)["w"].data_ptr() != tensors["w"].data_ptr()
     assert from_wire(wire, copy=False)["w"].data_ptr() == tensors["w"].data_ptr()  # a view, no copy
+
+
+def test_load_in_place_copies_only_what_may_differ_and_never_serves_stale_values() -> None:
+    import timm
+
+    from raysim.client import load_in_place
+
+    model = timm.create_model("test_resnet", num_classes=2)
+    shared = {k: v.clone() + 0.5 if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+    own = {c: {k: v.clone() + i for k, v in shared.items() if k.endswith("num_batches_tracked")} for i, c in enumerate("ab", 1)}
+
+    def expect(state: dict) -> None:
+        now = model.state_dict()
+        assert [k for k in state if not torch.equal(now[k], state[k])] == []
+
+    copies: list[int] = []
+    original = torch.nn.Module.load_state_dict
+
+    def counted(self, state_dict, strict=True, **kw):  # noqa: ANN001 - torch's own signature
+        copies.append(len(state_dict))
+        return original(self, state_dict, strict=strict, **kw)
+
+    torch.nn.Module.load_state_dict = counted  # type: ignore[method-assign]
+    try:
+        load_in_place(model, {**shared, **own["a"]})
+        load_in_place(model, {**shared, **own["b"]})
+        expect({**shared, **own["b"]})
+        assert copies == [len(shared), len(own["b"])]  # the second client: its own tensors only
+        model.train()
+        model(torch.randn(2, 3, 16, 16)).sum().backward()  # BatchNorm statistics move, no version bump
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        load_in_place(model, {**shared, **own["a"]})
+        expect({**shared, **own["a"]})
+        original(model, {k: torch.zeros_like(v) for k, v in shared.items()})  # a load elsewhere (e.g. Ditto's)
+        load_in_place(model, {**shared, **own["a"]})
+        expect({**shared, **own["a"]})
+        next(v for v in shared.values() if v.is_floating_point()).add_(1.0)  # a source changed in place
+        load_in_place(model, {**shared, **own["a"]})
+        expect({**shared, **own["a"]})
+    finally:
+        torch.nn.Module.load_state_dict = original  # type: ignore[method-assign]
+
+
+def test_predict_splits_forwards_splits_together_and_matches_one_split_at_a_time(oph_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from raysim import client as client_module
+    from raysim.datasets import DATASETS
+    from raysim.engine.client_actor import ClientHost
+
+    from conftest import tiny_overrides
+
+    cfg = config.load(None, tiny_overrides(oph_root))
+    source = DATASETS.get("fairfedmed_oph")(cfg.data, img_size=16, seed=0)
+    client = ClientHost(cfg, source.client_specs()[:1]).clients["site1"]
+    sizes = {s: len(client.shards[s].table) for s in ("val", "test")}
+    monkeypatch.setattr(client_module, "EVAL_BATCH", sizes["val"] + 3)  # a chunk straddles val and test
+    together = client.predict_splits(["val", "test"])
+    for split, got in zip(("val", "test"), together):
+        alone = client.predict(split)
+        assert got.split == split and len(got.scores) == sizes[split]
+        np.testing.assert_array_equal(got.sample_ids, alone.sample_ids)
+        np.testing.assert_allclose(got.scores, alone.scores, rtol=1e-5, atol=1e-6)  # other batches: rounding only

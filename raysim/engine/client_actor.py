@@ -111,7 +111,7 @@ class ClientHost:
     def evaluate(self, client_id: str, payload: Tensors | None = None, splits: list[str] | None = None) -> list[Predictions]:
         client = self.clients[client_id]
         model = self.algorithm.eval_model(client, self._payload(payload))
-        return [client.predict(split, model) for split in splits or ["val", "test"]]
+        return client.predict_splits(list(splits or ["val", "test"]), model)
 
     def _payload(self, payload: Tensors | None) -> Tensors:
         if payload is not None:
@@ -130,7 +130,11 @@ class ClientHost:
         return changed
 
     def restore(self, files: dict[str, list[str]]) -> None:
-        """Load each listed client's state: `files` maps a checkpoint file to the clients it holds for this actor."""
+        """Every client back to a checkpoint: the listed ones to their saved state (`files` maps a
+        checkpoint file to the clients it holds for this actor), all others to the initial state."""
+        for client in self.clients.values():
+            client.set_state({"own_state": {}, "memory": {}})
+        self.before.clear()
         for path, client_ids in files.items():
             saved = checkpoints.load(Path(path), self.device)
             for cid in client_ids:

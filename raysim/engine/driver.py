@@ -9,12 +9,14 @@ its config: the number of actors and their scheduling change nothing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import math
 import os
 import sys
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util import get_current_placement_group
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -59,6 +61,21 @@ def connect_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False)
 
 
+class ActorLost(Exception):
+    """A client actor died, became unreachable or missed its deadline: recovered by replay."""
+
+    def __init__(self, actor_index: int, clients: list[str], reason: str) -> None:
+        super().__init__(f"client actor of {', '.join(clients)} lost ({reason})")
+        self.actor_index, self.clients, self.reason = actor_index, clients, reason
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (e.g. more actor losses than fault.max_restarts); resumable from its last checkpoint."""
+
+
+LOST = (RayActorError, GetTimeoutError)  # RayActorError covers ActorDiedError and ActorUnavailableError
+
+
 @dataclass
 class Arrived:
     """What the driver keeps of a folded update: a few numbers, never its tensors."""
@@ -87,6 +104,8 @@ class Driver:
         self.attributes = self._eval_attributes()
         self.recorder = reporting.RunRecorder(self.run_dir)
         self.pool: ActorPool | None = None
+        self.restarts = 0  # actor losses recovered so far (fault.max_restarts)
+        self.slowest_round = 0.0  # seconds: sets the deadline of every wait on an actor
         self.evaluated_round = 0
         self.manifest: dict[str, str] = {}  # client id -> checkpoint file with its latest state
         self.known_files: dict[str, dict[str, Any]] = {}  # checkpoint file -> size and sha256, as written
@@ -100,8 +119,8 @@ class Driver:
         try:
             self.start(resume=resume)
             last = min(until or self.cfg.federation.rounds, self.cfg.federation.rounds)
-            for round_ in range(self.next_round, last + 1):
-                self.step(round_)
+            for _ in self.advance(last):
+                pass
             self.echo_traffic(last)
         finally:
             self.shutdown()
@@ -131,6 +150,7 @@ class Driver:
         self.context = self.algorithm.prepare_run(self.source, specs, self.run_dir, self.echo)
         model = self.algorithm.build_model(self.source)
         self.state = self.algorithm.init_state(model)
+        self.initial_state = copy.deepcopy(self.state)  # a recovery before the first checkpoint starts here
         self.next_round = 1
         checkpoint = None
         if resume:
@@ -152,6 +172,25 @@ class Driver:
         else:  # what each client shares before round 1 (a resumed state holds it already)
             self.state = self.algorithm.setup_state(self.state, self._client_setup())
         self.progress = reporting.Progress(self.cfg.federation.rounds, self.next_round, self.echo)
+
+    def advance(self, last: int) -> Iterator[tuple[int, str]]:
+        """Rounds `next_round`..`last`, part by part as `step_parts` names them, then (round, "done").
+
+        A lost client actor (`fault.on_client_loss: recover`) is replaced, every client goes back
+        to the last complete checkpoint and the rounds since are replayed: rounds are
+        deterministic, so the run ends with exactly the uninterrupted metrics.
+        """
+        while self.next_round <= last:
+            round_ = self.next_round
+            started = time.perf_counter()
+            try:
+                for part in self.step_parts(round_):
+                    yield round_, part
+            except ActorLost as lost:
+                self._recover(round_, lost)
+                continue
+            self.slowest_round = max(self.slowest_round, time.perf_counter() - started)
+            yield round_, "done"
 
     def step(self, round_: int) -> None:
         """One round: train and aggregate, then evaluate and checkpoint when due."""
@@ -185,10 +224,10 @@ class Driver:
             statistics = self._round_statistics(sampled, round_, outcome)
             sampled = [cid for cid in sampled if cid in statistics]  # no statistics, no place in the fold
         fold = self.algorithm.fold_start(round_, state, statistics)
-        for cid, result in self.pool.ordered("fit", sampled, None, round_):
+        for cid, result in self.pool.ordered("fit", sampled, None, round_, timeout=self.deadline()):
             if isinstance(result, Exception):
                 outcome.failed[cid] = self._mark_failed(cid, result)
-                if not isinstance(result, RayActorError):  # a failed fit may have changed part of its state
+                if not isinstance(result, LOST):  # a failed fit may have changed part of its state
                     self.pool.actor_of(cid).rollback.remote(cid)
                 continue
             result.tensors = from_wire(result.tensors, copy=False)  # read-only views: a fold only reads them
@@ -206,6 +245,7 @@ class Driver:
             self.echo(f"round {round_}: no client update arrived; the global state is unchanged")
         del fold
         self._record_traffic(round_, down, outcome)
+        self._record_missing(round_)
         losses = [a.loss for a in outcome.arrived]
         train_loss = float(np.average(losses, weights=[a.num_examples for a in outcome.arrived])) if losses else math.nan
         progress.round_done(round_, clients=len(outcome.arrived), failed=sorted(outcome.failed), train_loss=train_loss)
@@ -215,7 +255,7 @@ class Driver:
         """Every sampled client's `client_statistics` (small values), before the fold starts; a
         client whose call fails is out of this round (`outcome.failed`)."""
         out: dict[str, dict[str, Any]] = {}
-        for cid, result in self.pool.ordered("statistics", sampled, None, round_, window=8):
+        for cid, result in self.pool.ordered("statistics", sampled, None, round_, window=8, timeout=self.deadline()):
             if isinstance(result, Exception):
                 outcome.failed[cid] = self._mark_failed(cid, result)
                 continue
@@ -235,6 +275,17 @@ class Driver:
         self.traffic_down += down * len(outcome.arrived)
         self.traffic_up += sum(a.nbytes for a in outcome.arrived)
 
+    def _record_missing(self, round_: int) -> None:
+        """With clients dropped (fault.on_client_loss=drop): `missing` (1.0) per dropped client and
+        `n_clients` (those left, over which every mean is taken), split `train`, every round."""
+        if not self.dead:
+            return
+        rows = [(cid, "missing", 1.0) for cid in sorted(self.dead)] + [("mean", "n_clients", float(len(self.specs) - len(self.dead)))]
+        frame = pd.DataFrame(rows, columns=["client", "metric", "value"])
+        roles = {cid: spec.role for cid, spec in self.specs.items()}
+        frame = frame.assign(round=round_, split="train", role=frame["client"].map(roles).fillna(""), attribute="", group="")
+        self.recorder.add(frame[reporting.METRIC_COLUMNS], [])
+
     def sample_clients(self, round_: int) -> list[str]:
         """Seeded by (seed, round) over all clients, so every method sees the same selections."""
         everyone = sorted(self.specs)
@@ -246,7 +297,7 @@ class Driver:
         chosen = [cid for cid in self.eval_clients() if cid not in self.dead]
         self.pool.broadcast(self.algorithm.payload(state, round_), chosen)
         predictions: list[Predictions] = []
-        for cid, result in self.pool.ordered("evaluate", chosen, None, splits, window=8):
+        for cid, result in self.pool.ordered("evaluate", chosen, None, splits, window=8, timeout=self.deadline()):
             if isinstance(result, Exception):
                 self._mark_failed(cid, result)
             else:
@@ -256,18 +307,18 @@ class Driver:
         group_names = self.source.group_names
         with warnings.catch_warnings(record=True) as undefined:
             warnings.simplefilter("always", UndefinedMetricWarning)
-            frames = [
-                reporting.metric_rows(round_, p, group_names, self.attributes, n_boot=self.cfg.eval.bootstrap, seed=derive_seed(self.cfg.seed, "boot", round_, p.client_id, p.split))
-                for p in predictions
-            ]
+            scored = [(p, derive_seed(self.cfg.seed, "boot", round_, p.client_id, p.split)) for p in predictions]
+            frame = reporting.metric_frame(round_, scored, group_names, self.attributes, n_boot=self.cfg.eval.bootstrap)
         if undefined:
             # Small groups make undefined values routine: one line, not one warning each.
             log.warning("round %d: %d metric values undefined (NaN), e.g. %s", round_, len(undefined), undefined[0].message)
-        metric_frame = reporting.with_means(pd.concat(frames, ignore_index=True))
+        metric_frame = reporting.with_means(frame)
         self.evaluated_round = round_
-        self.recorder.add(metric_frame, [reporting.prediction_rows(round_, p, self.attributes) for p in predictions])
+        self.recorder.add(metric_frame, [reporting.prediction_rows(round_, predictions, self.attributes)])
         attribute = self.source.attribute if self.source.attribute in self.attributes else next(iter(self.attributes), "")
         self.echo(reporting.format_table(metric_frame, round_=round_, split=show, attribute=attribute, group_names=group_names.get(attribute, {})))
+        if self.dead:
+            self.echo(f"means over {len(self.specs) - len(self.dead)} of {len(self.specs)} clients; dropped: {', '.join(sorted(self.dead))}")
 
     def eval_clients(self) -> list[str]:
         """`eval.clients`: all clients, the last round's cohort, or a seeded subset fixed for the run."""
@@ -292,14 +343,13 @@ class Driver:
         refs = [actor.save_changed.remote(str(checkpoints.actor_file(folder, i))) for i, actor in enumerate(self.pool.actors)]
         for i, ref in enumerate(refs):
             try:
-                saved = ray.get(ref)
-            except (RayActorError, RayTaskError) as err:
+                saved = ray.get(ref, timeout=self.deadline())
+            except (*LOST, RayTaskError) as err:
                 group = self.pool.plan[i]
                 if all(spec.id in self.dead for spec in group):
                     continue  # an actor already out of the run: its clients' last states stay as they were
-                self._mark_failed(group[0].id, err)
-                if not isinstance(err, RayActorError):
-                    complete = False  # e.g. a full disk: this checkpoint would lose state
+                self._mark_failed(group[0].id, err)  # a lost actor (recover) ends here: replayed
+                complete = False  # e.g. a full disk: this checkpoint would lose state
                 continue
             manifest.update({cid: checkpoints.relative(checkpoints.actor_file(folder, i)) for cid in saved})
         # Files written now stay named even when this checkpoint is incomplete: their clients are
@@ -334,11 +384,8 @@ class Driver:
     def _start_actors(self, specs: list[ClientSpec]) -> None:
         res = self.cfg.resources
         groups = placement.assign(specs, self._actor_count(len(specs)), res.clients_per_actor)
-        pg = self._placement_group()  # set inside a Tune trial: bundle 0 is the driver's
-        handles, machines = [], []
-        for i, group in enumerate(groups):
-            pinned = {} if pg is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i + 1)}
-            handles.append(ClientActor.options(num_cpus=res.actor_cpus, num_gpus=res.num_gpus, **pinned).remote(self.cfg, group, self.context))
+        handles = [self._new_actor(i, group) for i, group in enumerate(groups)]
+        machines = []
         self.pool = ActorPool(handles, groups)
         provenance.add(self.run_dir, "actor_plan", [[spec.id for spec in group] for group in groups])
         self.echo(f"starting {len(handles)} client actors ({res.actor_cpus:g} CPU, {res.num_gpus:g} GPU each; {placement.clients_per_actor_text(groups)} per actor)")
@@ -354,6 +401,12 @@ class Driver:
         # What the clients computed on (distinct machines only): what tells two runs' numbers apart.
         distinct = list({json.dumps(m, sort_keys=True, default=str): m for m in machines}.values())
         provenance.add(self.run_dir, "actor_machines" if self.next_round == 1 else f"actor_machines_from_round_{self.next_round}", distinct)
+
+    def _new_actor(self, i: int, group: list[ClientSpec]) -> Any:
+        """Client actor i of the plan (in a Tune trial: pinned to bundle i + 1; bundle 0 is the driver's)."""
+        res, pg = self.cfg.resources, self._placement_group()
+        pinned = {} if pg is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i + 1)}
+        return ClientActor.options(num_cpus=res.actor_cpus, num_gpus=res.num_gpus, **pinned).remote(self.cfg, group, self.context)
 
     def _echo_shards(self, described: dict[str, Any], listed: int = 12) -> None:
         """Samples per split per client after the drop rules (a summary beyond `listed` clients)."""
@@ -398,16 +451,53 @@ class Driver:
         return n
 
     def _mark_failed(self, cid: str, err: Exception) -> str:
-        if isinstance(err, RayActorError):
-            # The actor is gone, and with it every client it hosted.
+        if isinstance(err, LOST):
+            # The actor is gone (or hung), and with it every client it hosted.
             gone = self.pool.clients_of(cid)
+            reason = f"no answer within {self.deadline():.0f} s" if isinstance(err, GetTimeoutError) else "actor died"
+            if self.cfg.fault.on_client_loss == "recover":
+                raise ActorLost(self.pool.index[cid], gone, reason)
             for c in gone:
-                self.dead[c] = "actor died"
-            self.echo(f"client actor of {', '.join(gone)} died; continuing with the other clients")
-            return "actor died"
+                self.dead[c] = reason
+            self.echo(f"client actor of {', '.join(gone)} lost ({reason}); fault.on_client_loss=drop: continuing without {'it' if len(gone) == 1 else 'them'}")
+            return reason
         reason = str(_unwrap(err)).splitlines()[0]
         self.echo(f"client {cid} failed this step: {reason}")
         return reason
+
+    def deadline(self) -> float:
+        """Seconds any one wait on an actor may take: max(fault.min_timeout_s, timeout_factor x the slowest round)."""
+        fault = self.cfg.fault
+        return max(fault.min_timeout_s, fault.timeout_factor * self.slowest_round)
+
+    def _recover(self, round_: int, lost: ActorLost) -> None:
+        """Replace the lost actor, put every client and the server back to the last usable
+        checkpoint (or the start) and go on from there."""
+        self.restarts += 1
+        latest = checkpoints.latest(self.run_dir)
+        if self.restarts > self.cfg.fault.max_restarts:
+            where = f"--resume {self.run_dir} continues from {latest.name}" if latest else "no checkpoint was complete yet"
+            raise RunFailed(f"round {round_}: {lost} - more actor losses than fault.max_restarts={self.cfg.fault.max_restarts}; {where}")
+        i = lost.actor_index
+        ray.kill(self.pool.actors[i], no_restart=True)  # a hung one too: its process goes
+        self.pool.actors[i] = self._new_actor(i, self.pool.plan[i])
+        checkpoint = None
+        if latest is not None:
+            checkpoint, skipped = checkpoints.usable(self.run_dir)
+            for line in skipped:
+                self.echo(line)
+        done = 0
+        if checkpoint is not None:
+            self.state, done = checkpoints.load_server(checkpoint)
+            self._restore_clients(checkpoint)
+        else:
+            self.manifest, self.known_files = {}, {}
+            ray.get([actor.restore.remote({}) for actor in self.pool.actors], timeout=self.deadline())
+            self.state = self.algorithm.setup_state(copy.deepcopy(self.initial_state), self._client_setup())
+        self.recorder.truncate(done)
+        self.next_round = done + 1
+        self.echo(f"round {round_}: {lost}; started a new actor for {'it' if len(lost.clients) == 1 else 'them'} and replaying from "
+                  + (f"checkpoint {checkpoint.name}" if checkpoint else "the start") + f" (recovery {self.restarts} of at most {self.cfg.fault.max_restarts})")
 
     def _eval_attributes(self) -> list[str]:
         available = list(self.source.group_names)

@@ -61,11 +61,11 @@ class DriverHost:
             yield self._event(None)
             rounds = driver.cfg.federation.rounds
             last = min(until or rounds, rounds)
-            for round_ in range(driver.next_round, last + 1):
-                for part in driver.step_parts(round_):
-                    if part != "checkpoint":  # the round's event comes after its checkpoint (Tune saves it)
-                        yield Progress(self._take_lines())
-                yield self._event(round_)
+            for round_, part in driver.advance(last):
+                if part == "done":  # after the round's checkpoint: Tune saves the run directory with it
+                    yield self._event(round_)
+                elif part != "checkpoint":
+                    yield Progress(self._take_lines())
             driver.echo_traffic(last)
             yield self._event(None)
         finally:

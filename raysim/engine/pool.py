@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from raysim.datasets import ClientSpec
 from raysim.engine.client_actor import to_wire
@@ -24,7 +24,7 @@ from raysim.engine.client_actor import to_wire
 # starts its next client while its last result waits for the driver; more buys little and
 # costs one update each in the object store.
 WINDOW = 2
-CallError = (RayActorError, RayTaskError)
+CallError = (RayActorError, RayTaskError, GetTimeoutError)
 
 
 class ActorPool:
@@ -48,8 +48,9 @@ class ActorPool:
         for i in sorted({self.index[cid] for cid in client_ids}):
             self.actors[i].set_payload.remote(ref)
 
-    def ordered(self, method: str, client_ids: Iterable[str], *args: Any, window: int = WINDOW) -> Iterator[tuple[str, Any]]:
-        """(client id, result or the call's exception) in sorted client order; see the module docstring."""
+    def ordered(self, method: str, client_ids: Iterable[str], *args: Any, window: int = WINDOW, timeout: float | None = None) -> Iterator[tuple[str, Any]]:
+        """(client id, result or the call's exception) in sorted client order; see the module docstring.
+        A result not there within `timeout` seconds comes back as GetTimeoutError."""
         order = sorted(client_ids)
         queues: dict[int, deque[str]] = defaultdict(deque)
         for cid in order:
@@ -68,7 +69,7 @@ class ActorPool:
         for cid in order:
             ref = pending.pop(cid)
             try:
-                result: Any = ray.get(ref)
+                result: Any = ray.get(ref, timeout=timeout)
             except CallError as err:
                 result = err
             del ref  # the object store copy goes as soon as the driver has its own

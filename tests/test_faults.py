@@ -1,0 +1,147 @@
+"""Failures cost time, never results: lost, hung and killed actors through real Ray (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+from test_engine import make_driver
+
+from raysim.engine import checkpoints
+
+from conftest import tiny_overrides
+
+ROUNDS = {"federation.rounds": 3}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, oph_root: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    return make_driver(oph_root, tmp_path_factory.mktemp("full") / "run", **ROUNDS).run()
+
+
+def run_with_fault(driver, fault, after_round: int = 1) -> pd.DataFrame:
+    """Run every round; once `after_round` is done, `fault(pids)` (client id -> its actor's pid,
+    read while the actors were idle) runs in a thread while the next round trains."""
+    try:
+        driver.start()
+        pids = {cid: int(ray.get(driver.pool.actor_of(cid).describe.remote())["_pid"]) for cid in driver.specs}
+        for round_, part in driver.advance(driver.cfg.federation.rounds):
+            if round_ == after_round and part == "done":
+                threading.Thread(target=fault, args=(pids,), daemon=True).start()
+    finally:
+        driver.shutdown()
+    return driver.recorder.metrics
+
+
+def test_a_killed_client_actor_is_replaced_and_the_rounds_replayed_exactly(uninterrupted, oph_root: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    driver = make_driver(oph_root, tmp_path / "killed", lines, **ROUNDS)
+
+    def kill(pids: dict[str, int]) -> None:
+        time.sleep(0.5)  # into round 2's training
+        os.kill(pids["site2"], signal.SIGKILL)
+
+    metrics = run_with_fault(driver, kill)
+    assert any("lost (actor died); started a new actor" in line and "replaying from checkpoint round_000" in line for line in lines), lines
+    pd.testing.assert_frame_equal(metrics, uninterrupted, check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "killed" / "metrics.parquet"), uninterrupted, check_exact=True)
+
+
+def test_a_hung_client_actor_misses_its_deadline_and_is_replaced(uninterrupted, oph_root: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    driver = make_driver(oph_root, tmp_path / "hung", lines, **ROUNDS, **{"fault.min_timeout_s": 8, "fault.timeout_factor": 1})
+    stopped: list[int] = []
+
+    def hang(pids: dict[str, int]) -> None:
+        stopped.append(pids["site1"])
+        os.kill(pids["site1"], signal.SIGSTOP)
+
+    try:
+        metrics = run_with_fault(driver, hang)
+    finally:
+        for pid in stopped:  # whatever Ray did with it, the stopped process must not linger
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert any("no answer within" in line and "started a new actor" in line for line in lines), lines
+    pd.testing.assert_frame_equal(metrics, uninterrupted, check_exact=True)
+
+
+def test_recoveries_are_bounded_and_then_the_run_stops_resumable(ray_session, oph_root: Path, tmp_path: Path) -> None:
+    from raysim.engine.driver import RunFailed
+
+    driver = make_driver(oph_root, tmp_path / "bounded", **ROUNDS, **{"fault.max_restarts": 0})
+    with pytest.raises(RunFailed, match=r"more actor losses than fault.max_restarts=0; --resume .* continues from round_000\d"):
+        run_with_fault(driver, lambda pids: os.kill(pids["site3"], signal.SIGKILL))
+
+
+def test_drop_records_the_missing_client_every_later_round(ray_session, oph_root: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    driver = make_driver(oph_root, tmp_path / "drop", lines, **{"federation.rounds": 2, "fault.on_client_loss": "drop"})
+    try:
+        driver.start()
+        driver.step(1)
+        ray.kill(driver.pool.actor_of("site2"))
+        driver.step(2)
+    finally:
+        driver.shutdown()
+    assert any("client actor of site2 lost (actor died); fault.on_client_loss=drop" in line for line in lines)
+    assert any("round   2/2 | clients 2 |" in line and "failed: site2" in line for line in lines)
+    assert "means over 2 of 3 clients; dropped: site2" in lines
+    assert all(np.isfinite(t.numpy()).all() for t in driver.state["weights"].values() if t.is_floating_point())
+    metrics = driver.recorder.metrics
+    last = metrics[(metrics["round"] == 2) & (metrics["split"] != "train")]
+    assert set(last["client"]) == {"site1", "site3", "mean"}
+    train = metrics[(metrics["round"] == 2) & (metrics["split"] == "train")]
+    assert train[train["metric"] == "missing"][["client", "value"]].values.tolist() == [["site2", 1.0]]
+    assert train[train["metric"] == "n_clients"][["client", "value"]].values.tolist() == [["mean", 2.0]]
+    assert metrics[(metrics["round"] == 1) & (metrics["metric"] == "missing")].empty
+
+
+def test_a_failed_client_save_leaves_no_complete_marker_and_the_previous_checkpoint(uninterrupted, oph_root: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    run_dir = tmp_path / "disk"
+    blocked = checkpoints.folder(run_dir, 2)
+    blocked.mkdir(parents=True)
+    (blocked / checkpoints.CLIENTS).write_text("a file where the clients' folder goes: every save there fails\n")
+    make_driver(oph_root, run_dir, lines, **ROUNDS).run(until=2)
+    assert any("round 2: checkpoint incomplete" in line for line in lines)
+    assert not (blocked / checkpoints.COMPLETE).exists()
+    assert checkpoints.usable(run_dir)[0].name == "round_0001"
+    (blocked / checkpoints.CLIENTS).unlink()
+    from raysim import config
+    from raysim.engine.driver import Driver
+
+    resumed = Driver(config.load(run_dir / "config.yaml"), run_dir, echo=lambda _: None).run(resume=True)
+    pd.testing.assert_frame_equal(resumed, uninterrupted, check_exact=True)
+
+
+def test_a_killed_driver_actor_resumes_from_its_checkpoint(uninterrupted, oph_root: Path, tmp_path: Path) -> None:
+    """The CLI: the driver actor's process killed after round 1; it is started again from round_0001."""
+    run_dir = tmp_path / "cli"
+    command = [sys.executable, "-m", "raysim.run", "--out", str(run_dir), *tiny_overrides(oph_root, **ROUNDS)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: list[str] = []
+    killed = False
+    for line in proc.stdout:  # type: ignore[union-attr]
+        out.append(line.rstrip())
+        if not killed and line.startswith("round   1/3"):
+            while not checkpoints.latest(run_dir):
+                time.sleep(0.1)
+            pids = subprocess.run(["pgrep", "-f", "ray::DriverActor"], capture_output=True, text=True).stdout.split()
+            assert len(pids) == 1, pids
+            os.kill(int(pids[0]), signal.SIGKILL)
+            killed = True
+    assert proc.wait(timeout=300) == 0, "\n".join(out[-30:])
+    assert any(line.startswith("driver actor lost") and "resuming from round_000" in line for line in out), out
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "metrics.parquet"), uninterrupted, check_exact=True)
