@@ -120,6 +120,7 @@ class ResourcesConfig:
     driver_cpus: float = _doc("CPUs of the driver actor, which runs the rounds and the server step (0: it mostly waits while clients train)", 0.0)
     driver_gpus: float = _doc("GPU share of the driver actor, for server-side computation (> 0 lets it run on any node with a GPU)", 0.0)
     clients_per_actor: int | None = _doc("clients hosted by one actor (null: from resources.actors); sets ceil(clients / it) actors", None)
+    object_store_gb: float | None = _doc("object store of the Ray a run starts itself (null: Ray's 30% of RAM; a cluster's is the cluster's)", 2.0)
     threads_per_client: int = _doc("torch threads per client (fixed for bit-identical results)", 1)
 
     @property
@@ -145,6 +146,8 @@ class ResourcesConfig:
             raise ConfigError(f"resources.driver_gpus must be >= 0, got {self.driver_gpus}")
         if self.clients_per_actor is not None:
             _check_positive("resources.clients_per_actor", self.clients_per_actor)
+        if self.object_store_gb is not None:
+            _check_positive("resources.object_store_gb", self.object_store_gb)
         _check_positive("resources.threads_per_client", self.threads_per_client)
 
 

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, run_dir, resume = prepare(args)
         Driver(cfg, run_dir)  # reads the data source's metadata: bad input fails here, before Ray starts
-        connect_ray()
+        connect_ray(object_store_gb=cfg.resources.object_store_gb)
         drive(cfg, run_dir, resume)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

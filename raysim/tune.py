@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         base = study.config()
         client_count(base)  # reads the clients once (and generates the synthetic set) before trials race for it
         resolve_weights(base)  # builds a missing pretrained backbone once, before the trials
-        connect_ray()
+        connect_ray(object_store_gb=base.resources.object_store_gb)
         from ray import tune
 
         experiment = out if "://" in out else str(Path(out).resolve())

@@ -51,14 +51,22 @@ CHECKPOINTS = checkpoints.CHECKPOINTS
 latest_checkpoint = checkpoints.latest
 
 
-def connect_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else start a local one."""
+def connect_ray(num_cpus: int | None = None, object_store_gb: float | None = 2.0) -> None:
+    """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else start a local one.
+
+    A local Ray gets an object store of `object_store_gb` (`resources.object_store_gb`; None:
+    Ray's 30 % of RAM). The engine keeps at most 2 updates per actor and a payload or two in
+    it, but the store keeps every page it ever touched: with Ray's default, 2,000 resnet18
+    updates passed through it grew the machine's memory in use by ~7 GB (benchmarks/RESULTS.md).
+    A store too small for a round's objects spills them to disk: slower, never wrong.
+    """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # connect; resources are the cluster's, never ours to declare
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False)
+        store = None if object_store_gb is None else int(object_store_gb * 1024**3)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False, object_store_memory=store)
 
 
 class ActorLost(Exception):
