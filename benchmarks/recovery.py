@@ -57,7 +57,7 @@ def main() -> None:
     a = pd.read_parquet(sorted(out.glob("uninterrupted-*"))[-1] / "metrics.parquet")
     b = pd.read_parquet(sorted(out.glob("killed-*"))[-1] / "metrics.parquet")
     identical = a.equals(b)
-    recovery = [line for line in lines if "started a new actor" in line]
+    recovery = [line for line in lines if "started new actors" in line]
     print(f"uninterrupted: {plain:.1f} s; one client actor killed after round {args.kill_after}: {killed:.1f} s; lost {killed - plain:.1f} s ({killed / plain:.2f}x)")
     print(f"metrics identical: {identical}; recovery: {recovery[0] if recovery else 'none seen'}")
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,15 +30,18 @@ def uninterrupted(ray_session, oph_root: Path, tmp_path_factory: pytest.TempPath
     return make_driver(oph_root, tmp_path_factory.mktemp("full") / "run", **ROUNDS).run()
 
 
-def run_with_fault(driver, fault, after_round: int = 1) -> pd.DataFrame:
-    """Run every round; once `after_round` is done, `fault(pids)` (client id -> its actor's pid,
-    read while the actors were idle) runs in a thread while the next round trains."""
+def run_with_fault(driver, fault, at: tuple[int, str] = (2, "round")) -> pd.DataFrame:
+    """Run every round; when the driver reaches `at` (round, part: round 2's training is folded,
+    its evaluation and checkpoint are next), `fault(pids)` runs (client id -> its actor's pid,
+    read while the actors were idle). Synchronous, so the fault lands at the same point on a
+    fast or a slow machine."""
     try:
         driver.start()
         pids = {cid: int(ray.get(driver.pool.actor_of(cid).describe.remote())["_pid"]) for cid in driver.specs}
         for round_, part in driver.advance(driver.cfg.federation.rounds):
-            if round_ == after_round and part == "done":
-                threading.Thread(target=fault, args=(pids,), daemon=True).start()
+            if (round_, part) == at and pids:  # once: the replayed round passes `at` again
+                fault(pids)
+                pids = {}
     finally:
         driver.shutdown()
     return driver.recorder.metrics
@@ -46,12 +51,8 @@ def test_a_killed_client_actor_is_replaced_and_the_rounds_replayed_exactly(unint
     lines: list[str] = []
     driver = make_driver(oph_root, tmp_path / "killed", lines, **ROUNDS)
 
-    def kill(pids: dict[str, int]) -> None:
-        time.sleep(0.5)  # into round 2's training
-        os.kill(pids["site2"], signal.SIGKILL)
-
-    metrics = run_with_fault(driver, kill)
-    assert any("lost (actor died); started a new actor" in line and "replaying from checkpoint round_000" in line for line in lines), lines
+    metrics = run_with_fault(driver, lambda pids: os.kill(pids["site2"], signal.SIGKILL))
+    assert any("lost (actor died); started new actors for site2" in line and "replaying from checkpoint round_0001" in line for line in lines), lines
     pd.testing.assert_frame_equal(metrics, uninterrupted, check_exact=True)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "killed" / "metrics.parquet"), uninterrupted, check_exact=True)
 
@@ -73,7 +74,7 @@ def test_a_hung_client_actor_misses_its_deadline_and_is_replaced(uninterrupted, 
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    assert any("no answer within" in line and "started a new actor" in line for line in lines), lines
+    assert any("no answer within" in line and "started new actors for site1" in line for line in lines), lines
     pd.testing.assert_frame_equal(metrics, uninterrupted, check_exact=True)
 
 
@@ -81,7 +82,7 @@ def test_recoveries_are_bounded_and_then_the_run_stops_resumable(ray_session, op
     from raysim.engine.driver import RunFailed
 
     driver = make_driver(oph_root, tmp_path / "bounded", **ROUNDS, **{"fault.max_restarts": 0})
-    with pytest.raises(RunFailed, match=r"more actor losses than fault.max_restarts=0; --resume .* continues from round_000\d"):
+    with pytest.raises(RunFailed, match=r"more actor losses than fault.max_restarts=0; --resume .* continues from round_0001"):
         run_with_fault(driver, lambda pids: os.kill(pids["site3"], signal.SIGKILL))
 
 
@@ -145,3 +146,22 @@ def test_a_killed_driver_actor_resumes_from_its_checkpoint(uninterrupted, oph_ro
     assert proc.wait(timeout=300) == 0, "\n".join(out[-30:])
     assert any(line.startswith("driver actor lost") and "resuming from round_000" in line for line in out), out
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "metrics.parquet"), uninterrupted, check_exact=True)
+
+
+def test_a_lost_node_costs_its_actors_not_the_results(oph_root: Path, tmp_path: Path) -> None:
+    """`ray.cluster_utils.Cluster` in a subprocess: the worker node hosting some client actors is
+    removed mid-run; every one of its actors is replaced and the metrics equal the uninterrupted run's."""
+    overrides = json.dumps(tiny_overrides(oph_root, **ROUNDS, **{"resources.num_cpus": 0.5}))
+    script = Path(__file__).with_name("cluster_node_loss.py")
+    ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # its own Ray temp dir (short: socket paths), never the machine's
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        proc = subprocess.run([sys.executable, str(script), str(oph_root), str(tmp_path / "runs"), overrides], capture_output=True, text=True, timeout=420, env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    out = proc.stdout
+    assert proc.returncode == 0 and "IDENTICAL" in out, (out + proc.stderr)[-4000:]
+    removed = next(line for line in out.splitlines() if line.startswith("removing node hosting"))
+    recovered = next(line for line in out.splitlines() if "started new actors for" in line)
+    assert all(cid in recovered for cid in json.loads(removed.split("hosting ", 1)[1].replace("'", '"')))

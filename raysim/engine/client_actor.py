@@ -175,6 +175,10 @@ class ClientActor(ClientHost):
     def set_payload(self, payload: Mapping[str, Any]) -> None:
         super().set_payload(from_wire(payload, copy=True))
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (tests and tools that lose a node on purpose)."""
+        return ray.get_runtime_context().get_node_id()
+
     def fit(self, client_id: str, payload: Tensors | None = None, round_: int = 0) -> Update:
         update = super().fit(client_id, payload, round_)
         return dataclasses.replace(update, tensors=to_wire(update.tensors))

@@ -385,7 +385,7 @@ class Driver:
                 if spec.id in self.manifest:
                     files.setdefault(str(root / self.manifest[spec.id]), []).append(spec.id)
             refs.append(self.pool.actors[i].restore.remote(files))
-        ray.get(refs)
+        ray.get(refs, timeout=self.deadline())
 
     # --- actors -------------------------------------------------------------------------------
 
@@ -479,16 +479,46 @@ class Driver:
         return max(fault.min_timeout_s, fault.timeout_factor * self.slowest_round)
 
     def _recover(self, round_: int, lost: ActorLost) -> None:
-        """Replace the lost actor, put every client and the server back to the last usable
-        checkpoint (or the start) and go on from there."""
-        self.restarts += 1
-        latest = checkpoints.latest(self.run_dir)
-        if self.restarts > self.cfg.fault.max_restarts:
-            where = f"--resume {self.run_dir} continues from {latest.name}" if latest else "no checkpoint was complete yet"
-            raise RunFailed(f"round {round_}: {lost} - more actor losses than fault.max_restarts={self.cfg.fault.max_restarts}; {where}")
-        i = lost.actor_index
-        ray.kill(self.pool.actors[i], no_restart=True)  # a hung one too: its process goes
-        self.pool.actors[i] = self._new_actor(i, self.pool.plan[i])
+        """Replace every lost actor (a lost node takes several), put every client and the server
+        back to the last usable checkpoint (or the start) and go on from there. A loss during
+        the recovery counts as one more and starts it again."""
+        dead = {lost.actor_index}
+        while True:
+            self.restarts += 1
+            latest = checkpoints.latest(self.run_dir)
+            if self.restarts > self.cfg.fault.max_restarts:
+                where = f"--resume {self.run_dir} continues from {latest.name}" if latest else "no checkpoint was complete yet"
+                raise RunFailed(f"round {round_}: {lost} - more actor losses than fault.max_restarts={self.cfg.fault.max_restarts}; {where}")
+            replaced = self._replace_dead_actors(dead)
+            try:
+                checkpoint, done = self._rewind(latest)
+                break
+            except LOST:
+                dead = set()  # the next pass finds which
+        gone = sorted(spec.id for i in replaced for spec in self.pool.plan[i])
+        self.echo(
+            f"round {round_}: {lost}; started new actors for {', '.join(gone)} and replaying from "
+            + (f"checkpoint {checkpoint.name}" if checkpoint else "the start")
+            + f" (recovery {self.restarts} of at most {self.cfg.fault.max_restarts})"
+        )
+        self.next_round = done + 1
+
+    def _replace_dead_actors(self, known: set[int]) -> list[int]:
+        """Kill and start again the actors in `known` and every other one that does not answer."""
+        refs = {i: actor.describe.remote() for i, actor in enumerate(self.pool.actors) if i not in known}
+        dead = set(known)
+        for i, ref in refs.items():
+            try:
+                ray.get(ref, timeout=self.deadline())
+            except LOST:
+                dead.add(i)
+        for i in sorted(dead):
+            ray.kill(self.pool.actors[i], no_restart=True)  # a hung one too: its process goes
+            self.pool.actors[i] = self._new_actor(i, self.pool.plan[i])
+        return sorted(dead)
+
+    def _rewind(self, latest: Path | None) -> tuple[Path | None, int]:
+        """Server, clients and outputs back to the newest usable checkpoint (None: the start)."""
         checkpoint = None
         if latest is not None:
             checkpoint, skipped = checkpoints.usable(self.run_dir)
@@ -503,9 +533,7 @@ class Driver:
             ray.get([actor.restore.remote({}) for actor in self.pool.actors], timeout=self.deadline())
             self.state = self.algorithm.setup_state(copy.deepcopy(self.initial_state), self._client_setup())
         self.recorder.truncate(done)
-        self.next_round = done + 1
-        self.echo(f"round {round_}: {lost}; started a new actor for {'it' if len(lost.clients) == 1 else 'them'} and replaying from "
-                  + (f"checkpoint {checkpoint.name}" if checkpoint else "the start") + f" (recovery {self.restarts} of at most {self.cfg.fault.max_restarts})")
+        return checkpoint, done
 
     def _eval_attributes(self) -> list[str]:
         available = list(self.source.group_names)
