@@ -163,5 +163,7 @@ def test_a_lost_node_costs_its_actors_not_the_results(oph_root: Path, tmp_path: 
     out = proc.stdout
     assert proc.returncode == 0 and "IDENTICAL" in out, (out + proc.stderr)[-4000:]
     removed = next(line for line in out.splitlines() if line.startswith("removing node hosting"))
-    recovered = next(line for line in out.splitlines() if "started new actors for" in line)
-    assert all(cid in recovered for cid in json.loads(removed.split("hosting ", 1)[1].replace("'", '"')))
+    # every actor of the node is replaced: at once, or in a second recovery when one of them
+    # still answered while the node was going down
+    recovered = " ".join(line for line in out.splitlines() if "started new actors for" in line)
+    assert all(cid in recovered for cid in json.loads(removed.split("hosting ", 1)[1].replace("'", '"'))), out[-3000:]
