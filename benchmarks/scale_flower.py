@@ -138,15 +138,21 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, img_size: i
 client_app = ClientApp()
 
 
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+def received(msg: Message, context: Context) -> tuple[Any, int, np.ndarray, np.ndarray, nn.Module]:
+    """A message's config, this client's partition id and shard, and the model with the sent weights."""
     cfg = msg.content["config"]
     torch.set_num_threads(int(cfg["threads"]))
     pid = int(context.node_config["partition-id"])
     images, labels = client_shards(str(cfg["data"]), int(cfg["clients"]), int(cfg["seed"]), float(cfg["val-fraction"]))[pid]
     model = client_model(cfg)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return cfg, pid, images, labels, model
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    cfg, pid, images, labels, model = received(msg, context)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]))
     generator = torch.Generator().manual_seed(int(cfg["seed"]) * 1_000_003 + int(cfg["server-round"]) * 10_007 + pid)
@@ -170,12 +176,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg = msg.content["config"]
-    torch.set_num_threads(int(cfg["threads"]))
-    pid = int(context.node_config["partition-id"])
-    images, labels = client_shards(str(cfg["data"]), int(cfg["clients"]), int(cfg["seed"]), float(cfg["val-fraction"]))[pid]
-    model = client_model(cfg)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    cfg, pid, images, labels, model = received(msg, context)
     model.eval()
     correct, loss = 0, 0.0
     with torch.no_grad():

@@ -47,7 +47,6 @@ from raysim.seeding import derive_seed, rng
 from raysim.types import Predictions, nbytes
 
 log = logging.getLogger(__name__)
-CHECKPOINTS = checkpoints.CHECKPOINTS
 latest_checkpoint = checkpoints.latest
 
 
