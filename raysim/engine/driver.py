@@ -481,14 +481,14 @@ class Driver:
         """Replace every lost actor (a lost node takes several), put every client and the server
         back to the last usable checkpoint (or the start) and go on from there. A loss during
         the recovery counts as one more and starts it again."""
-        dead = {lost.actor_index}
+        dead, replaced = {lost.actor_index}, set()
         while True:
             self.restarts += 1
             latest = checkpoints.latest(self.run_dir)
             if self.restarts > self.cfg.fault.max_restarts:
                 where = f"--resume {self.run_dir} continues from {latest.name}" if latest else "no checkpoint was complete yet"
                 raise RunFailed(f"round {round_}: {lost} - more actor losses than fault.max_restarts={self.cfg.fault.max_restarts}; {where}")
-            replaced = self._replace_dead_actors(dead)
+            replaced.update(self._replace_dead_actors(dead))  # every pass's, for the message
             try:
                 checkpoint, done = self._rewind(latest)
                 break
