@@ -94,3 +94,41 @@ def test_pruning_keeps_the_newest_complete_checkpoints_and_what_they_name(tmp_pa
     assert sorted(checkpoints.relative(p) for p in (root / "round_0001").rglob("*") if p.is_file()) == ["round_0001/clients/actor_000.pt"]
     assert (root / "round_0002" / "COMPLETE").exists() and (root / "round_0003" / "COMPLETE").exists()
     assert checkpoints.verify(root / "round_0002") is None and checkpoints.verify(root / "round_0003") is None
+
+
+def test_an_actor_streams_its_clients_states_and_never_gets_a_path(oph_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The actor's body: ids first, then one torch.save file in chunks the driver writes
+    (`write_chunks`: size and sha256 as `describe` reads them); the clients stay marked changed
+    until `saved`; `restore` takes the file's bytes and gives the same states back."""
+    from raysim import config
+    from raysim.datasets import DATASETS
+    from raysim.engine import client_actor
+    from raysim.engine.client_actor import ClientHost
+
+    from conftest import tiny_overrides
+
+    monkeypatch.setattr(client_actor, "CHUNK_BYTES", 1000)  # several pieces even for test_resnet's BN state
+    cfg = config.load(None, tiny_overrides(oph_root, **{"algorithm.name": "fedbn", "resources.clients_per_actor": 2}))
+    host = ClientHost(cfg, DATASETS.get("fairfedmed_oph")(cfg.data, img_size=16, seed=0).client_specs()[:2])
+    state = host.algorithm.init_state(host.clients["site1"].model)
+    host.fit("site1", host.algorithm.payload(state, 1), 1)
+    stream = host.save_changed()
+    assert next(stream) == ["site1"]
+    chunks = list(stream)
+    assert len(chunks) > 1 and all(len(c) <= 1000 for c in chunks)
+    path = tmp_path / "actor_000.pt"
+    assert checkpoints.write_chunks(iter(chunks), path) == checkpoints.describe(path)
+    assert not path.with_name("actor_000.pt.tmp").exists()
+    assert next(host.save_changed()) == ["site1"]  # not confirmed yet: still changed
+    host.saved(["site1"])
+    assert list(host.save_changed()) == [[]]
+
+    before = {k: v.clone() for k, v in host.clients["site1"].state()["own_state"].items()}
+    host.fit("site1", host.algorithm.payload(state, 2), 2)
+    assert any(not torch.equal(before[k], v) for k, v in host.clients["site1"].state()["own_state"].items())
+    host.restore([("round_0001/clients/actor_000.pt", ["site1"])], path.read_bytes())
+    after = host.clients["site1"].state()["own_state"]
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert list(host.save_changed()) == [[]]
+    with pytest.raises(CheckpointError, match="round_0001/clients/actor_000.pt: not a raysim checkpoint"):
+        host.restore([("round_0001/clients/actor_000.pt", ["site1"])], b"not a torch file")

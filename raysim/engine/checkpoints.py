@@ -22,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -128,6 +129,23 @@ def save_atomic(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
+def write_chunks(chunks: Iterable[bytes], path: Path) -> dict[str, Any]:
+    """A file from the pieces an actor streams (`ClientHost.save_changed`), written like
+    `save_atomic`; its size and sha256, computed on the way (the file is not read again)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    digest, size = hashlib.sha256(), 0
+    with open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
 def _write_text_atomic(text: str, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -137,12 +155,13 @@ def _write_text_atomic(text: str, path: Path) -> None:
     tmp.replace(path)
 
 
-def load(path: Path, device: str | torch.device = "cpu") -> Any:
-    """A checkpoint file: tensors and plain types only (`weights_only=True`), never code."""
+def load(source: Path | BinaryIO, device: str | torch.device = "cpu", *, name: str | None = None) -> Any:
+    """A checkpoint file (a path, or its bytes as a file object, called `name` in errors):
+    tensors and plain types only (`weights_only=True`), never code."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(source, map_location=device, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds; each means the same here
-        raise CheckpointError(f"{path}: not a raysim checkpoint file with tensors and plain values only ({str(err).splitlines()[0]})") from err
+        raise CheckpointError(f"{name or source}: not a raysim checkpoint file with tensors and plain values only ({str(err).splitlines()[0]})") from err
 
 
 def write_server(checkpoint: Path, round_: int, state: Any) -> None:
@@ -163,7 +182,7 @@ def complete(checkpoint: Path, round_: int, clients: dict[str, str], dead: dict[
     """
     root = checkpoint.parent
     files = {relative(checkpoint / SERVER): describe(checkpoint / SERVER)}
-    for name in sorted(set(clients.values())):
+    for name in sorted(set(clients.values())):  # the driver passes what it wrote now in `known` too
         files[name] = known[name] if name in known else describe(root / name)
     manifest = {"format": FORMAT, "round": round_, "files": files, "clients": dict(sorted(clients.items())), "dead": dict(sorted(dead.items()))}
     _write_text_atomic(json.dumps(manifest, indent=1) + "\n", checkpoint / MANIFEST)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import warnings
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,8 @@ from raysim.determinism import deterministic_torch
 from raysim.engine import checkpoints
 from raysim.types import Predictions, Tensors, Update
 
+CHUNK_BYTES = 16 << 20  # a checkpoint file crosses from an actor to the driver in pieces of this size
+SAVE_CHUNKS_IN_FLIGHT = 4  # an actor runs ahead of the driver's writing by this many pieces at most
 GPU_MEMORY_MARGIN = 0.05  # of the actor's share, left for its CUDA context and allocator slack
 
 
@@ -120,23 +122,35 @@ class ClientHost:
             raise RuntimeError("no payload: the driver calls set_payload before a round's calls")
         return self.payload
 
-    def save_changed(self, path: str) -> list[str]:
-        """Write the clients whose state changed since the last save to `path` (one file, atomic);
-        their ids. Nothing changed: no file, []."""
+    def save_changed(self) -> Iterator[Any]:
+        """The clients whose state changed since the last save, for the driver to persist (an
+        actor never writes the run directory: it may be on another node, or the run directory
+        a URI). Yields their ids first, then their states as one `torch.save` file in chunks of
+        at most `CHUNK_BYTES` (a streamed generator under Ray: a full model per client never
+        sits whole in the driver). Nothing changed: only []. They stay marked changed until
+        the driver confirms with `saved`."""
         changed = sorted(self.changed)
+        yield changed
         if changed:
-            checkpoints.save_atomic({cid: self.clients[cid].state() for cid in changed}, Path(path))
-        self.changed.clear()
-        return changed
+            buffer = io.BytesIO()
+            torch.save({cid: self.clients[cid].state() for cid in changed}, buffer)
+            view = buffer.getbuffer()
+            for start in range(0, len(view), CHUNK_BYTES):
+                yield bytes(view[start : start + CHUNK_BYTES])
 
-    def restore(self, files: dict[str, list[str]]) -> None:
-        """Every client back to a checkpoint: the listed ones to their saved state (`files` maps a
-        checkpoint file to the clients it holds for this actor), all others to the initial state."""
+    def saved(self, client_ids: list[str]) -> None:
+        """The driver wrote these clients' states durably: unmark them."""
+        self.changed.difference_update(client_ids)
+
+    def restore(self, files: list[tuple[str, list[str]]], *contents: bytes) -> None:
+        """Every client back to a checkpoint: `files` names each checkpoint file this actor needs
+        with the clients it holds for it, `contents` are those files' bytes (read by the driver);
+        every other client goes back to the initial state."""
         for client in self.clients.values():
             client.set_state({"own_state": {}, "memory": {}})
         self.before.clear()
-        for path, client_ids in files.items():
-            saved = checkpoints.load(Path(path), self.device)
+        for (name, client_ids), data in zip(files, contents, strict=True):
+            saved = checkpoints.load(io.BytesIO(data), self.device, name=name)
             for cid in client_ids:
                 self.clients[cid].set_state(saved[cid])
         self.changed.clear()
@@ -174,6 +188,10 @@ class ClientActor(ClientHost):
 
     def set_payload(self, payload: Mapping[str, Any]) -> None:
         super().set_payload(from_wire(payload, copy=True))
+
+    @ray.method(num_returns="streaming", _generator_backpressure_num_objects=SAVE_CHUNKS_IN_FLIGHT)
+    def save_changed(self) -> Iterator[Any]:
+        yield from super().save_changed()
 
     def node_id(self) -> str:
         """The Ray node this actor runs on (tests and tools that lose a node on purpose)."""

@@ -341,34 +341,67 @@ class Driver:
     # --- checkpoints --------------------------------------------------------------------------
 
     def checkpoint(self, round_: int, state: ServerState) -> None:
-        """The server state by the driver; each actor writes one file with its clients whose state
-        changed since the last checkpoint; the manifest names every client's latest file; COMPLETE last."""
+        """The server state, then each actor's clients whose state changed since the last
+        checkpoint, streamed from the actor and written here (actors never get a path: they may
+        run on other nodes); the manifest names every client's latest file; COMPLETE last."""
         folder = checkpoints.folder(self.run_dir, round_)
         folder.mkdir(parents=True, exist_ok=True)
         checkpoints.write_server(folder, round_, state)
-        manifest, complete = dict(self.manifest), True
-        refs = [actor.save_changed.remote(str(checkpoints.actor_file(folder, i))) for i, actor in enumerate(self.pool.actors)]
-        for i, ref in enumerate(refs):
+        manifest, written, complete = dict(self.manifest), {}, True
+        streams = [actor.save_changed.remote() for actor in self.pool.actors]  # all actors serialize at once
+        for i, stream in enumerate(streams):
+            group = self.pool.plan[i]
             try:
-                saved = ray.get(ref, timeout=self.deadline())
-            except (*LOST, RayTaskError) as err:
-                group = self.pool.plan[i]
+                saved, path = self._write_clients(stream, checkpoints.actor_file(folder, i), written)
+            except (*LOST, RayTaskError, OSError) as err:
                 if all(spec.id in self.dead for spec in group):
                     continue  # an actor already out of the run: its clients' last states stay as they were
-                self._mark_failed(group[0].id, err)  # a lost actor (recover) ends here: replayed
-                complete = False  # e.g. a full disk: this checkpoint would lose state
+                if isinstance(err, OSError):  # e.g. a full disk: this checkpoint would lose state
+                    self.echo(f"round {round_}: could not write {checkpoints.relative(checkpoints.actor_file(folder, i))}: {err}")
+                else:
+                    self._mark_failed(group[0].id, err)  # a lost actor (recover) ends here: replayed
+                complete = False
                 continue
-            manifest.update({cid: checkpoints.relative(checkpoints.actor_file(folder, i)) for cid in saved})
+            if saved:
+                manifest.update({cid: checkpoints.relative(path) for cid in saved})
+                self.pool.actors[i].saved.remote(saved)  # ordered before the actor's next call
         # Files written now stay named even when this checkpoint is incomplete: their clients are
-        # not rewritten until they change again (a failed save leaves its clients marked changed).
+        # not rewritten until they change again (an unwritten file leaves its clients marked changed).
         self.manifest = {cid: f for cid, f in manifest.items() if cid not in self.dead}
+        self.known_files.update(written)
         if not complete:
             self.echo(f"round {round_}: checkpoint incomplete (a client's state could not be written); the previous one stays the latest")
             return
         self.known_files = checkpoints.complete(folder, round_, self.manifest, self.dead, self.known_files, self.cfg.checkpoint.keep)
 
+    def _write_clients(self, stream: Any, path: Path, written: dict[str, dict[str, Any]]) -> tuple[list[str], Path]:
+        """One actor's `save_changed` stream to `path`: (client ids, path); no file when none changed."""
+        pieces = self._pieces(stream)
+        saved = next(pieces)
+        if saved:
+            try:
+                written[checkpoints.relative(path)] = checkpoints.write_chunks(pieces, path)
+            except OSError:
+                for _ in pieces:  # drain: the actor finishes its call and answers the next one
+                    pass
+                raise
+        return saved, path
+
+    def _pieces(self, stream: Any) -> Iterator[Any]:
+        """The values of a streaming actor call, each awaited with the deadline."""
+        while True:
+            ready, _ = ray.wait([stream], timeout=self.deadline())
+            if not ready:
+                raise GetTimeoutError(f"no answer within {self.deadline():.0f} s")
+            try:
+                ref = next(stream)
+            except StopIteration:
+                return
+            yield ray.get(ref, timeout=self.deadline())
+
     def _restore_clients(self, folder: Path) -> None:
-        """Each actor loads its clients' latest states; a client in no file starts from the initial state."""
+        """The driver reads each client file the checkpoint names, once, and sends its bytes to
+        the actors whose clients it holds; a client in no file starts from the initial state."""
         saved = checkpoints.load_manifest(folder)
         self.manifest = dict(saved["clients"])
         self.known_files = dict(saved["files"])
@@ -377,13 +410,14 @@ class Driver:
                 self.dead[cid] = reason
                 self.echo(f"client {cid}: out of the run since before this checkpoint ({reason}); continuing without it")
         root = folder.parent
+        contents = {name: ray.put((root / name).read_bytes()) for name in sorted(set(self.manifest.values()))}
         refs = []
         for i, group in enumerate(self.pool.plan):
             files: dict[str, list[str]] = {}
             for spec in group:
                 if spec.id in self.manifest:
-                    files.setdefault(str(root / self.manifest[spec.id]), []).append(spec.id)
-            refs.append(self.pool.actors[i].restore.remote(files))
+                    files.setdefault(self.manifest[spec.id], []).append(spec.id)
+            refs.append(self.pool.actors[i].restore.remote(list(files.items()), *(contents[name] for name in files)))
         ray.get(refs, timeout=self.deadline())
 
     # --- actors -------------------------------------------------------------------------------
@@ -529,7 +563,7 @@ class Driver:
             self._restore_clients(checkpoint)
         else:
             self.manifest, self.known_files = {}, {}
-            ray.get([actor.restore.remote({}) for actor in self.pool.actors], timeout=self.deadline())
+            ray.get([actor.restore.remote([]) for actor in self.pool.actors], timeout=self.deadline())
             self.state = self.algorithm.setup_state(copy.deepcopy(self.initial_state), self._client_setup())
         self.recorder.truncate(done)
         return checkpoint, done
