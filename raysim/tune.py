@@ -444,11 +444,14 @@ def trials_table(results: Any, study: Study, experiment: str) -> pd.DataFrame:
 def trial_statuses(results: Any, experiment: str) -> list[str]:
     """Each trial's status as Tune saved it: TERMINATED, ERROR, or PENDING / RUNNING when an
     interruption (Ctrl-C) left it unfinished. The statuses `fit()` returns say TERMINATED
-    for those too (Tune stops them after saving), so they are read back from the saved state."""
+    for those too (Tune stops them after saving), so they are read back from the saved state.
+    A trial with an error in `fit()`'s results is ERROR whatever was saved: when its process
+    died once more than max_failures allows, Tune 2.60 saves its last RUNNING state, which
+    reads back as PENDING (an unfinished trial) although it failed."""
     from ray.tune import ExperimentAnalysis
 
     saved = {Path(trial.path).name: str(trial.status) for trial in ExperimentAnalysis(experiment).trials}
-    return [saved.get(Path(result.path).name, "ERROR" if result.error else "TERMINATED") for result in results]
+    return ["ERROR" if result.error else saved.get(Path(result.path).name, "TERMINATED") for result in results]
 
 
 def unfinished(table: pd.DataFrame) -> int:
