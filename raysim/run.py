@@ -21,6 +21,7 @@ import yaml
 from ray.exceptions import RayActorError
 
 from raysim import config as config_mod
+from raysim import storage
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
 from raysim.engine import driver_actor
@@ -38,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"presets: {', '.join(config_mod.preset_names())}\n\nconfig keys (key=value overrides) and defaults:\n{config_mod.describe_keys()}",
     )
     parser.add_argument("--config", help="YAML config file or preset name (default: the embedded default preset)")
-    parser.add_argument("--out", type=Path, help="run directory to create (default: runs/<time>-<algorithm>-s<seed>)")
-    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    parser.add_argument("--out", help="run directory to create: a path, or a pyarrow.fs URI such as s3://bucket/runs/x (default: runs/<time>-<algorithm>-s<seed>)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run (a path or a URI) from its last checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. federation.rounds=5")
     return parser
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def drive(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
+def drive(cfg: ExperimentConfig, run_dir: str, resume: bool) -> None:
     """Run the rounds in a driver actor and print its lines; a lost driver actor (its process
     killed, its node gone) is started again from the last complete checkpoint, up to
     fault.max_restarts times."""
@@ -77,32 +78,57 @@ def drive(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
             return
         except RayActorError as err:
             losses += 1
-            latest = latest_checkpoint(run_dir)
+            newest = latest(run_dir)
             if losses > cfg.fault.max_restarts:
-                where = f"--resume {run_dir} continues from {latest.name}" if latest else "no checkpoint was complete yet"
+                where = f"--resume {run_dir} continues from {newest}" if newest else "no checkpoint was complete yet"
                 raise RunFailed(f"the driver actor was lost {losses} times (fault.max_restarts={cfg.fault.max_restarts}); {where}") from err
-            resume = latest is not None
-            print(f"driver actor lost ({str(err).splitlines()[0][:120]}); " + (f"resuming from {latest.name}" if resume else "starting the run again"), flush=True)
+            resume = newest is not None
+            print(f"driver actor lost ({str(err).splitlines()[0][:120]}); " + (f"resuming from {newest}" if resume else "starting the run again"), flush=True)
 
 
-def prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, bool]:
-    """Resolve the config and the run directory; nothing is trained yet."""
+def prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, str, bool]:
+    """Resolve the config and the run directory (an absolute path or a URI); nothing is trained yet."""
     if args.resume:
-        run_dir = args.resume
         if args.config or args.overrides or args.out:
             raise ConfigError("--resume continues a run with its saved config: drop --config, --out and overrides")
-        if not (run_dir / "config.yaml").exists():
+        run_dir = storage.resolve_out(args.resume)
+        saved = _read_config(run_dir)
+        if saved is None:
             raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a raysim run directory)")
-        if latest_checkpoint(run_dir) is None:
+        if latest(run_dir) is None:
             raise ConfigError(f"--resume {run_dir}: no complete checkpoint to resume from")
-        return config_mod.load(run_dir / "config.yaml"), run_dir, True
+        return config_mod.from_dict(yaml.safe_load(saved)), run_dir, True
     cfg = config_mod.load(args.config, args.overrides)
-    run_dir = args.out or default_run_dir(cfg)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    run_dir = storage.resolve_out(args.out or default_run_dir(cfg))
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if storage.is_uri(run_dir):
+        mirror = storage.RunMirror(run_dir)
+        if mirror.remote_files():
+            raise ConfigError(f"--out {run_dir} is not empty; choose a new directory or continue it with --resume {run_dir}")
+        mirror.write_text("config.yaml", text)
+        return cfg, run_dir, False
+    path = Path(run_dir)
+    if path.exists() and any(path.iterdir()):
         raise ConfigError(f"--out {run_dir} is not empty; choose a new directory or continue it with --resume {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(text)
     return cfg, run_dir, False
+
+
+def _read_config(run_dir: str) -> str | None:
+    if storage.is_uri(run_dir):
+        return storage.RunMirror(run_dir).read_text("config.yaml")
+    path = Path(run_dir) / "config.yaml"
+    return path.read_text() if path.exists() else None
+
+
+def latest(run_dir: str) -> str | None:
+    """The newest complete checkpoint's name in a run directory (a path or a URI), if any."""
+    if storage.is_uri(run_dir):
+        found = storage.RunMirror(run_dir).latest_checkpoint()
+        return found.rsplit("/", 1)[-1] if found else None
+    found_path = latest_checkpoint(Path(run_dir))
+    return found_path.name if found_path else None
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:

@@ -118,13 +118,13 @@ def test_resume_matches_an_uninterrupted_run(ray_session, oph_root: Path, tmp_pa
 
 def test_cli_run_writes_the_run_directory_and_prints_it_last(ray_session, oph_root: Path, tmp_path: Path) -> None:
     """The CLI runs the rounds in a driver actor on this node, streams its lines, resolves a
-    relative --out against its own working directory, and computes the in-process driver's bits."""
+    relative --out against its own working directory (and prints it absolute), and computes the in-process driver's bits."""
     run_dir = tmp_path / "cli"
     overrides = tiny_overrides(oph_root, **{"federation.rounds": 1})
     proc = subprocess.run([sys.executable, "-m", "raysim.run", "--out", "cli", *overrides], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout.strip().splitlines()
-    assert out[-1] == "cli" and any(line.startswith("round   1/1 | clients 3 |") for line in out)
+    assert out[-1] == str(run_dir) and any(line.startswith("round   1/1 | clients 3 |") for line in out)
     assert "DriverActor pid=" not in proc.stdout + proc.stderr  # warnings come through the stream, not Ray's log prefix
     driver = json.loads((run_dir / "provenance.json").read_text())["driver"]
     assert driver["ray_actor_id"]  # the rounds ran in an actor, not in the CLI process

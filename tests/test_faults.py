@@ -167,3 +167,29 @@ def test_a_lost_node_costs_its_actors_not_the_results(oph_root: Path, tmp_path: 
     # still answered while the node was going down
     recovered = " ".join(line for line in out.splitlines() if "started new actors for" in line)
     assert all(cid in recovered for cid in json.loads(removed.split("hosting ", 1)[1].replace("'", '"'))), out[-3000:]
+
+
+def test_a_run_at_a_uri_checkpoints_there_and_resumes_from_it(uninterrupted, oph_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out` as a pyarrow.fs URI (a local `file://` one stands in for S3): checkpoints and
+    outputs land there; a resume from the URI alone (the staging copy gone with its node)
+    ends with the uninterrupted metrics, and pruning reaches the URI."""
+    from raysim import config, storage
+    from raysim.engine.driver import Driver
+
+    monkeypatch.setenv("RAYSIM_STAGING", str(tmp_path / "staging"))
+    cfg = config.load(None, tiny_overrides(oph_root, **ROUNDS))
+
+    uri = f"file://{tmp_path}/bucket/run"
+    storage.RunMirror(uri).write_text("config.yaml", config.dump(cfg))
+    first = Driver(cfg, uri, echo=lambda _: None)
+    assert first.run_dir == storage.staging_dir(uri) and str(tmp_path / "staging") in str(first.run_dir)
+    first.run(until=2)
+    remote = tmp_path / "bucket" / "run"
+    assert (remote / "checkpoints/round_0002/COMPLETE").exists() and (remote / "metrics.parquet").exists()
+    assert (remote / "provenance.json").exists() and (remote / "config.yaml").read_text() == config.dump(cfg)
+
+    first.run_dir.rename(tmp_path / "staging-of-a-lost-node")  # the resume must come from the URI alone
+    resumed = Driver(cfg, uri, echo=lambda _: None).run(resume=True)
+    pd.testing.assert_frame_equal(resumed, uninterrupted, check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(remote / "metrics.parquet"), uninterrupted, check_exact=True)
+    assert sorted(os.listdir(remote / "checkpoints")) == ["round_0002", "round_0003"]  # checkpoint.keep=2, pruned at the URI too

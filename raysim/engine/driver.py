@@ -32,7 +32,7 @@ from ray.util import get_current_placement_group
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raysim import provenance, reporting
+from raysim import provenance, reporting, storage
 from raysim.algorithms import ALGORITHMS, ServerState
 from raysim.algorithms.aggregation import non_finite
 from raysim.config import ConfigError, ExperimentConfig
@@ -100,11 +100,13 @@ class RoundOutcome:
 
 
 class Driver:
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, echo: reporting.Echo = print, placement_group: PlacementGroup | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path | str, echo: reporting.Echo = print, placement_group: PlacementGroup | None = None) -> None:
         self.cfg = cfg
         # A Tune trial's group (bundle 0: the driver's, then one per client actor); None: any node.
         self.placement_group = placement_group
-        self.run_dir = Path(run_dir)
+        # A URI run directory: the run works in a local staging copy, pushed after each checkpoint.
+        self.mirror = storage.RunMirror(str(run_dir)) if storage.is_uri(run_dir) else None
+        self.run_dir = self.mirror.local if self.mirror else Path(run_dir)
         self.echo = echo
         self.source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
         self.algorithm = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg)
@@ -137,15 +139,20 @@ class Driver:
         self.echo(f"communication: {_megabytes(self.traffic_down)} down, {_megabytes(self.traffic_up)} up over rounds {self.progress.first}-{last}")
 
     def shutdown(self) -> None:
-        """Stop this run's actors (each holds a process and its shards) and close the outputs."""
+        """Stop this run's actors (each holds a process and its shards) and close the outputs
+        (a URI run directory gets everything the staging copy has)."""
         if self.pool is not None:
             self.pool.kill()
         self.recorder.close()
+        if self.mirror is not None and self.run_dir.exists():
+            self._push(f"everything is in {self.run_dir}")
 
     def start(self, *, resume: bool = False) -> None:
         """Read the metadata, build the initial (or checkpointed) state and start the actors."""
         # The server step and the metrics compute here: fixed threads, deterministic kernels.
         deterministic_torch(self.cfg.resources.threads_per_client)
+        if self.mirror is not None:  # a fresh staging copy: config.yaml, and on resume the checkpoints
+            self.mirror.pull()
         self.cfg = resolve_weights(self.cfg, self.echo)  # adapter methods need a pretrained backbone
         self.algorithm = ALGORITHMS.get(self.cfg.algorithm["name"])(self.cfg.algorithm_params(), self.cfg)
         specs = self.algorithm.arrange_clients(self.source.client_specs())
@@ -373,6 +380,15 @@ class Driver:
             self.echo(f"round {round_}: checkpoint incomplete (a client's state could not be written); the previous one stays the latest")
             return
         self.known_files = checkpoints.complete(folder, round_, self.manifest, self.dead, self.known_files, self.cfg.checkpoint.keep)
+        if self.mirror is not None:
+            self._push("the next checkpoint tries again")
+
+    def _push(self, otherwise: str) -> None:
+        """The staging copy to the URI; a storage error costs a line, not the run."""
+        try:
+            self.mirror.push()
+        except OSError as err:  # pyarrow's I/O errors are OSErrors
+            self.echo(f"could not copy the run directory to {self.mirror.uri} ({str(err).splitlines()[0]}); {otherwise}")
 
     def _write_clients(self, stream: Any, path: Path, written: dict[str, dict[str, Any]]) -> tuple[list[str], Path]:
         """One actor's `save_changed` stream to `path`: (client ids, path); no file when none changed."""

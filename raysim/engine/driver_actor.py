@@ -22,6 +22,7 @@ from ray.exceptions import RayTaskError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from raysim import storage
 from raysim.config import ExperimentConfig
 from raysim.engine.driver import Driver
 
@@ -41,7 +42,7 @@ class DriverHost:
 
     def __init__(self, cfg: ExperimentConfig, run_dir: str, placement_group: PlacementGroup | None = None) -> None:
         self.lines: list[str] = []
-        self.args = (cfg, Path(run_dir), placement_group)
+        self.args = (cfg, run_dir, placement_group)
 
     def capture_warnings(self) -> None:
         """raysim's warnings (e.g. undefined metric values) become console lines of the stream
@@ -106,10 +107,13 @@ class DriverActor(DriverHost):
         yield from DriverHost.rounds(self, resume, until)
 
 
-def start(cfg: ExperimentConfig, run_dir: Path, placement_group: PlacementGroup | None = None) -> Any:
-    """Start the run's driver actor: in bundle 0 of `placement_group` (a Tune trial), else on this node.
+def start(cfg: ExperimentConfig, run_dir: str | Path, placement_group: PlacementGroup | None = None) -> Any:
+    """Start the run's driver actor: in bundle 0 of `placement_group` (a Tune trial), else on
+    this node (with `resources.driver_gpus`: wherever a GPU is free, so give a URI run directory
+    or one on a shared filesystem on a multi-node cluster).
 
-    `run_dir` is made absolute here: the actor's working directory is not the caller's.
+    `run_dir` (a path or a `pyarrow.fs` URI) is resolved here: the actor's working directory is
+    not the caller's.
     """
     res = cfg.resources
     if placement_group is not None:
@@ -118,7 +122,7 @@ def start(cfg: ExperimentConfig, run_dir: Path, placement_group: PlacementGroup 
         strategy = "DEFAULT"  # wherever a GPU is free
     else:
         strategy = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return DriverActor.options(num_cpus=res.driver_cpus, num_gpus=res.driver_gpus, scheduling_strategy=strategy).remote(cfg, str(Path(run_dir).resolve()), placement_group)
+    return DriverActor.options(num_cpus=res.driver_cpus, num_gpus=res.driver_gpus, scheduling_strategy=strategy).remote(cfg, storage.resolve_out(run_dir), placement_group)
 
 
 def stream(actor: Any, *, resume: bool = False, until: int | None = None) -> Iterator[Progress]:

@@ -1,0 +1,143 @@
+"""Where a run directory lives: a local path (resolved before anything starts) or a
+`pyarrow.fs` URI (`s3://bucket/runs/x`, `gs://...`, `hdfs://...`, `file:///...`).
+
+A run at a URI works in a local staging directory on the driver's node and mirrors it to the
+URI with `RunMirror.push` after every complete checkpoint and at the end: new and changed
+files first, each checkpoint's `COMPLETE` marker after the files it vouches for, and only then
+the deletions of what the local directory pruned. A push cut short therefore leaves at the URI
+either the previous complete checkpoint or the new one, never a half one that looks complete;
+`--resume URI` pulls the run back (`RunMirror.pull`) and `checkpoints.usable` verifies every
+file against its manifest. Plain Python and pyarrow, no Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from raysim.config import ConfigError
+
+COMPLETE = "COMPLETE"  # checkpoints.COMPLETE (not imported: that module needs torch)
+MIRRORED = "checkpoints"  # below this folder, a file pruned locally is deleted at the URI too
+
+
+def is_uri(out: str | Path) -> bool:
+    return "://" in str(out)
+
+
+def resolve_out(out: str | Path) -> str:
+    """An absolute local path (`~` expanded; actors and a driver actor may run in another
+    working directory) or a URI that pyarrow can open; a clear error otherwise."""
+    text = str(out)
+    if not is_uri(text):
+        return str(Path(text).expanduser().resolve())
+    _filesystem(text)
+    return text.rstrip("/")
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    import pyarrow.fs
+
+    try:
+        fs, base = pyarrow.fs.FileSystem.from_uri(uri)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds for a bad URI
+        raise ConfigError(f"--out {uri}: not a run directory pyarrow can open ({str(err).splitlines()[0]}); use a local path or e.g. s3://bucket/runs/name") from err
+    return fs, base.rstrip("/")
+
+
+class RunMirror:
+    """A run directory at `uri`, mirrored from the local staging directory `local`."""
+
+    def __init__(self, uri: str, local: Path | None = None) -> None:
+        self.uri = uri.rstrip("/")
+        self.fs, self.base = _filesystem(self.uri)
+        self.local = Path(local) if local is not None else staging_dir(self.uri)
+        self.pushed: dict[str, tuple[int, int]] = {}  # relative name -> (size, mtime_ns) as last pushed
+
+    # --- the URI side -------------------------------------------------------------------------
+
+    def remote_files(self) -> dict[str, int]:
+        """Relative name -> size of every file under the URI (none: {})."""
+        import pyarrow.fs
+
+        selector = pyarrow.fs.FileSelector(self.base, recursive=True, allow_not_found=True)
+        prefix = self.base + "/"
+        return {info.path[len(prefix) :]: info.size for info in self.fs.get_file_info(selector) if info.type == pyarrow.fs.FileType.File}
+
+    def read_text(self, name: str) -> str | None:
+        import pyarrow.fs
+
+        path = f"{self.base}/{name}"
+        if self.fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as stream:
+            return stream.read().decode()
+
+    def write_text(self, name: str, text: str) -> None:
+        self.fs.create_dir(self.base, recursive=True)
+        with self.fs.open_output_stream(f"{self.base}/{name}") as stream:
+            stream.write(text.encode())
+
+    def latest_checkpoint(self) -> str | None:
+        """The newest `checkpoints/round_NNNN` with a COMPLETE marker at the URI (not verified)."""
+        done = sorted(name.rsplit("/", 1)[0] for name in self.remote_files() if name.startswith(f"{MIRRORED}/round_") and name.endswith(f"/{COMPLETE}"))
+        return done[-1] if done else None
+
+    # --- both sides ---------------------------------------------------------------------------
+
+    def pull(self) -> Path:
+        """A fresh staging directory holding everything at the URI; returns it."""
+        shutil.rmtree(self.local, ignore_errors=True)
+        self.local.mkdir(parents=True)
+        self.pushed.clear()
+        for name in sorted(self.remote_files()):
+            target = self.local / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self.fs.open_input_stream(f"{self.base}/{name}") as source, open(target, "wb") as sink:
+                shutil.copyfileobj(source, sink, 1 << 20)
+            self.pushed[name] = _stamp(target)
+        return self.local
+
+    def push(self) -> list[str]:
+        """Copy new and changed local files to the URI (COMPLETE markers last), then delete the
+        checkpoint files the local directory no longer has; the names copied."""
+        local = {p.relative_to(self.local).as_posix(): p for p in sorted(self.local.rglob("*")) if p.is_file() and not p.name.endswith(".tmp")}
+        changed = [name for name, path in local.items() if self.pushed.get(name) != _stamp(path)]
+        changed.sort(key=lambda name: name.endswith(f"/{COMPLETE}"))  # stable: markers after every file
+        for name in changed:
+            self._upload(local[name], name)
+        gone = [name for name in self.pushed if name not in local and name.startswith(f"{MIRRORED}/")]
+        for name in gone:
+            self.fs.delete_file(f"{self.base}/{name}")
+            del self.pushed[name]
+        # a checkpoint folder pruned whole goes whole (a filesystem keeps empty folders; S3 has none)
+        kept = {name.split("/", 2)[1] for name in local if name.startswith(f"{MIRRORED}/")}
+        for folder in sorted({name.split("/", 2)[1] for name in gone} - kept):
+            with contextlib.suppress(OSError):  # already gone, or no folders on this filesystem
+                self.fs.delete_dir(f"{self.base}/{MIRRORED}/{folder}")
+        return changed
+
+    def _upload(self, path: Path, name: str) -> None:
+        stamp = _stamp(path)
+        target = f"{self.base}/{name}"
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with open(path, "rb") as source, self.fs.open_output_stream(target) as sink:
+            for block in iter(lambda: source.read(1 << 20), b""):
+                sink.write(block)
+        self.pushed[name] = stamp
+
+
+def staging_dir(uri: str) -> Path:
+    """Where a URI run works locally: `$RAYSIM_STAGING` or the temp dir, one folder per URI."""
+    root = Path(os.environ.get("RAYSIM_STAGING") or Path(tempfile.gettempdir()) / "raysim-staging")
+    return root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns

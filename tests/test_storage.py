@@ -1,0 +1,59 @@
+"""Run directories at a pyarrow.fs URI (a local `file://` filesystem stands in for S3): the
+mirror's push order and pruning, pulling back, `--out` resolution. A run that checkpoints to a
+URI and resumes from it: tests/test_faults.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raysim import storage
+from raysim.config import ConfigError
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_out_is_resolved_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert storage.resolve_out("runs/x") == str(tmp_path / "runs" / "x")
+    assert storage.resolve_out(f"file://{tmp_path}/runs/y/") == f"file://{tmp_path}/runs/y"
+    with pytest.raises(ConfigError, match=r"--out nosuchscheme://bucket/x: not a run directory pyarrow can open"):
+        storage.resolve_out("nosuchscheme://bucket/x")
+
+
+def test_push_sends_markers_last_and_deletes_what_was_pruned_then_pull_gets_it_back(tmp_path: Path) -> None:
+    uri = f"file://{tmp_path}/remote/run"
+    local = tmp_path / "staging"
+    for name, text in {"config.yaml": "seed: 0\n", "checkpoints/round_0001/server.pt": "s1", "checkpoints/round_0001/COMPLETE": "1\n"}.items():
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_text(text)
+    mirror = storage.RunMirror(uri, local)
+    order: list[str] = []
+    upload = mirror._upload
+    mirror._upload = lambda path, name: (order.append(name), upload(path, name))  # observe, then copy for real
+    assert mirror.push() == order
+    assert order[-1] == "checkpoints/round_0001/COMPLETE" and set(order) == set(files_under(local))
+    assert files_under(tmp_path / "remote" / "run") == files_under(local)
+    assert mirror.push() == []  # nothing changed: nothing copied
+
+    # the next checkpoint: round 2 written, round 1 pruned locally, a half-written file ignored
+    (local / "checkpoints/round_0002").mkdir()
+    (local / "checkpoints/round_0002/server.pt").write_text("s2")
+    (local / "checkpoints/round_0002/server.pt.tmp").write_text("half")
+    (local / "checkpoints/round_0002/COMPLETE").write_text("2\n")
+    for name in ("server.pt", "COMPLETE"):
+        (local / "checkpoints/round_0001" / name).unlink()
+    (local / "checkpoints/round_0001").rmdir()
+    order.clear()
+    mirror.push()
+    assert order == ["checkpoints/round_0002/server.pt", "checkpoints/round_0002/COMPLETE"]
+    remote = files_under(tmp_path / "remote" / "run")
+    assert remote == {k: v for k, v in files_under(local).items() if not k.endswith(".tmp")}
+    assert mirror.latest_checkpoint() == "checkpoints/round_0002"
+
+    again = storage.RunMirror(uri, tmp_path / "elsewhere")
+    assert files_under(again.pull()) == remote
+    assert again.push() == []  # what was pulled counts as pushed
