@@ -182,6 +182,9 @@ class FaultConfig:
     on_client_loss: str = _doc("recover: restart the actor and replay from the last checkpoint (exact); drop: continue without its clients (not deterministic)", "recover")
     min_timeout_s: float = _doc("no wait on an actor ends before this many seconds (the deadline is max(this, timeout_factor x the slowest round so far))", 600.0)
     timeout_factor: float = _doc("a call slower than this many times the slowest round so far counts as a lost actor", 5.0)
+    start_timeout_s: float = _doc("client actors that have not started (loaded their shards) within this many seconds count as lost (a new run: it stops, naming what Ray lacks)", 1800.0)
+    first_round_timeout_s: float = _doc("the limit of every wait before a round has been timed (round 1: first calls fill caches and pick kernels)", 1800.0)
+    eval_timeout_s: float | None = _doc("the limit of a wait during an evaluation; null: the rounds' limit", None)
 
     def validate(self) -> None:
         if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
@@ -189,6 +192,10 @@ class FaultConfig:
         _check_choice("fault.on_client_loss", self.on_client_loss, ("recover", "drop"))
         _check_positive("fault.min_timeout_s", self.min_timeout_s)
         _check_positive("fault.timeout_factor", self.timeout_factor)
+        _check_positive("fault.start_timeout_s", self.start_timeout_s)
+        _check_positive("fault.first_round_timeout_s", self.first_round_timeout_s)
+        if self.eval_timeout_s is not None:
+            _check_positive("fault.eval_timeout_s", self.eval_timeout_s)
 
 
 @dataclass

@@ -193,3 +193,25 @@ def test_a_run_at_a_uri_checkpoints_there_and_resumes_from_it(uninterrupted, oph
     pd.testing.assert_frame_equal(resumed, uninterrupted, check_exact=True)
     pd.testing.assert_frame_equal(pd.read_parquet(remote / "metrics.parquet"), uninterrupted, check_exact=True)
     assert sorted(os.listdir(remote / "checkpoints")) == ["round_0002", "round_0003"]  # checkpoint.keep=2, pruned at the URI too
+
+
+def test_actors_that_do_not_start_in_time_stop_the_run_with_a_clear_error(ray_session, oph_root: Path, tmp_path: Path) -> None:
+    """`fault.start_timeout_s`: no actor loads its shards in a millisecond; the run stops naming the
+    limit and what Ray has, instead of waiting for ever (as for an infeasible request on a cluster)."""
+    from raysim.engine.driver import RunFailed
+
+    with pytest.raises(RunFailed, match=r"client actors not started within fault.start_timeout_s=0.001 s: Ray may lack what each asks for \(0.25 CPU, 0 GPU; the cluster has"):
+        make_driver(oph_root, tmp_path / "run", **{"fault.start_timeout_s": 0.001}).run()
+
+
+def test_each_kind_of_wait_has_its_own_limit(oph_root: Path, tmp_path: Path) -> None:
+    """Before a round is timed: fault.first_round_timeout_s; then max(min, factor x slowest round);
+    evaluations: fault.eval_timeout_s when set; actor starts: fault.start_timeout_s."""
+    limits = {"fault.start_timeout_s": 50, "fault.first_round_timeout_s": 40, "fault.min_timeout_s": 3, "fault.timeout_factor": 2}
+    driver = make_driver(oph_root, tmp_path / "run", **limits)  # no Ray needed to build a driver
+    assert (driver.deadline(), driver.deadline("eval"), driver.deadline("start")) == (40, 40, 50)
+    driver.slowest_round = 1.0
+    assert (driver.deadline(), driver.deadline("eval")) == (3, 3)
+    driver.slowest_round = 10.0
+    assert (driver.deadline(), driver.deadline("eval"), driver.deadline("start")) == (20, 20, 50)
+    assert make_driver(oph_root, tmp_path / "eval", **limits, **{"fault.eval_timeout_s": 7}).deadline("eval") == 7

@@ -311,7 +311,7 @@ class Driver:
         chosen = [cid for cid in self.eval_clients() if cid not in self.dead]
         self.pool.broadcast(self.algorithm.payload(state, round_), chosen)
         predictions: list[Predictions] = []
-        for cid, result in self.pool.ordered("evaluate", chosen, None, splits, window=8, timeout=self.deadline()):
+        for cid, result in self.pool.ordered("evaluate", chosen, None, splits, window=8, timeout=self.deadline("eval")):
             if isinstance(result, Exception):
                 self._mark_failed(cid, result)
             else:
@@ -434,7 +434,7 @@ class Driver:
                 if spec.id in self.manifest:
                     files.setdefault(self.manifest[spec.id], []).append(spec.id)
             refs.append(self.pool.actors[i].restore.remote(list(files.items()), *(contents[name] for name in files)))
-        ray.get(refs, timeout=self.deadline())
+        ray.get(refs, timeout=self.deadline("start"))  # after a recovery, new actors start first
 
     # --- actors -------------------------------------------------------------------------------
 
@@ -447,9 +447,14 @@ class Driver:
         provenance.add(self.run_dir, "actor_plan", [[spec.id for spec in group] for group in groups])
         self.echo(f"starting {len(handles)} client actors ({res.actor_cpus:g} CPU, {res.num_gpus:g} GPU each; {placement.clients_per_actor_text(groups)} per actor)")
         described: dict[str, Any] = {}
-        for info in self.pool.each_actor("describe"):
+        for info in self.pool.each_actor("describe", timeout=self.deadline("start")):
             if isinstance(info, RayTaskError):
                 raise _unwrap(info) from None
+            if isinstance(info, GetTimeoutError):
+                raise RunFailed(
+                    f"client actors not started within fault.start_timeout_s={self.deadline('start'):g} s: Ray may lack what each asks for "
+                    f"({res.actor_cpus:g} CPU, {res.num_gpus:g} GPU; the cluster has {ray.cluster_resources()}), or loading the shards takes longer (raise fault.start_timeout_s)"
+                )
             if isinstance(info, Exception):
                 raise info
             machines.append(info["_machine"])
@@ -479,7 +484,7 @@ class Driver:
     def _client_setup(self) -> dict[str, Any]:
         """Every client's `Algorithm.client_setup`, by client id; a failure ends the run before training."""
         out: dict[str, Any] = {}
-        for cid, result in self.pool.ordered("setup", sorted(self.specs), window=8):
+        for cid, result in self.pool.ordered("setup", sorted(self.specs), window=8, timeout=self.deadline("start")):
             if isinstance(result, RayTaskError):
                 raise _unwrap(result) from None
             if isinstance(result, Exception):
@@ -522,9 +527,18 @@ class Driver:
         self.echo(f"client {cid} failed this step: {reason}")
         return reason
 
-    def deadline(self) -> float:
-        """Seconds any one wait on an actor may take: max(fault.min_timeout_s, timeout_factor x the slowest round)."""
+    def deadline(self, kind: str = "round") -> float:
+        """Seconds one wait on an actor may take. "start": actors starting (`fault.start_timeout_s`);
+        "eval": `fault.eval_timeout_s`, if set; otherwise, before any round is timed,
+        `fault.first_round_timeout_s`, then max(`fault.min_timeout_s`, `timeout_factor` x the
+        slowest round so far, its evaluation and checkpoint included)."""
         fault = self.cfg.fault
+        if kind == "start":
+            return fault.start_timeout_s
+        if kind == "eval" and fault.eval_timeout_s is not None:
+            return fault.eval_timeout_s
+        if self.slowest_round == 0:
+            return fault.first_round_timeout_s
         return max(fault.min_timeout_s, fault.timeout_factor * self.slowest_round)
 
     def _recover(self, round_: int, lost: ActorLost) -> None:
@@ -579,7 +593,7 @@ class Driver:
             self._restore_clients(checkpoint)
         else:
             self.manifest, self.known_files = {}, {}
-            ray.get([actor.restore.remote([]) for actor in self.pool.actors], timeout=self.deadline())
+            ray.get([actor.restore.remote([]) for actor in self.pool.actors], timeout=self.deadline("start"))
             self.state = self.algorithm.setup_state(copy.deepcopy(self.initial_state), self._client_setup())
         self.recorder.truncate(done)
         return checkpoint, done

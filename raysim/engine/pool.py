@@ -79,13 +79,14 @@ class ActorPool:
             running[i] -= 1
             submit(i)
 
-    def each_actor(self, method: str, *args: Any) -> list[Any]:
-        """One call per actor, results (or exceptions) in actor order."""
+    def each_actor(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        """One call per actor, results (or exceptions) in actor order; one not there within
+        `timeout` seconds of the previous one comes back as GetTimeoutError."""
         refs = [getattr(actor, method).remote(*args) for actor in self.actors]
         out = []
         for ref in refs:
             try:
-                out.append(ray.get(ref))
+                out.append(ray.get(ref, timeout=timeout))
             except CallError as err:
                 out.append(err)
         return out
