@@ -215,3 +215,23 @@ def test_each_kind_of_wait_has_its_own_limit(oph_root: Path, tmp_path: Path) -> 
     driver.slowest_round = 10.0
     assert (driver.deadline(), driver.deadline("eval"), driver.deadline("start")) == (20, 20, 50)
     assert make_driver(oph_root, tmp_path / "eval", **limits, **{"fault.eval_timeout_s": 7}).deadline("eval") == 7
+
+
+def test_an_actor_reported_unavailable_is_asked_again_not_replaced(uninterrupted, oph_root: Path, tmp_path: Path) -> None:
+    """`ActorUnavailableError` (the call may or may not have run; the actor lives) is transient:
+    Ray's RPC chaos hook loses the response to the run's first actor call, in a subprocess with
+    its own Ray; it is asked again, no actor is replaced or recovery spent, and the metrics
+    equal the uninterrupted run's."""
+    overrides = json.dumps(tiny_overrides(oph_root, **ROUNDS))
+    ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
+    chaos = {"CoreWorkerService.grpc_client.PushTask": {"num_failures": 1, "req_failure_prob": 0, "resp_failure_prob": 100}}
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_testing_rpc_failure": json.dumps(chaos), "RAY_testing_rpc_failure_avoid_intra_node_failures": "0"}
+    env.pop("RAY_ADDRESS", None)
+    script = Path(__file__).with_name("transient_unavailable.py")
+    try:
+        proc = subprocess.run([sys.executable, str(script), str(oph_root), str(tmp_path / "run"), overrides], capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("OK"), (proc.stdout + proc.stderr)[-4000:]
+    assert "recovery" not in proc.stdout and "lost" not in proc.stdout, proc.stdout
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run" / "returned.parquet"), uninterrupted, check_exact=True)

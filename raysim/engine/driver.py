@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 from ray.util import get_current_placement_group
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -71,15 +71,17 @@ def connect_ray(num_cpus: int | None = None, object_store_gb: float | None = 2.0
 class ActorLost(Exception):
     """A client actor died, became unreachable or missed its deadline: recovered by replay."""
 
-    def __init__(self, actor_index: int, clients: list[str], reason: str) -> None:
+    def __init__(self, actor_index: int, clients: list[str], reason: str, *, maybe_alive: bool = False) -> None:
         super().__init__(f"client actor of {', '.join(clients)} lost ({reason})")
         self.actor_index, self.clients, self.reason = actor_index, clients, reason
+        self.maybe_alive = maybe_alive  # unreachable for a moment: replaced only if it stays so
 
 
 class RunFailed(RuntimeError):
     """The run cannot go on (e.g. more actor losses than fault.max_restarts); resumable from its last checkpoint."""
 
 
+UNAVAILABLE_PAUSE_S = 1.0  # between two calls to an actor Ray reports unavailable
 LOST = (RayActorError, GetTimeoutError)  # RayActorError covers ActorDiedError and ActorUnavailableError
 
 
@@ -447,7 +449,9 @@ class Driver:
         provenance.add(self.run_dir, "actor_plan", [[spec.id for spec in group] for group in groups])
         self.echo(f"starting {len(handles)} client actors ({res.actor_cpus:g} CPU, {res.num_gpus:g} GPU each; {placement.clients_per_actor_text(groups)} per actor)")
         described: dict[str, Any] = {}
-        for info in self.pool.each_actor("describe", timeout=self.deadline("start")):
+        for actor, info in zip(self.pool.actors, self.pool.each_actor("describe", timeout=self.deadline("start")), strict=True):
+            if isinstance(info, ActorUnavailableError):  # transient: ask again (describe changes nothing)
+                info = self._answers(actor, "start") or info
             if isinstance(info, RayTaskError):
                 raise _unwrap(info) from None
             if isinstance(info, GetTimeoutError):
@@ -516,9 +520,14 @@ class Driver:
         if isinstance(err, LOST):
             # The actor is gone (or hung), and with it every client it hosted.
             gone = self.pool.clients_of(cid)
-            reason = f"no answer within {self.deadline():.0f} s" if isinstance(err, GetTimeoutError) else "actor died"
+            if isinstance(err, GetTimeoutError):
+                reason = f"no answer within {self.deadline():.0f} s"
+            elif isinstance(err, ActorUnavailableError):  # e.g. a network blip: the call may or may not have run
+                reason = "unreachable; the call may not have run"
+            else:
+                reason = "actor died"
             if self.cfg.fault.on_client_loss == "recover":
-                raise ActorLost(self.pool.index[cid], gone, reason)
+                raise ActorLost(self.pool.index[cid], gone, reason, maybe_alive=isinstance(err, ActorUnavailableError))
             for c in gone:
                 self.dead[c] = reason
             self.echo(f"client actor of {', '.join(gone)} lost ({reason}); fault.on_client_loss=drop: continuing without {'it' if len(gone) == 1 else 'them'}")
@@ -545,7 +554,7 @@ class Driver:
         """Replace every lost actor (a lost node takes several), put every client and the server
         back to the last usable checkpoint (or the start) and go on from there. A loss during
         the recovery counts as one more and starts it again."""
-        dead, replaced = {lost.actor_index}, set()
+        dead, replaced = (set() if lost.maybe_alive else {lost.actor_index}), set()  # an unreachable one: probed below
         while True:
             self.restarts += 1
             latest = checkpoints.latest(self.run_dir)
@@ -560,7 +569,8 @@ class Driver:
                 dead = set()  # the next pass finds which
         gone = sorted(spec.id for i in replaced for spec in self.pool.plan[i])
         self.echo(
-            f"round {round_}: {lost}; started new actors for {', '.join(gone)} and replaying from "
+            f"round {round_}: {lost}; "
+            + (f"started new actors for {', '.join(gone)} and replaying from " if gone else "every actor answers again (none replaced); replaying from ")
             + (f"checkpoint {checkpoint.name}" if checkpoint else "the start")
             + f" (recovery {self.restarts} of at most {self.cfg.fault.max_restarts})"
         )
@@ -568,17 +578,25 @@ class Driver:
 
     def _replace_dead_actors(self, known: set[int]) -> list[int]:
         """Kill and start again the actors in `known` and every other one that does not answer."""
-        refs = {i: actor.describe.remote() for i, actor in enumerate(self.pool.actors) if i not in known}
-        dead = set(known)
-        for i, ref in refs.items():
-            try:
-                ray.get(ref, timeout=self.deadline())
-            except LOST:
-                dead.add(i)
+        dead = set(known) | {i for i, actor in enumerate(self.pool.actors) if i not in known and not self._answers(actor)}
         for i in sorted(dead):
             ray.kill(self.pool.actors[i], no_restart=True)  # a hung one too: its process goes
             self.pool.actors[i] = self._new_actor(i, self.pool.plan[i])
         return sorted(dead)
+
+    def _answers(self, actor: Any, kind: str = "round") -> Any:
+        """The actor's `describe`, or None if it does not answer within the deadline. Asked again
+        while Ray calls it unavailable (transient: a network blip, a node under pressure)."""
+        until = time.monotonic() + self.deadline(kind)
+        while True:
+            try:
+                return ray.get(actor.describe.remote(), timeout=max(until - time.monotonic(), 0.1))
+            except ActorUnavailableError:
+                if time.monotonic() >= until:
+                    return None
+                time.sleep(UNAVAILABLE_PAUSE_S)
+            except LOST:
+                return None
 
     def _rewind(self, latest: Path | None) -> tuple[Path | None, int]:
         """Server, clients and outputs back to the newest usable checkpoint (None: the start)."""
