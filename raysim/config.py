@@ -157,6 +157,10 @@ class EvalConfig:
     attributes: list[str] | None = _doc("attributes scored for fairness (null: all the source has)", None)
     bootstrap: int = _doc("bootstrap resamples for group AUC 95% intervals (0: off)", 200)
     clients: int | str = _doc("clients evaluated: all, sampled (the round's cohort) or an integer k (a seeded subset of k, the same every round)", "all")
+    # predictions.parquet is the run's only patient-level output (reporting.py says what each output holds).
+    predictions: str = _doc("predictions.parquet (per sample: id, label, score, sensitive attributes) of every evaluation (all), the last round's (final) or none", "all")
+    pseudonymize: bool = _doc("sample ids in predictions.parquet replaced by a keyed hash (HMAC-SHA256, 16 hex digits); the key: eval.id_key_file, else $RAYSIM_ID_KEY", False)
+    id_key_file: str | None = _doc("absolute path of a file holding the pseudonymisation key, outside the run directory (null: $RAYSIM_ID_KEY)", None)
 
     def validate(self) -> None:
         _check_positive("eval.every", self.every)
@@ -164,6 +168,12 @@ class EvalConfig:
             raise ConfigError(f"eval.clients must be all, sampled or a positive integer, got {self.clients!r}")
         if self.bootstrap < 0:
             raise ConfigError(f"eval.bootstrap must be >= 0, got {self.bootstrap}")
+        _check_choice("eval.predictions", self.predictions, ("all", "final", "none"))
+        if self.id_key_file is not None:
+            if not self.pseudonymize:
+                raise ConfigError("eval.id_key_file is set but eval.pseudonymize is false; set eval.pseudonymize=true to hash sample ids, or drop eval.id_key_file")
+            if not Path(self.id_key_file).expanduser().is_absolute():
+                raise ConfigError(f"eval.id_key_file must be an absolute path (the driver may run in another directory), got {self.id_key_file!r}")
 
 
 @dataclass

@@ -1,20 +1,49 @@
-"""Run outputs: metrics/predictions Parquet (the public contract), TensorBoard, console tables."""
+"""Run outputs: metrics/predictions Parquet (the public contract), TensorBoard, console tables.
+
+What each output holds, and who should see it:
+
+- `metrics.parquet`: aggregate values per round, split, client and group (AUC, fairness
+  gaps, losses, bytes sent); no sample-level data, but a small group's values describe few
+  patients.
+- `predictions.parquet` (`eval.predictions`: all, final or none): one row per evaluated
+  sample with its id, label, score and every sensitive attribute: patient-level data, for
+  those allowed to see the clients' data. CheXpert / MIMIC ids embed patient and study
+  numbers; `eval.pseudonymize` replaces every id by an HMAC-SHA256 under a key kept outside
+  the run directory (`pseudonym`).
+
+Both are Parquet dataset folders, one part per round and write (`part-r000003-k00.parquet`),
+appended, never rewritten: `pd.read_parquet(RUN_DIR / "metrics.parquet")` reads one table.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
+import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from raysim import metrics
+from raysim.config import ConfigError
 from raysim.types import Predictions
+
+if TYPE_CHECKING:
+    from raysim.config import EvalConfig, ExperimentConfig
 
 METRIC_COLUMNS = ["round", "split", "client", "role", "attribute", "group", "metric", "value"]
 PREDICTION_COLUMNS = ["round", "split", "client", "sample_id", "label", "score"]
+OUTPUTS = ("metrics", "predictions")  # RUN_DIR/<name>.parquet, each a folder of parts
+ID_KEY_ENV = "RAYSIM_ID_KEY"
+MIN_KEY_BYTES = 16
+PSEUDONYM_HEX = 16  # 64 bits: a collision among a million ids has odds of about 3e-8
+_PART = re.compile(r"part-r(\d+)-k(\d+)\.parquet")
 
 Echo = Callable[[str], None]
 
@@ -50,15 +79,17 @@ def with_means(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def prediction_rows(round_: int, preds: Predictions | Sequence[Predictions], attributes: Sequence[str]) -> pd.DataFrame:
-    """`predictions.parquet` rows of one or many clients' predictions (one frame for all)."""
+def prediction_rows(round_: int, preds: Predictions | Sequence[Predictions], attributes: Sequence[str], *, id_key: bytes | None = None) -> pd.DataFrame:
+    """`predictions.parquet` rows of one or many clients' predictions (one frame for all); with
+    `id_key`, each sample id is replaced by its `pseudonym`."""
     many = [preds] if isinstance(preds, Predictions) else list(preds)
     n = sum(len(p.labels) for p in many)
+    ids = np.concatenate([p.sample_ids.astype(str).astype(object) for p in many]) if many else np.array([], dtype=object)
     columns: dict[str, object] = {
         "round": np.full(n, round_, dtype=np.int64),
         "split": np.concatenate([np.full(len(p.labels), p.split, dtype=object) for p in many]) if many else np.array([], dtype=object),
         "client": np.concatenate([np.full(len(p.labels), p.client_id, dtype=object) for p in many]) if many else np.array([], dtype=object),
-        "sample_id": np.concatenate([p.sample_ids.astype(str).astype(object) for p in many]) if many else np.array([], dtype=object),
+        "sample_id": ids if id_key is None else pseudonym(ids, id_key),
         "label": np.concatenate([p.labels.astype(np.int64) for p in many]) if many else np.array([], dtype=np.int64),
     }
     scores = np.concatenate([p.scores for p in many]) if many else np.array([])
@@ -71,42 +102,149 @@ def prediction_rows(round_: int, preds: Predictions | Sequence[Predictions], att
     return pd.DataFrame(columns)
 
 
-class RunRecorder:
-    """Accumulates metric and prediction rows and rewrites the Parquet files atomically."""
+# --- pseudonymisation -----------------------------------------------------------------------
 
-    def __init__(self, run_dir: Path) -> None:
+
+def pseudonym(ids: Sequence[object] | np.ndarray, key: bytes) -> np.ndarray:
+    """HMAC-SHA256 of each id under `key`, its first 16 hex digits: the same id gives the same
+    pseudonym under one key (samples stay joinable across rounds and runs), and without the
+    key neither the id nor a guess at it can be checked."""
+    return np.array([hmac.new(key, str(i).encode(), hashlib.sha256).hexdigest()[:PSEUDONYM_HEX] for i in ids], dtype=object)
+
+
+def id_key(cfg: EvalConfig, run_dir: Path) -> bytes | None:
+    """The pseudonymisation key (`eval.pseudonymize`): the contents of `eval.id_key_file`, else
+    `$RAYSIM_ID_KEY` (surrounding whitespace stripped); None when off. A ConfigError when it is on
+    and no usable key is found, or the key file lies in the run directory (which is copied:
+    Tune checkpoints, a URI mirror). The key is never written anywhere."""
+    if not cfg.pseudonymize:
+        return None
+    if cfg.id_key_file is not None:
+        path = Path(cfg.id_key_file).expanduser().resolve()
+        run = Path(run_dir).expanduser().resolve()
+        if path == run or run in path.parents:
+            raise ConfigError(f"eval.id_key_file {path} lies in the run directory {run}, which is copied and shared; keep the key elsewhere")
+        try:
+            key = path.read_bytes().strip()
+        except OSError as err:
+            raise ConfigError(f"eval.id_key_file {path}: cannot read the pseudonymisation key ({err.strerror or err})") from err
+        where = f"eval.id_key_file {path}"
+    else:
+        key = os.environ.get(ID_KEY_ENV, "").strip().encode()
+        if not key:
+            raise ConfigError(f"eval.pseudonymize=true needs a key: set ${ID_KEY_ENV} or eval.id_key_file (outside the run directory), e.g. from `openssl rand -hex 32`")
+        where = f"${ID_KEY_ENV}"
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"{where}: the pseudonymisation key has {len(key)} bytes, fewer than {MIN_KEY_BYTES}; use e.g. `openssl rand -hex 32`")
+    return key
+
+
+# --- the run's Parquet outputs --------------------------------------------------------------
+
+
+class RunRecorder:
+    """Metric and prediction rows of a run, appended to `RUN_DIR/metrics.parquet/` and
+    `RUN_DIR/predictions.parquet/` as one part per `add` and round (`part-r000003-k01.parquet`,
+    written atomically): a round writes its own rows, never the run's so far. Part names are
+    deterministic, so a replayed round writes the same names again.
+
+    `predictions`: which evaluations keep predictions (`eval.predictions`: all, final or none);
+    `final_round`: the run's last round; `id_key`: pseudonymise sample ids (`id_key`).
+    """
+
+    def __init__(self, run_dir: Path, *, predictions: str = "all", final_round: int | None = None, id_key: bytes | None = None) -> None:
         self.run_dir = run_dir
-        self.metrics = pd.DataFrame(columns=METRIC_COLUMNS)
-        self.predictions: list[pd.DataFrame] = []
+        self.keep_predictions = predictions
+        self.final_round = final_round
+        self.id_key = id_key
+        self._frames: list[pd.DataFrame] = []  # metric rows, concatenated when read
+        self._next: dict[tuple[str, int], int] = {}  # (output, round) -> its next part number
+        self._started = False  # a fresh run clears what an earlier start left on its first write
         self._tb = None
 
+    @classmethod
+    def for_config(cls, run_dir: Path, cfg: ExperimentConfig) -> RunRecorder:
+        """The recorder a run's `eval` section asks for; a ConfigError (before anything is
+        written) when pseudonymisation is on without a usable key."""
+        return cls(run_dir, predictions=cfg.eval.predictions, final_round=cfg.federation.rounds, id_key=id_key(cfg.eval, run_dir))
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """Every metric row so far, in the order `pd.read_parquet(RUN_DIR / "metrics.parquet")` gives."""
+        if not self._frames:
+            return pd.DataFrame(columns=METRIC_COLUMNS)
+        if len(self._frames) > 1:
+            self._frames = [pd.concat(self._frames, ignore_index=True)]
+        return self._frames[0]
+
+    def prediction_frames(self, round_: int, preds: Sequence[Predictions], attributes: Sequence[str]) -> list[pd.DataFrame]:
+        """The `predictions.parquet` rows of round `round_`'s evaluation that `eval.predictions`
+        keeps (none, or only the final round's: []), ids pseudonymised when a key is set."""
+        if self.keep_predictions == "none" or (self.keep_predictions == "final" and round_ != self.final_round):
+            return []
+        return [prediction_rows(round_, preds, attributes, id_key=self.id_key)]
+
     def add(self, metric_frame: pd.DataFrame, prediction_frames: list[pd.DataFrame]) -> None:
-        self.metrics = pd.concat([self.metrics, metric_frame], ignore_index=True) if len(self.metrics) else metric_frame
-        self.predictions.extend(prediction_frames)
-        self._log_tensorboard(metric_frame)
-        self.flush()
+        """Append one round's metric rows and prediction frames (each a part of its own)."""
+        if len(metric_frame):
+            frame = metric_frame.astype({"round": "int64", "value": "float64"}).reset_index(drop=True)
+            self._write_part("metrics", frame)
+            self._frames.append(frame)
+            self._log_tensorboard(frame)
+        for frame in prediction_frames:
+            if len(frame):
+                self._write_part("predictions", frame.reset_index(drop=True))
 
     def flush(self) -> None:
-        _write_parquet(self.metrics.astype({"round": "int64", "value": "float64"}), self.run_dir / "metrics.parquet")
-        if self.predictions:
-            _write_parquet(pd.concat(self.predictions, ignore_index=True), self.run_dir / "predictions.parquet")
+        """Parts are written as rows arrive; this flushes the TensorBoard events."""
+        if self._tb is not None:
+            self._tb.flush()
 
     def truncate(self, last_round: int) -> None:
-        """Forget rows after `last_round` (resume continues from that checkpoint)."""
-        self.metrics = self.metrics[self.metrics["round"] <= last_round].reset_index(drop=True)
-        self.predictions = [p[p["round"] <= last_round] for p in self.predictions]
-        self.flush()
+        """Forget rows after `last_round` (resume and replay continue from that checkpoint): the
+        parts of later rounds are deleted, so a replayed round writes them again."""
+        self._started = True
+        if self._frames:
+            metrics_ = self.metrics
+            self._frames = [metrics_[metrics_["round"] <= last_round].reset_index(drop=True)]
+        for output in OUTPUTS:
+            for round_, _, path in _parts(self.run_dir / f"{output}.parquet"):
+                if round_ > last_round:
+                    path.unlink()
+        self._next = {key: n for key, n in self._next.items() if key[1] <= last_round}
 
     def load_existing(self) -> None:
-        if (self.run_dir / "metrics.parquet").exists():
-            self.metrics = pd.read_parquet(self.run_dir / "metrics.parquet")
-        if (self.run_dir / "predictions.parquet").exists():
-            self.predictions = [pd.read_parquet(self.run_dir / "predictions.parquet")]
+        """Take over the parts a run directory holds (resume); a single-file output of an older
+        raysim becomes parts first."""
+        self._started = True
+        for output in OUTPUTS:
+            folder = self.run_dir / f"{output}.parquet"
+            if folder.is_file():
+                _split_into_parts(folder)
+            for round_, k, _ in _parts(folder):
+                self._next[(output, round_)] = max(self._next.get((output, round_), 0), k + 1)
+        parts = _parts(self.run_dir / "metrics.parquet")
+        self._frames = [pd.read_parquet(self.run_dir / "metrics.parquet")] if parts else []
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+    def _write_part(self, output: str, frame: pd.DataFrame) -> None:
+        if not self._started:  # a fresh run: nothing of an earlier attempt in the same directory stays
+            self._started = True
+            for name in OUTPUTS:
+                _remove_output(self.run_dir / f"{name}.parquet")
+        rounds = frame["round"].unique()
+        if len(rounds) != 1:
+            raise ValueError(f"{output}: one round per add, got rounds {sorted(rounds.tolist())}")
+        round_ = int(rounds[0])
+        k = self._next.get((output, round_), 0)
+        self._next[(output, round_)] = k + 1
+        folder = self.run_dir / f"{output}.parquet"
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_parquet(frame, folder / _part_name(round_, k))
 
     def _log_tensorboard(self, frame: pd.DataFrame) -> None:
         from tensorboardX import SummaryWriter  # optional at import time: only the recorder needs it
@@ -121,10 +259,58 @@ class RunRecorder:
         self._tb.flush()
 
 
+def _part_name(round_: int, k: int) -> str:
+    return f"part-r{round_:06d}-k{k:02d}.parquet"
+
+
+def _parts(folder: Path) -> list[tuple[int, int, Path]]:
+    """(round, number, path) of every part in an output folder, in name order; leftovers of an
+    interrupted write (`.part-*.tmp`) are deleted."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+        elif match := _PART.fullmatch(path.name):
+            found.append((int(match.group(1)), int(match.group(2)), path))
+    return found
+
+
+def _remove_output(path: Path) -> None:
+    if path.is_file():
+        path.unlink()
+    for _, _, part in _parts(path):
+        part.unlink()
+
+
+def _split_into_parts(path: Path) -> None:
+    """An older run's single Parquet file -> a folder of the same name with one part per round."""
+    frame = pd.read_parquet(path)
+    staging = path.with_name(f".{path.name}.parts")
+    staging.mkdir(exist_ok=True)
+    for round_, rows in frame.groupby("round", sort=True):
+        _write_parquet(rows.reset_index(drop=True), staging / _part_name(int(round_), 0))
+    path.unlink()
+    staging.rename(path)
+
+
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(".parquet.tmp")
-    frame.to_parquet(tmp, index=False)
+    """`frame` as `path`, atomically (a hidden `.tmp` first: Parquet readers and the run mirror skip it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    # Text columns as one Arrow type in every part, whatever pandas inferred for this one
+    # (an all-empty column would otherwise be `null` here and `string` in the next part).
+    schema = pa.schema([pa.field(f.name, pa.string()) if _text(frame[f.name]) else f for f in table.schema], metadata=table.schema.metadata)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table.cast(schema), tmp)
     tmp.replace(path)
+
+
+def _text(column: pd.Series) -> bool:
+    return column.dtype == object or isinstance(column.dtype, pd.StringDtype)
 
 
 # --- console ------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ class Driver:
         self.source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
         self.algorithm = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg)
         self.attributes = self._eval_attributes()
-        self.recorder = reporting.RunRecorder(self.run_dir)
+        self.recorder = reporting.RunRecorder.for_config(self.run_dir, cfg)  # eval.pseudonymize without a key: a ConfigError here
         self.pool: ActorPool | None = None
         self.restarts = 0  # actor losses recovered so far (fault.max_restarts)
         self.slowest_round = 0.0  # seconds: sets the deadline of every wait on an actor
@@ -330,7 +330,7 @@ class Driver:
             log.warning("round %d: %d metric values undefined (NaN), e.g. %s", round_, len(undefined), undefined[0].message)
         metric_frame = reporting.with_means(frame)
         self.evaluated_round = round_
-        self.recorder.add(metric_frame, [reporting.prediction_rows(round_, predictions, self.attributes)])
+        self.recorder.add(metric_frame, self.recorder.prediction_frames(round_, predictions, self.attributes))  # eval.predictions, eval.pseudonymize
         attribute = self.source.attribute if self.source.attribute in self.attributes else next(iter(self.attributes), "")
         self.echo(reporting.format_table(metric_frame, round_=round_, split=show, attribute=attribute, group_names=group_names.get(attribute, {})))
         if self.dead:
