@@ -51,7 +51,11 @@ latest_checkpoint = checkpoints.latest
 
 
 def connect_ray(num_cpus: int | None = None, object_store_gb: float | None = 2.0) -> None:
-    """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else start a local one.
+    """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else start a private
+    local one (`address="local"`): never a cluster found in Ray's temp dir, whose address file
+    a killed `ray start --head` leaves behind (joining it failed with a traceback), and never a
+    live local head someone started for its dashboard. Ray's token authentication (on by
+    default since Ray 2.52) guards its ports, which Ray 2.60 opens on the machine's interfaces.
 
     A local Ray gets an object store of `object_store_gb` (`resources.object_store_gb`; None:
     Ray's 30 % of RAM). The engine keeps at most 2 updates per actor and a payload or two in
@@ -65,7 +69,7 @@ def connect_ray(num_cpus: int | None = None, object_store_gb: float | None = 2.0
         ray.init()  # connect; resources are the cluster's, never ours to declare
     else:
         store = None if object_store_gb is None else int(object_store_gb * 1024**3)
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False, object_store_memory=store)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False, object_store_memory=store)
 
 
 class ActorLost(Exception):
