@@ -4,7 +4,7 @@
 A run at a URI works in a local staging directory on the driver's node and mirrors it to the
 URI with `RunMirror.push` after every complete checkpoint and at the end: new and changed
 files first, each checkpoint's `COMPLETE` marker after the files it vouches for, and only then
-the deletions of what the local directory pruned. A push cut short therefore leaves at the URI
+the deletions of what the local directory no longer has (files it pushed or pulled itself). A push cut short therefore leaves at the URI
 either the previous complete checkpoint or the new one, never a half one that looks complete;
 `--resume URI` pulls the run back (`RunMirror.pull`) and `checkpoints.usable` verifies every
 file against its manifest. Plain Python and pyarrow, no Ray.
@@ -23,7 +23,7 @@ from typing import Any
 from raysim.config import ConfigError
 
 COMPLETE = "COMPLETE"  # checkpoints.COMPLETE (not imported: that module needs torch)
-MIRRORED = "checkpoints"  # below this folder, a file pruned locally is deleted at the URI too
+MIRRORED = "checkpoints"  # a folder of it pruned locally goes whole at the URI too
 
 
 def is_uri(out: str | Path) -> bool:
@@ -111,7 +111,7 @@ class RunMirror:
         changed.sort(key=lambda name: name.endswith(f"/{COMPLETE}"))  # stable: markers after every file
         for name in changed:
             self._upload(local[name], name)
-        gone = [name for name in self.pushed if name not in local and name.startswith(f"{MIRRORED}/")]
+        gone = [name for name in self.pushed if name not in local]  # pruned checkpoints, output parts dropped on a replay
         for name in gone:
             self.fs.delete_file(f"{self.base}/{name}")
             del self.pushed[name]

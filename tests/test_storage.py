@@ -54,6 +54,15 @@ def test_push_sends_markers_last_and_deletes_what_was_pruned_then_pull_gets_it_b
     assert remote == {k: v for k, v in files_under(local).items() if not k.endswith(".tmp")}
     assert mirror.latest_checkpoint() == "checkpoints/round_0002"
 
+    # an output part dropped by a replay (metrics.parquet is a folder of parts) goes at the URI too
+    (local / "metrics.parquet").mkdir()
+    (local / "metrics.parquet" / "part-r000002-k00.parquet").write_text("rows")
+    mirror.push()
+    (local / "metrics.parquet" / "part-r000002-k00.parquet").unlink()
+    mirror.push()
+    assert not (tmp_path / "remote" / "run" / "metrics.parquet" / "part-r000002-k00.parquet").exists()
+    remote = files_under(tmp_path / "remote" / "run")
+
     again = storage.RunMirror(uri, tmp_path / "elsewhere")
     assert files_under(again.pull()) == remote
     assert again.push() == []  # what was pulled counts as pushed
