@@ -12,7 +12,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -28,6 +28,10 @@ SPLITS = ("train", "val", "test")
 
 class DataError(ValueError):
     """Input data is missing or malformed; the message names the file and what was expected."""
+
+
+class EmptySplitError(DataError):
+    """Every file of a split was skipped by design (e.g. all modality arrays empty): no pixels."""
 
 
 @dataclass(frozen=True)
@@ -152,12 +156,56 @@ def read_csv(path: Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError as err:
         raise DataError(f"{path}: file not found") from err
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not a readable CSV: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from err
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise DataError(f"{path}: not a readable CSV ({err})") from err
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing required column(s) {', '.join(repr(c) for c in missing)} (columns: {', '.join(frame.columns)})")
     return frame
+
+
+def path_problem(name: str) -> str | None:
+    """Why a file name read from metadata is not a plain relative path; None when it is.
+
+    Refused: empty names, NUL bytes, absolute paths (POSIX `/x`, Windows `C:`, `\\x`) and any
+    `..` component (either separator), so a metadata row can never name a file outside the
+    folder it is joined to. The check is on the text: symbolic links inside data.root are the
+    data owner's layout (`prepare_chest --link` makes them) and are followed.
+    """
+    if not name.strip():
+        return "is empty"
+    if "\0" in name:
+        return "contains a NUL byte"
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute():
+        return "is an absolute path"
+    if windows.anchor:
+        return "starts with a drive or root (absolute on Windows)"
+    if ".." in posix.parts or ".." in windows.parts:
+        return "contains a '..' component"
+    return None
+
+
+def path_under(base: Path, name: str, where: str = "data.root") -> Path:
+    """`base / name` for a file name read from metadata (base: data.root or a folder in it).
+
+    A DataError naming the file and what was expected unless `name` passes `path_problem`.
+    """
+    problem = path_problem(name)
+    if problem:
+        raise DataError(f"file name {name!r} {problem}; expected a path relative to {where} ({base})")
+    return base / name
+
+
+def check_relative_paths(csv: Path, column: str, names: Sequence[str], where: str = "data.root") -> None:
+    """A DataError listing the rows of `column` whose value is not a path relative to `where`."""
+    bad = [(row, str(name), problem) for row, name in enumerate(names) if (problem := path_problem(str(name)))]
+    if bad:
+        listed = "; ".join(f"row {row}: {name!r} {problem}" for row, name, problem in bad[:10])
+        more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise DataError(f"{csv}: {len(bad)} {column} value(s) are not paths relative to {where} ({listed}{more}); write them relative to {where}")
 
 
 def carve_validation(table: SampleTable, fraction: float, rng: np.random.Generator) -> tuple[SampleTable, SampleTable]:

@@ -20,7 +20,11 @@ Datasheet
   credentialed access, data use agreement); users download them themselves. raysim reads a
   local copy and never downloads.
 Rules: a sample whose target attribute is unknown is dropped unless `data.keep_unknown`; a code
-that is neither known nor unknown is an error naming the file, row and column.
+that is neither known nor unknown is an error naming the file, row and column. A `filename`
+that is absolute or has a `..` component is an error naming the CSV and rows (it would read
+a file outside data.root); symbolic links inside data.root, such as `--link` makes, are
+followed. An unreadable image, or one over PIL's decompression-bomb limit, fails the load
+naming the file.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, read_csv, register_dataset
+from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, check_relative_paths, path_under, read_csv, register_dataset
 from raysim.datasets.imaging import read_image, resize_chw
 
 UNKNOWN = -1
@@ -107,8 +111,8 @@ class FairFedMedChest(DataSource):
         """Where an image may be, in the order tried."""
         filename = str(filename)
         if client_id == "mimic":
-            return [self.root / folder / filename for folder in MIMIC_DIRS]
-        return [self.root / filename]
+            return [path_under(self.root / folder, filename, where=f"data.root/{folder}") for folder in MIMIC_DIRS]
+        return [path_under(self.root, filename)]
 
     def image_path(self, client_id: str, filename: str) -> Path:
         tried = self.candidates(client_id, filename)
@@ -146,6 +150,7 @@ class FairFedMedChest(DataSource):
         empty = np.flatnonzero(filenames == "")
         if len(empty):
             raise DataError(f"{csv}: row {empty[0]}: empty filename")
+        check_relative_paths(csv, "filename", list(filenames), where="data.root/{" + ",".join(MIMIC_DIRS) + "}" if client_id == "mimic" else "data.root")
         names, counts = np.unique(filenames, return_counts=True)
         if (counts > 1).any():
             raise DataError(f"{csv}: {int((counts > 1).sum())} filenames listed more than once (first: {', '.join(names[counts > 1][:3])})")

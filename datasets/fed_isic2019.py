@@ -15,7 +15,10 @@ Datasheet
   extension: `image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK,target,center,fold,fold2`; fold
   train/test), `ISIC_2019_Training_Metadata_FL.csv` (`image,age_approx,anatom_site_general,
   sex,dataset`) and `ISIC_2019_Training_Input_preprocessed/<image>.jpg` (RGB, shorter side
-  224, colour constancy applied).
+  224, colour constancy applied). An `image` that is not a plain name under that folder
+  (absolute, or with a `..` component) is an error naming the file and rows, as is a listed
+  image that is missing; an unreadable image (or one over PIL's decompression-bomb limit)
+  fails the load naming the file.
 - Pixels: the central square (side = the shorter side) is cropped, then resized to
   `model.img_size` (FLamby center-crops 200 px at test time; a square crop keeps the aspect).
 - Licence: ISIC 2019 images and metadata are CC BY-NC 4.0. Users download the challenge data
@@ -36,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, read_csv, register_dataset
+from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, check_relative_paths, path_under, read_csv, register_dataset
 from raysim.datasets.imaging import read_image, resize_chw
 
 CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
@@ -109,6 +112,7 @@ class FedISIC2019(DataSource):
         path = self.root / SPLIT_FILE
         frame = read_csv(path, SPLIT_COLUMNS)
         frame["image"] = frame["image"].str.strip()
+        check_relative_paths(path, "image", frame["image"].tolist(), where=f"data.root/{IMAGE_DIR}")
         _check_unique(path, frame["image"])
         frame["target"] = _int_column(path, frame, "target", len(CLASSES), "/".join(CLASSES))
         frame["center"] = _int_column(path, frame, "center", len(CENTERS), "/".join(CENTERS))
@@ -152,7 +156,7 @@ class FedISIC2019(DataSource):
         return SampleTable(rows["image"].to_numpy()[index].astype(str), rows["target"].to_numpy()[index], {a: c[index] for a, c in codes.items()})
 
     def _image_path(self, image: str) -> Path:
-        return self.root / IMAGE_DIR / f"{image}.jpg"
+        return path_under(self.root / IMAGE_DIR, f"{image}.jpg", where=f"data.root/{IMAGE_DIR}")
 
 
 def sex_code(path: Path, row: int, text: str) -> int:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import re
+import struct
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,13 +36,47 @@ def resize_chw(image: np.ndarray, size: int, channels: int) -> np.ndarray:
 
 
 def read_image(path: Path, *, grayscale: bool) -> np.ndarray:
-    """Decode a JPEG/PNG file to uint8 (H, W) or (H, W, 3); a clear DataError when it cannot."""
+    """Decode a JPEG/PNG file to uint8 (H, W) or (H, W, 3); a clear DataError when it cannot.
+
+    Images over PIL's `Image.MAX_IMAGE_PIXELS` (89.5 M pixels; PIL only warns up to twice
+    that) are refused before any pixel is decoded: a header declaring a huge size is a
+    decompression bomb or a corrupt file, and decoding it could exhaust the actor's memory.
+    """
     from PIL import Image, UnidentifiedImageError  # pillow comes with torchvision
 
     if not path.is_file():
         raise DataError(f"{path}: image file missing")
     try:
-        with Image.open(path) as img:
-            return np.array(img.convert("L" if grayscale else "RGB"))  # a writable copy for torch
-    except (UnidentifiedImageError, OSError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return np.array(img.convert("L" if grayscale else "RGB"))  # a writable copy for torch
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))  # PIL: "Image size (N pixels) exceeds limit of ..."
+        size = f"{found.group(1)} pixels" if found else str(err)
+        raise DataError(f"{path}: not a readable image: {size}, over the limit of {Image.MAX_IMAGE_PIXELS} (PIL's Image.MAX_IMAGE_PIXELS; a decompression bomb or a corrupt header)") from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error) as err:
         raise DataError(f"{path}: not a readable image ({err})") from err
+
+
+NPZ_READ_ERRORS = (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, KeyError)
+
+
+def check_npz_array_size(data: Any, key: str, path: Path) -> None:
+    """Refuse an npz array over PIL's `Image.MAX_IMAGE_PIXELS` values before decompressing it.
+
+    The npy header gives the shape; a header declaring a huge array (a zip bomb, a corrupt
+    file) is a DataError naming the file instead of an out-of-memory actor.
+    """
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with data.zip.open(f"{key}.npy") as stream:
+            version = np.lib.format.read_magic(stream)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(stream)
+    except NPZ_READ_ERRORS as err:
+        raise DataError(f"{path}: array {key!r} is corrupt ({err})") from err
+    if limit is not None and math.prod(shape) > limit:
+        raise DataError(f"{path}: {key} declares shape {shape} = {math.prod(shape)} values, over the limit of {limit} (PIL's Image.MAX_IMAGE_PIXELS; a decompression bomb or a corrupt header)")
