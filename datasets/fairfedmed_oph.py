@@ -19,6 +19,10 @@ Datasheet
 Rules: the CSV's text value of an attribute wins over the npz code; a sample whose target
 attribute is unknown is dropped unless `data.keep_unknown`; a file whose modality array is
 empty is skipped (counted); an attribute value that is neither known nor unknown is an error.
+A `filename` that is absolute or has a `..` component, one listed twice in a site's CSVs (or
+in both its train and test), or missing from all/ is an error naming the CSV and rows; an npz
+scalar that is not one number or text, a label other than 0/1 and a modality array over PIL's
+`Image.MAX_IMAGE_PIXELS` values are errors naming the file.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import dataclasses
 import functools
 import hashlib
 import zipfile
-import zlib
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,8 +39,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, read_csv, register_dataset
-from raysim.datasets.imaging import resize_chw
+from raysim.datasets.base import ClientSpec, DataError, DataSource, EmptySplitError, SampleTable, Shard, check_relative_paths, path_problem, path_under, read_csv, register_dataset
+from raysim.datasets.imaging import NPZ_READ_ERRORS, check_npz_array_size, resize_chw
 from raysim.datasets.oph_schema import ATTRIBUTES, LABEL, LABEL_TEXT, MODALITIES, NUM_SITES, RACE_STRINGS, SITE_ATTRIBUTES, UNKNOWN, code_from_text
 from raysim.datasets.partition import split_pool
 from raysim.seeding import rng
@@ -64,6 +67,9 @@ class FairFedMedOph(DataSource):
             client_id = f"site{site}"
             train = self._read_split(site, "train")
             test = self._read_split(site, "test")
+            overlap = sorted(set(train.sample_ids) & set(test.sample_ids))
+            if overlap:
+                raise DataError(f"{self._csv(site, 'train').name}, {self._csv(site, 'test').name}: {len(overlap)} files are in both train and test (first: {', '.join(overlap[:3])})")
             specs.append(self.client_spec(client_id, train, test))
         return specs
 
@@ -78,7 +84,7 @@ class FairFedMedOph(DataSource):
             images.append(self._to_chw(array, filename))
             kept.append(i)
         if not images:
-            raise DataError(f"{spec.id}/{split}: every file has an empty {self.cfg.modality} array")
+            raise EmptySplitError(f"{spec.id}/{split}: every file has an empty {self.cfg.modality} array")
         return Shard(np.stack(images), table.take(np.asarray(kept, dtype=np.int64)), dict(dropped))
 
     def fingerprint(self) -> dict[str, Any]:
@@ -138,6 +144,10 @@ class FairFedMedOph(DataSource):
         path = self._csv(site, split)
         frame = read_csv(path, required=("filename",))
         filenames = frame["filename"].str.strip().to_numpy()
+        check_relative_paths(path, "filename", list(filenames), where="data.root/all")
+        names, counts = np.unique(filenames, return_counts=True)
+        if (counts > 1).any():
+            raise DataError(f"{path}: {int((counts > 1).sum())} filenames listed more than once (first: {', '.join(names[counts > 1][:3])})")
         self._check_files_exist(path, filenames)
         labels = self._labels(path, frame)
         codes = {attr: self._codes(path, frame, attr) for attr in ATTRIBUTES}
@@ -147,13 +157,13 @@ class FairFedMedOph(DataSource):
         return table
 
     def _check_files_exist(self, csv: Path, filenames: np.ndarray) -> None:
-        missing = [f for f in filenames if not (self.root / "all" / f).is_file()]
+        missing = [f for f in filenames if not self._file(f).is_file()]
         if missing:
             raise DataError(f"{csv}: {len(missing)} listed files are missing from {self.root / 'all'} (first: {', '.join(missing[:3])})")
 
     def _labels(self, csv: Path, frame: pd.DataFrame) -> np.ndarray:
         if LABEL not in frame.columns:
-            return np.array([int(self._npz_scalar(f, (LABEL,))[1]) for f in frame["filename"]], dtype=np.int64)
+            return np.array([self._label_from_npz(f.strip()) for f in frame["filename"]], dtype=np.int64)
         labels = []
         for row, text in enumerate(frame[LABEL]):
             value = LABEL_TEXT.get(text.strip().lower(), {"0": 0, "1": 1}.get(text.strip()))
@@ -165,7 +175,7 @@ class FairFedMedOph(DataSource):
     def _codes(self, csv: Path, frame: pd.DataFrame, attr: str) -> np.ndarray:
         if attr in frame.columns:
             return np.asarray([self._code_from_csv(csv, row, attr, text) for row, text in enumerate(frame[attr])], dtype=np.int64)
-        return np.asarray([self._code_from_npz(f, attr) for f in frame["filename"]], dtype=np.int64)
+        return np.asarray([self._code_from_npz(f.strip(), attr) for f in frame["filename"]], dtype=np.int64)
 
     @staticmethod
     def _code_from_csv(csv: Path, row: int, attr: str, text: str) -> int:
@@ -175,23 +185,39 @@ class FairFedMedOph(DataSource):
             raise DataError(f"{csv}: row {row}: {attr}={text!r} is neither a known value ({expected}) nor unknown")
         return code
 
+    def _label_from_npz(self, filename: str) -> int:
+        _, value = self._npz_scalar(filename, (LABEL,))
+        if isinstance(value, str):
+            label = LABEL_TEXT.get(value.strip().lower(), {"0": 0, "1": 1}.get(value.strip()))
+        else:
+            label = int(value) if _is_integer(value) and value in (0, 1) else None
+        if label is None:
+            raise DataError(f"{self._file(filename)}: {LABEL}={value!r} is not 0 or 1 (no/yes)")
+        return label
+
     def _code_from_npz(self, filename: str, attr: str) -> int:
         key, value = self._npz_scalar(filename, ATTRIBUTES[attr].npz_keys)
         if isinstance(value, str):
             code = RACE_STRINGS.get(value.strip().lower()) if attr == "race" else code_from_text(attr, value)
+        elif not _is_integer(value):
+            code = None
         else:
             code = int(value)
             if key == "gender" and self.cfg.gender_coding == "male0" and code != UNKNOWN:
                 code = 1 - code  # this copy codes Male=0, Female=1 (the CSV's text still wins)
         n_groups = len(ATTRIBUTES[attr].names)
         if code is None or not (code == UNKNOWN or 0 <= code < n_groups):
-            raise DataError(f"{self.root / 'all' / filename}: {attr}={value!r} is neither a code 0..{n_groups - 1} nor -1 (unknown)")
+            raise DataError(f"{self._file(filename)}: {attr}={value!r} is neither a code 0..{n_groups - 1} nor -1 (unknown)")
         return code
 
     # --- pixels -------------------------------------------------------------------------------
 
+    def _file(self, filename: str) -> Path:
+        """`data.root/all/<filename>`; a DataError when the name would leave that folder."""
+        return path_under(self.root / "all", filename, where="data.root/all")
+
     def _open(self, filename: str) -> Any:
-        path = self.root / "all" / filename
+        path = self._file(filename)
         try:
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
@@ -199,20 +225,29 @@ class FairFedMedOph(DataSource):
 
     def _npz_scalar(self, filename: str, keys: tuple[str, ...]) -> tuple[str, Any]:
         """(key, value) of the first of `keys` the file has (key families differ)."""
+        path = self._file(filename)
         with self._open(filename) as data:
             for key in keys:
                 if key in data.files:
-                    return key, data[key].item()
-        raise DataError(f"{self.root / 'all' / filename}: none of the keys {', '.join(keys)} present (has: {', '.join(data.files)})")
+                    try:
+                        array = data[key]
+                    except NPZ_READ_ERRORS as err:
+                        raise DataError(f"{path}: array {key!r} is corrupt ({err})") from err
+                    if array.size != 1 or array.dtype.kind not in "biufUS":
+                        raise DataError(f"{path}: {key} must be a scalar (a 0-d number or text array), got {array.dtype} of shape {array.shape}")
+                    value = array.item()
+                    return key, value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        raise DataError(f"{path}: none of the keys {', '.join(keys)} present (has: {', '.join(data.files)})")
 
     def _read_array(self, filename: str) -> np.ndarray:
-        path = self.root / "all" / filename
+        path = self._file(filename)
         with self._open(filename) as data:
             if self.cfg.modality not in data.files:
                 raise DataError(f"{path}: missing key {self.cfg.modality!r} (has: {', '.join(data.files)})")
+            check_npz_array_size(data, self.cfg.modality, path)
             try:
                 array = data[self.cfg.modality]
-            except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as err:
+            except NPZ_READ_ERRORS as err:
                 raise DataError(f"{path}: array {self.cfg.modality!r} is corrupt ({err})") from err
         ndim = 3 if self.is_volume else 2
         if array.size and (array.ndim != ndim or array.dtype != np.uint8):
@@ -224,7 +259,7 @@ class FairFedMedOph(DataSource):
             return resize_chw(array, self.img_size, 1)
         kept = array[:: self.cfg.slice_step]
         if len(kept) != self.channels:
-            raise DataError(f"{self.root / 'all' / filename}: {len(array)} B-scans, but the first volume had {self.volume_depth} (all volumes must match)")
+            raise DataError(f"{self._file(filename)}: {len(array)} B-scans, but the first volume had {self.volume_depth} (all volumes must match)")
         return resize_chw(kept.transpose(1, 2, 0), self.img_size, len(kept))
 
     # --- volumes (oct_bscans) -------------------------------------------------------------------
@@ -251,7 +286,16 @@ class FairFedMedOph(DataSource):
                 if not path.exists():
                     continue
                 for filename in pd.read_csv(path, dtype=str, keep_default_na=False).get("filename", []):
-                    array = self._read_array(filename.strip()) if (self.root / "all" / filename.strip()).is_file() else np.empty(0)
+                    name = filename.strip()
+                    array = self._read_array(name) if path_problem(name) is None and self._file(name).is_file() else np.empty(0)
                     if array.size:
                         return int(array.shape[0])
         raise DataError(f"{self.root}: no non-empty {self.cfg.modality} volume found")
+
+
+def _is_integer(value: Any) -> bool:
+    """A whole number (int, bool or an integral float); False for NaN, inf and 2.5."""
+    try:
+        return float(value).is_integer()
+    except (TypeError, ValueError, OverflowError):
+        return False
