@@ -9,6 +9,8 @@ Datasheet
 - Examples: pneumoniamnist (binary, 1 channel, 4,708/524/624 train/val/test), dermamnist
   (7 classes, 3 channels, 7,007/1,003/2,005). num_classes (max label + 1, at least 2) and
   channels come from the file.
+- Labels are class indices 0..K-1: a file in which fewer than half of 0..(largest label)
+  occur (e.g. a stray 255) is a DataError rather than a model with that many outputs.
 - Not supported (a DataError says so): multi-label chestmnist (labels (N, 14)), the 3D sets
   (images (N, D, D, D)). retinamnist is read as plain 5-class classification, not as the
   ordinal regression of its benchmark.
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from raysim.datasets.base import SPLITS, ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, register_dataset
+from raysim.datasets.base import SPLITS, ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, path_problem, register_dataset
 from raysim.datasets.imaging import resize_chw
 from raysim.datasets.partition import partition
 from raysim.seeding import rng
@@ -87,6 +89,8 @@ class MedMNIST(DataSource):
         found = sorted(p.name for p in root.glob("*.npz"))
         if self.cfg.flag:
             flag = self.cfg.flag.removesuffix(".npz")
+            if path_problem(flag) or "/" in flag or "\\" in flag:
+                raise DataError(f"data.flag={self.cfg.flag!r}: expected the name of an npz file in data.root ({root}), e.g. pneumoniamnist or dermamnist_64, not a path")
             path = root / f"{flag}.npz"
             if not path.is_file():
                 raise DataError(f"data.flag={self.cfg.flag!r}: {path} not found (npz files in {root}: {', '.join(found) or 'none'})")
@@ -153,6 +157,12 @@ class MedMNIST(DataSource):
         if len(geometry) != 1:
             raise DataError(f"{self.path}: image shapes differ between splits: {', '.join(f'{s} {shapes[s]}' for s in SPLITS)}")
         num_classes = max(2, max(int(v.max()) + 1 if len(v) else 0 for v in labels.values()))
+        present = np.unique(np.concatenate(list(labels.values())))
+        if num_classes > 2 and 2 * len(present) < num_classes:
+            raise DataError(
+                f"{self.path}: labels run up to {num_classes - 1}, but only {len(present)} distinct values occur ({', '.join(map(str, present[:10]))}"
+                f"{', ...' if len(present) > 10 else ''}); MedMNIST labels are class indices 0..K-1, and most of 0..{num_classes - 1} never occur"
+            )
         channels = 1 if len(shapes["train"]) == 3 else 3
         return _Meta(labels, channels, num_classes)
 
