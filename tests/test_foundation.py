@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import hashlib
 import json
 import socket
 import threading
@@ -157,32 +159,83 @@ def test_unknown_backend_and_options_list_the_choices() -> None:
 
 class Handler(BaseHTTPRequestHandler):
     batches: list[int] = []
+    seen: list[tuple[str, str, float]] = []  # (path, a digest of the batch, time) of every request
+    token = "Bearer s3cret-token-value"
 
     def do_POST(self) -> None:  # http.server dispatches on this name
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.path == "/fail":
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        request = json.loads(raw)
+        digest = hashlib.sha256(raw).hexdigest()[:12]
+        path = self.path.partition("?")[0]
+        Handler.seen.append((path, digest, time.monotonic()))
+        if path == "/fail":
             return self._reply(500, b"model exploded")
-        if self.path == "/garbage":
+        if path == "/garbage":
             return self._reply(200, b"<html>not json</html>")
-        if self.path == "/slow":
+        if path == "/slow":
             time.sleep(0.5)
+        if path == "/big":  # announced: refused before reading
+            return self._reply(200, b"x" * 2000)
+        if path == "/big-unannounced":  # no Content-Length: HTTP/1.0 ends the body by closing
+            return self._reply(200, b"x" * 200_000, length=False)
+        if path == "/trickle":  # a byte every 0.1 s: each read is quick, the whole never ends
+            return self._trickle()
+        if path == "/bad-request":  # echoes the request line, query string included
+            return self._reply(400, f"shape not supported ({self.path})".encode())
+        if path == "/flaky":  # the second batch fails once (503), everything else is answered
+            batches = list(dict.fromkeys(d for p, d, _ in Handler.seen if p == "/flaky"))
+            if len(batches) >= 2 and digest == batches[1] and [d for p, d, _ in Handler.seen].count(digest) == 1:
+                return self._reply(503, b"warming up")
+        if path == "/busy-once" and len(Handler.seen) == 1:
+            return self._reply(429, b"slow down", headers={"Retry-After": "1"})
+        if path == "/down-after-first" and len(Handler.seen) > 1:
+            return self._reply(503, b"gone")
+        if path == "/redirect":
+            return self._reply(302, b"", headers={"Location": "/auth?sig=abcdef123456"})
+        if path == "/auth":  # a careless server that echoes the header it got
+            got = self.headers.get("Authorization")
+            if got != Handler.token:
+                return self._reply(401, f"bad Authorization: {got}".encode())
         assert request["dtype"] == "uint8"
         images = np.frombuffer(base64.b64decode(request["data"]), np.uint8).reshape(request["shape"])
         Handler.batches.append(len(images))
         probs = intensity_probs(images, request["num_classes"])
         self._reply(200, json.dumps({"probabilities": probs.tolist()}).encode())
 
-    def _reply(self, status: int, body: bytes) -> None:
+    def _reply(self, status: int, body: bytes, *, length: bool = True, headers: dict[str, str] | None = None) -> None:
         try:
             self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            if length:
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (timeout test)
+            pass  # the client gave up (timeout, size-cap and deadline tests)
+
+    def _trickle(self) -> None:
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", "40")
+            self.end_headers()
+            for _ in range(40):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+FAST = {"retry_delay": 0.001}  # retries without the default backoff (1 s, 2 s, 4 s)
+
+
+def http_model(url: str, **options: object):  # type: ignore[no-untyped-def]
+    Handler.seen.clear()
+    return build_foundation_model("http", {"url": url, **FAST, **options})
 
 
 @pytest.fixture(scope="module")
@@ -213,12 +266,12 @@ def test_http_matches_local_computation_and_batches(server_url: str) -> None:
 
 def test_http_errors_name_the_url(server_url: str) -> None:
     images = images_for(2)
-    with pytest.raises(FoundationModelError, match=rf"{server_url}/fail: the server answered HTTP 500.*model exploded"):
-        predict_probabilities(build_foundation_model("http", {"url": server_url + "/fail"}), images, K)
+    with pytest.raises(FoundationModelError, match=rf"{server_url}/fail \(images 0..1\): the server answered HTTP 500.*model exploded.*gave up after 2 tries"):
+        predict_probabilities(build_foundation_model("http", {"url": server_url + "/fail", "retries": 1, **FAST}), images, K)
     with pytest.raises(FoundationModelError, match=rf"{server_url}/garbage \(images 0..1\) answered with invalid JSON"):
         predict_probabilities(build_foundation_model("http", {"url": server_url + "/garbage"}), images, K)
     with pytest.raises(FoundationModelError, match=rf"{server_url}/slow.*within 0.1 s"):
-        predict_probabilities(build_foundation_model("http", {"url": server_url + "/slow", "timeout": 0.1}), images, K)
+        predict_probabilities(build_foundation_model("http", {"url": server_url + "/slow", "timeout": 0.1, "retries": 0}), images, K)
 
 
 def test_http_unreachable_url_is_a_clear_error() -> None:
@@ -227,9 +280,134 @@ def test_http_unreachable_url_is_a_clear_error() -> None:
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/predict"  # closed now: nothing listens there
     with pytest.raises(FoundationModelError, match=rf"cannot reach {url} \(.*refused"):
-        predict_probabilities(build_foundation_model("http", {"url": url, "timeout": 5}), images_for(2), K)
+        predict_probabilities(build_foundation_model("http", {"url": url, "timeout": 5, "retries": 1, **FAST}), images_for(2), K)
     with pytest.raises(ConfigError, match="http:// or https://"):
         build_foundation_model("http", {"url": "file:///etc/passwd"})
+
+
+# --- http hardening: transport, secrets, limits, retries --------------------------------------
+
+
+SECRET = "S3cr3tV4lue"
+
+
+def test_redact_hides_credentials_and_query_secrets() -> None:
+    from raysim import foundation
+
+    cases = {
+        f"https://alice:{SECRET}@fm.example.org/predict": "https://***@fm.example.org/predict",
+        f"https://fm.example.org/predict?model=b&api_key={SECRET}": "https://fm.example.org/predict?model=b&api_key=***",
+        f"https://fm.example.org/p?token={SECRET}&sig={SECRET}#access_token={SECRET}": "https://fm.example.org/p?token=***&sig=***#access_token=***",
+        f"https://fm.example.org/p?X-Amz-Signature={SECRET}&keep=1": "https://fm.example.org/p?X-Amz-Signature=***&keep=1",
+        "http://127.0.0.1:8000/predict?batch=4": "http://127.0.0.1:8000/predict?batch=4",
+        f"//u:{SECRET}@[::1/broken?password={SECRET}": "//***@[::1/broken?password=***",  # urllib cannot parse it: redacted anyway
+    }
+    for url, shown in cases.items():
+        assert foundation.redact(url) == shown
+
+
+def test_http_label_repr_and_errors_never_show_url_secrets(server_url: str) -> None:
+    remote = build_foundation_model("http", {"url": f"https://fm.example.org/predict?api_key={SECRET}"})
+    for text in (remote.label, repr(remote), str(remote)):
+        assert SECRET not in text and "api_key=***" in text
+    with pytest.raises(ConfigError, match=r"carries credentials .* auth_env") as info:  # urllib never sent them anyway
+        build_foundation_model("http", {"url": f"https://alice:{SECRET}@fm.example.org/predict"})
+    assert SECRET not in str(info.value) and "***@fm.example.org" in str(info.value)
+    with pytest.raises(ConfigError, match="http:// or https://") as info:
+        build_foundation_model("http", {"url": f"ftp://alice:{SECRET}@fm.example.org/"})
+    assert SECRET not in str(info.value)
+    # A failing request: the url's secret is redacted in the message, as is the server's echo of it.
+    with pytest.raises(FoundationModelError, match=r"/bad-request\?token=\*\*\* \(images 0..1\): the server answered HTTP 400.*\(/bad-request\?token=\*\*\*\)") as info:
+        predict_probabilities(http_model(f"{server_url}/bad-request?token={SECRET}"), images_for(2), K)
+    assert SECRET not in str(info.value)
+
+
+def test_http_needs_https_unless_the_host_is_loopback() -> None:
+    for url in ("http://fm.example.org/predict", "http://10.0.0.7:8000/predict", "http://[2001:db8::1]/p"):
+        with pytest.raises(ConfigError, match=r"is plain http to .*not loopback.*Use https://"):
+            build_foundation_model("http", {"url": url})
+    for url in ("https://fm.example.org/predict", "http://localhost:8000/p", "http://127.0.0.2:8000/p", "http://[::1]:8000/p"):
+        build_foundation_model("http", {"url": url})  # nothing is contacted
+
+
+def test_http_options_are_checked_one_line_naming_the_option() -> None:
+    url = "https://fm.example.org/predict"
+    for key, value in [("max_response_mb", 0), ("deadline", -1), ("retries", -1), ("retries", 1.5), ("retry_delay", -1), ("batch_size", 2.5), ("timeout", "soon")]:
+        with pytest.raises(ConfigError, match=rf"option {key} must be"):
+            build_foundation_model("http", {"url": url, key: value})
+    with pytest.raises(ConfigError, match="auth_env must be the name of an environment variable") as info:
+        build_foundation_model("http", {"url": url, "auth_env": f"Bearer {SECRET}"})  # the value where its name belongs
+    assert SECRET not in str(info.value)
+    build_foundation_model("http", {"url": url, "deadline": None, "retries": 0, "retry_delay": 0})
+
+
+def test_http_answer_over_the_size_cap_is_refused(server_url: str) -> None:
+    images = images_for(2)
+    with pytest.raises(FoundationModelError, match=r"announced an answer of 2000 bytes \(Content-Length\), over the 0.001 MB cap \(option max_response_mb\); not read"):
+        predict_probabilities(http_model(server_url + "/big", max_response_mb=0.001), images, K)
+    with pytest.raises(FoundationModelError, match=r"answer is over the 0.001 MB cap \(option max_response_mb\); stopped reading after 1001 bytes"):
+        predict_probabilities(http_model(server_url + "/big-unannounced", max_response_mb=0.001), images, K)
+    assert len(Handler.seen) == 1  # refused, not retried
+
+
+def test_http_retries_only_the_failed_batch_and_keeps_the_answered_ones(server_url: str) -> None:
+    images = images_for(10, channels=1, size=8, seed=3)
+    model = http_model(server_url + "/flaky", batch_size=4)
+    probs = predict_probabilities(model, images, K)
+    np.testing.assert_array_equal(probs, intensity_probs(images, K))
+    order = [digest for _, digest, _ in Handler.seen]
+    assert len(order) == 4 and len(set(order)) == 3  # 3 batches, the second asked twice
+    assert order.count(order[0]) == 1 and order[1] == order[2] != order[3]
+    # A batch that keeps failing: the error says how far the answers got.
+    with pytest.raises(FoundationModelError, match=r"images 4..7\): the server answered HTTP 503.*gave up after 3 tries \(option retries=2\); 1 of 3 batches had been answered \(images 0..3\)"):
+        predict_probabilities(http_model(server_url + "/down-after-first", batch_size=4, retries=2), images, K)
+    assert len(Handler.seen) == 4
+
+
+def test_http_429_waits_as_long_as_retry_after_says(server_url: str) -> None:
+    probs = predict_probabilities(http_model(server_url + "/busy-once"), images_for(2), K)
+    assert probs.shape == (2, K) and len(Handler.seen) == 2
+    assert Handler.seen[1][2] - Handler.seen[0][2] >= 0.95  # Retry-After: 1, not retry_delay (0.001)
+
+
+def test_http_client_errors_are_not_retried(server_url: str) -> None:
+    with pytest.raises(FoundationModelError, match=r"\(images 0..1\): the server answered HTTP 400 Bad Request: 'shape not supported \(/bad-request\)'; 0 of 1 batches had been answered$"):
+        predict_probabilities(http_model(server_url + "/bad-request", retries=3), images_for(2), K)
+    assert len(Handler.seen) == 1
+
+
+def test_http_redirects_are_not_followed(server_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FM_TOKEN", Handler.token)
+    with pytest.raises(FoundationModelError, match=r"HTTP 302.*redirects are not followed.*\(/auth\?sig=\*\*\*\)"):
+        predict_probabilities(http_model(server_url + "/redirect", auth_env="FM_TOKEN"), images_for(2), K)
+    assert [path for path, _, _ in Handler.seen] == ["/redirect"]  # the token never went to the new address
+
+
+def test_http_deadline_bounds_all_batches_and_a_trickling_answer(server_url: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(FoundationModelError, match=r"images 1..1\).*deadline of 0.8 s for all batches passed \(option deadline\); 1 of 4 batches had been answered"):
+        predict_probabilities(http_model(server_url + "/slow", batch_size=1, timeout=5, deadline=0.8), images_for(4), K)
+    assert time.monotonic() - started < 1.5  # not 4 x 0.5 s
+    started = time.monotonic()
+    with pytest.raises(FoundationModelError, match=r"deadline of 0.5 s for all batches passed \(option deadline\); 0 of 1 batches"):
+        predict_probabilities(http_model(server_url + "/trickle", timeout=5, deadline=0.5), images_for(2), K)
+    assert time.monotonic() - started < 1.5  # each byte came within timeout; the whole answer would take 4 s
+
+
+def test_http_sends_the_authorization_header_from_the_environment(server_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = images_for(3)
+    monkeypatch.delenv("FM_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match=r"option auth_env names the environment variable FM_TOKEN, which is not set in this process"):
+        http_model(server_url + "/auth", auth_env="FM_TOKEN")
+    monkeypatch.setenv("FM_TOKEN", Handler.token)
+    model = http_model(server_url + "/auth", auth_env="FM_TOKEN")
+    np.testing.assert_array_equal(predict_probabilities(model, images, K), intensity_probs(images, K))
+    assert "s3cret" not in repr(model) + model.label + repr(dataclasses.asdict(model))  # only the variable's name is kept
+    # A wrong token: 401 is not retried, and the server's echo of the header is blanked out.
+    monkeypatch.setenv("FM_TOKEN", "Bearer wrong-but-still-secret")
+    with pytest.raises(FoundationModelError, match=r"HTTP 401 Unauthorized: 'bad Authorization: \*\*\*'; 0 of 1 batches") as info:
+        predict_probabilities(http_model(server_url + "/auth", auth_env="FM_TOKEN"), images, K)
+    assert "wrong-but-still-secret" not in str(info.value) and len(Handler.seen) == 1
 
 
 # --- timm ------------------------------------------------------------------------------------
