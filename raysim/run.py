@@ -97,9 +97,11 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, str, bool]:
             raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a raysim run directory)")
         if latest(run_dir) is None:
             raise ConfigError(f"--resume {run_dir}: no complete checkpoint to resume from")
+        if not storage.is_uri(run_dir):
+            storage.check_unlocked(Path(run_dir))
         return config_mod.from_dict(yaml.safe_load(saved)), run_dir, True
     cfg = config_mod.load(args.config, args.overrides)
-    run_dir = storage.resolve_out(args.out or default_run_dir(cfg))
+    run_dir = storage.resolve_out(args.out) if args.out else new_default_run_dir(cfg)
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if storage.is_uri(run_dir):
         mirror = storage.RunMirror(run_dir)
@@ -131,9 +133,19 @@ def latest(run_dir: str) -> str | None:
     return found_path.name if found_path else None
 
 
-def default_run_dir(cfg: ExperimentConfig) -> Path:
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{cfg.algorithm['name']}-s{cfg.seed}"
+def new_default_run_dir(cfg: ExperimentConfig, parent: Path = Path("runs")) -> str:
+    """`runs/<time>-<algorithm>-s<seed>`, created here (absolute); a name taken already, e.g.
+    by a run started in the same second, gets `-2`, `-3`, ... (mkdir is atomic)."""
+    stem = f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.algorithm['name']}-s{cfg.seed}"
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = parent / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return storage.resolve_out(path)
+    raise ConfigError(f"{parent}: no free run name for {stem}; pass --out")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,10 @@ class RunMirror:
 
     def pull(self) -> Path:
         """A fresh staging directory holding everything at the URI; returns it."""
-        shutil.rmtree(self.local, ignore_errors=True)
-        self.local.mkdir(parents=True)
+        self.local.mkdir(parents=True, exist_ok=True)
+        for item in self.local.iterdir():  # all but the lock the driver holds on it
+            if item.name != LOCK:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
         self.pushed.clear()
         for name in sorted(self.remote_files()):
             target = self.local / name
@@ -106,7 +109,7 @@ class RunMirror:
     def push(self) -> list[str]:
         """Copy new and changed local files to the URI (COMPLETE markers last), then delete the
         checkpoint files the local directory no longer has; the names copied."""
-        local = {p.relative_to(self.local).as_posix(): p for p in sorted(self.local.rglob("*")) if p.is_file() and not p.name.endswith(".tmp")}
+        local = {p.relative_to(self.local).as_posix(): p for p in sorted(self.local.rglob("*")) if p.is_file() and not p.name.endswith(".tmp") and p.name != LOCK}
         changed = [name for name, path in local.items() if self.pushed.get(name) != _stamp(path)]
         changed.sort(key=lambda name: name.endswith(f"/{COMPLETE}"))  # stable: markers after every file
         for name in changed:
@@ -141,3 +144,47 @@ def staging_dir(uri: str) -> Path:
 def _stamp(path: Path) -> tuple[int, int]:
     stat = path.stat()
     return stat.st_size, stat.st_mtime_ns
+
+
+LOCK = ".lock"
+
+
+class RunLock:
+    """An exclusive `fcntl` lock on `RUN_DIR/.lock` for the driver that writes a run directory:
+    two drivers on one directory would prune each other's checkpoints. The kernel releases it
+    when the process ends, however it ends, so a resume after a crash or a retried Tune trial
+    is never blocked. (A URI run locks its staging copy: one machine's drivers only.)"""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK
+        self.file: Any = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(f"{self.path.parent} is in use by another raysim driver ({holder}); wait for it to end or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self.file = handle
+        return self
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing drops the flock
+            self.file = None
+
+
+def check_unlocked(run_dir: Path) -> None:
+    """Fail now, before anything starts, if a driver holds `run_dir` (the driver locks it itself)."""
+    if (Path(run_dir) / LOCK).exists():
+        RunLock(run_dir).acquire().release()

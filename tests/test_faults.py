@@ -139,9 +139,9 @@ def test_a_killed_driver_actor_resumes_from_its_checkpoint(uninterrupted, oph_ro
         if not killed and line.startswith("round   1/3"):
             while not checkpoints.latest(run_dir):
                 time.sleep(0.1)
-            pids = subprocess.run(["pgrep", "-f", "ray::DriverActor"], capture_output=True, text=True).stdout.split()
-            assert len(pids) == 1, pids
-            os.kill(int(pids[0]), signal.SIGKILL)
+            pid = json.loads((run_dir / "provenance.json").read_text())["driver"]["pid"]  # this run's, not another on the machine
+            assert "DriverActor" in Path(f"/proc/{pid}/cmdline").read_text(), pid
+            os.kill(pid, signal.SIGKILL)
             killed = True
     assert proc.wait(timeout=300) == 0, "\n".join(out[-30:])
     assert any(line.startswith("driver actor lost") and "resuming from round_000" in line for line in out), out

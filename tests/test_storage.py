@@ -4,6 +4,8 @@ URI and resumes from it: tests/test_faults.py."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,57 @@ def test_push_sends_markers_last_and_deletes_what_was_pruned_then_pull_gets_it_b
     again = storage.RunMirror(uri, tmp_path / "elsewhere")
     assert files_under(again.pull()) == remote
     assert again.push() == []  # what was pulled counts as pushed
+
+
+def test_one_driver_per_run_directory_and_the_lock_dies_with_its_process(tmp_path: Path, oph_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from raysim import config, run
+    from raysim.engine.driver import Driver
+
+    from conftest import tiny_overrides
+
+    held = storage.RunLock(tmp_path).acquire()
+    with pytest.raises(ConfigError, match=rf"^{tmp_path} is in use by another raysim driver \(pid {os.getpid()} on .+\); wait for it to end or choose another --out$"):
+        storage.RunLock(tmp_path).acquire()
+    cfg = config.load(None, tiny_overrides(oph_root))
+    with pytest.raises(ConfigError, match="is in use by another raysim driver"):
+        Driver(cfg, tmp_path, echo=lambda _: None).start()  # refused before anything starts
+    (tmp_path / "config.yaml").write_text(config.dump(cfg))
+    (tmp_path / "checkpoints" / "round_0001").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "round_0001" / "COMPLETE").write_text("1\n")
+    assert run.main(["--resume", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {tmp_path} is in use by another raysim driver (pid {os.getpid()} on {socket.gethostname()}); wait for it to end or choose another --out"]
+    held.release()
+    storage.RunLock(tmp_path).acquire().release()
+
+    # a driver killed with SIGKILL leaves the lock file, not the lock
+    holder = subprocess.Popen([sys.executable, "-c", f"from raysim import storage; import time; held = storage.RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(300)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ConfigError, match=f"pid {holder.pid} on"):
+        storage.RunLock(tmp_path).acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    storage.RunLock(tmp_path).acquire().release()
+
+
+def test_default_run_names_started_in_the_same_second_differ(tmp_path: Path) -> None:
+    from raysim import config, run
+
+    cfg = config.load(None, [])
+    made = [run.new_default_run_dir(cfg, tmp_path / "runs") for _ in range(3)]
+    assert len(set(made)) == 3 and all(Path(p).is_dir() and Path(p).is_absolute() for p in made)
+    assert {Path(p).name.rsplit("-s0", 1)[-1] for p in made} >= {"-2", "-3"} or len({Path(p).name for p in made}) == 3
+
+
+def test_the_lock_stays_local(tmp_path: Path) -> None:
+    local = tmp_path / "staging"
+    lock = storage.RunLock(local).acquire()
+    (local / "config.yaml").write_text("seed: 0\n")
+    mirror = storage.RunMirror(f"file://{tmp_path}/remote", local)
+    assert mirror.push() == ["config.yaml"]
+    mirror.pull()  # a pull keeps the lock its driver holds
+    assert (local / storage.LOCK).exists() and (local / "config.yaml").exists()
+    lock.release()

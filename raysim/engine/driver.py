@@ -119,6 +119,7 @@ class Driver:
         self.attributes = self._eval_attributes()
         self.recorder = reporting.RunRecorder.for_config(self.run_dir, cfg)  # eval.pseudonymize without a key: a ConfigError here
         self.pool: ActorPool | None = None
+        self.lock: storage.RunLock | None = None  # taken by `start`
         self.restarts = 0  # actor losses recovered so far (fault.max_restarts)
         self.slowest_round = 0.0  # seconds: sets the deadline of every wait on an actor
         self.evaluated_round = 0
@@ -152,11 +153,14 @@ class Driver:
         self.recorder.close()
         if self.mirror is not None and self.run_dir.exists():
             self._push(f"everything is in {self.run_dir}")
+        if self.lock is not None:
+            self.lock.release()
 
     def start(self, *, resume: bool = False) -> None:
         """Read the metadata, build the initial (or checkpointed) state and start the actors."""
         # The server step and the metrics compute here: fixed threads, deterministic kernels.
         deterministic_torch(self.cfg.resources.threads_per_client)
+        self.lock = storage.RunLock(self.run_dir).acquire()  # one driver per run directory
         if self.mirror is not None:  # a fresh staging copy: config.yaml, and on resume the checkpoints
             self.mirror.pull()
         self.cfg = resolve_weights(self.cfg, self.echo)  # adapter methods need a pretrained backbone
