@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
-    print("wrote config.yaml, provenance.json, metrics.parquet, predictions.parquet, checkpoints/, tensorboard/ in:")
+    predictions = "" if cfg.eval.predictions == "none" else " predictions.parquet,"
+    print(f"wrote config.yaml, provenance.json, metrics.parquet,{predictions} checkpoints/, tensorboard/ in:")
     print(run_dir)
     return 0
 

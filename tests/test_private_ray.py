@@ -71,3 +71,17 @@ def test_a_live_local_head_beside_the_run_is_left_alone(ray_env: dict[str, str])
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on exit
         head.wait(timeout=120)
+
+
+def test_a_data_error_found_in_a_client_actor_is_one_line_and_exit_2(ray_env: dict[str, str], oph_copy: Path, tmp_path: Path) -> None:
+    """A corrupt npz that only a client actor reads (the driver reads the CSVs): the whole of
+    stderr is the one line naming the file, exit code 2; no actor traceback, no restarts."""
+    from conftest import tiny_overrides
+
+    victim = sorted((oph_copy / "all").glob("*.npz"))[4]
+    victim.write_bytes(victim.read_bytes()[:300])
+    command = [sys.executable, "-m", "raysim.run", "--out", str(tmp_path / "run"), *tiny_overrides(oph_copy, **{"federation.rounds": 1})]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ray_env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [f"error: {victim}: not a readable npz file (File is not a zip file)"], proc.stderr[-3000:]
+    assert "driver actor lost" not in proc.stdout

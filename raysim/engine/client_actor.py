@@ -15,8 +15,8 @@ import torch
 
 from raysim import provenance
 from raysim.client import Client
-from raysim.config import ExperimentConfig
-from raysim.datasets import DATASETS, ClientSpec
+from raysim.config import ConfigError, ExperimentConfig
+from raysim.datasets import DATASETS, ClientSpec, DataError
 from raysim.datasets.cache import load_cached
 from raysim.determinism import deterministic_torch
 from raysim.engine import checkpoints
@@ -49,9 +49,20 @@ class ClientHost:
 
     def __init__(self, cfg: ExperimentConfig, specs: list[ClientSpec], context: dict[str, Any] | None = None) -> None:
         deterministic_torch(cfg.resources.threads_per_client)  # first: before CUDA starts
+        self.cfg = cfg
+        self.startup_error: Exception | None = None
+        self.clients: dict[str, Client] = {}
+        try:
+            self._build(cfg, specs, context)
+        except (DataError, ConfigError) as err:
+            # Expected bad input (a corrupt file, a wrong shape) comes back as a value from
+            # `describe`: raised here, Ray would print the actor's traceback and report a dead
+            # actor instead of the one line that names the file.
+            self.startup_error = err
+
+    def _build(self, cfg: ExperimentConfig, specs: list[ClientSpec], context: dict[str, Any] | None) -> None:
         from raysim.algorithms import ALGORITHMS
 
-        self.cfg = cfg
         use_cuda = cfg.resources.num_gpus > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_cuda else "cpu")
         cap = gpu_memory_fraction(cfg.resources.num_gpus)
@@ -75,7 +86,10 @@ class ClientHost:
         self.before: dict[str, dict[str, object]] = {}  # this round's fitted clients: their state before it
 
     def describe(self) -> dict[str, Any]:
-        """Per client: samples per split after the drop rules, and what was dropped why."""
+        """Per client: samples per split after the drop rules, and what was dropped why; or, when
+        the actor could not load its clients, `{"_error": the DataError / ConfigError}`."""
+        if self.startup_error is not None:
+            return {"_error": self.startup_error}
         return {
             cid: {split: {"n": len(shard.table), "dropped": dict(shard.dropped)} for split, shard in c.shards.items()}
             for cid, c in self.clients.items()

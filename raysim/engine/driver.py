@@ -69,6 +69,9 @@ def connect_ray(num_cpus: int | None = None, object_store_gb: float | None = 2.0
         ray.init()  # connect; resources are the cluster's, never ours to declare
     else:
         store = None if object_store_gb is None else int(object_store_gb * 1024**3)
+        # Ray's notice that token authentication is on (for a private cluster: as it should be)
+        # would be the first line of every run's stderr, above the one line of a bad input.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False, object_store_memory=store)
 
 
@@ -460,8 +463,12 @@ class Driver:
         for actor, info in zip(self.pool.actors, self.pool.each_actor("describe", timeout=self.deadline("start")), strict=True):
             if isinstance(info, ActorUnavailableError):  # transient: ask again (describe changes nothing)
                 info = self._answers(actor, "start") or info
+            if isinstance(info, dict) and "_error" in info:
+                raise info["_error"]  # bad input an actor found (a DataError naming the file): one line
             if isinstance(info, RayTaskError):
                 raise _unwrap(info) from None
+            if isinstance(info, RayActorError):  # died starting (out of memory, a bug): not the driver's loss
+                raise RunFailed(f"a client actor died while starting: {info}") from None
             if isinstance(info, GetTimeoutError):
                 raise RunFailed(
                     f"client actors not started within fault.start_timeout_s={self.deadline('start'):g} s: Ray may lack what each asks for "

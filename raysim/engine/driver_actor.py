@@ -18,13 +18,13 @@ from typing import Any
 
 import pandas as pd
 import ray
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from raysim import storage
 from raysim.config import ExperimentConfig
-from raysim.engine.driver import Driver
+from raysim.engine.driver import Driver, RunFailed
 
 
 @dataclass
@@ -133,4 +133,6 @@ def stream(actor: Any, *, resume: bool = False, until: int | None = None) -> Ite
             yield ray.get(ref)
     except RayTaskError as err:
         cause = getattr(err, "cause", None)
+        if isinstance(cause, RayActorError):  # a client actor's death the driver did not handle: not the driver actor's own loss
+            raise RunFailed(str(err)) from None
         raise (cause if isinstance(cause, Exception) else err) from None
