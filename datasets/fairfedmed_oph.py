@@ -75,6 +75,8 @@ class FairFedMedOph(DataSource):
 
     def load(self, spec: ClientSpec, split: str) -> Shard:
         table = spec.splits[split]
+        if len(table) == 0:  # nothing listed, not a file problem: val carved from too few rows
+            raise DataError(f"{spec.id}/{split}: no samples (data.val_fraction={self.cfg.val_fraction} of {spec.num_train} training rows carves none); add rows or raise data.val_fraction")
         images, kept, dropped = [], [], Counter()
         for i, filename in enumerate(table.sample_ids):
             array = self._read_array(filename)

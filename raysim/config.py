@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -78,7 +79,7 @@ class ModelConfig:
     weights: str | None = _doc("local checkpoint file to load into the backbone", None)
 
     def validate(self) -> None:
-        _check_positive("model.img_size", self.img_size)
+        _check_positive("model.img_size", self.img_size, at_most=MAX_IMG_SIZE)
 
 
 @dataclass
@@ -200,12 +201,12 @@ class FaultConfig:
         if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise ConfigError(f"fault.max_restarts must be an integer >= 0, got {self.max_restarts!r}")
         _check_choice("fault.on_client_loss", self.on_client_loss, ("recover", "drop"))
-        _check_positive("fault.min_timeout_s", self.min_timeout_s)
-        _check_positive("fault.timeout_factor", self.timeout_factor)
-        _check_positive("fault.start_timeout_s", self.start_timeout_s)
-        _check_positive("fault.first_round_timeout_s", self.first_round_timeout_s)
+        _check_positive("fault.min_timeout_s", self.min_timeout_s, at_most=MAX_TIMEOUT_S)
+        _check_positive("fault.timeout_factor", self.timeout_factor, at_most=1000)
+        _check_positive("fault.start_timeout_s", self.start_timeout_s, at_most=MAX_TIMEOUT_S)
+        _check_positive("fault.first_round_timeout_s", self.first_round_timeout_s, at_most=MAX_TIMEOUT_S)
         if self.eval_timeout_s is not None:
-            _check_positive("fault.eval_timeout_s", self.eval_timeout_s)
+            _check_positive("fault.eval_timeout_s", self.eval_timeout_s, at_most=MAX_TIMEOUT_S)
 
 
 @dataclass
@@ -221,6 +222,8 @@ class ExperimentConfig:
     fault: FaultConfig = _doc("", FaultConfig)
 
     def validate(self) -> None:
+        if not 0 <= self.seed < 2**63:  # numpy's and torch's seeds: non-negative, 64 bits
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         for section in SECTIONS:
             getattr(self, section).validate()
         self.algorithm_params()  # checks the name and the method's fields
@@ -251,12 +254,16 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
+MAX_TIMEOUT_S = 1e7  # ~115 days: beyond it Ray's waits overflow
+MAX_IMG_SIZE = 4096  # pixels per side; larger allocations kill the actors instead of failing here
 SECTIONS = ("data", "model", "federation", "resources", "eval", "checkpoint", "fault")
 
 
-def _check_positive(key: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+def _check_positive(key: str, value: float, *, at_most: float | None = None) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{key} must be a positive number, got {value!r}")
+    if at_most is not None and value > at_most:
+        raise ConfigError(f"{key} must be at most {at_most:g}, got {value!r}")
 
 
 def _check_fraction(key: str, value: float, *, allow_zero: bool, allow_one: bool) -> None:
@@ -297,15 +304,35 @@ def read_yaml(source: str | Path) -> dict[str, Any]:
         if name in preset_names():
             return yaml.safe_load(_presets().joinpath(f"{name}.yaml").read_text()) or {}
         raise ConfigError(f"config file {source!s} not found (and no preset of that name; presets: {', '.join(preset_names())})")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is a directory, not a YAML file")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path}: cannot be read ({err.strerror})") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, name: str) -> dict[str, Any]:
+    """A config's YAML text (`name`: where it came from, for the one-line error)."""
+    try:
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raise ConfigError(f"{name}: not valid YAML ({_yaml_problem(err)})") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(loaded).__name__}")
+        raise ConfigError(f"{name}: expected a mapping of config sections, got {type(loaded).__name__}")
     return loaded
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what is wrong and where."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -318,7 +345,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(err)})") from None
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:

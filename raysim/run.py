@@ -49,13 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run_dir = None
+    created = not args.resume and (not args.out or (not storage.is_uri(args.out) and not Path(args.out).exists()))
     try:
         cfg, run_dir, resume = prepare(args)
         Driver(cfg, run_dir)  # reads the data source's metadata: bad input fails here, before Ray starts
         connect_ray(object_store_gb=cfg.resources.object_store_gb)
+        driver_actor.check_fits(cfg)
         drive(cfg, run_dir, resume)
     except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if run_dir is not None and not args.resume:
+            _forget_unstarted(run_dir, remove_dir=created)  # the same command can simply run again
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunFailed as err:
         print(f"error: {err}", file=sys.stderr)
@@ -66,6 +71,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _one_line(err: Exception) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def _forget_unstarted(run_dir: str, *, remove_dir: bool) -> None:
+    """A fresh run refused before its first checkpoint leaves no trace: the files raysim wrote
+    (config.yaml, provenance.json, the lock) go, and the directory if raysim made it."""
+    if storage.is_uri(run_dir):
+        return
+    path, ours = Path(run_dir), {"config.yaml", "provenance.json", storage.LOCK}
+    if not path.is_dir() or not {item.name for item in path.iterdir()} <= ours:
+        return  # it got further (metrics, checkpoints): keep everything
+    for name in ours:
+        (path / name).unlink(missing_ok=True)
+    if remove_dir:
+        path.rmdir()
+
+
 def drive(cfg: ExperimentConfig, run_dir: str, resume: bool) -> None:
     """Run the rounds in a driver actor and print its lines; a lost driver actor (its process
     killed, its node gone) is started again from the last complete checkpoint, up to
@@ -73,7 +96,9 @@ def drive(cfg: ExperimentConfig, run_dir: str, resume: bool) -> None:
     losses = 0
     while True:
         try:
-            for event in driver_actor.stream(driver_actor.start(cfg, run_dir), resume=resume):
+            actor = driver_actor.start(cfg, run_dir)
+            driver_actor.wait_started(actor, cfg)
+            for event in driver_actor.stream(actor, resume=resume):
                 for line in event.lines:
                     print(line, flush=True)
             return
@@ -100,7 +125,11 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, str, bool]:
             raise ConfigError(f"--resume {run_dir}: no complete checkpoint to resume from")
         if not storage.is_uri(run_dir):
             storage.check_unlocked(Path(run_dir))
-        return config_mod.from_dict(yaml.safe_load(saved)), run_dir, True
+        try:
+            return config_mod.from_dict(config_mod.parse_yaml(saved, f"{run_dir}/config.yaml")), run_dir, True
+        except ConfigError as err:
+            name = f"{run_dir}/config.yaml"
+            raise ConfigError(str(err) if str(err).startswith(name) else f"{name}: {err}") from None
     cfg = config_mod.load(args.config, args.overrides)
     run_dir = storage.resolve_out(args.out) if args.out else new_default_run_dir(cfg)
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -111,6 +140,8 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, str, bool]:
         mirror.write_text("config.yaml", text)
         return cfg, run_dir, False
     path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {run_dir} is not a directory (a file is there); give a directory to create")
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"--out {run_dir} is not empty; choose a new directory or continue it with --resume {run_dir}")
     path.mkdir(parents=True, exist_ok=True)
@@ -122,7 +153,12 @@ def _read_config(run_dir: str) -> str | None:
     if storage.is_uri(run_dir):
         return storage.RunMirror(run_dir).read_text("config.yaml")
     path = Path(run_dir) / "config.yaml"
-    return path.read_text() if path.exists() else None
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
 
 
 def latest(run_dir: str) -> str | None:

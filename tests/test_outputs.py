@@ -205,7 +205,7 @@ def test_the_cli_refuses_to_start_without_a_key(oph_root: Path, tmp_path: Path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == run.EXIT_BAD_INPUT and len(err) == 1, err
     assert err[0].startswith("error: eval.pseudonymize=true needs a key") and "RAYSIM_ID_KEY" in err[0]
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]  # nothing trained, nothing recorded
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing recorded: the refused run leaves no trace
 
 
 # --- through the driver -----------------------------------------------------------------------

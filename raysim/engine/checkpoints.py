@@ -92,10 +92,13 @@ def verify(checkpoint: Path) -> str | None:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as err:
         return f"{MANIFEST} unreadable: {err}"
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{checkpoint}: checkpoint format {manifest.get('format')!r}, this version reads format {FORMAT}: start the run again")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{checkpoint}: checkpoint format {manifest.get('format') if isinstance(manifest, dict) else None!r}, this version reads format {FORMAT}: start the run again")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not isinstance(manifest.get("clients", {}), dict) or not all(isinstance(v, dict) and {"bytes", "sha256"} <= v.keys() for v in files.values()):
+        return f"{MANIFEST} is not a raysim manifest (its file list or sizes are missing)"
     root = checkpoint.parent
-    for name, expected in manifest["files"].items():
+    for name, expected in files.items():
         path = root / name
         if not path.exists():
             return f"{name} is missing"

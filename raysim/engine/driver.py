@@ -432,7 +432,7 @@ class Driver:
         """The driver reads each client file the checkpoint names, once, and sends its bytes to
         the actors whose clients it holds; a client in no file starts from the initial state."""
         saved = checkpoints.load_manifest(folder)
-        self.manifest = dict(saved["clients"])
+        self.manifest = dict(saved.get("clients", {}))
         self.known_files = dict(saved["files"])
         for cid, reason in saved.get("dead", {}).items():
             if cid in self.specs:

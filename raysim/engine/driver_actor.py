@@ -11,6 +11,7 @@ killed job), the driver actor and with it every client actor goes too.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,12 @@ from typing import Any
 
 import pandas as pd
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnschedulableError, GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from raysim import storage
-from raysim.config import ExperimentConfig
+from raysim.config import ConfigError, ExperimentConfig
 from raysim.engine.driver import Driver, RunFailed
 
 
@@ -52,6 +53,10 @@ class DriverHost:
         raysim_log = logging.getLogger("raysim")
         raysim_log.addHandler(handler)
         raysim_log.propagate = False
+
+    def ready(self) -> bool:
+        """Answers once the actor is placed and built (`wait_started`)."""
+        return True
 
     def rounds(self, resume: bool = False, until: int | None = None) -> Iterator[Progress]:
         cfg, run_dir, placement_group = self.args
@@ -123,6 +128,30 @@ def start(cfg: ExperimentConfig, run_dir: str | Path, placement_group: Placement
     else:
         strategy = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     return DriverActor.options(num_cpus=res.driver_cpus, num_gpus=res.driver_gpus, scheduling_strategy=strategy).remote(cfg, storage.resolve_out(run_dir), placement_group)
+
+
+def check_fits(cfg: ExperimentConfig) -> None:
+    """A local Ray (no RAY_ADDRESS: nothing scales up) must have the driver's own resources."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    have = ray.cluster_resources()
+    for key, need, name in (("CPU", cfg.resources.driver_cpus, "resources.driver_cpus"), ("GPU", cfg.resources.driver_gpus, "resources.driver_gpus")):
+        if need > have.get(key, 0.0):
+            raise ConfigError(f"{name}={need:g}, but this machine's Ray has {have.get(key, 0.0):g} {key}s")
+
+
+def wait_started(actor: Any, cfg: ExperimentConfig) -> None:
+    """The driver actor placed and built within `fault.start_timeout_s`; a request Ray cannot
+    place (more `driver_cpus` / `driver_gpus` than a node has) fails instead of waiting for ever."""
+    res = cfg.resources
+    asked = f"resources.driver_cpus={res.driver_cpus:g}, resources.driver_gpus={res.driver_gpus:g}"
+    try:
+        ray.get(actor.ready.remote(), timeout=cfg.fault.start_timeout_s)
+    except ActorUnschedulableError as err:
+        raise ConfigError(f"the driver actor cannot be placed ({asked}): {str(err).splitlines()[0]}") from None
+    except GetTimeoutError:
+        ray.kill(actor)
+        raise RunFailed(f"the driver actor did not start within fault.start_timeout_s={cfg.fault.start_timeout_s:g} s: Ray may lack {asked} (it has {ray.cluster_resources()})") from None
 
 
 def stream(actor: Any, *, resume: bool = False, until: int | None = None) -> Iterator[Progress]:
