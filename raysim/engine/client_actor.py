@@ -49,20 +49,10 @@ class ClientHost:
 
     def __init__(self, cfg: ExperimentConfig, specs: list[ClientSpec], context: dict[str, Any] | None = None) -> None:
         deterministic_torch(cfg.resources.threads_per_client)  # first: before CUDA starts
-        self.cfg = cfg
-        self.startup_error: Exception | None = None
-        self.clients: dict[str, Client] = {}
-        try:
-            self._build(cfg, specs, context)
-        except (DataError, ConfigError) as err:
-            # Expected bad input (a corrupt file, a wrong shape) comes back as a value from
-            # `describe`: raised here, Ray would print the actor's traceback and report a dead
-            # actor instead of the one line that names the file.
-            self.startup_error = err
-
-    def _build(self, cfg: ExperimentConfig, specs: list[ClientSpec], context: dict[str, Any] | None) -> None:
         from raysim.algorithms import ALGORITHMS
 
+        self.cfg = cfg
+        self.startup_error: Exception | None = None  # bad input the Ray actor (`ClientActor`) caught
         use_cuda = cfg.resources.num_gpus > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_cuda else "cpu")
         cap = gpu_memory_fraction(cfg.resources.num_gpus)
@@ -202,6 +192,15 @@ class ClientActor(ClientHost):
 
     def set_payload(self, payload: Mapping[str, Any]) -> None:
         super().set_payload(from_wire(payload, copy=True))
+
+    def __init__(self, cfg: ExperimentConfig, specs: list[ClientSpec], context: dict[str, Any] | None = None) -> None:
+        try:
+            super().__init__(cfg, specs, context)
+        except (DataError, ConfigError) as err:
+            # Expected bad input (a corrupt file, a wrong shape) comes back as a value from
+            # `describe`: raised here, Ray would print the actor's traceback and report a dead
+            # actor instead of the one line that names the file.
+            self.startup_error = err
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=SAVE_CHUNKS_IN_FLIGHT)
     def save_changed(self) -> Iterator[Any]:
