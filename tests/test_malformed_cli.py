@@ -10,8 +10,7 @@ before (a driver that started took the run's .lock, which holds its pid).
 
 Most cases run in-process: config errors never reach Ray (the test fails if one does), the
 rest share the session's Ray (`ray_session`). Three run end to end as `python -m raysim.run`
-subprocesses, started at once, each with its own Ray temp dir. A case with `bug=` is a known
-bug, xfail(strict=True) with its reproduction (a fix makes it fail until the mark goes).
+subprocesses, started at once, each with its own Ray temp dir.
 
 (tests/test_data_hardening.py holds the source-level catalogue: DataError messages for each
 source; tests/test_config.py the config layer's own messages.)
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from test_data_hardening import write_isic, write_medmnist
 
 from raysim import config, run
 from raysim.engine import driver_actor
@@ -49,33 +48,6 @@ ISIC_META = "ISIC_2019_Training_Metadata_FL.csv"
 
 
 # --- small data sets ----------------------------------------------------------------------------
-
-
-def write_isic(root: Path) -> None:
-    """Fed-ISIC2019 layout: 6 centers x (4 train + 2 test) rows, 12x10 RGB JPEGs."""
-    split, meta = [], []
-    for center in range(6):
-        for j in range(6):
-            name = f"ISIC_{center * 100 + j:07d}"
-            fold = "train" if j < 4 else "test"
-            split.append({"image": name, "target": center if j % 2 == 0 else (center + 3) % 8, "center": center, "fold": fold, "fold2": f"{fold}_{center}"})
-            meta.append({"image": name, "age_approx": "45.0", "anatom_site_general": "torso", "sex": ("female", "male")[j % 2], "dataset": "BCN_nan"})
-            path = root / "ISIC_2019_Training_Input_preprocessed" / f"{name}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.random.default_rng(center * 10 + j).integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(path, format="JPEG")
-    pd.DataFrame(split).to_csv(root / "train_test_split", index=False)
-    pd.DataFrame(meta).to_csv(root / ISIC_META, index=False)
-
-
-def write_medmnist(root: Path, **replace: np.ndarray) -> None:
-    """A pneumoniamnist.npz in the MedMNIST format: 24 / 6 / 12 gray 8x8 images, labels 0/1."""
-    arrays = {}
-    for split, n in (("train", 24), ("val", 6), ("test", 12)):
-        arrays[f"{split}_images"] = np.broadcast_to((np.arange(n) % 251).astype(np.uint8)[:, None, None], (n, 8, 8)).copy()
-        arrays[f"{split}_labels"] = (np.arange(n) % 2).astype(np.uint8)[:, None]
-    arrays.update(replace)
-    root.mkdir(parents=True, exist_ok=True)
-    np.savez(root / "pneumoniamnist.npz", **arrays)
 
 
 def edit_csv(path: Path, change: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
@@ -179,7 +151,6 @@ class Case:
     argv: Callable[[Ctx], list[str]]  # builds the input (breaking files in ctx.tmp) and the argv
     needles: tuple[str, ...]  # all in the one error line; {out}, {tmp} are ctx's paths
     ray: bool = False  # reaches the driver actor (the shared Ray); else reaching Ray fails the case
-    bug: str | None = None  # a known bug: xfail(strict=True) with this reason
     no_gpu: bool = False  # expects a Ray without GPUs (skipped where the session's Ray has one)
 
 
@@ -417,7 +388,7 @@ def _no_ray(*args: object, **kwargs: object) -> None:
     raise AssertionError("a case not marked ray reached connect_ray: the input was not refused before Ray starts")
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.bug)] if c.bug else []) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_nothing_damaged(case: Case, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     if case.ray:
         ray = request.getfixturevalue("ray_session")
