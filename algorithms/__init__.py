@@ -1,13 +1,20 @@
 """Federated methods, one module each, registered by name (`raysim.algorithms` entry points add more)."""
 
 from raysim.algorithms import (  # noqa: F401  (register the built-ins)
+    afl,
+    cksp,
+    deer,
+    det,
     ditto,
+    dp_lora,
     fairfed,
     fairlora,
     fedadagrad,
     fedadam,
     fedavg,
+    fedbm,
     fedbn,
+    fedfb,
     fedhelp,
     fedlora,
     fednova,
@@ -15,7 +22,10 @@ from raysim.algorithms import (  # noqa: F401  (register the built-ins)
     fedprox,
     fedrdn,
     fedyogi,
+    ffa_lora,
     local,
+    pfa,
+    pfl_resfim,
     qffl,
     silobn,
 )

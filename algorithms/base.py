@@ -1,13 +1,19 @@
 """The Algorithm base class: FedAvg behaviour, with hooks each method overrides.
 
-Server half (driver): `init_state`, `payload`, and the server step as a fold over the round's
+Server half (driver): `sample_clients`, `init_state`, `payload` (tensors) with `round_values`
+(small non-tensor values, e.g. FedFB's group weights), and the server step as a fold over the round's
 updates: `fold_start` -> `accumulate` (once per update, in sorted client order, each update
 dropped right after) -> `finalize`. The server therefore holds one accumulator, never the
 cohort. A method whose weights need cohort-wide numbers (FairFed's global gap) sets
 `round_statistics` and gets every sampled client's `client_statistics` (small values) in
 `fold_start`, before any update arrives. Client half (inside the client's actor):
-`client_fit`, `loss`, `after_step`, `eval_model`. A method subclasses this and overrides only
-the steps that differ; hyperparameters are a dataclass in `Params`.
+`receive` (the round's values), `client_fit` with `trained_keys` (a round-dependent subset of
+what is trained and sent up), `batch_transform`, `loss`, `after_step`, `eval_model`. Clients send
+small non-tensor values up in `Update.extra`. After each round the driver writes
+`server_metrics` (e.g. privacy spent) as `client=server` rows and asks `stop_before` whether
+the next round may run. Server-side computation (a generator, DP noise) runs in the driver
+actor, on `server_device`. A method subclasses this and overrides only the steps that
+differ; hyperparameters are a dataclass in `Params`.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from torch import nn
 from raysim.algorithms.aggregation import WeightedSum
 from raysim.models import build_model, exchangeable_keys
 from raysim.registry import Registry
-from raysim.seeding import derive_seed
-from raysim.training import Batch, cross_entropy, make_optimizer, train_epochs
+from raysim.seeding import derive_seed, rng
+from raysim.training import Batch, cross_entropy, make_optimizer, only_trainable, train_epochs
 from raysim.types import Tensors, Update
 
 if TYPE_CHECKING:
@@ -49,10 +55,14 @@ class Algorithm:
     # True: before each round's training, every sampled client's `client_statistics` reaches
     # `fold_start` (a light pass over the cohort; one extra call per actor).
     round_statistics: ClassVar[bool] = False
+    # Where the server step runs (in the driver actor): the driver sets it from
+    # resources.driver_gpus; server-side training (FedBM's generator) puts its tensors here.
+    server_device: torch.device = torch.device("cpu")
 
     def __init__(self, params: Any, cfg: ExperimentConfig) -> None:
         self.params = params
         self.cfg = cfg
+        self.received: dict[str, Any] = {}  # in a client actor: the values sent with the current payload
 
     # --- what travels -------------------------------------------------------------------------
 
@@ -107,8 +117,30 @@ class Algorithm:
         state = model.state_dict()
         return {"weights": {k: state[k].detach().clone() for k in self.communicated(model)}}
 
+    def sample_clients(self, round_: int, clients: list[str], k: int, state: ServerState) -> list[str]:
+        """The round's cohort: `k` of `clients` (sorted ids), in sorted order. Seeded by (seed,
+        round) alone, so every method sees the same selections; AFL overrides it (by λ)."""
+        chosen = rng(self.cfg.seed, "sample", round_).choice(len(clients), size=min(k, len(clients)), replace=False)
+        return [clients[i] for i in sorted(chosen)]
+
     def payload(self, state: ServerState, round_: int) -> Tensors:
+        """The tensors every client of the round gets (one object, shared by all of them)."""
         return state["weights"]
+
+    def round_values(self, state: ServerState, round_: int) -> dict[str, Any]:
+        """Small non-tensor values sent with the payload (FedFB's group weights λ, AFL's mixture
+        weights); a client actor gets them through `receive` before the round's calls."""
+        return {}
+
+    def server_metrics(self, round_: int, state: ServerState) -> dict[str, float]:
+        """Server-level numbers of the round just folded (DEeR's `epsilon`, `delta`): written to
+        metrics.parquet as split `train`, client `server`, outside every mean."""
+        return {}
+
+    def stop_before(self, round_: int, state: ServerState) -> str | None:
+        """A reason not to run round `round_` (e.g. it would exceed a privacy budget): the run
+        then ends after a checkpoint of the round before, exit 0, the reason on the console."""
+        return None
 
     def fold_start(self, round_: int, state: ServerState, statistics: dict[str, dict[str, Any]]) -> Any:
         """The round's empty accumulator; `statistics`: client id -> `client_statistics` (empty unless `round_statistics`)."""
@@ -122,8 +154,9 @@ class Algorithm:
         fold.add(update.tensors, float(update.num_examples), update.client_id)
 
     def finalize(self, round_: int, fold: Any, state: ServerState) -> ServerState:
-        """The new server state from the round's accumulator."""
-        return {**state, "weights": fold.mean()}
+        """The new server state from the round's accumulator (a round that trained a subset,
+        `trained_keys`, leaves the other weights as they were)."""
+        return {**state, "weights": {**state["weights"], **fold.mean()}}
 
     def aggregate(self, round_: int, updates: list[Update], state: ServerState, statistics: dict[str, dict[str, Any]] | None = None) -> ServerState:
         """The fold over a list of updates in the given order (tests, tools; the engine folds as updates arrive)."""
@@ -134,20 +167,34 @@ class Algorithm:
 
     # --- client side --------------------------------------------------------------------------
 
+    def receive(self, values: dict[str, Any]) -> None:
+        """In a client actor: the `round_values` that came with the current payload."""
+        self.received = values
+
+    def trained_keys(self, round_: int, keys: list[str]) -> list[str]:
+        """Which of the payload's keys are trained and sent back this round (DEeR alternates
+        A and B); the payload's other parameters stay frozen. Default: all of them."""
+        return keys
+
+    def batch_transform(self, client: Client, round_: int) -> Callable[[Batch], Batch] | None:
+        """A change applied to every training batch of this client's round (pFL-ResFIM's style
+        transfer); None: the batches as they are."""
+        return None
+
     def client_fit(self, client: Client, payload: Tensors, round_: int) -> Update:
         model = client.load(payload)
         extra = self.before_training(client, model)
         fed = self.cfg.federation
-        stats = train_epochs(
-            model,
-            client.train_epochs(round_, fed.local_epochs, fed.batch_size, self.cfg.seed),
-            make_optimizer(model, fed),
-            loss_fn=self.loss,
-            after_step=self.after_step,
-        )
+        trained = self.trained_keys(round_, list(payload))
+        epochs = client.train_epochs(round_, fed.local_epochs, fed.batch_size, self.cfg.seed)
+        transform = self.batch_transform(client, round_)
+        if transform is not None:
+            epochs = (map(transform, batches) for batches in epochs)
+        with only_trainable(model, frozen=set(payload) - set(trained)):
+            stats = train_epochs(model, epochs, make_optimizer(model, fed), loss_fn=self.loss, after_step=self.after_step)
         state = model.state_dict()
         client.keep(set(state) - set(payload))
-        tensors = {k: state[k].detach().cpu().clone() for k in payload}
+        tensors = {k: state[k].detach().cpu().clone() for k in trained}
         return Update(client.id, tensors, client.num_train, stats, extra)
 
     def client_statistics(self, client: Client, payload: Tensors, round_: int) -> dict[str, Any]:

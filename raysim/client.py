@@ -121,6 +121,9 @@ class Client:
         # Whatever else a method keeps for this client (Ditto's personal model, FedRDN's
         # statistics, ...): checkpointed with it, never sent anywhere.
         self.memory: dict[str, object] = {}
+        # Element-wise local values of communicated tensors (pFL-ResFIM's top-ρ parameters):
+        # key -> (bool mask, values); `load` puts them over what the server sends.
+        self.local_elements: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.attribute = attribute  # the target attribute: FairLoRA's group
 
     @property
@@ -130,8 +133,23 @@ class Client:
     def load(self, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
         """Put this client's state, overlaid with `tensors` from the server, into the model."""
         state = {**self.initial_state, **self.own_state, **tensors}
+        for key, (mask, values) in self.local_elements.items():
+            state[key] = torch.where(mask, values, state[key])
         load_in_place(self.model, state)
         return self.model
+
+    def keep_elements(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Keep the model's current values where `masks` (key -> bool tensor of the key's shape)
+        is True as this client's own: every later `load` overlays them on the server's values.
+        Replaces what was kept before; an empty mapping keeps nothing element-wise."""
+        current = self.model.state_dict()
+        kept = {}
+        for key, mask in masks.items():
+            if mask.shape != current[key].shape or mask.dtype != torch.bool:
+                raise ValueError(f"mask of {key}: expected a bool tensor of shape {tuple(current[key].shape)}, got {mask.dtype} {tuple(mask.shape)}")
+            if mask.any():
+                kept[key] = (mask.detach().clone(), torch.where(mask, current[key], torch.zeros_like(current[key])).detach().clone())
+        self.local_elements = kept
 
     def keep(self, keys: set[str] | None = None) -> None:
         """Save the model's current values of `keys` (default: all) as this client's own state.
@@ -205,14 +223,15 @@ class Client:
 
     def state(self) -> dict[str, object]:
         """Everything this client keeps between rounds (what its checkpoint holds)."""
-        return {"own_state": self.own_state, "memory": self.memory}
+        return {"own_state": self.own_state, "memory": self.memory, "local_elements": self.local_elements}
 
     def snapshot(self) -> dict[str, object]:
         """`state()` as it is now, cheaply: the dicts are copied, their values shared. Methods
         replace a client's values (`keep` stores fresh tensors), never change them in place, so
         the snapshot stays what it was."""
-        return {"own_state": dict(self.own_state), "memory": dict(self.memory)}
+        return {"own_state": dict(self.own_state), "memory": dict(self.memory), "local_elements": dict(self.local_elements)}
 
     def set_state(self, saved: Mapping[str, object]) -> None:
         self.own_state = dict(saved["own_state"])  # type: ignore[arg-type]
         self.memory = dict(saved["memory"])  # type: ignore[arg-type]
+        self.local_elements = dict(saved.get("local_elements", {}))  # type: ignore[call-overload]  # absent in 0.2 checkpoints

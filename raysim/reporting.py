@@ -37,6 +37,7 @@ from raysim.types import Predictions
 if TYPE_CHECKING:
     from raysim.config import EvalConfig, ExperimentConfig
 
+SERVER = "server"  # the client column of server-level rows (Algorithm.server_metrics: privacy spent)
 METRIC_COLUMNS = ["round", "split", "client", "role", "attribute", "group", "metric", "value"]
 PREDICTION_COLUMNS = ["round", "split", "client", "sample_id", "label", "score"]
 OUTPUTS = ("metrics", "predictions")  # RUN_DIR/<name>.parquet, each a folder of parts

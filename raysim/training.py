@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,21 @@ def make_optimizer(model: nn.Module, fed: FederationConfig) -> torch.optim.Optim
     """A fresh optimizer over the trainable parameters (state never crosses rounds or clients)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return OPTIMIZERS[fed.optimizer](params, fed)
+
+
+@contextmanager
+def only_trainable(model: nn.Module, *, frozen: set[str]) -> Iterator[None]:
+    """Parameters named in `frozen` do not train inside the block (requires_grad off, so the
+    optimizer never sees them); each gets its own flag back afterwards. The model object is
+    shared by an actor's clients: nothing of one client's round leaks into the next."""
+    params = [p for name, p in model.named_parameters() if name in frozen and p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def forward(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -93,10 +93,12 @@ class ClientHost:
             self.changed.add(client_id)
         return shared
 
-    def set_payload(self, payload: Tensors) -> None:
+    def set_payload(self, payload: Tensors, values: dict[str, Any] | None = None) -> None:
         """What the server sends this round (or for this evaluation): fetched once per actor, used
-        by every later `fit` / `statistics` / `evaluate` call that passes no payload of its own."""
+        by every later `fit` / `statistics` / `evaluate` call that passes no payload of its own;
+        `values`, the method's non-tensor `round_values`, go to `Algorithm.receive`."""
         self.payload = payload
+        self.algorithm.receive(dict(values or {}))
         self.before.clear()  # the driver has folded the previous round: nothing is rolled back now
 
     def fit(self, client_id: str, payload: Tensors | None = None, round_: int = 0) -> Update:
@@ -190,8 +192,8 @@ class ClientActor(ClientHost):
     views of their own tensors, written into the object store when the call returns.
     """
 
-    def set_payload(self, payload: Mapping[str, Any]) -> None:
-        super().set_payload(from_wire(payload, copy=True))
+    def set_payload(self, payload: Mapping[str, Any], values: dict[str, Any] | None = None) -> None:
+        super().set_payload(from_wire(payload, copy=True), values)
 
     def __init__(self, cfg: ExperimentConfig, specs: list[ClientSpec], context: dict[str, Any] | None = None) -> None:
         try:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray
+import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 from ray.util import get_current_placement_group
 from ray.util.placement_group import PlacementGroup
@@ -130,6 +131,7 @@ class Driver:
         self.known_files: dict[str, dict[str, Any]] = {}  # checkpoint file -> size and sha256, as written
         self.traffic_down = self.traffic_up = 0  # bytes sent in this process's rounds
         self.dead: dict[str, str] = {}  # client id -> why it is out of the run
+        self.stopped: str | None = None  # why the run ended before its last round (Algorithm.stop_before)
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -146,6 +148,7 @@ class Driver:
         return self.recorder.metrics
 
     def echo_traffic(self, last: int) -> None:
+        last = min(last, self.next_round - 1)  # a run the method stopped early (stop_before) ended sooner
         self.echo(f"communication: {_megabytes(self.traffic_down)} down, {_megabytes(self.traffic_up)} up over rounds {self.progress.first}-{last}")
 
     def shutdown(self) -> None:
@@ -168,6 +171,7 @@ class Driver:
             self.mirror.pull()
         self.cfg = resolve_weights(self.cfg, self.echo)  # adapter methods need a pretrained backbone
         self.algorithm = ALGORITHMS.get(self.cfg.algorithm["name"])(self.cfg.algorithm_params(), self.cfg)
+        self.algorithm.server_device = server_device(self.cfg.resources.driver_gpus)
         specs = self.algorithm.arrange_clients(self.source.client_specs())
         self.specs = {s.id: s for s in specs}
         if not resume:
@@ -209,6 +213,8 @@ class Driver:
         """
         while self.next_round <= last:
             round_ = self.next_round
+            if self.stop_reason(round_):
+                return
             started = time.perf_counter()
             try:
                 for part in self.step_parts(round_):
@@ -218,6 +224,20 @@ class Driver:
                 continue
             self.slowest_round = max(self.slowest_round, time.perf_counter() - started)
             yield round_, "done"
+
+    def stop_reason(self, round_: int) -> str | None:
+        """The method's `stop_before` (e.g. a privacy budget that round `round_` would exceed):
+        the round before is checkpointed (if it was not yet), the reason echoed, the run ends."""
+        reason = self.algorithm.stop_before(round_, self.state)
+        if reason is None:
+            return None
+        done = round_ - 1
+        latest = checkpoints.latest(self.run_dir)
+        if done > 0 and latest != checkpoints.folder(self.run_dir, done):
+            self.checkpoint(done, self.state)
+        self.stopped = f"stopped before round {round_}: {reason}"
+        self.echo(self.stopped)
+        return self.stopped
 
     def step(self, round_: int) -> None:
         """One round: train and aggregate, then evaluate and checkpoint when due."""
@@ -243,7 +263,7 @@ class Driver:
         self.last_sampled = sampled
         payload = self.algorithm.payload(state, round_)
         down = nbytes(payload)
-        self.pool.broadcast(payload, sampled)
+        self.pool.broadcast(payload, sampled, self.algorithm.round_values(state, round_))
         del payload  # the object store holds it for the actors; the state holds the driver's
         outcome = RoundOutcome()
         statistics: dict[str, dict[str, Any]] = {}
@@ -271,6 +291,7 @@ class Driver:
         else:
             self.echo(f"round {round_}: no client update arrived; the global state is unchanged")
         del fold
+        self._record_server_metrics(round_, state)
         self._record_traffic(round_, down, outcome)
         self._record_missing(round_)
         losses = [a.loss for a in outcome.arrived]
@@ -302,6 +323,13 @@ class Driver:
         self.traffic_down += down * len(outcome.arrived)
         self.traffic_up += sum(a.nbytes for a in outcome.arrived)
 
+    def _record_server_metrics(self, round_: int, state: ServerState) -> None:
+        """The method's `server_metrics` as rows of client `server`, split `train`, outside the means."""
+        values = self.algorithm.server_metrics(round_, state)
+        if values:
+            frame = pd.DataFrame({"round": round_, "split": "train", "client": reporting.SERVER, "role": "", "attribute": "", "group": "", "metric": list(values), "value": [float(v) for v in values.values()]})
+            self.recorder.add(frame[reporting.METRIC_COLUMNS], [])
+
     def _record_missing(self, round_: int) -> None:
         """With clients dropped (fault.on_client_loss=drop): `missing` (1.0) per dropped client and
         `n_clients` (those left, over which every mean is taken), split `train`, every round."""
@@ -314,11 +342,15 @@ class Driver:
         self.recorder.add(frame[reporting.METRIC_COLUMNS], [])
 
     def sample_clients(self, round_: int) -> list[str]:
-        """Seeded by (seed, round) over all clients, so every method sees the same selections."""
+        """The method's `sample_clients` over all clients (the default: seeded by (seed, round)
+        alone, so every method sees the same selections), less those out of the run."""
         everyone = sorted(self.specs)
         k = self.cfg.federation.clients_per_round or len(everyone)
-        chosen = rng(self.cfg.seed, "sample", round_).choice(len(everyone), size=min(k, len(everyone)), replace=False)
-        return [everyone[i] for i in sorted(chosen) if everyone[i] not in self.dead]
+        chosen = self.algorithm.sample_clients(round_, everyone, k, self.state)
+        unknown = sorted(set(chosen) - set(everyone))
+        if unknown:
+            raise RuntimeError(f"{self.algorithm.name}.sample_clients chose clients that do not exist: {unknown[:5]}")
+        return [cid for cid in sorted(set(chosen)) if cid not in self.dead]
 
     def evaluate(self, round_: int, state: ServerState, *, splits: list[str], show: str) -> None:
         chosen = [cid for cid in self.eval_clients() if cid not in self.dead]
@@ -642,6 +674,11 @@ class Driver:
         if self.source.attribute not in available:
             raise ConfigError(f"data.attribute {self.source.attribute!r} not in data source {self.cfg.data.name}; choose from {', '.join(available)}")
         return list(chosen)
+
+
+def server_device(driver_gpus: float) -> torch.device:
+    """Where the server step computes: the driver actor's GPU when `resources.driver_gpus` gave it one."""
+    return torch.device("cuda") if driver_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
 def _client_list(specs: list[ClientSpec], listed: int = 12) -> str:

@@ -40,13 +40,14 @@ class ActorPool:
         """Every client hosted by the same actor (what a dead actor takes with it)."""
         return [spec.id for spec in self.plan[self.index[client_id]]]
 
-    def broadcast(self, payload: Any, client_ids: Iterable[str]) -> None:
-        """Put `payload` into the object store once; each actor that hosts one of `client_ids`
-        fetches and deserialises it once (`set_payload`), before any call submitted after this.
-        A failure shows in those later calls (actor tasks from one caller run in order)."""
+    def broadcast(self, payload: Any, client_ids: Iterable[str], values: dict[str, Any] | None = None) -> None:
+        """Put `payload` (and the method's small `values`) into the object store once; each actor
+        that hosts one of `client_ids` fetches and deserialises it once (`set_payload`), before
+        any call submitted after this. A failure shows in those later calls (actor tasks from
+        one caller run in order)."""
         ref = ray.put(to_wire(payload))
         for i in sorted({self.index[cid] for cid in client_ids}):
-            self.actors[i].set_payload.remote(ref)
+            self.actors[i].set_payload.remote(ref, values or {})
 
     def ordered(self, method: str, client_ids: Iterable[str], *args: Any, window: int = WINDOW, timeout: float | None = None) -> Iterator[tuple[str, Any]]:
         """(client id, result or the call's exception) in sorted client order; see the module docstring.
