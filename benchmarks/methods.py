@@ -1,10 +1,13 @@
 """Every method on the embedded synthetic set, same budget, several seeds: the methods table.
 
     python benchmarks/methods.py [--methods fedavg fairlora fairlora+ema=0 ...] [--seeds 0 1 2]
-                                 [--out DIR] [--rounds 6] [--img-size 32]
+                                 [--out DIR] [--rounds 6] [--img-size 32] [--set KEY=VALUE ...]
 
 A method may carry hyperparameters for an ablation: `fairlora+ema=0+own_weight=1.0` runs
-fairlora with `algorithm.ema=0 algorithm.own_weight=1.0`.
+fairlora with `algorithm.ema=0 algorithm.own_weight=1.0`. `--set` applies config overrides to
+every run (the privacy sweep: `--set data.partition=dirichlet data.num_clients=12
+data.alpha=0.1`); give such a sweep its own --out. Methods that spend a privacy budget get
+the ε they spent (the `epsilon` row of client `server`, last round) in the table.
 
 Each (method, seed) is one run of the embedded default (`--config default`: synthetic set,
 resnet18, 3 clients, Adam) with the same rounds, image size and local epochs, target
@@ -48,6 +51,7 @@ def run_once(method: str, seed: int, args: argparse.Namespace) -> Path:
         "data.attribute=race",
         f"eval.every={args.eval_every}",
         "eval.bootstrap=0",
+        *args.set,
     ]
     cfg = config.load("default", overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +76,9 @@ def selected_row(run_dir: Path) -> dict[str, float]:
 
     row = {"round": best, "auc": value("auc"), "es_auc": value("es_auc", "race"), "eod": value("eod", "race"), "spd": value("spd", "race")}
     row.update({f"auc_{r}": value("auc", "race", r) for r in RACES})
-    traffic = m[(m["split"] == "train") & (m["client"] != "mean")]
+    server = m[(m["client"] == "server") & (m["metric"] == "epsilon")]
+    row["epsilon"] = float(server.sort_values("round")["value"].iloc[-1]) if len(server) else float("nan")
+    traffic = m[(m["split"] == "train") & (m["client"] != "mean") & (m["client"] != "server") & m["metric"].isin(["bytes_up", "bytes_down"])]
     per_round = traffic.groupby(["round", "metric"])["value"].mean().unstack()  # mean over the clients of a round
     row["mb_up"] = float(per_round.get("bytes_up", pd.Series([0.0])).mean()) / 1e6
     row["mb_down"] = float(per_round.get("bytes_down", pd.Series([0.0])).mean()) / 1e6
@@ -81,12 +87,14 @@ def selected_row(run_dir: Path) -> dict[str, float]:
 
 
 def table(rows: pd.DataFrame) -> str:
-    header = "| method | AUC | ES-AUC | AUC Asian | AUC Black | AUC White | EOD | SPD | MB up / client / round | round |"
-    lines = [header, "|" + "---|" * 10]
+    private = rows["epsilon"].notna().any()
+    header = "| method | AUC | ES-AUC | AUC Asian | AUC Black | AUC White | EOD | SPD | MB up / client / round | round |" + (" ε spent |" if private else "")
+    lines = [header, "|" + "---|" * (11 if private else 10)]
     for method, group in rows.groupby("method", sort=False):
         cells = [f"{100 * group[c].mean():.1f} ± {100 * group[c].std(ddof=0):.1f}" for c in COLUMNS]
         rounds = "/".join(str(int(r)) for r in group["round"])
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {group['mb_up'].mean():.3f} | {rounds} |")
+        spent = f" {group['epsilon'].max():.2f} |" if private else ""
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {group['mb_up'].mean():.3f} | {rounds} |{spent}")
     return "\n".join(lines)
 
 
@@ -126,6 +134,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("benchmark-runs/methods"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run (e.g. data.num_clients=12)")
     parser.add_argument("--report-only", action="store_true", help="tabulate the finished runs under --out; train nothing")
     args = parser.parse_args()
     if not args.report_only:
