@@ -354,7 +354,7 @@ class Driver:
 
     def evaluate(self, round_: int, state: ServerState, *, splits: list[str], show: str) -> None:
         chosen = [cid for cid in self.eval_clients() if cid not in self.dead]
-        self.pool.broadcast(self.algorithm.payload(state, round_), chosen)
+        self.pool.broadcast(self.algorithm.payload(state, round_), chosen, self.algorithm.round_values(state, round_))
         predictions: list[Predictions] = []
         for cid, result in self.pool.ordered("evaluate", chosen, None, splits, window=8, timeout=self.deadline("eval")):
             if isinstance(result, Exception):
