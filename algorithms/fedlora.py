@@ -68,7 +68,8 @@ class FedLoRA(Algorithm):
         return adapters.matching_layers(model, self.params.targets) if self.params.targets else adapters.default_targets(model)
 
     def finalize(self, round_: int, fold: WeightedSum, state: ServerState) -> ServerState:
-        return {**state, "weights": self.server_blend(round_, fold.mean(), state["weights"])}
+        # A round that trained a subset (`trained_keys`, e.g. DEeR's A or B) leaves the rest as it was.
+        return {**state, "weights": {**state["weights"], **self.server_blend(round_, fold.mean(), state["weights"])}}
 
     def server_blend(self, round_: int, averaged: Tensors, previous: Tensors) -> dict[str, torch.Tensor]:
         """The round's average blended with the previous global by the EMA schedule."""
