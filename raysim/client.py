@@ -134,7 +134,7 @@ class Client:
         """Put this client's state, overlaid with `tensors` from the server, into the model."""
         state = {**self.initial_state, **self.own_state, **tensors}
         for key, (mask, values) in self.local_elements.items():
-            state[key] = torch.where(mask, values, state[key])
+            state[key] = torch.where(mask, values, state[key].to(values.device))  # the payload arrives on the CPU
         load_in_place(self.model, state)
         return self.model
 
