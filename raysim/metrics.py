@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-METRIC_NAMES = ("auc", "acc", "bacc", "loss", "es_auc", "es_acc", "es_bacc", "eod", "spd", "auc_lo", "auc_hi", "bytes_up", "bytes_down", "missing", "n_clients", "epsilon", "delta")
+METRIC_NAMES = ("auc", "acc", "bacc", "loss", "es_auc", "es_acc", "es_bacc", "eod", "spd", "auc_lo", "auc_hi", "bytes_up", "bytes_down", "missing", "n_clients", "epsilon", "delta", "generator_loss")
 FRAME_COLUMNS = ("round", "split", "client", "role", "attribute", "group", "metric", "value")
 _GROUP_METRICS = ("auc", "acc", "bacc", "auc_lo", "auc_hi")
 NOT_AVERAGED = ("auc_lo", "auc_hi")  # per-client intervals: no mean rows (see the module docstring)

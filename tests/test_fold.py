@@ -16,8 +16,11 @@ from torch import nn
 
 from raysim import adapters, config
 from raysim.algorithms import ALGORITHMS, Algorithm
+from raysim.algorithms.cksp import PreservedConv
 from raysim.algorithms.fairfed import STATS_KEY
+from raysim.algorithms.fedbm_concepts import attach_concept_head, concept_stats, synthetic_embeddings
 from raysim.algorithms.fedhelp import DualHead
+from raysim.algorithms.ffa_lora import freeze_down
 from raysim.algorithms.qffl import LOSS_KEY
 from raysim.types import Update
 
@@ -58,6 +61,15 @@ def _adapted(model: nn.Module, name: str) -> nn.Module:
         adapters.freeze_backbone(model)
     elif name == "fedhelp":  # the public head stays with its client
         model = DualHead(model, 2)
+    elif name == "fedbm":  # the frozen concept classifier behind a trainable projection
+        attach_concept_head(model, concept_stats(synthetic_embeddings(2, 0, dim=8, prompts=4)), 12.5)
+    elif name in ("deer", "dp_lora", "ffa_lora"):  # DP LoRA methods: LoRA on fc (FFA-LoRA: A frozen)
+        adapters.inject(model, ["fc"], adapters.LoRA, rank=2, alpha=2.0)
+        adapters.freeze_backbone(model)
+        if name == "ffa_lora":
+            freeze_down(model)
+    elif name == "cksp":  # a shared conv with a preserved low-rank path (stays with the client, like the BatchNorm)
+        adapters.inject(model, ["conv"], PreservedConv, rank=2, alpha=2.0)
     return model
 
 
@@ -68,12 +80,16 @@ def fairfed_statistics() -> dict[str, dict[str, Any]]:
 
 
 STATISTICS = {"fairfed": fairfed_statistics}  # methods with round_statistics: their statistics pass
+# Methods whose server state is completed by `setup_state` before round 1: what each client's `client_setup` shares.
+SHARED = {"afl": {}, "fedfb": {"group_counts": [5, 3]}}
 
 
 def setup(name: str) -> tuple[Algorithm, dict[str, Any], dict[str, dict[str, Any]]]:
     cfg = config.load(None, [f"algorithm.name={name}", "data.name=synthetic", "federation.rounds=4"])
     algorithm = ALGORITHMS.get(name)(cfg.algorithm_params(), cfg)
     state = algorithm.init_state(tiny_model(name))
+    if name in SHARED:
+        state = algorithm.setup_state(state, {cid: SHARED[name] for cid in CLIENTS})
     if not algorithm.round_statistics:
         return algorithm, state, {}
     if name not in STATISTICS:
@@ -90,6 +106,7 @@ def toy_updates(state: dict[str, Any]) -> Iterator[Update]:
             key: (v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)) if v.is_floating_point() else v + k for key, v in state["weights"].items()
         }
         extra = {LOSS_KEY: 0.3 + 0.2 * k, "group_counts": [k + 1, k]}  # c0 holds no example of group 1
+        extra["group_losses"] = [0.4 * (k + 1), 0.9 * k]  # FedFB: summed loss per group at the received model
         yield Update(cid, tensors, 10 * (k + 1), {"loss": 0.5, "steps": float(k + 2)}, extra)
 
 

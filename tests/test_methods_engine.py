@@ -16,6 +16,8 @@ BUILT_IN = sorted(n for n in ALGORITHMS.names() if ALGORITHMS.get(n).__module__.
 
 # Methods whose defaults are too big for CI get tiny settings here (their own tests cover the rest).
 TINY_SETTINGS = {"fedhelp": {"algorithm.top_n": 1, "algorithm.small_model": "test_resnet", "algorithm.large_model": "test_vit", "algorithm.foundation": FM}}
+# FedBM: the seeded concept stand-in on this real-format set; its generator trained after round 1 and used in round 2
+TINY_SETTINGS["fedbm"] = {"algorithm.embeddings": "synthetic", "algorithm.generator_every": 1, "algorithm.generator_steps": 2, "algorithm.generator_batch": 8, "algorithm.pseudo_batch": 4}
 
 
 def run_method(name: str, root: Path, run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
