@@ -35,6 +35,7 @@ def traffic(metrics: pd.DataFrame, metric: str) -> pd.Series:
 
 def test_the_registry_holds_every_method_of_the_issue() -> None:
     expected = {"fedhelp", "fedavg", "fedprox", "fedbn", "silobn", "fedper", "ditto", "fedadam", "fedyogi", "fedadagrad", "fednova", "fedlora", "fairlora", "fairfed", "qffl", "fedrdn", "local"}
+    expected |= {"deer", "dp_lora", "ffa_lora", "pfa", "det", "pfl_resfim", "fedbm", "cksp", "afl", "fedfb"}  # issue 15
     assert expected <= set(BUILT_IN)
 
 
