@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -302,7 +303,7 @@ def read_yaml(source: str | Path) -> dict[str, Any]:
     if not path.exists():
         name = str(source).removesuffix(".yaml")
         if name in preset_names():
-            return yaml.safe_load(_presets().joinpath(f"{name}.yaml").read_text()) or {}
+            return load_yaml(_presets().joinpath(f"{name}.yaml").read_text()) or {}
         raise ConfigError(f"config file {source!s} not found (and no preset of that name; presets: {', '.join(preset_names())})")
     if not path.is_file():
         raise ConfigError(f"config file {path} is a directory, not a YAML file")
@@ -318,7 +319,7 @@ def read_yaml(source: str | Path) -> dict[str, Any]:
 def parse_yaml(text: str, name: str) -> dict[str, Any]:
     """A config's YAML text (`name`: where it came from, for the one-line error)."""
     try:
-        loaded = yaml.safe_load(text)
+        loaded = load_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{name}: not valid YAML ({_yaml_problem(err)})") from None
     if loaded is None:
@@ -335,6 +336,19 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
+class YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-8` (an exponent without a dot) as a number, as YAML 1.2
+    does: YAML 1.1 makes it a string, so `algorithm.delta=1e-8` failed as "not a number"."""
+
+
+YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` with `YAMLLoader`: what every raysim config, preset and override goes through."""
+    return yaml.load(text, Loader=YAMLLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`["a.b=1", "seed=3"]` -> `{"a": {"b": 1}, "seed": 3}`; values are parsed as YAML."""
     tree: dict[str, Any] = {}
@@ -343,7 +357,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = load_yaml(raw) if raw != "" else None
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(err)})") from None
         node = tree

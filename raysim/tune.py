@@ -172,7 +172,7 @@ def load_study(path: str | Path, *, num_samples: int | None = None) -> Study:
     if not path.is_file():
         raise ConfigError(f"study file {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = config_mod.load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
@@ -278,7 +278,7 @@ def _client_count(data_yaml: str, algorithm_yaml: str, img_size: int, seed: int)
     from raysim.algorithms import ALGORITHMS
     from raysim.datasets import DATASETS
 
-    cfg = config_mod.from_dict({"data": yaml.safe_load(data_yaml), "algorithm": yaml.safe_load(algorithm_yaml), "model": {"img_size": img_size}, "seed": seed})
+    cfg = config_mod.from_dict({"data": config_mod.load_yaml(data_yaml), "algorithm": config_mod.load_yaml(algorithm_yaml), "model": {"img_size": img_size}, "seed": seed})
     source = DATASETS.get(cfg.data.name)(cfg.data, img_size=img_size, seed=seed)
     return len(ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg).arrange_clients(source.client_specs()))
 

@@ -95,3 +95,10 @@ def test_cli_rejects_bad_input_before_training(tmp_path) -> None:
     )
     assert proc.returncode == 2
     assert "federation.rounds must be a positive number" in proc.stderr
+
+
+def test_an_exponent_without_a_dot_is_a_number_as_in_yaml_1_2() -> None:
+    # YAML 1.1 (PyYAML's default) reads 1e-8 as a string: algorithm.delta=1e-8 failed as "not a number"
+    cfg = config.load(None, ["algorithm.name=dp_lora", "algorithm.delta=1e-8", "federation.lr=5E-4"])
+    assert cfg.algorithm_params().delta == 1e-8 and cfg.federation.lr == 5e-4
+    assert config.parse_overrides(["data.root=1e5x", "seed=12"]) == {"data": {"root": "1e5x"}, "seed": 12}
