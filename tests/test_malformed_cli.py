@@ -298,7 +298,7 @@ CASES = [
     Case("fault-timeout-factor-negative", overrides("fault.timeout_factor=-2"), ("fault.timeout_factor must be a positive number, got -2.0",)),
     Case("clients-per-actor-zero", overrides("resources.clients_per_actor=0"), ("resources.clients_per_actor must be a positive number, got 0",)),
     Case("num-cpus-negative", overrides("resources.num_cpus=-1"), ("resources.num_cpus must be a positive number, got -1.0",)),
-    Case("huge-rounds-in-e-notation", overrides("federation.rounds=1e9"), ("federation.rounds must be an integer, got '1e9'",)),
+    Case("huge-rounds-in-e-notation", overrides("federation.rounds=1e9"), ("federation.rounds must be an integer, got 1000000000.0",)),
     # checked by Driver() in this process, after config.yaml is written
     Case("eval-attributes-unknown", oph(**{"eval.attributes": "[race, planet]"}), ("eval.attributes ['planet'] not in data source fairfedmed_oph; choose from race,",)),
     Case("attribute-unknown", oph(**{"data.attribute": "planet", "eval.attributes": "[race]"}), ("data.attribute 'planet' not in data source fairfedmed_oph; choose from race,",)),
