@@ -211,6 +211,15 @@ class FaultConfig:
 
 
 @dataclass
+class ReportConfig:
+    html: bool = _doc("write RUN_DIR/report.html (plots of every metric; `python -m raysim.report RUN_DIR` rebuilds it) when the run ends", True)
+
+    def validate(self) -> None:
+        if not isinstance(self.html, bool):
+            raise ConfigError(f"report.html must be true or false, got {self.html!r}")
+
+
+@dataclass
 class ExperimentConfig:
     seed: int = _doc("seed of every random choice in the run", 0)
     data: DataConfig = _doc("", DataConfig)
@@ -221,6 +230,7 @@ class ExperimentConfig:
     eval: EvalConfig = _doc("", EvalConfig)
     checkpoint: CheckpointConfig = _doc("", CheckpointConfig)
     fault: FaultConfig = _doc("", FaultConfig)
+    report: ReportConfig = _doc("", ReportConfig)
 
     def validate(self) -> None:
         if not 0 <= self.seed < 2**63:  # numpy's and torch's seeds: non-negative, 64 bits
@@ -257,7 +267,7 @@ class ExperimentConfig:
 
 MAX_TIMEOUT_S = 1e7  # ~115 days: beyond it Ray's waits overflow
 MAX_IMG_SIZE = 4096  # pixels per side; larger allocations kill the actors instead of failing here
-SECTIONS = ("data", "model", "federation", "resources", "eval", "checkpoint", "fault")
+SECTIONS = ("data", "model", "federation", "resources", "eval", "checkpoint", "fault", "report")
 
 
 def _check_positive(key: str, value: float, *, at_most: float | None = None) -> None:

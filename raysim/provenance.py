@@ -95,7 +95,9 @@ def add(run_dir: Path, key: str, value: Any) -> None:
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
-def write(run_dir: Path, *, data: dict[str, Any], resources: dict[str, Any], argv: list[str]) -> dict[str, Any]:
+def write(run_dir: Path, *, data: dict[str, Any], resources: dict[str, Any], argv: list[str], attribute: str | None = None) -> dict[str, Any]:
+    """`attribute`: the target sensitive attribute the run reports on (data.attribute, or the
+    source's default when that is null), which reports and `raysim.compare` read back."""
     record = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": argv,
@@ -106,6 +108,7 @@ def write(run_dir: Path, *, data: dict[str, Any], resources: dict[str, Any], arg
         "packages": package_versions(),
         "git_commit": git_commit(),
         "data": data,
+        "attribute": attribute,
         "resources": resources,
     }
     (run_dir / "provenance.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -176,7 +176,7 @@ class Driver:
         self.specs = {s.id: s for s in specs}
         if not resume:
             resources = {"per_actor": dataclasses.asdict(self.cfg.resources), "ray_cluster": ray.cluster_resources()}
-            provenance.write(self.run_dir, data=self.source.fingerprint(), resources=resources, argv=sys.argv)
+            provenance.write(self.run_dir, data=self.source.fingerprint(), resources=resources, argv=sys.argv, attribute=self.target_attribute)
         self.echo(f"data: {self.cfg.data.name} with {len(specs)} clients: " + _client_list(specs))
         self.context = self.algorithm.prepare_run(self.source, specs, self.run_dir, self.echo)
         model = self.algorithm.build_model(self.source)
@@ -311,9 +311,10 @@ class Driver:
         return out
 
     def _record_traffic(self, round_: int, down: int, outcome: RoundOutcome) -> None:
-        """bytes_down / bytes_up per client that took part (split `train`), and their mean."""
+        """bytes_down / bytes_up / the training loss per client that took part (split `train`), and their means."""
         rows = [(a.client_id, "bytes_down", float(down)) for a in outcome.arrived]
         rows += [(a.client_id, "bytes_up", float(a.nbytes)) for a in outcome.arrived]
+        rows += [(a.client_id, "loss", float(a.loss)) for a in outcome.arrived]  # the local training loss
         if not rows:
             return
         frame = pd.DataFrame(rows, columns=["client", "metric", "value"])
@@ -374,10 +375,15 @@ class Driver:
         metric_frame = reporting.with_means(frame)
         self.evaluated_round = round_
         self.recorder.add(metric_frame, self.recorder.prediction_frames(round_, predictions, self.attributes))  # eval.predictions, eval.pseudonymize
-        attribute = self.source.attribute if self.source.attribute in self.attributes else next(iter(self.attributes), "")
+        attribute = self.target_attribute
         self.echo(reporting.format_table(metric_frame, round_=round_, split=show, attribute=attribute, group_names=group_names.get(attribute, {})))
         if self.dead:
             self.echo(f"means over {len(self.specs) - len(self.dead)} of {len(self.specs)} clients; dropped: {', '.join(sorted(self.dead))}")
+
+    @property
+    def target_attribute(self) -> str:
+        """The attribute the console table and the report show ("" for a source without any)."""
+        return self.source.attribute if self.source.attribute in self.attributes else next(iter(self.attributes), "")
 
     def eval_clients(self) -> list[str]:
         """`eval.clients`: all clients, the last round's cohort, or a seeded subset fixed for the run."""

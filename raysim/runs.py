@@ -1,0 +1,143 @@
+"""Run directories read back, and the model-selection rule every report and table shares.
+
+A run directory holds `config.yaml` (the resolved config), `provenance.json` and
+`metrics.parquet` (long format: round, split, client, role, attribute, group, metric, value;
+see `raysim.reporting`). `read_run` loads the three; `select_round` picks the round a run is
+reported at: the evaluated round with the best mean validation AUC (the earliest on a tie),
+chosen on validation rows only so the test rows stay an unbiased estimate. Plain pandas, no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+MEAN = "mean"  # the client column of the mean-over-clients rows
+SELECTION_METRICS = ("auc", "acc")  # the first one with a defined validation mean decides
+
+
+class RunReadError(ValueError):
+    """A directory is not a readable raysim run (the message names the path and what is missing)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The round a run is reported at, and why."""
+
+    round: int
+    metric: str  # the validation metric that chose it
+    value: float  # its mean over clients at that round
+    candidates: tuple[int, ...]  # the evaluated rounds it was chosen from
+
+    @property
+    def reason(self) -> str:
+        rounds = ", ".join(str(r) for r in self.candidates)
+        return f"round {self.round}: the best mean validation {self.metric.upper()} ({100 * self.value:.1f}) among the evaluated rounds {rounds} (the earliest on a tie)"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory: its resolved config, provenance and metric rows."""
+
+    path: Path
+    config: dict[str, Any]
+    provenance: dict[str, Any]
+    metrics: pd.DataFrame
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def algorithm(self) -> str:
+        return str(self.config.get("algorithm", {}).get("name", "?"))
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def attribute(self) -> str:
+        """The target sensitive attribute ("" for a source without any): as the run recorded it,
+        else `data.attribute`, else the first attribute with fairness rows."""
+        recorded = self.provenance.get("attribute") or self.config.get("data", {}).get("attribute")
+        attributes = [a for a in self.metrics["attribute"].unique() if a]
+        if recorded in attributes:
+            return str(recorded)
+        return str(attributes[0]) if attributes else ""
+
+    def selection(self) -> Selection:
+        return select_round(self.metrics)
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / "metrics.parquet").exists()
+
+
+def read_run(path: Path | str) -> Run:
+    """The run in `path`; a RunReadError naming the file when something is missing or unreadable."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise RunReadError(f"{path}: not a directory (expected a raysim run directory)")
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise RunReadError(f"{path}: no config.yaml (not a raysim run directory)") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise RunReadError(f"{path / 'config.yaml'}: unreadable ({_first_line(err)})") from None
+    if not (path / "metrics.parquet").exists():
+        raise RunReadError(f"{path}: no metrics.parquet yet (the run has not finished a round)")
+    try:
+        metrics = pd.read_parquet(path / "metrics.parquet")
+    except (OSError, ValueError) as err:
+        raise RunReadError(f"{path / 'metrics.parquet'}: unreadable ({_first_line(err)})") from None
+    try:
+        provenance = json.loads((path / "provenance.json").read_text())
+    except (OSError, ValueError):
+        provenance = {}  # provenance is informative only: a run without it still reports
+    for column in ("split", "client", "role", "attribute", "group", "metric"):
+        metrics[column] = metrics[column].astype(object)  # plain str cells whatever Arrow gave
+    return Run(path=path, config=config, provenance=provenance, metrics=metrics)
+
+
+def select_round(metrics: pd.DataFrame) -> Selection:
+    """The evaluated round with the best mean validation AUC (accuracy where no AUC is defined);
+    the earliest on a tie. A RunReadError when the run has no validation rows."""
+    mean = metrics[(metrics["client"] == MEAN) & (metrics["split"] == "val") & (metrics["attribute"] == "") & (metrics["group"] == "")]
+    for metric in SELECTION_METRICS:
+        curve = mean[mean["metric"] == metric].set_index("round")["value"].sort_index().dropna()
+        if len(curve):
+            best = int(curve.idxmax())  # idxmax: the first maximum, i.e. the earliest round
+            return Selection(round=best, metric=metric, value=float(curve[best]), candidates=tuple(int(r) for r in curve.index))
+    raise RunReadError("no mean validation AUC or accuracy in metrics.parquet (data.val_fraction=0, or no evaluation yet): no round to select")
+
+
+def value(metrics: pd.DataFrame, *, round_: int, split: str, metric: str, attribute: str = "", group: str = "", client: str = MEAN) -> float:
+    """One cell of the long frame (NaN when absent)."""
+    hit = metrics[
+        (metrics["round"] == round_) & (metrics["split"] == split) & (metrics["client"] == client) & (metrics["metric"] == metric) & (metrics["attribute"] == attribute) & (metrics["group"] == group)
+    ]["value"]
+    return float(hit.iloc[0]) if len(hit) else math.nan
+
+
+def clients(metrics: pd.DataFrame) -> list[str]:
+    """The real clients (no `mean`, `mean:<role>` or `server` rows), in natural order (site2 < site10)."""
+    names = {c for c in metrics["client"].unique() if c != MEAN and not c.startswith(f"{MEAN}:") and c != "server"}
+    return sorted(names, key=natural_key)
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    import re
+
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
