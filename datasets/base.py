@@ -91,7 +91,8 @@ class DataSource(ABC):
     name: ClassVar[str]
     num_classes: ClassVar[int] = 2
     channels: ClassVar[int] = 1
-    label_name: ClassVar[str] = "label"
+    label_name: ClassVar[str] = "label"  # "" when the source has no classification label (masks only)
+    mask_classes: ClassVar[tuple[str, ...]] = ()  # segmentation mask classes by index; () = no masks
     default_attribute: ClassVar[str | None] = None  # the target attribute when data.attribute is null
     root_hint: ClassVar[str] = "the dataset directory"  # what data.root must hold, for errors
 
@@ -132,6 +133,12 @@ class DataSource(ABC):
     @abstractmethod
     def load(self, spec: ClientSpec, split: str) -> Shard:
         """Read, validate and resize the images of one split (runs in the client's actor)."""
+
+    def load_masks(self, spec: ClientSpec, split: str, sample_ids: np.ndarray, size: int | None = None) -> np.ndarray:
+        """(N, size, size) uint8 class indices (`mask_classes`) of these samples of a split, in
+        their order (pass the ids of `load`'s shard: its rows after the drop rules); `size`
+        defaults to the images' size. Sources without masks raise a DataError."""
+        raise DataError(f"data source {self.name} has no segmentation masks (it is a classification source)")
 
     def client_spec(self, client_id: str, train: SampleTable, test: SampleTable, **source_info: Any) -> ClientSpec:
         """A client with validation carved from its training rows, seeded by (seed, client id)."""

@@ -17,6 +17,16 @@ Datasheet
   depend on any group, so the group carries no label shortcut.
 - Unknowns (-1) at realistic rates for ethnicity, language and marital status; a few
   files (``empty_fraction``, default 0.5 %) have an empty fundus and/or OCT array.
+- Segmentation (generator version 2): ``disc_cup_mask`` (int8, the fundus's size) marks the
+  optic disc and cup in FairSeg's codes (0 background, -1 disc rim, -2 cup; read by
+  ``raysim.datasets.fairseg``), rasterised from the very ellipses the fundus drew (recorded
+  while drawing, never drawn again). ``oct_onh_bscans`` (uint8, ``oct_shape``) is an
+  optic-nerve-head cube of the same anatomy: centred on that disc, the cup a bowl of that
+  ellipse whose depth grows with the CDR, the nerve-fibre layer around it ``rnfl`` thinned by
+  the rim's share (1 - CDR^2); its speckle has its own stream ``(seed, 2, i)``. The macular
+  ``oct_bscans`` is unchanged: its nerve-fibre band is ``rnfl``, drawn with the label
+  (glaucoma thins it) but not from the CDR, so in it the anatomy shows only through the label.
+  An empty fundus has an empty mask; an empty OCT, both cubes empty.
 - Populations: ``clinical`` (the default: the 3 client sites above) and ``public``, a
   separate pool for central pretraining (``python -m raysim.pretrain``): its own seed
   namespace, its own 3 acquisition styles, a White-dominated group mix (~88 %) and files
@@ -24,6 +34,12 @@ Datasheet
   sites. The label mechanism (CDR, RNFL, age) is the same disease in both.
 - Licence: generated data, no restrictions. Build it with
   ``python -m raysim.datasets.synthetic --out DIR [--population public]``.
+
+Versions (``GENERATOR_VERSION``, part of the parameters and so of the cache key):
+1. the fundus, the macular OCT, the CSVs and truth.json.
+2. adds ``disc_cup_mask`` and ``oct_onh_bscans`` to every npz; every version-1 array, CSV
+   and random draw is byte-identical (tests/test_segmentation_data.py checks it against
+   version 1's code).
 """
 
 from __future__ import annotations
@@ -48,6 +64,7 @@ from raysim.datasets import synthetic_render as render
 from raysim.datasets.base import ClientSpec, DataError, register_dataset
 from raysim.datasets.cache import cache_root
 from raysim.datasets.fairfedmed_oph import FairFedMedOph
+from raysim.datasets.fairseg import MASK_CLASSES, read_mask
 from raysim.datasets.oph_schema import (
     ATTRIBUTES,
     CSV_COLUMNS,
@@ -69,7 +86,10 @@ from raysim.datasets.synthetic_render import (
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+MASK_KEY = "disc_cup_mask"  # FairSeg's key (the slo_fundus family), so the FairSeg reader reads it
+ONH_KEY = "oct_onh_bscans"
+
+GENERATOR_VERSION = 2  # see the module docstring's version list
 DEFAULT_PATIENTS = 2100
 EMPTY_FRACTION = 0.005
 MIN_TEST_PER_GROUP = 25  # per site and race, capped at a third of the group
@@ -146,7 +166,7 @@ def generator_params(
     """The exact parameters that define a generated set (validated; usable as a cache key).
 
     `population` appears only when it is not the default, so the clinical sets' parameters
-    (and their cache keys) are those of generator version 1.
+    (and their cache keys) have the keys they had before the public pool existed.
     """
     if patients < 6 * NUM_SITES:
         raise ValueError(f"patients must be >= {6 * NUM_SITES}, got {patients}")
@@ -305,7 +325,9 @@ def _truth(params: dict[str, Any], df: pd.DataFrame) -> dict[str, Any]:
         "params": params,
         "label_model": {"cdr_mean_sd": CDR, "rnfl_mean_sd": RNFL, "age_mean_sd": [AGE_MEAN, AGE_SD],
                         "age_logit_per_year": AGE_LOGIT_PER_YEAR,
-                        "ref_disc_area_mm2": REF_DISC_AREA, "disc_radius": DISC_RADIUS},
+                        "ref_disc_area_mm2": REF_DISC_AREA, "disc_radius": DISC_RADIUS,
+                        "onh_oct": {"field_half_width": render.ONH_FIELD, "healthy_cdr": render.ONH_HEALTHY_CDR,
+                                    "cup_depth_at_cdr1": render.CUP_DEPTH_AT_CDR1}},
         "sites": {f"site{k + 1}": asdict(s) for k, s in enumerate(population_of(params).sites)},
         "races": {RACE_NAMES[i]: asdict(r) for i, r in enumerate(RACES)},
         "pigment_effects": {"disc_contrast_loss": PIGMENT_DISC_LOSS,
@@ -342,6 +364,18 @@ def _write_csvs(out: Path, df: pd.DataFrame) -> None:
                                                                  index=True)
 
 
+def _anatomy_arrays(row: Any, geometry: render.DiscGeometry, site: SiteStyle, params: dict[str, Any], i: int) -> dict[str, np.ndarray]:
+    """Version 2's arrays: the disc / cup mask and the ONH cube of the anatomy the fundus drew.
+
+    The ONH cube's speckle has its own stream `(seed, 2, i)`, so the version-1 streams
+    `(seed, 0)` and `(seed, 1, i)` draw exactly what they drew before.
+    """
+    onh_rng = np.random.default_rng([*population_of(params).seed_words, params["seed"], 2, i])
+    shape: tuple[int, int, int] = tuple(params["oct_shape"])  # type: ignore[assignment]
+    return {MASK_KEY: render.disc_cup_mask(geometry, params["fundus_size"]),
+            ONH_KEY: render.onh_volume(row, geometry, site, shape, onh_rng)}
+
+
 def generate(
     out: Path | str,
     *,
@@ -370,15 +404,17 @@ def generate(
     for i, row in enumerate(df.itertuples(index=False)):
         rng = np.random.default_rng([*pop.seed_words, params["seed"], 1, i])
         site = pop.sites[row.site]
-        fundus, oct_ = render.fundus(row, site, fundus_size, rng), render.oct_volume(row, site, shape, rng)
-        if row.empty & 1:
-            fundus = np.zeros((0, 0), dtype=np.uint8)
-        if row.empty & 2:
-            oct_ = np.zeros((0, 0, 0), dtype=np.uint8)
+        fundus, geometry = render.fundus_and_geometry(row, site, fundus_size, rng)
+        oct_ = render.oct_volume(row, site, shape, rng)
         arrays = {"slo_fundus": fundus, "oct_bscans": oct_,
                   "glaucoma": np.array(row.glaucoma, dtype=np.int64),
                   **{a: np.array(getattr(row, a), dtype=np.int64) for a in ATTRIBUTES},
-                  "age": np.array(row.age, dtype=np.float64)}
+                  "age": np.array(row.age, dtype=np.float64),
+                  **_anatomy_arrays(row, geometry, site, params, i)}
+        if row.empty & 1:
+            arrays.update(slo_fundus=np.zeros((0, 0), np.uint8), disc_cup_mask=np.zeros((0, 0), np.int8))
+        if row.empty & 2:
+            arrays.update(oct_bscans=np.zeros((0, 0, 0), np.uint8), oct_onh_bscans=np.zeros((0, 0, 0), np.uint8))
         render.save_npz(out / "all" / row.filename, arrays)
     _write_csvs(out, df)
     truth = _truth(params, df)
@@ -450,6 +486,7 @@ class SyntheticOph(FairFedMedOph):
     """
 
     name = "synthetic"
+    mask_classes = MASK_CLASSES
 
     @property
     def root(self) -> Path:
@@ -463,6 +500,16 @@ class SyntheticOph(FairFedMedOph):
 
     def ensure_generated(self) -> Path:
         return ensure_generated(self.root, **self._generator_kwargs())
+
+    def load_masks(self, spec: ClientSpec, split: str, sample_ids: np.ndarray, size: int | None = None) -> np.ndarray:
+        """The disc / cup masks of these files (read as FairSeg's, `fairseg.read_mask`)."""
+        version = json.loads((self.root / "truth.json").read_text())["params"]["version"]
+        if version < 2:
+            raise DataError(f"data.root {self.root} holds a synthetic set of generator version {version}, which has no disc/cup masks; "
+                            f"regenerate it (python -m raysim.datasets.synthetic --out {self.root} --force) or point data.root at a new directory")
+        size = size or self.img_size
+        masks = [read_mask(self._file(str(name)), size) for name in sample_ids]
+        return np.stack(masks) if masks else np.zeros((0, size, size), np.uint8)
 
     def _generator_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"seed": self.cfg.generator_seed}

@@ -1,7 +1,9 @@
-"""Pixels of the synthetic FairFedMed-Oph twin: fundus and OCT drawing, scanner style, npz.
+"""Pixels of the synthetic FairFedMed-Oph twin: fundus, masks and OCT drawing, scanner style, npz.
 
 `synthetic.py` decides *who* each patient is (site, groups, label, anatomy); this module
-only draws what such a patient's images look like. Plain numpy.
+only draws what such a patient's images look like. Plain numpy. The fundus records the disc
+and cup it drew (`DiscGeometry`); the disc / cup mask and the optic-nerve-head OCT are drawn
+from that record, so the three show one anatomy.
 """
 
 from __future__ import annotations
@@ -39,6 +41,30 @@ class SiteStyle:
     marital_mix: tuple[float, ...]  # married, single, divorced, widowed, separated, unknown
 
 
+@dataclass(frozen=True)
+class DiscGeometry:
+    """The optic disc and cup one fundus drew (image coordinates in [-1, 1], x right, y down).
+
+    Disc: the ellipse of semi-axes (rx, ry) around (cx, cy). Cup: semi-axes cdr * (rx, ry)
+    around (ox, oy), so its vertical cup-to-disc ratio is `cdr` (when it lies inside the disc).
+    """
+
+    cx: float
+    cy: float
+    rx: float
+    ry: float
+    ox: float
+    oy: float
+    cdr: float
+
+    def disc_distance(self, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+        """Elliptic distance to the disc centre (1 on its border), as the fundus computes it."""
+        return np.sqrt(((xx - self.cx) * (1 / self.rx)) ** 2 + ((yy - self.cy) * (1 / self.ry)) ** 2)
+
+    def cup_distance(self, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+        return np.sqrt(((xx - self.ox) * (1 / (self.cdr * self.rx))) ** 2 + ((yy - self.oy) * (1 / (self.cdr * self.ry))) ** 2)
+
+
 @functools.lru_cache(maxsize=8)
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     c = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
@@ -72,6 +98,15 @@ def _acquire(clean: np.ndarray, site: SiteStyle, blur: float, noise: float,
 
 def fundus(row: Any, site: SiteStyle, size: int, rng: np.random.Generator) -> np.ndarray:
     """SLO fundus: background, macula, optic disc with its cup (CDR), vessels; site style."""
+    return fundus_and_geometry(row, site, size, rng)[0]
+
+
+def fundus_and_geometry(row: Any, site: SiteStyle, size: int, rng: np.random.Generator) -> tuple[np.ndarray, DiscGeometry]:
+    """The fundus of `fundus` and the disc / cup it drew (the masks and the ONH OCT use it).
+
+    The geometry is recorded, not drawn again: the random stream and every pixel are those
+    of generator version 1.
+    """
     yy, xx = _grid(size)
     p = float(row.pigment)
     side = float(rng.choice([-1.0, 1.0]))  # right / left eye: disc nasal, macula temporal
@@ -109,7 +144,7 @@ def fundus(row: Any, site: SiteStyle, size: int, rng: np.random.Generator) -> np
         img -= (0.16 * np.exp(-dist2 / width2)) * outside
     img *= np.sqrt(rr2) < 0.96  # circular field of view
     noise = site.noise * (1 + PIGMENT_NOISE_GAIN * p)
-    return _acquire(img, site, site.blur * size / 128, noise, rng)
+    return _acquire(img, site, site.blur * size / 128, noise, rng), DiscGeometry(cx, cy, rx, ry, ox, oy, cdr)
 
 
 def oct_volume(row: Any, site: SiteStyle, shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
@@ -128,6 +163,64 @@ def oct_volume(row: Any, site: SiteStyle, shape: tuple[int, int, int], rng: np.r
         edge = edge + wd
         band = band + (z >= edge)
     img = np.asarray(levels, dtype=np.float32)[band]
+    img = img * np.exp(0.25 * rng.standard_normal(img.shape, dtype=np.float32))  # speckle
+    return _acquire(img, site, site.blur * 0.5, site.noise, rng)
+
+
+# FairSeg's mask codes (specs/datasets.md): 0 background, -1 optic disc (rim), -2 optic cup.
+MASK_BACKGROUND, MASK_DISC, MASK_CUP = 0, -1, -2
+FIELD_OF_VIEW = 0.96  # radius of the fundus's circular field of view (image half-widths)
+
+
+def disc_cup_mask(geometry: DiscGeometry, size: int) -> np.ndarray:
+    """(size, size) int8 disc / cup mask of the fundus that drew `geometry`, in FairSeg's codes.
+
+    A pixel is disc where the disc's smooth edge is at least half up (elliptic distance <= 1),
+    cup likewise; the cup is clipped to the disc (a rim pixel is disc, never cup outside it) and
+    both to the field of view, where the fundus is black.
+    """
+    yy, xx = _grid(size)
+    seen = np.sqrt(xx * xx + yy * yy) < FIELD_OF_VIEW
+    disc = (geometry.disc_distance(xx, yy) <= 1) & seen
+    cup = (geometry.cup_distance(xx, yy) <= 1) & disc
+    mask = np.full((size, size), MASK_BACKGROUND, dtype=np.int8)
+    mask[disc] = MASK_DISC
+    mask[cup] = MASK_CUP
+    return mask
+
+
+# The optic-nerve-head OCT cube: a square field centred on the disc, this half-width in fundus
+# units (1 unit ~ 4.8 mm at the reference disc, so ~6 x 6 mm as real ONH cubes).
+ONH_FIELD = 0.625
+ONH_HEALTHY_CDR = 0.35  # the rim the nerve-fibre thickness `rnfl` refers to (healthy mean CDR)
+CUP_DEPTH_AT_CDR1 = 0.30  # cup depth below the rim surface at CDR 1 (share of the scan depth)
+RPE_DEPTH, RETINA_BELOW_NFL = 0.62, 0.20  # Bruch's membrane depth; retina under the NFL
+
+
+def onh_volume(row: Any, geometry: DiscGeometry, site: SiteStyle, shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """Optic-nerve-head B-scans (slices top to bottom, depth, width) of the disc the fundus drew.
+
+    One anatomy with the fundus and its masks: the disc and cup are that fundus's ellipses (the
+    cube is centred on the disc), the cup is a bowl whose depth grows with the same CDR, and the
+    nerve-fibre layer around the disc is `rnfl`'s thickness scaled by the rim's share of the
+    disc, (1 - CDR^2) / (1 - ONH_HEALTHY_CDR^2): a larger cup, a thinner NFL. Inside the disc
+    (Bruch's membrane opening) there are no retinal layers, only nerve tissue over the lamina.
+    """
+    d, h, w = shape
+    g = geometry
+    ys = np.linspace(-ONH_FIELD, ONH_FIELD, d, dtype=np.float32)[:, None] + g.cy
+    xs = np.linspace(-ONH_FIELD, ONH_FIELD, w, dtype=np.float32)[None, :] + g.cx
+    d_disc, d_cup = g.disc_distance(xs, ys), g.cup_distance(xs, ys)  # (slices, width)
+    rim_share = (1 - g.cdr**2) / (1 - ONH_HEALTHY_CDR**2)
+    nfl = 0.12 * float(row.rnfl) * rim_share * (1 + 0.8 * np.exp(-(((d_disc - 1) / 0.6) ** 2)))  # thickest at the margin
+    ilm = RPE_DEPTH - RETINA_BELOW_NFL - nfl + CUP_DEPTH_AT_CDR1 * g.cdr * np.clip(1 - d_cup**2, 0, None)
+    ilm, nfl_end = ilm[:, None, :], (ilm + nfl)[:, None, :]
+    z = (np.arange(h, dtype=np.float32) / h)[None, :, None]
+    retina = np.select(
+        [z < ilm, z < nfl_end, z < nfl_end + RETINA_BELOW_NFL / 2, z < RPE_DEPTH, z < RPE_DEPTH + 0.04],
+        [0.05, 0.75, 0.45, 0.25, 0.9], 0.35)  # vitreous, NFL, inner, outer retina, RPE, choroid
+    nerve = np.select([z < ilm, z < RPE_DEPTH + 0.12], [0.05, 0.5], 0.3)  # vitreous, nerve, lamina
+    img = np.where((d_disc <= 1)[:, None, :], nerve, retina).astype(np.float32)
     img = img * np.exp(0.25 * rng.standard_normal(img.shape, dtype=np.float32))  # speckle
     return _acquire(img, site, site.blur * 0.5, site.noise, rng)
 

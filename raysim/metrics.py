@@ -36,9 +36,12 @@ import numpy.typing as npt
 import pandas as pd
 
 METRIC_NAMES = ("auc", "acc", "bacc", "loss", "es_auc", "es_acc", "es_bacc", "eod", "spd", "auc_lo", "auc_hi", "bytes_up", "bytes_down", "missing", "n_clients", "epsilon", "delta", "generator_loss")
+# Segmentation (raysim.segmetrics, which defines them; listed here so the contract has one list).
+METRIC_NAMES += ("dice_disc", "dice_cup", "iou_disc", "iou_cup", "hd95_disc", "hd95_cup", "cdr_error", "dice_disc_lo", "dice_disc_hi", "dice_cup_lo", "dice_cup_hi")
+METRIC_NAMES += ("es_dice_disc", "es_dice_cup", "es_dice", "dice_disc_gap", "dice_cup_gap", "dice_gap")
 FRAME_COLUMNS = ("round", "split", "client", "role", "attribute", "group", "metric", "value")
 _GROUP_METRICS = ("auc", "acc", "bacc", "auc_lo", "auc_hi")
-NOT_AVERAGED = ("auc_lo", "auc_hi")  # per-client intervals: no mean rows (see the module docstring)
+NOT_AVERAGED = ("auc_lo", "auc_hi", "dice_disc_lo", "dice_disc_hi", "dice_cup_lo", "dice_cup_hi")  # per-client intervals: no mean rows (see the module docstring)
 Row = tuple[str, str, str, float]  # (attribute, group, metric, value)
 _EPS = 1e-7
 _MAX_BOOT_CELLS = 2_000_000  # resample-matrix cells processed at once

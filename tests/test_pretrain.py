@@ -64,8 +64,9 @@ def test_clinical_parameters_and_cache_key_are_unchanged() -> None:
     params = synthetic.generator_params()
     assert list(params) == ["version", "patients", "seed", "fundus_size", "oct_shape", "test_fraction", "empty_fraction"]
     assert synthetic.generator_params(population="clinical") == params
-    assert hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12] == "500240878514"  # recorded before the pool existed
-    assert synthetic.cached_root().name == "synthetic-oph-500240878514"
+    # Recorded at generator version 2 (the disc/cup masks); version 1's, from before the pool existed, was 500240878514.
+    assert hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12] == "a878f2ee135a"
+    assert synthetic.cached_root().name == "synthetic-oph-a878f2ee135a"
     public = synthetic.generator_params(population="public")
     assert public == {**params, "population": "public"} and synthetic.cached_root(population="public") != synthetic.cached_root()
     with pytest.raises(ValueError, match="population must be one of"):

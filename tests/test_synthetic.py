@@ -33,7 +33,7 @@ def test_npz_keys_dtypes_and_shapes(small_set: tuple[Path, dict]) -> None:
     assert [f.name for f in files] == [f"data_{i:05d}.npz" for i in range(1, 121)]
     for f in files:
         with np.load(f) as z:
-            assert set(z.files) == {"slo_fundus", "oct_bscans", *SCALARS}
+            assert set(z.files) == {"slo_fundus", "oct_bscans", "disc_cup_mask", "oct_onh_bscans", *SCALARS}  # masks, ONH: version 2
             for key in SCALARS:
                 assert z[key].shape == (), key
             assert z["age"].dtype.kind == "f" and 20 <= z["age"].item() <= 95
@@ -46,6 +46,8 @@ def test_npz_keys_dtypes_and_shapes(small_set: tuple[Path, dict]) -> None:
             fundus, oct_ = z["slo_fundus"], z["oct_bscans"]
             assert fundus.shape in ((64, 64), (0, 0))
             assert oct_.shape in ((8, 16, 16), (0, 0, 0))
+            assert z["disc_cup_mask"].dtype == np.int8 and z["disc_cup_mask"].shape == fundus.shape
+            assert z["oct_onh_bscans"].dtype == np.uint8 and z["oct_onh_bscans"].shape == oct_.shape
             if fundus.size:
                 assert fundus.std() > 5  # an image, not a constant
 
