@@ -1,0 +1,518 @@
+"""The per-run report: `python -m raysim.report RUN_DIR [--out FILE]` writes RUN_DIR/report.html.
+
+One self-contained page (inline PNG figures, no scripts, nothing fetched) read from the run
+directory alone (`raysim.runs.read_run`): the config and provenance in brief; which round is
+reported and why (`raysim.runs.select_round`: model selection on the validation split); mean and
+per-client AUC, ES-AUC and accuracy per round; per-group AUC with its bootstrap interval and EOD /
+SPD per client at that round (test split); bytes up / down and the training loss per round; the
+role means of role runs (FedHelp), ε per round of DP runs, and the clients a run dropped. Above
+`MANY` clients every per-client view becomes a distribution (median and 10-90 % band, a box
+plot, the worst clients named), so a 1,000-client report stays one page and a few seconds.
+Every number in a table is the metrics.parquet value x100 with one decimal (`figures.percent`),
+except MB, loss and ε. Plain pandas and matplotlib, no Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raysim import figures
+from raysim.figures import Section, percent
+from raysim.runs import MEAN, Run, RunReadError, Selection, clients, read_run, select_round
+
+MANY = 50  # above this many clients: distributions instead of one line / bar per client
+NAMED = 8  # up to this many clients each gets a colour and a legend entry; more are thin grey lines
+WORST = 5  # the clients a large federation's report names
+SPLITS = {"val": "validation", "test": "test"}  # the evaluated splits, and their titles
+TITLES = SPLITS | {"train": "local training"}
+MB = 1e6
+
+
+@dataclass
+class _View:
+    """The run reshaped once: wide frames (one column per metric) that every section reads."""
+
+    run: Run
+    overall: pd.DataFrame  # attribute "": index (round, split, client), a column per metric
+    fair: pd.DataFrame  # the target attribute's group-"" rows (es_auc, eod, spd, ...), same index
+    groups: pd.DataFrame  # the target attribute's per-group rows, long
+    clients: list[str]
+    roles: dict[str, str]
+    attribute: str
+    selection: Selection | None
+    at: int | None  # the round the tables report (the selected one; else the last evaluated)
+    note: str  # why `at` is what it is
+
+    @property
+    def many(self) -> bool:
+        return len(self.clients) > MANY
+
+    def curve(self, split: str, metric: str, fair: bool = False) -> pd.DataFrame:
+        """Rounds x clients (and the mean columns) of one metric; empty when absent."""
+        wide = self.fair if fair else self.overall
+        if metric not in wide.columns or split not in wide.index.get_level_values("split"):
+            return pd.DataFrame()
+        return wide.xs(split, level="split")[metric].unstack("client").dropna(how="all")
+
+    def cell(self, split: str, metric: str, fair: bool = False) -> pd.Series:
+        """One metric per client (and the means) at the reported round."""
+        table = self.curve(split, metric, fair)
+        return table.loc[self.at] if self.at in table.index else pd.Series(dtype=float)
+
+
+def _view(run: Run) -> _View:
+    m = run.metrics
+    attribute = run.attribute
+    plain = m[m["attribute"] == ""]
+    overall = plain.groupby(["round", "split", "client", "metric"], sort=True)["value"].first().unstack("metric")
+    target = m[m["attribute"] == attribute] if attribute else m.iloc[:0]
+    fair_rows = target[target["group"] == ""]
+    fair = fair_rows.groupby(["round", "split", "client", "metric"], sort=True)["value"].first().unstack("metric")
+    named = m[(m["role"] != "") & ~m["client"].str.startswith(MEAN)].drop_duplicates("client")
+    try:
+        selection: Selection | None = select_round(m)
+        at: int | None = selection.round
+        note = selection.reason
+    except RunReadError as err:
+        selection = None
+        evaluated = sorted(plain.loc[plain["split"].isin(list(SPLITS)), "round"].unique())
+        at = int(evaluated[-1]) if evaluated else None
+        note = f"no round selected: {err}; " + (f"the tables show the last evaluated round, {at}" if at else "the run has no evaluation rows yet")
+    return _View(run, overall, fair, target[target["group"] != ""], clients(m), dict(zip(named["client"], named["role"])), attribute, selection, at, note)
+
+
+# --- figures ------------------------------------------------------------------------------
+
+
+def _curves(ax: Any, table: pd.DataFrame, view: _View, scale: float) -> None:
+    """One metric over rounds: each client (<= MANY) or the 10-90 % band and median over clients, and the mean."""
+    present = [c for c in view.clients if c in table.columns]
+    if view.many and present:
+        q = table[present].quantile([0.1, 0.5, 0.9], axis=1).T * scale
+        ax.fill_between(q.index, q[0.1], q[0.9], color=figures.color(5), alpha=0.35, label="10-90 % of clients")
+        ax.plot(q.index, q[0.5], color=figures.color(0), marker="o", ms=4, label="median client")
+    elif len(present) <= NAMED:
+        for i, client in enumerate(present):
+            ax.plot(table.index, table[client] * scale, color=figures.color(i + 1), marker=figures.marker(i + 1), ms=4, lw=1.2, label=client)
+    else:
+        for i, client in enumerate(present):
+            ax.plot(table.index, table[client] * scale, color="#999999", lw=0.8, alpha=0.7, label="each client" if i == 0 else None)
+    if MEAN in table.columns:
+        ax.plot(table.index, table[MEAN] * scale, color="#000000", marker="o", ms=5, lw=2.4, label="mean over clients")
+    if view.at is not None:
+        ax.axvline(view.at, color="#555555", ls="--", lw=1, label="reported round")
+    ax.set_xlabel("round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+
+
+def _over_rounds(view: _View, metric: str, title: str, ylabel: str, *, fair: bool = False, splits: Sequence[str] = ("val", "test"), scale: float = 100.0) -> str:
+    tables = {s: view.curve(s, metric, fair) for s in splits}
+    tables = {s: t for s, t in tables.items() if not t.empty}
+    if not tables:
+        return ""
+    fig, axes = figures.new_figure(width=4.2 * len(tables) + 2.2, height=3.4, ncols=len(tables))
+    axes = list(np.atleast_1d(axes))
+    for ax, (split, table) in zip(axes, tables.items()):
+        _curves(ax, table, view, scale)
+        ax.set_title(TITLES.get(split, split))
+        ax.set_ylabel(ylabel)
+    low, high = min(ax.get_ylim()[0] for ax in axes), max(ax.get_ylim()[1] for ax in axes)
+    for ax in axes:  # one y scale, so the splits compare at a glance
+        ax.set_ylim(low, high)
+    figures.legend_outside(axes[-1])
+    who = "median and 10-90 % band over clients" if view.many else "each client"
+    return figures.embed(fig, metric if not fair else f"{metric}_{view.attribute}", f"{title} per round: {who} and the mean over clients")
+
+
+def _group_figure(view: _View, split: str = "test") -> str:
+    rows = view.groups[(view.groups["round"] == view.at) & (view.groups["split"] == split)]
+    if rows.empty:
+        return ""
+    table = rows.pivot_table(index=["client", "group"], columns="metric", values="value", aggfunc="first", sort=False)
+    names = list(dict.fromkeys(rows["group"]))
+    auc = table["auc"].unstack("group").reindex(columns=names) * 100
+    if view.many:
+        fig, ax = figures.new_figure(width=7.5, height=3.8)
+        per_client = auc[auc.index.isin(view.clients)]
+        box = ax.boxplot([per_client[g].dropna().to_numpy() for g in names], tick_labels=names, patch_artist=True, medianprops={"color": "black"}, flierprops={"markersize": 3, "alpha": 0.5})
+        for i, patch in enumerate(box["boxes"]):
+            patch.set_facecolor(figures.color(i))
+            patch.set_alpha(0.6)
+        if MEAN in auc.index:
+            ax.plot(range(1, len(names) + 1), auc.loc[MEAN, names], "kD", ms=6, label="mean over clients")
+        ax.set_xlabel(f"{view.attribute} group")
+        ax.set_ylabel(f"{SPLITS[split]} AUC (x100)")
+        figures.legend_outside(ax)
+        return figures.embed(fig, "group_auc", f"Per-group {split} AUC at round {view.at} ({view.attribute}): the distribution over {len(view.clients)} clients (box: quartiles; whiskers: 1.5 IQR)")
+    order = [c for c in view.clients if c in auc.index] + ([MEAN] if MEAN in auc.index else [])
+    lo = table["auc_lo"].unstack("group").reindex(index=order, columns=names) * 100 if "auc_lo" in table else None
+    hi = table["auc_hi"].unstack("group").reindex(index=order, columns=names) * 100 if "auc_hi" in table else None
+    fig, ax, along = _per_client_axes(order, len(names))
+    step = 0.8 / max(len(names), 1)
+    for i, group in enumerate(names):
+        y = auc.reindex(order)[group].to_numpy(dtype=float)
+        err = None
+        if lo is not None and hi is not None:
+            err = np.vstack([np.clip(y - lo[group].to_numpy(dtype=float), 0, None), np.clip(hi[group].to_numpy(dtype=float) - y, 0, None)])
+            err = np.where(np.isnan(err), 0, err)
+        pos = along - 0.4 + step * (i + 0.5)
+        style = {"fmt": figures.marker(i), "color": figures.color(i), "ms": 6, "capsize": 3, "lw": 1.2, "label": group}
+        ax.errorbar(*((y, pos) if _horizontal(order) else (pos, y)), **({"xerr": err} if _horizontal(order) else {"yerr": err}), **style)
+    (ax.set_xlabel if _horizontal(order) else ax.set_ylabel)(f"{SPLITS[split]} AUC (x100)")
+    figures.legend_outside(ax, title=view.attribute)
+    has = lo is not None and bool(lo.notna().any().any())
+    return figures.embed(fig, "group_auc", f"Per-group {split} AUC at round {view.at} ({view.attribute}) per client" + (", bar: the client's bootstrap interval" if has else ""))
+
+
+def _horizontal(order: Sequence[str]) -> bool:
+    return len(order) > 12  # many clients: one row each, names readable, instead of squeezed columns
+
+
+def _per_client_axes(order: Sequence[str], per_client: int) -> tuple[Any, Any, np.ndarray]:
+    """Axes with one slot per client (columns; rows when there are many), and the slot positions."""
+    along = np.arange(len(order))
+    if _horizontal(order):
+        fig, ax = figures.new_figure(width=7.5, height=1.2 + 0.12 * len(order) * max(per_client, 2))
+        ax.set_yticks(along, order)
+        ax.set_ylim(len(order) - 0.5, -0.5)  # the first client on top
+        ax.set_ylabel("client")
+    else:
+        fig, ax = figures.new_figure(width=min(12.0, 4.5 + 0.3 * len(order) * max(per_client, 2)), height=3.6)
+        ax.set_xticks(along, order)
+        ax.set_xlabel("client")
+    return fig, ax, along
+
+
+def _gap_figure(view: _View, split: str = "test") -> str:
+    eod, spd = view.cell(split, "eod", fair=True), view.cell(split, "spd", fair=True)
+    if eod.empty and spd.empty:
+        return ""
+    present = [c for c in view.clients if c in eod.index or c in spd.index]
+    label = f"{view.attribute} gap, {SPLITS[split]} (x100)"
+    if view.many:
+        fig, ax = figures.new_figure(width=7.5, height=3.4)
+        ax.boxplot([s.reindex(present).dropna().to_numpy() * 100 for s in (eod, spd)], tick_labels=["EOD", "SPD"], medianprops={"color": "black"}, flierprops={"markersize": 3, "alpha": 0.5})
+        for i, s in enumerate((eod, spd)):
+            if MEAN in s.index:
+                ax.plot(i + 1, s[MEAN] * 100, "kD", ms=6, label="mean over clients" if i == 0 else None)
+        ax.set_ylabel(label)
+        figures.legend_outside(ax)
+        return figures.embed(fig, "eod_spd", f"EOD and SPD ({view.attribute}, {split} split) at round {view.at}: the distribution over {len(present)} clients")
+    order = [*present, MEAN]
+    fig, ax, along = _per_client_axes(order, 2)
+    for i, (name, s) in enumerate((("EOD", eod), ("SPD", spd))):
+        values = s.reindex(order).to_numpy(dtype=float) * 100
+        style = {"color": figures.color(i), "hatch": ("", "//")[i], "edgecolor": "white", "label": name}
+        if _horizontal(order):
+            ax.barh(along - 0.2 + 0.4 * i, values, height=0.4, **style)
+        else:
+            ax.bar(along - 0.2 + 0.4 * i, values, width=0.4, **style)
+    (ax.set_xlabel if _horizontal(order) else ax.set_ylabel)(label)
+    figures.legend_outside(ax)
+    return figures.embed(fig, "eod_spd", f"EOD and SPD ({view.attribute}, {split} split) at round {view.at}, per client and the mean")
+
+
+def _spread_figure(view: _View) -> str:
+    """> MANY clients: the histogram of per-client AUC at the reported round (val and test)."""
+    fig, ax = figures.new_figure(width=6.8, height=3.4)
+    samples = {split: view.cell(split, "auc").reindex(view.clients).dropna() * 100 for split in ("val", "test")}
+    pooled = pd.concat(list(samples.values()))
+    bins = np.histogram_bin_edges(pooled, bins=30) if len(pooled) else 30  # one set of bins: the splits compare bar by bar
+    for i, (split, values) in enumerate(samples.items()):
+        if len(values):  # validation filled, test as a thick outline: both stay visible where they overlap
+            style = {"alpha": 0.5} if i == 0 else {"histtype": "step", "lw": 2.2}
+            ax.hist(values, bins=bins, color=figures.color(3 * i), label=f"{SPLITS[split]} ({len(values)} clients)", **style)
+    ax.set_xlabel(f"AUC at round {view.at} (x100)")
+    ax.set_ylabel("clients")
+    figures.legend_outside(ax)
+    return figures.embed(fig, "auc_spread", f"Per-client AUC at round {view.at}: the distribution over {len(view.clients)} clients")
+
+
+def _traffic_figure(traffic: pd.DataFrame) -> str:
+    fig, axes = figures.new_figure(width=10.6, height=3.4, ncols=2)
+    for i, (column, label) in enumerate((("down", "down (server to client)"), ("up", "up (client to server)"))):
+        style = {"color": figures.color(i), "marker": figures.marker(i), "ms": (8, 4)[i], "ls": ("-", "--")[i], "lw": (2.4, 1.4)[i], "label": label}
+        axes[0].plot(traffic.index, traffic[f"MB {column} per client"], **style)  # down drawn wider: equal values stay visible
+        axes[1].plot(traffic.index, traffic[f"MB {column} in all"], **style)
+    axes[0].set_ylabel("MB per client")
+    axes[1].set_ylabel("MB, all clients")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.set_ylim(bottom=0)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    figures.legend_outside(axes[1])
+    return figures.embed(fig, "bytes", "Bytes sent per round: the mean per client that trained (left) and over all clients (right), in MB")
+
+
+def _line_figure(frame: pd.DataFrame, name: str, alt: str, ylabel: str, scale: float = 1.0, at: int | None = None) -> str:
+    fig, ax = figures.new_figure(width=7.6, height=3.4)
+    for i, column in enumerate(frame.columns):
+        if column == MEAN:
+            ax.plot(frame.index, frame[column] * scale, color="#000000", marker="o", ms=5, lw=2.4, label="mean over clients")
+        else:
+            ax.plot(frame.index, frame[column] * scale, color=figures.color(i), marker=figures.marker(i), ls=figures.linestyle(i), ms=5, label=str(column))
+    if at is not None:
+        ax.axvline(at, color="#555555", ls="--", lw=1, label="reported round")
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    figures.legend_outside(ax)
+    return figures.embed(fig, name, alt)
+
+
+# --- sections -----------------------------------------------------------------------------
+
+
+def _run_section(view: _View) -> Section:
+    cfg, prov = view.run.config, view.run.provenance
+    algo = {k: v for k, v in (cfg.get("algorithm") or {}).items() if k != "name"}
+    data, model, fed, ev = (cfg.get(k) or {} for k in ("data", "model", "federation", "eval"))
+    packages = prov.get("packages") or {}
+    rounds = sorted(view.run.metrics["round"].unique())
+    rows = [
+        ("method", view.run.algorithm + (" (" + ", ".join(f"{k}={v}" for k, v in algo.items()) + ")" if algo else " (its defaults)")),
+        ("data source", f"{data.get('name', '?')}" + (f", partition {data['partition']}" if data.get("partition") else "") + (f", root {data['root']}" if data.get("root") else "")),
+        ("sensitive attribute", view.attribute or "none (the source has no sensitive attributes)"),
+        ("model", f"{model.get('name', '?')}, {model.get('img_size', '?')} px" + (", pretrained" if model.get("pretrained") else "")),
+        ("rounds", f"{rounds[-1] if rounds else 0} of {fed.get('rounds', '?')} done"),
+        ("clients", f"{len(view.clients)}" + (f", {fed['clients_per_round']} per round" if fed.get("clients_per_round") else ", all every round")),
+        ("local training", f"{fed.get('local_epochs', '?')} epoch(s), batch {fed.get('batch_size', '?')}, {fed.get('optimizer', '?')} lr {fed.get('lr', '?')}"),
+        ("evaluation", f"every {ev.get('every', '?')} round(s), {ev.get('bootstrap', 0)} bootstrap resamples"),
+        ("seed", str(cfg.get("seed", "?"))),
+        ("versions", ", ".join(f"{k} {packages.get(k) or '?'}" for k in ("raysim", "torch", "ray")) + f", python {prov.get('python', '?')}"),
+        ("git commit", str(prov.get("git_commit") or "unknown")),
+        ("created", str(prov.get("created") or "unknown")),
+        ("data fingerprint", str((prov.get("data") or {}).get("csv_sha256") or "-")),
+    ]
+    return Section("Run", anchor="run").add(figures.table(pd.DataFrame(rows, columns=["setting", "value"]), "run"))
+
+
+def _selection_section(view: _View) -> Section:
+    section = Section("Model selection", anchor="selection").text(view.note)
+    if view.selection is not None:
+        section.text("Selection uses the validation split only, so the test values below stay an unbiased estimate.")
+    if view.at is None:
+        return section
+    metrics = [("AUC", "auc", False), ("accuracy", "acc", False), ("balanced accuracy", "bacc", False)]
+    if view.attribute:
+        metrics[1:1] = [(f"ES-AUC ({view.attribute})", "es_auc", True), (f"EOD ({view.attribute})", "eod", True), (f"SPD ({view.attribute})", "spd", True)]
+    rows = [(label, *(percent(view.cell(s, metric, fair).get(MEAN, np.nan)) for s in SPLITS)) for label, metric, fair in metrics]
+    frame = pd.DataFrame(rows, columns=["mean over clients (x100)", *SPLITS.values()])
+    return section.add(figures.table(frame, "selected", f"at round {view.at}"))
+
+
+def _performance_section(view: _View) -> Section:
+    section = Section("AUC, ES-AUC and accuracy per round", anchor="rounds")
+    section.add(_over_rounds(view, "auc", "AUC", "AUC (x100)"))
+    if view.attribute:
+        section.add(_over_rounds(view, "es_auc", f"ES-AUC ({view.attribute})", f"ES-AUC {view.attribute} (x100)", fair=True))
+    else:
+        section.text("No ES-AUC: the source has no sensitive attributes.")
+    section.add(_over_rounds(view, "acc", "Accuracy", "accuracy (x100)"))
+    columns: dict[str, pd.Series] = {}
+    for split, name in SPLITS.items():
+        for label, metric, fair in (("AUC", "auc", False), ("ES-AUC", "es_auc", True), ("acc", "acc", False), ("bacc", "bacc", False)):
+            table = view.curve(split, metric, fair)
+            if MEAN in table.columns:
+                columns[f"{name} {label}"] = table[MEAN]
+    if columns:
+        frame = pd.DataFrame(columns).sort_index()
+        out = frame.apply(lambda c: c.map(percent)).reset_index(names="round")
+        section.add(figures.table(out, "per_round", "mean over clients per evaluated round (x100)"))
+    return section
+
+
+def _clients_section(view: _View) -> Section:
+    section = Section("Clients at the reported round", anchor="clients")
+    if view.at is None:
+        return section.text("No evaluated round yet.")
+    columns = [("val AUC", "val", "auc", False), ("test AUC", "test", "auc", False), ("test acc", "test", "acc", False)]
+    if view.attribute:
+        columns += [(f"test ES-AUC ({view.attribute})", "test", "es_auc", True), ("test EOD", "test", "eod", True), ("test SPD", "test", "spd", True)]
+    values = pd.DataFrame({label: view.cell(split, metric, fair) for label, split, metric, fair in columns})
+    per_client = values.reindex(view.clients)
+    if view.many:
+        section.add(_spread_figure(view))
+        worst = per_client.dropna(subset=["test AUC"]).sort_values(["test AUC"], kind="stable").head(WORST)
+        section.add(figures.table(_cells(worst, view), "worst_clients", f"the {len(worst)} clients with the lowest test AUC at round {view.at} (x100)"))
+        spread = per_client.quantile([0.0, 0.1, 0.5, 0.9, 1.0]).rename(index={0.0: "min", 0.1: "10 %", 0.5: "median", 0.9: "90 %", 1.0: "max"})
+        section.add(figures.table(spread.apply(lambda c: c.map(percent)).reset_index(names="over clients"), "client_spread", "the distribution over clients (x100)"))
+    else:
+        rows = per_client if MEAN not in values.index else pd.concat([per_client, values.loc[[MEAN]]])
+        section.add(figures.table(_cells(rows, view), "clients", f"each client and the mean at round {view.at} (x100)"))
+    return section
+
+
+def _cells(frame: pd.DataFrame, view: _View) -> pd.DataFrame:
+    out = frame.apply(lambda c: c.map(percent)).reset_index(names="client")
+    if view.roles:
+        out.insert(1, "role", out["client"].map(view.roles).fillna(""))
+    return out
+
+
+def _fairness_section(view: _View) -> Section:
+    section = Section("Fairness", anchor="fairness")
+    if not view.attribute:
+        return section.text("The source has no sensitive attributes: no per-group AUC, ES-AUC, EOD or SPD.")
+    if view.at is None:
+        return section.text("No evaluated round yet.")
+    section.text(f"Test split at round {view.at}; attribute {view.attribute} (the run's target attribute).")
+    section.add(_group_figure(view))
+    rows = view.groups[(view.groups["round"] == view.at) & (view.groups["split"] == "test")]
+    if not rows.empty:
+        wide = rows.pivot_table(index=["client", "group"], columns="metric", values="value", aggfunc="first", sort=False)
+        has_interval = "auc_lo" in wide.columns and bool(wide["auc_lo"].notna().any())
+        if not has_interval:
+            section.text("No bootstrap intervals in this run (eval.bootstrap = 0, or every group AUC undefined).")
+        keep = [MEAN] if view.many else [*view.clients, MEAN]
+        wide = wide[wide.index.get_level_values("client").isin(keep)]
+        wide = wide.reindex(sorted(wide.index, key=lambda k: keep.index(k[0])))  # stable: groups keep their code order
+        out = pd.DataFrame({"AUC": wide["auc"]} | ({"AUC low": wide["auc_lo"], "AUC high": wide["auc_hi"]} if has_interval else {}))
+        out = out.apply(lambda c: c.map(percent)).reset_index()
+        caption = "per group, each client and the mean (x100; the interval is the client's bootstrap interval, none for the mean)"
+        section.add(figures.table(out, "group_auc", caption if not view.many else "per group, the mean over clients (x100)"))
+    section.add(_gap_figure(view))
+    attributes = view.run.metrics
+    attributes = attributes[(attributes["client"] == MEAN) & (attributes["round"] == view.at) & (attributes["split"] == "test") & (attributes["attribute"] != "") & (attributes["group"] == "")]
+    if not attributes.empty:
+        wide = attributes.pivot_table(index="attribute", columns="metric", values="value", aggfunc="first", sort=False)
+        names = {"es_auc": "ES-AUC", "es_acc": "ES-acc", "eod": "EOD", "spd": "SPD"}
+        out = wide[[c for c in names if c in wide.columns]].rename(columns=names).apply(lambda c: c.map(percent)).reset_index()
+        section.add(figures.table(out, "attributes", f"every attribute, mean over clients, test split at round {view.at} (x100)"))
+    return section
+
+
+def _training_section(view: _View) -> Section:
+    section = Section("Training: traffic and loss", anchor="training")
+    train = view.run.metrics
+    train = train[(train["split"] == "train") & (train["attribute"] == "")]
+    sent = train[train["metric"].isin(["bytes_up", "bytes_down"]) & ~train["client"].str.startswith(MEAN)]
+    if sent.empty:
+        section.text("No bytes_up / bytes_down rows.")
+    else:
+        per_round = sent.pivot_table(index="round", columns="metric", values="value", aggfunc=["mean", "sum", "count"])
+        traffic = pd.DataFrame(
+            {
+                "clients trained": per_round[("count", "bytes_up")].astype(int),
+                "MB down per client": per_round[("mean", "bytes_down")] / MB,
+                "MB up per client": per_round[("mean", "bytes_up")] / MB,
+                "MB down in all": per_round[("sum", "bytes_down")] / MB,
+                "MB up in all": per_round[("sum", "bytes_up")] / MB,
+            }
+        )
+        section.add(_traffic_figure(traffic))
+        out = traffic.copy()
+        for column in out.columns[1:]:
+            out[column] = out[column].map(lambda v: f"{v:.2f}")
+        section.add(figures.table(out.reset_index(), "traffic", "MB sent per round (1 MB = 10^6 bytes)"))
+    loss = view.curve("train", "loss")
+    if loss.empty:
+        section.text("No training loss: this run predates the train-split `loss` rows.")
+    else:
+        section.add(_over_rounds(view, "loss", "Training loss", "training loss", splits=("train",), scale=1.0).replace('data-plot="loss"', 'data-plot="train_loss"'))
+        if MEAN in loss.columns:
+            out = pd.DataFrame({"mean loss": loss[MEAN].map(lambda v: f"{v:.4f}")}).reset_index(names="round")
+            section.add(figures.table(out, "train_loss", "mean over clients"))
+    return section
+
+
+def _roles_section(view: _View) -> Section | None:
+    names = sorted(c for c in view.overall.index.get_level_values("client").unique() if c.startswith(f"{MEAN}:"))
+    if not names:
+        return None
+    section = Section("Roles", anchor="roles").text(
+        "Means over the clients of each role: " + ", ".join(f"{r} ({sum(1 for v in view.roles.values() if v == r)} clients)" for r in sorted(set(view.roles.values())))
+    )
+    for split in SPLITS:
+        table = view.curve(split, "auc")
+        if not table.empty:
+            frame = table[[c for c in [*names, MEAN] if c in table.columns]]
+            section.add(_line_figure(frame, f"roles_{split}", f"{SPLITS[split]} AUC per round: the mean over each role's clients", f"{SPLITS[split]} AUC (x100)", 100.0, view.at))
+    if view.at is not None:
+        rows = {
+            label: {c: percent(view.cell(split, metric).get(c, np.nan)) for c in [*names, MEAN]}
+            for label, split, metric in (("val AUC", "val", "auc"), ("test AUC", "test", "auc"), ("test acc", "test", "acc"))
+        }
+        section.add(figures.table(pd.DataFrame(rows).reset_index(names="mean of"), "roles", f"role means at round {view.at} (x100)"))
+    return section
+
+
+def _privacy_section(view: _View) -> Section | None:
+    m = view.run.metrics
+    server = m[(m["client"] == "server") & m["metric"].isin(["epsilon", "delta"])]
+    if not (server["metric"] == "epsilon").any():
+        return None
+    wide = server.pivot_table(index="round", columns="metric", values="value", aggfunc="first").sort_index()
+    section = Section("Privacy", anchor="privacy").text("The privacy spent so far after each round (the method's accountant; client `server` rows).")
+    section.add(_line_figure(wide[["epsilon"]].rename(columns={"epsilon": "ε"}), "epsilon", "ε spent per round (cumulative)", "ε (cumulative)"))
+    out = wide.apply(lambda c: c.map(lambda v: f"{v:.4g}")).reset_index()
+    return section.add(figures.table(out, "privacy", "ε and δ after each round"))
+
+
+def _missing_section(view: _View) -> Section:
+    m = view.run.metrics
+    train = m[m["split"] == "train"]
+    gone = train[train["metric"] == "missing"]
+    section = Section("Missing clients", anchor="missing")
+    if gone.empty:
+        return section.text("No client was dropped (no `missing` rows).")
+    first = gone.groupby("client")["round"].agg(["min", "max", "count"]).rename(columns={"min": "first round missing", "max": "last round missing", "count": "rounds missing"})
+    first = first.reindex(sorted(first.index, key=lambda c: clients(gone).index(c) if c in clients(gone) else 0))
+    section.text(f"{len(first)} of {len(view.clients)} clients were dropped (fault.on_client_loss=drop); every mean after that is over the clients left.")
+    section.add(figures.table(first.reset_index(), "missing", "clients out of the run"))
+    left = train[(train["metric"] == "n_clients") & (train["client"] == MEAN)].sort_values("round")
+    if not left.empty:  # runs of rounds with the same count, one row each
+        count = left["value"].astype(int)
+        spans = left.assign(count=count, span=(count != count.shift()).cumsum()).groupby("span").agg(first=("round", "min"), last=("round", "max"), left=("count", "first"))
+        out = pd.DataFrame({"rounds": [f"{a}-{b}" if a != b else str(a) for a, b in zip(spans["first"], spans["last"])], "clients left": spans["left"].to_numpy()})
+        section.add(figures.table(out, "n_clients", "clients the means are over"))
+    return section
+
+
+# --- the page ------------------------------------------------------------------------------
+
+
+def build(run: Run) -> str:
+    """The report of one run, as an HTML document."""
+    view = _view(run)
+    sections = [_run_section(view), _selection_section(view), _performance_section(view), _clients_section(view), _fairness_section(view), _training_section(view)]
+    sections += [s for s in (_roles_section(view), _privacy_section(view)) if s is not None]
+    sections.append(_missing_section(view))
+    cfg = run.config
+    subtitle = f"{run.algorithm} on {(cfg.get('data') or {}).get('name', '?')}, {len(view.clients)} clients, seed {run.seed}; {run.path}"
+    return figures.page(f"raysim run {run.name}", subtitle, sections)
+
+
+def write_report(run_dir: Path | str, out: Path | str | None = None) -> Path:
+    """Write the report of the run in `run_dir` (to RUN_DIR/report.html unless `out`); its path."""
+    run = read_run(run_dir)
+    return figures.write_page(Path(out) if out is not None else run.path / "report.html", build(run))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m raysim.report", description="Write RUN_DIR/report.html: plots and tables of one run (opens from disk, no server).")
+    parser.add_argument("run_dir", help="a raysim run directory (config.yaml, metrics.parquet)")
+    parser.add_argument("--out", help="where to write the page (default RUN_DIR/report.html)")
+    args = parser.parse_args(argv)
+    try:
+        path = write_report(args.run_dir, args.out)
+    except RunReadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {args.out or args.run_dir}: cannot write the report ({err.strerror or err})", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

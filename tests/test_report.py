@@ -1,0 +1,316 @@
+"""The per-run report (raysim.report): plots present and non-empty, table cells equal to
+metrics.parquet at the selected round, the distributions of large federations, the optional
+sections (roles, privacy, missing clients), sources without attributes, the CLI, one real run."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from raysim import figures, reporting, runs
+from raysim.report import WORST, main, write_report
+
+from conftest import tiny_overrides
+
+RACE = {"race": ["Asian", "Black", "White"], "gender": ["Female", "Male"]}
+
+
+# --- hand-built runs ------------------------------------------------------------------------
+
+
+def synthetic_metrics(
+    n_clients: int = 3,
+    rounds: int = 4,
+    *,
+    attributes: dict[str, list[str]] | None = None,
+    bootstrap: bool = True,
+    train_loss: bool = True,
+    roles: dict[str, str] | None = None,
+    epsilon: bool = False,
+    dropped: dict[str, int] | None = None,
+    multiclass: bool = False,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """A long metrics frame shaped like the engine's (means by reporting.with_means): AUC rising
+    with the round, `dropped` clients absent from their round on (with `missing` / `n_clients`)."""
+    attributes = RACE if attributes is None else attributes
+    rng = np.random.default_rng(seed)
+    names = [f"site{i + 1}" for i in range(n_clients)]
+    roles, dropped = roles or {}, dropped or {}
+    rows: list[tuple[object, ...]] = []
+    skill = dict(zip(names, rng.normal(0, 0.04, n_clients)))  # each client's own offset, so the spread is visible
+    for r in range(1, rounds + 1):
+        here = [c for c in names if dropped.get(c, rounds + 1) > r]
+        for c in here:
+            role = roles.get(c, "")
+            rows += [(r, "train", c, role, "", "", "bytes_down", 1.5e6), (r, "train", c, role, "", "", "bytes_up", 1.5e6 * (1 + (c == names[0])))]
+            if train_loss:
+                rows.append((r, "train", c, role, "", "", "loss", float(1.0 / r + rng.uniform(0, 0.1))))
+            for split in ("val", "test"):
+                base = 0.55 + 0.3 * (1 - np.exp(-r / 3)) + skill[c] + rng.uniform(-0.03, 0.03)
+                rows += [(r, split, c, role, "", "", m, float(np.clip(base + rng.uniform(-0.05, 0.05), 0, 1))) for m in ("auc", "acc", "bacc")]
+                rows.append((r, split, c, role, "", "", "loss", float(rng.uniform(0.3, 0.8))))
+                for attr, groups in attributes.items():
+                    rows += [(r, split, c, role, attr, "", m, float(rng.uniform(0.3, 0.7) if m.startswith("es") else rng.uniform(0.0, 0.3))) for m in ("es_auc", "es_acc", "es_bacc", "eod", "spd")]
+                    for g in groups:
+                        value = float(np.clip(base + rng.uniform(-0.15, 0.1), 0.01, 0.99))
+                        rows += [(r, split, c, role, attr, g, "auc", value), (r, split, c, role, attr, g, "acc", value - 0.1), (r, split, c, role, attr, g, "bacc", value - 0.05)]
+                        if bootstrap:
+                            rows += [(r, split, c, role, attr, g, "auc_lo", value - 0.1), (r, split, c, role, attr, g, "auc_hi", min(value + 0.08, 1.0))]
+    frame = reporting.with_means(pd.DataFrame(rows, columns=reporting.METRIC_COLUMNS))
+    extra: list[tuple[object, ...]] = []
+    for r in range(1, rounds + 1):
+        if epsilon:
+            extra += [(r, "train", "server", "", "", "", "epsilon", 0.5 * r), (r, "train", "server", "", "", "", "delta", 1e-5)]
+        gone = sorted(c for c, at in dropped.items() if at <= r)
+        if gone:
+            extra += [(r, "train", c, roles.get(c, ""), "", "", "missing", 1.0) for c in gone] + [(r, "train", "mean", "", "", "", "n_clients", float(n_clients - len(gone)))]
+    if extra:
+        frame = pd.concat([frame, pd.DataFrame(extra, columns=reporting.METRIC_COLUMNS)], ignore_index=True)
+    return frame
+
+
+def make_run(path: Path, metrics: pd.DataFrame, *, attribute: str | None = "race", algorithm: dict | None = None, data: str = "synthetic") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "seed": 7,
+        "data": {"name": data, "attribute": attribute, "partition": None},
+        "model": {"name": "test_resnet", "img_size": 16},
+        "algorithm": algorithm or {"name": "fedprox", "mu": 0.01},
+        "federation": {"rounds": int(metrics["round"].max()), "local_epochs": 1, "batch_size": 16, "optimizer": "adam", "lr": 0.001},
+        "eval": {"every": 1, "bootstrap": 20},
+    }
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    prov = {"created": "2026-01-02T03:04:05+00:00", "python": "3.11.7", "packages": {"raysim": "0.3.0", "torch": "2.14.1", "ray": "2.60.0"}, "git_commit": "abc123", "attribute": attribute or ""}
+    (path / "provenance.json").write_text(json.dumps(prov))
+    metrics.to_parquet(path / "metrics.parquet", index=False)
+    return path
+
+
+# --- reading the page back ------------------------------------------------------------------
+
+
+class _Page(HTMLParser):
+    """The tables (name -> header + rows of cell text) and plots (name -> PNG bytes) of a page."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.plots: dict[str, bytes] = {}
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "table":
+            self._table = a["data-table"]
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th") and self._table:
+            self._cell = []
+        elif tag == "img":
+            self.plots[a["data-plot"]] = base64.b64decode(a["src"].split(",", 1)[1])
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self._table = None
+        elif tag in ("td", "th") and self._cell is not None and self._table:
+            self.tables[self._table][-1].append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def rows(self, name: str) -> list[dict[str, str]]:
+        header, *body = self.tables[name]
+        return [dict(zip(header, row)) for row in body]
+
+
+def read_page(path: Path) -> tuple[str, _Page]:
+    text = path.read_text(encoding="utf-8")
+    return text, _Page(text)
+
+
+def assert_real_png(data: bytes, name: str) -> None:
+    import matplotlib.image
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{name}: not a PNG"
+    assert len(data) > 5_000, f"{name}: only {len(data)} bytes"
+    pixels = matplotlib.image.imread(io.BytesIO(data), format="png")
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 400, f"{name}: {pixels.shape}"
+    assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 20, f"{name}: nearly one flat colour"
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+
+def test_every_plot_is_a_real_png_and_the_page_is_self_contained(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", synthetic_metrics())
+    out = write_report(run)
+    text, page = read_page(out)
+    assert out == run.resolve() / "report.html"
+    for name in ("auc", "es_auc_race", "acc", "group_auc", "eod_spd", "bytes", "train_loss"):
+        assert name in page.plots, f"no plot {name}: {sorted(page.plots)}"
+        assert_real_png(page.plots[name], name)
+    assert "<script" not in text and "http://" not in text and "https://" not in text  # nothing fetched, nothing run
+    info = {row["setting"]: row["value"] for row in page.rows("run")}
+    assert info["method"] == "fedprox (mu=0.01)" and info["seed"] == "7" and info["git commit"] == "abc123" and "torch 2.14.1" in info["versions"]
+    assert "privacy" not in page.tables and "roles" not in page.tables and "No client was dropped" in text
+
+
+def test_table_cells_equal_metrics_parquet_at_the_selected_round(tmp_path: Path) -> None:
+    metrics = synthetic_metrics(seed=1)
+    # validation peaks at round 2, test keeps rising: the report must follow validation
+    val = (metrics["split"] == "val") & (metrics["metric"] == "auc") & (metrics["attribute"] == "")
+    metrics.loc[val & (metrics["round"] == 2), "value"] = 0.99
+    run = make_run(tmp_path / "run", metrics)
+    text, page = read_page(write_report(run))
+    m = runs.read_run(run).metrics
+    chosen = runs.select_round(m)
+    assert chosen.round == 2 and chosen.reason in text
+    cell = {(r["client"]): r for r in page.rows("clients")}
+    assert list(cell) == ["site1", "site2", "site3", "mean"]
+    for client, row in cell.items():
+        assert row["val AUC"] == figures.percent(runs.value(m, round_=2, split="val", metric="auc", client=client))
+        assert row["test AUC"] == figures.percent(runs.value(m, round_=2, split="test", metric="auc", client=client))
+        assert row["test acc"] == figures.percent(runs.value(m, round_=2, split="test", metric="acc", client=client))
+        for label, metric in (("test ES-AUC (race)", "es_auc"), ("test EOD", "eod"), ("test SPD", "spd")):
+            assert row[label] == figures.percent(runs.value(m, round_=2, split="test", metric=metric, attribute="race", client=client))
+    for row in page.rows("group_auc"):
+        for label, metric in (("AUC", "auc"), ("AUC low", "auc_lo"), ("AUC high", "auc_hi")):
+            assert row[label] == figures.percent(runs.value(m, round_=2, split="test", metric=metric, attribute="race", group=row["group"], client=row["client"]))
+    assert {r["client"] for r in page.rows("group_auc")} == {"site1", "site2", "site3", "mean"}
+    selected = {r["mean over clients (x100)"]: r for r in page.rows("selected")}
+    assert selected["AUC"]["validation"] == "99.0"
+    assert selected["ES-AUC (race)"]["test"] == figures.percent(runs.value(m, round_=2, split="test", metric="es_auc", attribute="race"))
+    for row in page.rows("per_round"):
+        assert row["test AUC"] == figures.percent(runs.value(m, round_=int(row["round"]), split="test", metric="auc"))
+    traffic = page.rows("traffic")
+    sent = m[(m["metric"] == "bytes_up") & (m["round"] == 1) & m["client"].str.startswith("site")]["value"]
+    assert traffic[0]["MB up in all"] == f"{sent.sum() / 1e6:.2f}" and traffic[0]["clients trained"] == "3"
+    loss = page.rows("train_loss")
+    assert loss[-1]["mean loss"] == f"{runs.value(m, round_=4, split='train', metric='loss'):.4f}"
+
+
+def test_above_50_clients_the_report_shows_distributions(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", synthetic_metrics(n_clients=60, rounds=3))
+    text, page = read_page(write_report(run))
+    for name in ("auc", "es_auc_race", "auc_spread", "group_auc", "eod_spd"):
+        assert_real_png(page.plots[name], name)
+    assert "clients" not in page.tables and "each client and the mean" not in text  # no per-client table or plot
+    assert "median and 10-90 % band over clients" in text
+    m = runs.read_run(run).metrics
+    at = runs.select_round(m).round
+    test = m[(m["round"] == at) & (m["split"] == "test") & (m["metric"] == "auc") & (m["attribute"] == "") & m["client"].str.startswith("site")]
+    worst = test.sort_values("value", kind="stable").head(WORST)
+    assert [r["client"] for r in page.rows("worst_clients")] == list(worst["client"])
+    assert [r["test AUC"] for r in page.rows("worst_clients")] == [figures.percent(v) for v in worst["value"]]
+    assert {r["client"] for r in page.rows("group_auc")} == {"mean"}
+    assert len(text) < 1_500_000
+
+
+def test_privacy_section_only_with_epsilon_rows(tmp_path: Path) -> None:
+    _, page = read_page(write_report(make_run(tmp_path / "dp", synthetic_metrics(epsilon=True), algorithm={"name": "dp_fedavg"})))
+    assert_real_png(page.plots["epsilon"], "epsilon")
+    assert [r["epsilon"] for r in page.rows("privacy")] == ["0.5", "1", "1.5", "2"]
+    _, plain = read_page(write_report(make_run(tmp_path / "plain", synthetic_metrics())))
+    assert "epsilon" not in plain.plots and "privacy" not in plain.tables
+
+
+def test_dropped_clients_are_listed(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", synthetic_metrics(n_clients=4, dropped={"site3": 2}))
+    text, page = read_page(write_report(run))
+    assert page.rows("missing") == [{"client": "site3", "first round missing": "2", "last round missing": "4", "rounds missing": "3"}]
+    assert page.rows("n_clients") == [{"rounds": "2-4", "clients left": "3"}]
+    assert [r["clients trained"] for r in page.rows("traffic")] == ["4", "3", "3", "3"]
+    assert "1 of 4 clients were dropped" in text
+
+
+def test_role_runs_show_the_role_means(tmp_path: Path) -> None:
+    roles = {"site1": "large", "site2": "small", "site3": "small"}
+    run = make_run(tmp_path / "run", synthetic_metrics(roles=roles), algorithm={"name": "fedhelp"})
+    text, page = read_page(write_report(run))
+    m = runs.read_run(run).metrics
+    at = runs.select_round(m).round
+    means = {r["mean of"]: r for r in page.rows("roles")}
+    assert set(means) == {"mean:large", "mean:small", "mean"}
+    assert means["mean:small"]["test AUC"] == figures.percent(runs.value(m, round_=at, split="test", metric="auc", client="mean:small"))
+    assert "large (1 clients)" in text or "large (1 client" in text
+    assert_real_png(page.plots["roles_test"], "roles_test")
+    assert [r["role"] for r in page.rows("clients")] == ["large", "small", "small", ""]
+
+
+def test_a_source_without_attributes_reports_without_fairness(tmp_path: Path) -> None:
+    """MedMNIST-like: attribute "" everywhere, multi-class accuracy rows, no intervals."""
+    run = make_run(tmp_path / "run", synthetic_metrics(attributes={}, bootstrap=False), attribute=None, data="medmnist")
+    text, page = read_page(write_report(run))
+    assert "no sensitive attributes" in text
+    assert {"auc", "acc", "bytes", "train_loss"} <= set(page.plots)
+    assert not {"group_auc", "eod_spd"} & set(page.plots) and not any(k.startswith("es_auc") for k in page.plots)
+    assert "test acc" in page.rows("clients")[0] and "test EOD" not in page.rows("clients")[0]
+
+
+def test_old_runs_without_loss_or_intervals_get_a_note(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", synthetic_metrics(bootstrap=False, train_loss=False))
+    text, page = read_page(write_report(run))
+    assert "No training loss" in text and "No bootstrap intervals" in text
+    assert "train_loss" not in page.plots and "AUC low" not in page.rows("group_auc")[0]
+
+
+def test_cli_writes_the_page_or_fails_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = make_run(tmp_path / "run", synthetic_metrics(rounds=2))
+    assert main([str(run), "--out", str(tmp_path / "elsewhere.html")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "elsewhere.html") and (tmp_path / "elsewhere.html").stat().st_size > 10_000
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "young").mkdir()
+    (tmp_path / "young" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "broken" / "metrics.parquet").write_text("not parquet")
+    for bad, expected in (("nowhere", "not a directory"), ("empty", "no config.yaml"), ("young", "no metrics.parquet yet"), ("broken", "unreadable")):
+        assert main([str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and expected in err and bad in err, err
+
+
+def test_the_embedded_default_run_writes_its_report(ray_session, oph_root: Path, tmp_path: Path) -> None:
+    from raysim import config
+    from raysim.engine.driver import Driver
+
+    cfg = config.load(None, tiny_overrides(oph_root, **{"report.html": True}))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(config.dump(cfg))
+    lines: list[str] = []
+    Driver(cfg, run_dir, echo=lines.append).run()
+    assert (run_dir / "report.html").is_file(), "\n".join(lines)  # written by the run itself (report.html: true)
+    text, page = read_page(run_dir / "report.html")
+    for name in ("auc", "acc", "bytes", "train_loss"):
+        assert_real_png(page.plots[name], name)
+    m = runs.read_run(run_dir).metrics
+    chosen = runs.select_round(m)
+    assert chosen.reason in text
+    for row in page.rows("clients"):
+        assert row["test AUC"] == figures.percent(runs.value(m, round_=chosen.round, split="test", metric="auc", client=row["client"]))
+    assert re.search(r"<td>rounds</td><td>2 of 2 done</td>", text)
+
+
+def test_runs_without_validation_or_evaluation_still_report(tmp_path: Path) -> None:
+    """data.val_fraction=0 (nothing to select on) and a run with no evaluated round yet: a page that says so."""
+    metrics = synthetic_metrics(rounds=2)
+    text, page = read_page(write_report(make_run(tmp_path / "noval", metrics[metrics["split"] != "val"])))
+    assert "no round selected" in text and "the last evaluated round, 2" in text and [r["client"] for r in page.rows("clients")][-1] == "mean"
+    text, page = read_page(write_report(make_run(tmp_path / "young", metrics[metrics["split"] == "train"])))
+    assert "no evaluation rows yet" in text and "bytes" in page.plots
