@@ -11,10 +11,11 @@ the ε they spent (the `epsilon` row of client `server`, last round) in the tabl
 
 Each (method, seed) is one run of the embedded default (`--config default`: synthetic set,
 resnet18, 3 clients, Adam) with the same rounds, image size and local epochs, target
-attribute race. The reported round of each run is the evaluated round with the best mean
-validation AUC; its test metrics go into the table (mean ± std over seeds), next to the
-truth.json oracle of the set. Runs already finished under --out are read, not rerun, so an
-interrupted benchmark continues. Not part of CI (about a minute per run on 2 CPU cores).
+attribute race. The table is `raysim.compare`'s (`python -m raysim.compare OUT` prints the
+same one): each run at `runs.select_round`'s round (the evaluated round with the best mean
+validation AUC), its test metrics pooled over seeds (mean ± sample std, 95 % t interval), next
+to the truth.json oracle of the set; OUT/compare/ gets its CSVs and compare.html. Runs
+already finished under --out are read, not rerun, so an interrupted benchmark continues. Not part of CI (about a minute per run on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -28,13 +29,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from raysim import config
+from raysim import compare, config
 from raysim.algorithms import ALGORITHMS
 from raysim.datasets import DATASETS
 from raysim.engine.driver import Driver, connect_ray
-
-RACES = ("Asian", "Black", "White")
-COLUMNS = ["auc", "es_auc", *(f"auc_{r}" for r in RACES), "eod", "spd"]
+from raysim.runs import RunReadError, natural_key, read_run
 
 
 def run_once(method: str, seed: int, args: argparse.Namespace) -> Path:
@@ -63,60 +62,36 @@ def run_once(method: str, seed: int, args: argparse.Namespace) -> Path:
 
 
 def selected_row(run_dir: Path) -> dict[str, float]:
-    """Test metrics at the evaluated round with the best mean validation AUC."""
-    m = pd.read_parquet(run_dir / "metrics.parquet")
-    mean = m[m["client"] == "mean"]
-    val_auc = mean[(mean["split"] == "val") & (mean["metric"] == "auc") & (mean["attribute"] == "")].set_index("round")["value"]
-    best = int(val_auc.idxmax())
-    test = mean[(mean["split"] == "test") & (mean["round"] == best)]
-
-    def value(metric: str, attribute: str = "", group: str = "") -> float:
-        hit = test[(test["metric"] == metric) & (test["attribute"] == attribute) & (test["group"] == group)]["value"]
-        return float(hit.iloc[0]) if len(hit) else float("nan")
-
-    row = {"round": best, "auc": value("auc"), "es_auc": value("es_auc", "race"), "eod": value("eod", "race"), "spd": value("spd", "race")}
-    row.update({f"auc_{r}": value("auc", "race", r) for r in RACES})
-    server = m[(m["client"] == "server") & (m["metric"] == "epsilon")]
-    row["epsilon"] = float(server.sort_values("round")["value"].iloc[-1]) if len(server) else float("nan")
-    traffic = m[(m["split"] == "train") & (m["client"] != "mean") & (m["client"] != "server") & m["metric"].isin(["bytes_up", "bytes_down"])]
-    per_round = traffic.groupby(["round", "metric"])["value"].mean().unstack()  # mean over the clients of a round
-    row["mb_up"] = float(per_round.get("bytes_up", pd.Series([0.0])).mean()) / 1e6
-    row["mb_down"] = float(per_round.get("bytes_down", pd.Series([0.0])).mean()) / 1e6
-    row["seconds"] = float((run_dir / "DONE").read_text())
-    return row
+    """Test metrics at runs.select_round's round (raysim.compare's per-run row) and the run's seconds."""
+    run = read_run(run_dir)
+    return compare.run_row(run, run.attribute) | {"seconds": float((run_dir / "DONE").read_text())}
 
 
-def table(rows: pd.DataFrame) -> str:
-    private = rows["epsilon"].notna().any()
-    header = "| method | AUC | ES-AUC | AUC Asian | AUC Black | AUC White | EOD | SPD | MB up / client / round | round |" + (" ε spent |" if private else "")
-    lines = [header, "|" + "---|" * (11 if private else 10)]
-    for method, group in rows.groupby("method", sort=False):
-        cells = [f"{100 * group[c].mean():.1f} ± {100 * group[c].std(ddof=0):.1f}" for c in COLUMNS]
-        rounds = "/".join(str(int(r)) for r in group["round"])
-        spent = f" {group['epsilon'].max():.2f} |" if private else ""
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {group['mb_up'].mean():.3f} | {rounds} |{spent}")
-    return "\n".join(lines)
-
-
-def learning_curves(out: Path, methods: list[str], seeds: list[int]) -> str:
-    """Mean validation AUC per race group and round (mean over clients, then seeds): the
-    evidence for why a method does or does not close the group gap."""
+def learning_curves(out: Path, methods: list[str], seeds: list[int], attribute: str = "race") -> str:
+    """Mean validation AUC per group of `attribute` and round (mean over clients, then seeds):
+    the evidence for why a method does or does not close the group gap."""
     frames = []
     for method in methods:
         for seed in seeds:
             if not (out / f"{method}-s{seed}" / "DONE").exists():
                 continue
             m = pd.read_parquet(out / f"{method}-s{seed}" / "metrics.parquet")
-            m = m[(m["client"] == "mean") & (m["split"] == "val") & (m["metric"] == "auc") & (m["attribute"].isin(["", "race"]))]
+            m = m[(m["client"] == "mean") & (m["split"] == "val") & (m["metric"] == "auc") & (m["attribute"].isin(["", attribute]))]
             frames.append(m.assign(method=method, group=m["group"].replace("", "all")))
+    if not frames:
+        return ""
     curves = pd.concat(frames).pivot_table(index=["method", "round"], columns="group", values="value", aggfunc="mean", sort=False)
-    lines = ["| method | round | all | " + " | ".join(RACES) + " |", "|---|---|---|" + "---|" * len(RACES)]
+    groups = [g for g in curves.columns if g != "all"]
+    lines = ["| method | round | all | " + " | ".join(groups) + " |", "|---|---|---|" + "---|" * len(groups)]
     for (method, round_), row in curves.iterrows():
-        lines.append(f"| {method} | {round_} | {100 * row['all']:.1f} | " + " | ".join(f"{100 * row[r]:.1f}" for r in RACES) + " |")
+        lines.append(f"| {method} | {round_} | {100 * row['all']:.1f} | " + " | ".join(f"{100 * row[g]:.1f}" for g in groups) + " |")
     return "\n".join(lines)
 
 
-def oracle_line(img_size: int) -> str:
+def oracle_line(img_size: int, overrides: list[str]) -> str:
+    """The synthetic set's truth.json oracle ("" when `--set` chose another data set)."""
+    if config.load("default", [f"model.img_size={img_size}", *overrides]).data.name != "synthetic":
+        return ""
     cfg = config.load("default", [f"model.img_size={img_size}"])
     source = DATASETS.get(cfg.data.name)(cfg.data, img_size=img_size, seed=0)
     source.client_specs()  # generates the set if needed
@@ -125,7 +100,7 @@ def oracle_line(img_size: int) -> str:
     return "truth.json oracle (per-group Bayes score, mean over sites): " + ", ".join(f"{g} {100 * v:.1f}" for g, v in oracle.items())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     built_in = sorted(n for n in ALGORITHMS.names() if ALGORITHMS.get(n).__module__.startswith("raysim.algorithms."))
     parser.add_argument("--methods", nargs="+", default=built_in, help=f"methods (default: all built-ins: {' '.join(built_in)})")
@@ -136,26 +111,40 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmark-runs/methods"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run (e.g. data.num_clients=12)")
     parser.add_argument("--report-only", action="store_true", help="tabulate the finished runs under --out; train nothing")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.report_only:
         connect_ray()
-    rows = []
+    rows, run_dirs = [], []
     for seed in args.seeds:  # seed-major: an interrupted benchmark has every method for the first seeds
         for method in args.methods:
             if args.report_only and not (args.out / f"{method}-s{seed}" / "DONE").exists():
                 continue
-            row = selected_row(run_once(method, seed, args))
+            run_dir = run_once(method, seed, args)
+            row = selected_row(run_dir)
             rows.append({"method": method, "seed": seed, **row})
-            print(f"{method:<11} seed {seed}: test AUC {100 * row['auc']:.1f}, ES-AUC {100 * row['es_auc']:.1f} (round {row['round']}, {row['seconds']:.0f} s)", flush=True)
+            run_dirs.append(run_dir)
+            print(f"{method:<11} seed {seed}: test AUC {100 * row['auc']:.1f}, ES-AUC {100 * row.get('es_auc', float('nan')):.1f} (round {row['round']}, {row['seconds']:.0f} s)", flush=True)
+    if not run_dirs:
+        raise SystemExit(f"error: no finished run of {' '.join(args.methods)} under {args.out}")
     frame = pd.DataFrame(rows).sort_values(["method", "seed"], key=lambda c: c.map(args.methods.index) if c.name == "method" else c, kind="stable")
     frame.to_csv(args.out / "methods.csv", index=False)
+    # The table is raysim.compare's, over the runs in its order (natural, as it reads a directory), so
+    # `python -m raysim.compare <--out> --by algorithm` prints the same table when --out holds just these runs.
+    try:
+        comparison = compare.compare(sorted(run_dirs, key=lambda p: natural_key(p.name)), by=["algorithm"])
+    except (compare.CompareError, RunReadError) as err:
+        raise SystemExit(f"error: {err}") from None
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}, {args.rounds} rounds, {args.img_size} px, seeds {args.seeds}")
-    print(table(frame))
-    print(oracle_line(args.img_size))
+    print(comparison.markdown())
+    comparison.write(args.out / "compare")  # table.md / .csv, per_run.csv, clients.csv, compare.html
+    oracle = oracle_line(args.img_size, args.set)
+    if oracle:
+        print(oracle)
     curve_methods = [m for m in args.methods if m.split("+")[0] in ("fedavg", "fedlora", "fairlora")]
-    if curve_methods:
-        print("\nvalidation AUC per round and race group (mean over clients and seeds):")
-        print(learning_curves(args.out, curve_methods, args.seeds))
+    curves = learning_curves(args.out, curve_methods, args.seeds, comparison.attribute) if curve_methods and comparison.attribute else ""
+    if curves:
+        print(f"\nvalidation AUC per round and {comparison.attribute} group (mean over clients and seeds):")
+        print(curves)
     print(f"wall per run: {np.mean(frame['seconds']):.0f} s mean")
 
 

@@ -128,3 +128,21 @@ def legend_outside(ax: Any, title: str | None = None) -> None:
     """A legend to the right of the axes, so it never hides data."""
     if ax.get_legend_handles_labels()[1]:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", title=title, frameon=False)
+
+
+def grouped_bars(ax: Any, categories: Sequence[str], series: dict[str, tuple[Sequence[float], Sequence[float] | None]], *, scale: float = 1.0, styles: Sequence[int] | None = None) -> None:
+    """Bars side by side per category, one colour (and hatch) per series, with error bars where
+    given (NaN errors are drawn as none). `series`: label -> (values, errors), both per category;
+    `styles`: each series' colour / hatch index (default 0, 1, ...), so a series keeps its colour
+    in a plot that leaves another out."""
+    import numpy as np
+
+    hatches = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(categories))
+    for i, (name, (values, errors)) in enumerate(series.items()):
+        offset = (i - (len(series) - 1) / 2) * width
+        style = styles[i] if styles is not None else i
+        yerr = None if errors is None else np.nan_to_num(scale * np.asarray(errors, dtype=float))
+        ax.bar(x + offset, scale * np.asarray(values, dtype=float), width, yerr=yerr, capsize=2, color=color(style), hatch=hatches[style % len(hatches)], edgecolor="white", label=name)
+    ax.set_xticks(x, [str(c) for c in categories], rotation=30 if len(categories) > 8 else 0, ha="right" if len(categories) > 8 else "center")

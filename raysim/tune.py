@@ -8,7 +8,9 @@ keys, an objective over validation metrics of the mean-over-clients row (e.g. `a
 the scheduler (ASHA on rounds by default) and the search algorithm. Every evaluated round is
 reported to Tune with the run directory as the checkpoint, so trials resume. The study
 directory gets Tune's results (with TensorBoard event files), `trials.parquet` / `trials.csv`
-and `best.yaml`, a complete config that `python -m raysim.run --config best.yaml` reruns.
+and `best.yaml`, a complete config that `python -m raysim.run --config best.yaml` reruns, and
+`report.html` (`python -m raysim.compare STUDY_DIR` rebuilds it); the trials write no report of
+their own.
 """
 
 from __future__ import annotations
@@ -316,7 +318,7 @@ def run_trial(values: dict[str, Any], study: Study) -> None:
     from raysim.engine import driver_actor
     from raysim.engine.driver import latest_checkpoint
 
-    cfg = study.config(values)
+    cfg = study.config({**values, "report.html": False})  # one report per study (STUDY_DIR/report.html), none per trial
     run_dir = Path(os.getcwd()).resolve() / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     checkpoint = tune.get_checkpoint()
@@ -472,6 +474,22 @@ def write_outputs(out: str, study: Study, table: pd.DataFrame) -> ExperimentConf
     return best
 
 
+def write_report(out: str, study: Study) -> bool:
+    """STUDY_DIR/report.html (raysim.study_report: trials, objective per parameter, ASHA picture,
+    best config), once per study; a local study directory only. A report that fails is logged:
+    the study's results are already written."""
+    if "://" in out:
+        return False
+    from raysim import study_report
+
+    try:
+        study_report.write(Path(out), space=study.space)
+    except (OSError, ValueError, KeyError) as err:
+        log.warning("report.html not written: %s", err)
+        return False
+    return True
+
+
 def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
@@ -529,11 +547,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     table = trials_table(results, study, experiment)
     best = write_outputs(out, study, table)
+    report = write_report(out, study)
     shown = [c for c in ("trial_id", "status", *study.space, "best_round", "objective", "test_auc") if c in table]
     print(table[shown].to_string(index=False))
     if best is None:
         print("no trial reported a finite objective; see the errors above", file=sys.stderr)
-    print("wrote trials.parquet, trials.csv, best.yaml (python -m raysim.run --config best.yaml) and Tune's results (tensorboard --logdir) in:")
+    print(f"wrote trials.parquet, trials.csv, best.yaml (python -m raysim.run --config best.yaml){', report.html' if report else ''} and Tune's results (tensorboard --logdir) in:")
     print(out)
     if unfinished(table):
         print(f"study interrupted: {unfinished(table)} of {len(table)} trial(s) unfinished, best.yaml is the best so far; "

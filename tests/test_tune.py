@@ -201,6 +201,8 @@ def test_tiny_study_writes_trials_and_best(ray_session, oph_root: Path, tmp_path
     assert trials["objective"].iloc[0] >= trials["objective"].iloc[1]  # best first
     assert pd.read_csv(out / "trials.csv")["trial_id"].tolist() == trials["trial_id"].tolist()
     assert list(out.glob("*/events.out.tfevents.*")), "TensorBoard logs of every trial"
+    report = (out / "report.html").read_text()  # one report per study (raysim.study_report), none per trial
+    assert all(f"<td>{t}</td>" in report for t in trials["trial_id"]) and 'data-plot="asha"' in report and not list(out.glob("*/*/report.html"))
     best = config.load(out / "best.yaml")
     assert best.federation.lr == trials["federation.lr"].iloc[0] and best.data.root == str(oph_root)
     assert run.main(["--config", str(out / "best.yaml"), "--out", str(tmp_path / "rerun"), "federation.rounds=1"]) == 0

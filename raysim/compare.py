@@ -1,0 +1,478 @@
+"""`python -m raysim.compare`: runs grouped by method, seeds pooled, one table and the plots that compare them.
+
+    python -m raysim.compare benchmark-runs/methods                      # every run under a directory
+    python -m raysim.compare runs/a runs/b --by algorithm.name federation.local_epochs --out cmp/
+    python -m raysim.compare studies/lr                                   # a Tune study: its report
+
+Inputs are run directories (config.yaml + metrics.parquet), directories holding run directories
+(searched recursively, in natural order), or one Tune study directory (trials.parquet /
+best.yaml; see `raysim.study_report`). Runs are grouped by the `--by` config keys: `algorithm`
+(the default) is the whole algorithm section, labelled `name+key=value...` as the benchmarks
+name ablations (`fairlora+ema=0`); any other key is a dotted path. Each run is reported at
+`runs.select_round`'s round (best mean validation AUC), and its test metrics there are pooled
+over seeds: mean, sample standard deviation (ddof = 1) and a 95 % Student-t interval of the mean.
+
+Runs are pooled only when their data fingerprint (provenance.json `data`, less its `root`) and
+their protocol agree. The protocol is the resolved config less `seed`, the `--by` keys,
+`resources.*`, `eval.predictions` and `report.*` (none of which changes a number), and less
+`data.root` when both runs carry a data fingerprint (it says where the data is, the fingerprint
+says what). Anything else that differs is refused, naming the key (exit 2).
+
+The Markdown table goes to stdout, ready for RESULTS.md; `--out DIR` also writes table.md,
+table.csv (per group: mean, std, ci_lo, ci_hi, n of each metric, in raw units: AUC in [0, 1],
+MB in 10^6 bytes), per_run.csv (one row per run), clients.csv and compare.html (the
+accuracy-fairness scatter with its Pareto front, per-group AUC bars, the per-client view).
+Plain pandas and matplotlib, no Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from raysim import figures
+from raysim.runs import MEAN, Run, RunReadError, clients, is_run_dir, natural_key, read_run
+
+EXIT_BAD_INPUT = 2
+DEFAULT_BY = ("algorithm",)
+NOT_PROTOCOL = ("seed", "resources", "eval.predictions", "report")  # keys (and sections) that change no reported number
+ABSENT = "absent"
+MANY_CLIENTS = 30  # above this, the per-client view shows distributions instead of one bar per client
+
+
+class CompareError(ValueError):
+    """Runs that cannot be compared (the message is one line naming the runs and the difference)."""
+
+
+# --- finding and labelling runs -------------------------------------------------------------
+
+
+def is_study_dir(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and ((path / "trials.parquet").exists() or (path / "best.yaml").is_file())
+
+
+def find_runs(paths: Iterable[Path | str]) -> list[Path]:
+    """Every run directory named or found (recursively, natural order) under `paths`; a
+    CompareError for a path that is missing or holds no run."""
+    found: list[Path] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if is_run_dir(path):
+            found.append(path.resolve())
+            continue
+        if not path.is_dir():
+            raise CompareError(f"{path}: no such directory")
+        hits = _walk(path.resolve())
+        if not hits:
+            raise CompareError(f"no run found under {path} (a run directory holds config.yaml and metrics.parquet)")
+        found += hits
+    return list(dict.fromkeys(found))
+
+
+def _walk(root: Path) -> list[Path]:
+    runs = []
+    for dirpath, dirnames, _ in os.walk(root):
+        if is_run_dir(Path(dirpath)):
+            runs.append(Path(dirpath))
+            dirnames.clear()  # a run's own subdirectories (checkpoints) are not runs
+        else:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return sorted(runs, key=lambda p: natural_key(str(p.relative_to(root))))
+
+
+def text(value: Any) -> str:
+    """A config value as the command line would spell it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return str(value)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to leaf values (`{"federation": {"rounds": 6}}` -> `{"federation.rounds": 6}`)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def label(run: Run, key: str, name: str) -> str:
+    """The run's value of one `--by` key; `algorithm` is the whole section (`fairlora+ema=0`)."""
+    if key == "algorithm":
+        section = dict(run.config.get("algorithm") or {})
+        return str(section.pop("name", "?")) + "".join(f"+{k}={text(v)}" for k, v in section.items())
+    flat = flatten(run.config)
+    if key in flat:
+        return text(flat[key])
+    below = {k: v for k, v in flat.items() if k.startswith(f"{key}.")}
+    if below:
+        return ",".join(f"{k[len(key) + 1 :]}={text(v)}" for k, v in below.items())
+    raise CompareError(f"--by {key}: no such config key in {name}")
+
+
+def header(key: str) -> str:
+    return "method" if key == "algorithm" else key
+
+
+def protocol(run: Run, by: Sequence[str], *, skip_root: bool) -> dict[str, Any]:
+    """The resolved config less the keys that may differ between pooled runs (see the module doc)."""
+    skipped = (*NOT_PROTOCOL, *by, *(("data.root",) if skip_root else ()))
+    return {k: v for k, v in flatten(run.config).items() if not any(k == s or k.startswith(f"{s}.") for s in skipped)}
+
+
+def fingerprint(run: Run) -> dict[str, Any]:
+    """What data the run read (provenance.json `data`), not where it lay (`root`)."""
+    data = run.provenance.get("data")
+    return {k: v for k, v in flatten(data).items() if k != "root"} if isinstance(data, dict) else {}
+
+
+def check_poolable(runs: Sequence[Run], names: Sequence[str], by: Sequence[str]) -> None:
+    """A CompareError naming the first key whose value differs from the first run's."""
+    first, first_name = runs[0], names[0]
+    for run, name in zip(runs[1:], names[1:]):
+        mine, theirs = fingerprint(first), fingerprint(run)
+        both = bool(mine) and bool(theirs)
+        if both:
+            _same(mine, theirs, first_name, name, "data fingerprint ")
+        _same(protocol(first, by, skip_root=both), protocol(run, by, skip_root=both), first_name, name)
+        if run.attribute != first.attribute:
+            raise CompareError(f"cannot pool runs: the target attribute is {first.attribute or 'none'} in {first_name} but {run.attribute or 'none'} in {name}")
+
+
+def _same(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str, what: str = "") -> None:
+    for key in dict.fromkeys([*a, *b]):
+        left, right = a.get(key, ABSENT), b.get(key, ABSENT)
+        if left != right and not (_is_nan(left) and _is_nan(right)):
+            left_text, right_text = (ABSENT if v is ABSENT else text(v) for v in (left, right))
+            raise CompareError(f"cannot pool runs: {what}{key} is {left_text} in {name_a} but {right_text} in {name_b}")
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def display_names(paths: Sequence[Path]) -> list[str]:
+    """Each run's path relative to what all share (just the directory name when they are siblings)."""
+    if len(paths) == 1:
+        return [paths[0].name]
+    common = Path(os.path.commonpath([str(p) for p in paths]))
+    return [str(p.relative_to(common)) or p.name for p in paths]
+
+
+# --- one run at its selected round ----------------------------------------------------------
+
+
+def run_row(run: Run, attribute: str) -> dict[str, Any]:
+    """The run's test metrics at its selected round (NaN where absent): AUC, accuracy, ES-AUC,
+    EOD, SPD and AUC per group of `attribute`, MB up per client per round, the last ε spent,
+    and each client's test AUC (`client:<id>`; accuracy when the run has no AUC)."""
+    m = run.metrics
+    try:
+        selection = run.selection()
+    except RunReadError as err:
+        raise RunReadError(f"{run.path}: {err}") from None
+    test = m[(m["round"] == selection.round) & (m["split"] == "test")]
+    mean = test[test["client"] == MEAN]
+
+    def at(metric: str, attr: str = "", group: str = "") -> float:
+        hit = mean[(mean["metric"] == metric) & (mean["attribute"] == attr) & (mean["group"] == group)]["value"]
+        return float(hit.iloc[0]) if len(hit) else math.nan
+
+    row: dict[str, Any] = {"seed": run.seed, "round": selection.round, "selected_by": selection.metric, "auc": at("auc"), "acc": at("acc")}
+    if attribute:
+        row |= {"es_auc": at("es_auc", attribute), "eod": at("eod", attribute), "spd": at("spd", attribute)}
+        groups = mean[(mean["attribute"] == attribute) & (mean["metric"] == "auc") & (mean["group"] != "")]
+        row |= {f"auc:{g}": float(v) for g, v in zip(groups["group"], groups["value"])}
+    real = clients(m)
+    traffic = m[(m["split"] == "train") & (m["metric"] == "bytes_up") & m["client"].isin(real)]
+    row["mb_up"] = float(traffic.groupby("round")["value"].mean().mean()) / 1e6 if len(traffic) else math.nan  # mean over a round's clients, then rounds
+    spent = m[(m["client"] == "server") & (m["metric"] == "epsilon")].sort_values("round")["value"]
+    row["epsilon"] = float(spent.iloc[-1]) if len(spent) else math.nan  # the whole run's spend
+    per_client = test[(test["metric"] == selection.metric) & (test["attribute"] == "") & (test["group"] == "") & test["client"].isin(real)]
+    row |= {f"client:{c}": float(v) for c, v in zip(per_client["client"], per_client["value"])}
+    return row
+
+
+# --- pooling --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Seeds pooled: mean, sample std (ddof = 1), the 95 % t interval of the mean, and n (non-NaN values)."""
+
+    mean: float
+    std: float
+    ci_lo: float
+    ci_hi: float
+    n: int
+
+
+def pooled(values: Iterable[float], level: float = 0.95) -> Stats:
+    x = np.asarray(list(values), dtype=float)
+    x = x[~np.isnan(x)]
+    n = len(x)
+    if n == 0:
+        return Stats(math.nan, math.nan, math.nan, math.nan, 0)
+    mean = float(x.mean())
+    if n < 2:
+        return Stats(mean, math.nan, math.nan, math.nan, 1)
+    from scipy import stats
+
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+    return Stats(mean, std, mean - half, mean + half, n)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a Markdown table: a per-run field, its header, and how a group's values read."""
+
+    key: str
+    header: str
+    cell: Callable[[pd.Series], str]
+    interval: bool = False  # a pooled value that has a 95 % interval (compare.html shows it beside the cell)
+
+
+def pct_cell(values: pd.Series) -> str:
+    """`mean ± std` x100 with one decimal; `(n=k)` when some seeds lack the value."""
+    s = pooled(values)
+    if s.n == 0:
+        return "-"
+    out = f"{100 * s.mean:.1f}" + (f" ± {100 * s.std:.1f}" if s.n > 1 else "")
+    return out + (f" (n={s.n})" if s.n < len(values) else "")
+
+
+def ci_cell(values: pd.Series) -> str:
+    s = pooled(values)
+    return f"[{100 * s.ci_lo:.1f}, {100 * s.ci_hi:.1f}]" if s.n > 1 else "-"
+
+
+def mean_cell(digits: int) -> Callable[[pd.Series], str]:
+    def cell(values: pd.Series) -> str:
+        s = pooled(values)
+        return f"{s.mean:.{digits}f}" if s.n else "-"
+
+    return cell
+
+
+def rounds_cell(values: pd.Series) -> str:
+    return "/".join(str(int(r)) for r in values)
+
+
+def max_cell(values: pd.Series) -> str:
+    return f"{values.max():.2f}" if values.notna().any() else ""
+
+
+def markdown(per_run: pd.DataFrame, labels: Sequence[str], columns: Sequence[Column], headers: Sequence[str] | None = None) -> str:
+    """A Markdown table, one row per group of `labels` (in order of appearance): the labels, n
+    (runs pooled) and each column's cell over the group's runs."""
+    names = [*(headers or labels), "n", *(c.header for c in columns)]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for keys, group in per_run.groupby(list(labels), sort=False):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        lines.append("| " + " | ".join([*(str(k) for k in keys), str(len(group)), *(c.cell(group[c.key]) for c in columns)]) + " |")
+    return "\n".join(lines)
+
+
+# --- the comparison -------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """Runs grouped by the `--by` keys (the baseline group first), one row per run."""
+
+    by: tuple[str, ...]
+    attribute: str
+    groups: list[str]  # the attribute's groups, in order of appearance
+    clients: list[str]
+    per_run: pd.DataFrame  # label columns (one per --by key) + "label", run, path, seed, round, metrics, client:<id>
+    baseline: str
+
+    @property
+    def title(self) -> str:
+        """What a group is called: "method" for the algorithm section, else the --by keys."""
+        return ", ".join(header(k) for k in self.by)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(dict.fromkeys(self.per_run["label"]))
+
+    def metric_keys(self) -> list[str]:
+        fair = ["es_auc", *(f"auc:{g}" for g in self.groups), "eod", "spd"] if self.attribute else []
+        return ["auc", "acc", *fair, "mb_up", "epsilon", "round"]
+
+    def columns(self, *, ci: bool = True) -> list[Column]:
+        """The table's columns: AUC (and its CI), ES-AUC (and its CI), AUC per group, EOD, SPD
+        with a target attribute, accuracy without; MB up; the selected rounds; ε when spent."""
+        cols = [Column("auc", "AUC", pct_cell, True)] + ([Column("auc", "AUC 95 % CI", ci_cell)] if ci else [])
+        if self.attribute:
+            cols += [Column("es_auc", "ES-AUC", pct_cell, True)] + ([Column("es_auc", "ES-AUC 95 % CI", ci_cell)] if ci else [])
+            cols += [Column(f"auc:{g}", f"AUC {g}", pct_cell, True) for g in self.groups]
+            cols += [Column("eod", "EOD", pct_cell, True), Column("spd", "SPD", pct_cell, True)]
+        else:
+            cols += [Column("acc", "Acc", pct_cell, True)]
+        cols += [Column("mb_up", "MB up / client / round", mean_cell(3)), Column("round", "round", rounds_cell)]
+        if self.per_run["epsilon"].notna().any():
+            cols.append(Column("epsilon", "ε spent", max_cell))
+        return cols
+
+    def footnote(self) -> str:
+        target = f" Target attribute {self.attribute}; EOD and SPD: lower is fairer." if self.attribute else ""
+        spent = " ε spent: the last round's, the largest over seeds." if self.per_run["epsilon"].notna().any() else ""
+        return (
+            "Test metrics ×100 at each run's selected round (the best mean validation AUC, the earliest on a tie; `round` lists it per seed); "
+            "mean ± sample std (ddof = 1) over the n seeds; 95 % CI: Student-t interval of the mean (n − 1 degrees of freedom)."
+            f"{target} MB up: 10^6 bytes sent per client per round, mean over clients and rounds.{spent}"
+        )
+
+    def markdown(self) -> str:
+        """The table and its footnote: what stdout and table.md hold, and what RESULTS.md gets."""
+        table = markdown(self.per_run, list(self.by), self.columns(), [header(k) for k in self.by])
+        return f"{table}\n\n{self.footnote()}"
+
+    def pooled(self) -> pd.DataFrame:
+        """table.csv: one row per group; mean, std, ci_lo, ci_hi and n of every metric (raw units)."""
+        rows = []
+        for _, group in self.per_run.groupby("label", sort=False):
+            row: dict[str, Any] = {k: group[k].iloc[0] for k in self.by} | {"runs": len(group)}
+            for key in self.metric_keys():
+                s = pooled(group[key])
+                row |= {f"{key}_mean": s.mean, f"{key}_std": s.std, f"{key}_ci_lo": s.ci_lo, f"{key}_ci_hi": s.ci_hi, f"{key}_n": s.n}
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def means(self, key: str) -> pd.Series:
+        return self.per_run.groupby("label", sort=False)[key].mean()
+
+    def stds(self, key: str) -> pd.Series:
+        return self.per_run.groupby("label", sort=False)[key].std(ddof=1)
+
+    def client_table(self) -> pd.DataFrame:
+        """Test AUC per client (columns) and group (rows), mean over seeds."""
+        cols = [f"client:{c}" for c in self.clients]
+        table = self.per_run.groupby("label", sort=False)[cols].mean()
+        table.columns = self.clients
+        return table
+
+    def client_deltas(self) -> pd.DataFrame:
+        """Each group's per-client test AUC minus the baseline's (means over seeds); baseline row left out."""
+        table = self.client_table()
+        return table.drop(index=self.baseline) - table.loc[self.baseline]
+
+    def write(self, out: Path) -> list[Path]:
+        from raysim import compare_plots
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(self.markdown() + "\n", encoding="utf-8")
+        self.pooled().to_csv(out / "table.csv", index=False)
+        self.per_run.drop(columns=["label"]).to_csv(out / "per_run.csv", index=False)
+        self.client_table().rename_axis("group").to_csv(out / "clients.csv")
+        figures.write_page(out / "compare.html", compare_plots.page(self))
+        return [out / n for n in ("table.md", "table.csv", "per_run.csv", "clients.csv", "compare.html")]
+
+
+def pareto_front(points: pd.DataFrame, x: str, y: str, *, higher_y: bool = True) -> list[str]:
+    """The index labels of the points no other point dominates (higher `x`, and higher `y` or,
+    with higher_y False, lower `y`; at least as good on both and better on one). NaN points are out."""
+    pts = points[[x, y]].dropna().astype(float)
+    sign = 1.0 if higher_y else -1.0
+    front = []
+    for name, (a, b) in pts.iterrows():
+        dominated = any(a2 >= a and sign * b2 >= sign * b and (a2 > a or sign * b2 > sign * b) for other, (a2, b2) in pts.iterrows() if other != name)
+        if not dominated:
+            front.append(str(name))
+    return front
+
+
+def compare(paths: Iterable[Path | str], by: Sequence[str] = DEFAULT_BY, baseline: str | None = None) -> Comparison:
+    """Read, check and tabulate the runs under `paths` (see the module docstring)."""
+    by = tuple(by) or DEFAULT_BY
+    dirs = find_runs(paths)
+    if not dirs:
+        raise CompareError("no run given")
+    names = display_names(dirs)
+    runs = [read_run(d) for d in dirs]
+    labels = [{k: label(run, k, name) for k in by} for run, name in zip(runs, names)]
+    check_poolable(runs, names, by)
+    attribute = runs[0].attribute
+    rows = []
+    for run, name, keys in zip(runs, names, labels):
+        rows.append(keys | {"label": ", ".join(keys.values()), "run": name, "path": str(run.path)} | run_row(run, attribute))
+    per_run = pd.DataFrame(rows)
+    for key in ("es_auc", "eod", "spd", "epsilon"):
+        if key not in per_run:
+            per_run[key] = math.nan
+    duplicate = per_run[per_run.duplicated(["label", "seed"], keep=False)]
+    if len(duplicate):
+        a, b = duplicate["run"].iloc[:2]
+        raise CompareError(f"cannot pool runs: {a} and {b} are both seed {duplicate['seed'].iloc[0]} of {duplicate['label'].iloc[0]}")
+    order = list(dict.fromkeys(per_run["label"]))
+    if baseline is not None and baseline not in order:
+        raise CompareError(f"--baseline {baseline}: no such group; the groups are {', '.join(order)}")
+    base = baseline or ("fedavg" if "fedavg" in order else order[0])
+    rank = {name: i for i, name in enumerate([base, *(o for o in order if o != base)])}
+    per_run = per_run.sort_values(["label", "seed"], key=lambda c: c.map(rank) if c.name == "label" else c, kind="stable", ignore_index=True)
+    groups = list(dict.fromkeys(c[len("auc:") :] for c in per_run.columns if c.startswith("auc:")))
+    client_ids = sorted({c[len("client:") :] for c in per_run.columns if c.startswith("client:")}, key=natural_key)
+    fixed = [c for c in per_run.columns if not c.startswith(("auc:", "client:"))]
+    per_run = per_run[fixed + [f"auc:{g}" for g in groups] + [f"client:{c}" for c in client_ids]]
+    return Comparison(by=by, attribute=attribute, groups=groups, clients=client_ids, per_run=per_run, baseline=base)
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m raysim.compare", description=__doc__.splitlines()[0].split("`: ", 1)[-1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="RUN_OR_STUDY", help="run directories, directories holding runs, or one Tune study directory")
+    parser.add_argument("--by", nargs="+", default=list(DEFAULT_BY), metavar="KEY", help="config keys that name a group (default: algorithm, the whole section)")
+    parser.add_argument("--out", type=Path, help="also write table.md, table.csv, per_run.csv, clients.csv and compare.html here")
+    parser.add_argument("--baseline", help="the group the per-client differences are taken against (default: fedavg when present, else the first)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        studies = [p for p in args.inputs if is_study_dir(p)]
+        if studies:
+            if len(args.inputs) > 1:
+                raise CompareError(f"{studies[0]} is a Tune study: report one study on its own (python -m raysim.compare STUDY_DIR)")
+            from raysim import study_report
+
+            print(study_report.write(studies[0], out=args.out))
+            return 0
+        comparison = compare(args.inputs, args.by, args.baseline)
+    except (CompareError, RunReadError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(comparison.markdown())
+    if args.out:
+        comparison.write(args.out)
+        print(f"wrote table.md, table.csv, per_run.csv, clients.csv and compare.html in {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module, not __main__: compare_plots imports raysim.compare, and one copy of it keeps the classes one.
+    from raysim.compare import main as _main
+
+    raise SystemExit(_main())

@@ -1,0 +1,324 @@
+"""raysim.compare: pooling over seeds, the protocol and fingerprint refusals, labels, the Pareto
+front, the per-client view, the outputs and their plots, study reports, and the benchmark's
+table being compare's (2 methods x 2 seeds, real runs)."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raysim import compare, study_report
+from raysim.compare import CompareError, main, pareto_front, pooled
+
+from conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["round", "split", "client", "role", "attribute", "group", "metric", "value"]
+GROUPS = ("Asian", "Black", "White")
+CLIENTS = ("site1", "site2", "site3")
+
+
+def make_run(
+    path: Path,
+    algorithm: dict,
+    seed: int,
+    val: dict[int, float],
+    test: dict[int, float],
+    *,
+    clients: dict[str, float] | None = None,
+    fairness: bool = True,
+    epsilon: float | None = None,
+    config: dict | None = None,
+    data: dict | None = None,
+) -> Path:
+    """A run directory by hand: mean validation AUC per round (`val`), mean test AUC per round
+    (`test`); ES-AUC = AUC - 0.1, EOD 0.2, SPD 0.1, group AUCs AUC -0.05 / -0.1 / +0.05, client
+    AUCs `clients` (default all equal to the test AUC), 1 MB up per client per round."""
+    rows = []
+    for round_, auc in test.items():
+        rows += [(round_, "val", "mean", "", "", "", "auc", val[round_]), (round_, "test", "mean", "", "", "", "auc", auc), (round_, "test", "mean", "", "", "", "acc", auc - 0.2)]
+        if fairness:
+            rows += [(round_, "test", "mean", "", "race", "", "es_auc", auc - 0.1), (round_, "test", "mean", "", "race", "", "eod", 0.2), (round_, "test", "mean", "", "race", "", "spd", 0.1)]
+            rows += [(round_, "test", "mean", "", "race", g, "auc", auc + d) for g, d in zip(GROUPS, (-0.05, -0.1, 0.05))]
+        for client in clients or CLIENTS:
+            rows += [(round_, "test", client, "", "", "", "auc", (clients or {}).get(client, auc)), (round_, "train", client, "", "", "", "bytes_up", 1e6 * (1 + (client == "site1")))]
+        if epsilon is not None:
+            rows.append((round_, "train", "server", "", "", "", "epsilon", epsilon * round_ / max(test)))
+    path.mkdir(parents=True)
+    pd.DataFrame(rows, columns=COLUMNS).to_parquet(path / "metrics.parquet")
+    cfg = {
+        "seed": seed,
+        "data": {"name": "synthetic", "root": "/data/a", "attribute": "race" if fairness else None},
+        "algorithm": algorithm,
+        "federation": {"rounds": max(test), "lr": 0.001},
+        "resources": {"num_cpus": 1},
+        "eval": {"predictions": "all", "every": 1},
+        "report": {"html": False},
+    }
+    for key, value in (config or {}).items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    fingerprint = {"name": "synthetic", "root": "/cache/a", "csv_sha256": "abc", "npz_files": 10} | (data or {})
+    (path / "provenance.json").write_text(json.dumps({"data": fingerprint, "attribute": "race" if fairness else None}))
+    return path
+
+
+@pytest.fixture
+def four_runs(tmp_path: Path) -> Path:
+    """fedavg and fedprox+mu=0.1, seeds 0 and 1; the selected round is the best validation round (not the last)."""
+    runs = tmp_path / "runs"
+    make_run(runs / "fedavg-s0", {"name": "fedavg"}, 0, {1: 0.7, 2: 0.8}, {1: 0.70, 2: 0.80})
+    make_run(runs / "fedavg-s1", {"name": "fedavg"}, 1, {1: 0.9, 2: 0.8}, {1: 0.90, 2: 0.60})  # round 1 selected
+    make_run(runs / "fedprox+mu=0.1-s0", {"name": "fedprox", "mu": 0.1}, 0, {1: 0.7, 2: 0.7}, {1: 0.75, 2: 0.95}, clients={"site1": 0.6, "site2": 0.8, "site3": 0.9})  # tie: round 1
+    make_run(runs / "fedprox+mu=0.1-s1", {"name": "fedprox", "mu": 0.1}, 1, {1: 0.6, 2: 0.7}, {1: 0.50, 2: 0.85}, clients={"site1": 0.7, "site2": 0.8, "site3": 0.7})
+    return runs
+
+
+# --- pooling --------------------------------------------------------------------------------
+
+
+def test_pooling_mean_sample_std_and_t_interval() -> None:
+    from scipy import stats
+
+    s = pooled([0.8, 0.9, 0.7])
+    assert s.mean == pytest.approx(0.8) and s.std == pytest.approx(0.1) and s.n == 3  # ddof=1: sqrt(0.02 / 2)
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2 dof)
+    assert half == pytest.approx(stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3))
+    assert (s.ci_lo, s.ci_hi) == pytest.approx((0.8 - half, 0.8 + half))
+    nan_safe = pooled([0.8, math.nan, 0.9])
+    assert nan_safe.n == 2 and nan_safe.mean == pytest.approx(0.85) and nan_safe.std == pytest.approx(math.sqrt(0.005))
+    one = pooled([0.5])
+    assert one.mean == 0.5 and one.n == 1 and math.isnan(one.std) and math.isnan(one.ci_lo)
+    assert pooled([]).n == 0 and compare.pct_cell(pd.Series([0.5])) == "50.0" and compare.pct_cell(pd.Series([0.5, math.nan, 0.7])) == "60.0 ± 14.1 (n=2)"
+
+
+def test_table_pools_seeds_at_the_selected_round(four_runs: Path) -> None:
+    comp = compare.compare([four_runs])
+    assert comp.labels == ["fedavg", "fedprox+mu=0.1"] and comp.baseline == "fedavg" and comp.groups == list(GROUPS)
+    assert comp.per_run["round"].tolist() == [2, 1, 1, 2]  # best validation, earliest on a tie
+    text = comp.markdown()
+    lines = text.splitlines()
+    assert lines[0] == "| method | n | AUC | AUC 95 % CI | ES-AUC | ES-AUC 95 % CI | AUC Asian | AUC Black | AUC White | EOD | SPD | MB up / client / round | round |"
+    half = 100 * 12.706204736174705 * math.sqrt(0.005) / math.sqrt(2)  # t(0.975, 1 dof) * s / sqrt(n)
+    assert (
+        lines[2]
+        == f"| fedavg | 2 | 85.0 ± 7.1 | [{85 - half:.1f}, {85 + half:.1f}] | 75.0 ± 7.1 | [{75 - half:.1f}, {75 + half:.1f}] | 80.0 ± 7.1 | 75.0 ± 7.1 | 90.0 ± 7.1 | 20.0 ± 0.0 | 10.0 ± 0.0 | 1.333 | 2/1 |"
+    )
+    assert lines[3].startswith("| fedprox+mu=0.1 | 2 | 80.0 ± 7.1 |") and lines[3].endswith("| 1/2 |")
+    assert "sample std (ddof = 1)" in text and "Student-t" in text and "ε" not in lines[0]
+    pooled_csv = comp.pooled()
+    assert pooled_csv.loc[0, "auc_mean"] == pytest.approx(0.85) and pooled_csv.loc[0, "auc_n"] == 2 and pooled_csv.loc[0, "algorithm"] == "fedavg"
+    # the baseline row comes first, whatever the input order
+    assert compare.compare([four_runs], baseline="fedprox+mu=0.1").labels == ["fedprox+mu=0.1", "fedavg"]
+
+
+def test_by_labels(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    make_run(runs / "a", {"name": "fairlora", "ema": 0, "own_weight": 1.0}, 0, {1: 0.7}, {1: 0.7}, config={"federation.local_epochs": 1})
+    make_run(runs / "b", {"name": "fairlora", "ema": 0, "own_weight": 1.0}, 0, {1: 0.7}, {1: 0.7}, config={"federation.local_epochs": 5})
+    with pytest.raises(CompareError, match=r"^cannot pool runs: federation\.local_epochs is 1 in a but 5 in b$"):
+        compare.compare([runs])
+    comp = compare.compare([runs], by=["algorithm", "federation.local_epochs"])
+    assert comp.per_run["algorithm"].tolist() == ["fairlora+ema=0+own_weight=1.0"] * 2 and comp.labels == ["fairlora+ema=0+own_weight=1.0, 1", "fairlora+ema=0+own_weight=1.0, 5"]
+    assert comp.markdown().startswith("| method | federation.local_epochs | n | AUC |")
+    assert compare.compare([runs], by=["algorithm.name", "federation.local_epochs"]).per_run["algorithm.name"].tolist() == ["fairlora", "fairlora"]
+    with pytest.raises(CompareError, match="--by federation.epochs: no such config key in a"):
+        compare.compare([runs], by=["federation.epochs"])
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+
+def test_protocol_refusal_names_the_key(four_runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = four_runs.parent / "other"
+    make_run(other / "fedavg-s2", {"name": "fedavg"}, 2, {1: 0.7, 2: 0.7, 3: 0.7}, {1: 0.7, 2: 0.7, 3: 0.7})
+    with pytest.raises(CompareError) as err:
+        compare.compare([four_runs / "fedavg-s0", other / "fedavg-s2"])
+    assert str(err.value) == "cannot pool runs: federation.rounds is 2 in runs/fedavg-s0 but 3 in other/fedavg-s2"
+    assert main([str(four_runs), str(other)]) == 2
+    out, stderr = capsys.readouterr()
+    assert out == "" and stderr.count("\n") == 1 and "federation.rounds is 2 in runs/fedavg-s0 but 3 in other/fedavg-s2" in stderr
+    # seed, resources.*, eval.predictions, report.* and (with fingerprints) data.root may differ
+    free = four_runs.parent / "free"
+    make_run(
+        free / "fedavg-s5", {"name": "fedavg"}, 5, {1: 0.7, 2: 0.7}, {1: 0.7, 2: 0.7}, config={"resources.num_cpus": 4, "eval.predictions": "none", "report.html": True, "data.root": "/elsewhere"}
+    )
+    assert len(compare.compare([four_runs, free]).per_run) == 5
+    make_run(free / "fedavg-s6", {"name": "fedavg"}, 6, {1: 0.7, 2: 0.7}, {1: 0.7, 2: 0.7}, config={"eval.every": 2})
+    with pytest.raises(CompareError, match=r"eval\.every is 1 in .* but 2 in .*fedavg-s6"):
+        compare.compare([four_runs, free])
+
+
+def test_fingerprint_refusal(four_runs: Path) -> None:
+    other = four_runs.parent / "other"
+    make_run(other / "fedavg-s2", {"name": "fedavg"}, 2, {1: 0.7, 2: 0.7}, {1: 0.7, 2: 0.7}, data={"root": "/another/cache"})
+    assert len(compare.compare([four_runs, other]).per_run) == 5  # where the data lay is not what it is
+    make_run(other / "fedavg-s3", {"name": "fedavg"}, 3, {1: 0.7, 2: 0.7}, {1: 0.7, 2: 0.7}, data={"csv_sha256": "def"})
+    with pytest.raises(CompareError, match=r"^cannot pool runs: data fingerprint csv_sha256 is abc in runs/fedavg-s0 but def in other/fedavg-s3$"):
+        compare.compare([four_runs, other])
+
+
+def test_same_seed_twice_is_refused(four_runs: Path) -> None:
+    copy = four_runs.parent / "copy"
+    make_run(copy / "fedavg-s0", {"name": "fedavg"}, 0, {1: 0.7, 2: 0.7}, {1: 0.7, 2: 0.7})
+    with pytest.raises(CompareError, match="both seed 0 of fedavg"):
+        compare.compare([four_runs, copy])
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "not_a_run_dir"])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], make: str) -> None:
+    target = tmp_path / "x"
+    if make == "empty":
+        target.mkdir()
+    elif make == "not_a_run_dir":
+        (target / "sub").mkdir(parents=True)
+        (target / "sub" / "config.yaml").write_text("seed: 0\n")  # no metrics.parquet
+    assert main([str(target)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ")
+    assert ("no such directory" if make == "missing" else f"no run found under {target}") in err
+
+
+# --- Pareto front, per-client view, sources without attributes, privacy ----------------------
+
+
+def test_pareto_front_membership() -> None:
+    points = pd.DataFrame({"auc": [0.9, 0.8, 0.85, 0.7, 0.9], "es": [0.7, 0.9, 0.8, 0.6, math.nan]}, index=["a", "b", "c", "d", "e"])
+    assert pareto_front(points, "auc", "es") == ["a", "b", "c"]  # d is beaten by all; e has no ES-AUC
+    eod = pd.DataFrame({"auc": [0.9, 0.8, 0.85, 0.9], "eod": [0.3, 0.1, 0.35, 0.3]}, index=["a", "b", "c", "dup"])
+    assert pareto_front(eod, "auc", "eod", higher_y=False) == ["a", "b", "dup"]  # lower EOD is better; ties both stay
+
+
+def test_per_client_view_and_differences(four_runs: Path) -> None:
+    comp = compare.compare([four_runs])
+    table = comp.client_table()
+    assert list(table.columns) == list(CLIENTS)
+    assert table.loc["fedavg"].tolist() == pytest.approx([0.85, 0.85, 0.85])  # seed 0 round 2: 0.8; seed 1 round 1: 0.9
+    assert table.loc["fedprox+mu=0.1"].tolist() == pytest.approx([0.65, 0.8, 0.8])
+    deltas = comp.client_deltas()
+    assert list(deltas.index) == ["fedprox+mu=0.1"] and deltas.loc["fedprox+mu=0.1"].tolist() == pytest.approx([-0.2, -0.05, -0.05])
+
+
+def test_source_without_attributes_and_privacy_column(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    make_run(runs / "dp-s0", {"name": "dp_lora"}, 0, {1: 0.6, 2: 0.7}, {1: 0.6, 2: 0.7}, fairness=False, epsilon=3.0)
+    make_run(runs / "dp-s1", {"name": "dp_lora"}, 1, {1: 0.6, 2: 0.7}, {1: 0.6, 2: 0.8}, fairness=False, epsilon=2.9)
+    comp = compare.compare([runs])
+    header = comp.markdown().splitlines()[0]
+    assert header == "| method | n | AUC | AUC 95 % CI | Acc | MB up / client / round | round | ε spent |" and comp.attribute == ""
+    assert comp.markdown().splitlines()[2].endswith("| 2/2 | 3.00 |")
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+
+def _plots(document: str) -> dict[str, bytes]:
+    return {name: base64.b64decode(data) for name, data in re.findall(r'<img data-plot="([^"]+)"[^>]*src="data:image/png;base64,([^"]+)"', document)}
+
+
+def test_outputs_and_html_plots(four_runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cmp"
+    assert main([str(four_runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == (out / "table.md").read_text() == compare.compare([four_runs]).markdown() + "\n"
+    table = pd.read_csv(out / "table.csv")
+    assert table["algorithm"].tolist() == ["fedavg", "fedprox+mu=0.1"]
+    assert {"auc_mean", "auc_std", "auc_ci_lo", "auc_ci_hi", "auc_n", "es_auc_mean", "auc:Black_mean", "mb_up_mean"} <= set(table.columns)
+    assert table["auc_std"].tolist() == pytest.approx([math.sqrt(0.005), math.sqrt(0.005)])
+    per_run = pd.read_csv(out / "per_run.csv")
+    assert len(per_run) == 4 and per_run["run"].tolist() == ["fedavg-s0", "fedavg-s1", "fedprox+mu=0.1-s0", "fedprox+mu=0.1-s1"]
+    document = (out / "compare.html").read_text()
+    plots = _plots(document)
+    assert set(plots) == {"pareto", "group_auc", "client_auc", "client_delta"}
+    for name, png in plots.items():
+        assert png.startswith(b"\x89PNG") and len(png) > 5000, name
+    assert 'data-table="compare"' in document and "fedprox+mu=0.1" in document and "<script" not in document
+
+
+def test_many_clients_show_distributions(tmp_path: Path) -> None:
+    many = {f"site{i}": 0.5 + i / 100 for i in range(1, compare.MANY_CLIENTS + 2)}
+    for name, shift in (("fedavg", 0.0), ("fedbn", 0.05)):
+        make_run(tmp_path / "runs" / f"{name}-s0", {"name": name}, 0, {1: 0.7}, {1: 0.7}, clients={c: v + shift for c, v in many.items()})
+    comp = compare.compare([tmp_path / "runs"])
+    assert comp.clients[:2] == ["site1", "site2"] and len(comp.clients) == 31  # natural order
+    assert comp.client_deltas().loc["fedbn"].to_numpy() == pytest.approx([0.05] * 31)
+    comp.write(tmp_path / "out")
+    document = (tmp_path / "out" / "compare.html").read_text()
+    assert {"client_auc", "client_delta"} <= set(_plots(document)) and "<th>median</th>" in document and "<th>site31</th>" not in document
+
+
+# --- study reports --------------------------------------------------------------------------
+
+
+def test_study_report_from_a_study_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = tmp_path / "study"
+    study.mkdir()
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["t2", "t1", "t3"],
+            "status": ["TERMINATED", "TERMINATED", "ERROR"],
+            "federation.lr": [1e-3, 1e-2, 1e-4],
+            "rounds_done": [4, 2, math.nan],
+            "stopped_early": [False, True, math.nan],
+            "best_round": [4, 1, math.nan],
+            "objective": [0.8, 0.6, math.nan],
+            "test_auc": [0.79, 0.62, math.nan],
+        }
+    )
+    trials.to_parquet(study / "trials.parquet")
+    (study / "best.yaml").write_text("# best trial t2 of s.yaml: objective auc - 0.5*eod = 0.8000 (val, round 4)\nseed: 0\n")
+    for trial, curve in (("t2", [0.5, 0.6, 0.7, 0.8]), ("t1", [0.6, 0.55])):
+        (study / f"run_trial_{trial}").mkdir()
+        lines = [json.dumps({"round": r + 1, "objective": v, "trial_id": trial}) for r, v in enumerate(curve)]
+        (study / f"run_trial_{trial}" / "result.json").write_text("\n".join(lines) + "\n")
+    assert main([str(study), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == "| trial | status | federation.lr | objective (val) | best round | rounds reached | test AUC at best | stopped early |"
+    assert "| t1 | TERMINATED | 0.01 | 0.6000 | 1 | 2 | 0.6200 | yes |" in printed and "| t3 | ERROR | 0.0001 | - |" in printed
+    assert "best trial t2" in printed
+    document = (study / "report.html").read_text()
+    assert document == (tmp_path / "out" / "compare.html").read_text()
+    assert all(t in document for t in ("t1", "t2", "t3")) and "auc - 0.5*eod" in document and "seed: 0" in document
+    assert set(_plots(document)) == {"objective_per_parameter", "asha"}
+    assert set(study_report.histories(study)) == {"t1", "t2"}
+    assert study_report.log_axis(trials["federation.lr"], None) and not study_report.log_axis(trials["federation.lr"], {"uniform": [0, 1]})
+    assert main([str(study), str(tmp_path)]) == 2  # a study is reported on its own
+
+
+# --- the benchmark's table is compare's (real runs) -----------------------------------------
+
+
+def _methods_benchmark():
+    spec = importlib.util.spec_from_file_location("methods_benchmark", ROOT / "benchmarks" / "methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(240)
+def test_benchmark_table_is_compares(ray_session, oph_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    methods = _methods_benchmark()
+    out = tmp_path / "bench"
+    tiny = tiny_overrides(oph_root, **{"federation.rounds": 1, "eval.bootstrap": 0, "resources.actors": 1})  # one actor per run: fast
+    argv = ["--methods", "fedavg", "fedprox+mu=0.1", "--seeds", "0", "1", "--rounds", "1", "--eval-every", "1", "--img-size", "16", "--out", str(out), "--set", *tiny]
+    methods.main(argv)  # trains the 4 runs
+    trained = capsys.readouterr().out
+    methods.main([*argv, "--report-only"])
+    reported = capsys.readouterr().out
+    assert main([str(out), "--by", "algorithm"]) == 0
+    table = capsys.readouterr().out.rstrip("\n")
+    assert table in trained and table in reported
+    assert table.splitlines()[2].startswith("| fedavg | 2 |") and table.splitlines()[3].startswith("| fedprox+mu=0.1 | 2 |")
+    assert (out / "compare" / "compare.html").exists() and (out / "compare" / "table.md").read_text().rstrip("\n") == table
