@@ -107,6 +107,7 @@ import torch.nn.functional as F
 from timm.models import load_pretrained
 from torch import nn
 
+from raysim import console
 from raysim.config import ConfigError, ModelConfig
 from raysim.models import build_model, normalization
 from raysim.registry import Registry
@@ -317,10 +318,12 @@ class TimmModel(FoundationModel):
         out = []
         with torch.no_grad():
             for start in range(0, len(images), self.batch_size):
+                console.report(f"asking {self.label}, images", start, len(images))
                 x = torch.from_numpy(np.array(images[start : start + self.batch_size], dtype=np.float32)).to(device).div_(255.0)
                 if self.img_size and tuple(x.shape[-2:]) != (self.img_size, self.img_size):
                     x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True, align_corners=False)
                 out.append(torch.softmax(net((x - mean) / std).double(), dim=1).cpu().numpy())
+        console.report(f"asking {self.label}, images", len(images), len(images))
         return np.concatenate(out)
 
     def _network(self, channels: int, num_classes: int) -> nn.Module:
@@ -509,6 +512,7 @@ class HttpModel(FoundationModel):
         starts = range(0, len(images), self.batch_size)
         parts: list[np.ndarray] = []  # the answered batches: a retry asks again for the failed one only
         for start in starts:
+            console.report(f"asking {self.label}, images", start, len(images))  # each batch a round trip: the bar moves with them
             batch = images[start : start + self.batch_size]
             where = f"{self.label} (images {start}..{start + len(batch) - 1})"
             done = f"{len(parts)} of {len(starts)} batches had been answered" + (f" (images 0..{start - 1})" if parts else "")
@@ -518,6 +522,7 @@ class HttpModel(FoundationModel):
             except FoundationModelError as err:  # it quotes the body, which may echo the request
                 raise FoundationModelError(self._clean(str(err))) from None
             parts.append(check_probabilities(probs, n=len(batch), num_classes=num_classes, source=where))
+        console.report(f"asking {self.label}, images", len(images), len(images))
         return np.concatenate(parts)
 
     def _ask(self, body: bytes, where: str, done: str, ends: float | None) -> bytes:

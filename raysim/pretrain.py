@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -43,6 +44,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
+from raysim import console
 from raysim.config import ConfigError, ExperimentConfig, FederationConfig, ModelConfig
 from raysim.datasets import synthetic
 from raysim.datasets.cache import cache_root
@@ -182,14 +184,18 @@ def pretrain(settings: PretrainSettings, out: Path, *, echo: Echo = print) -> di
     mean, std = normalization(model, 1)
     optimizer = make_optimizer(model, FederationConfig(optimizer="adam", lr=s.lr, weight_decay=0.0))
     history = []
+    per_epoch = math.ceil(len(y_train) / s.batch_size)  # batches, for the progress bar
+    phase, total = f"pretrain: {s.model} backbone, batches", s.epochs * per_epoch
     with _torch_threads(s.threads):
         for epoch in range(1, s.epochs + 1):
             tick = time.perf_counter()
             order_seed = derive_seed(s.seed, "pretrain-order", epoch)
-            stats = train_epochs(model, [_batches(x_train, y_train, mean, std, batch_size=s.batch_size, seed=order_seed)], optimizer)
+            batches = console.counted(_batches(x_train, y_train, mean, std, batch_size=s.batch_size, seed=order_seed), phase, total, start=(epoch - 1) * per_epoch)
+            stats = train_epochs(model, [batches], optimizer)
             auc = _auc(model, x_test, y_test, mean, std)
             history.append({"epoch": epoch, "train_loss": round(stats["loss"], 6), "pool_auc": round(auc, 6)})
             echo(f"pretrain: epoch {epoch}/{s.epochs} | train loss {stats['loss']:.4f} | held-out pool AUC {100 * auc:.1f} | {time.perf_counter() - tick:.1f} s")
+    console.report(phase, total, total)  # a skipped single-sample batch would leave the bar short
     meta = {
         "created_by": "raysim.pretrain",
         **s.key_dict(),

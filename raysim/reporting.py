@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from raysim import metrics
+from raysim import console, metrics
 from raysim.config import ConfigError
 from raysim.types import Predictions
 
@@ -318,7 +318,8 @@ def _text(column: pd.Series) -> bool:
 
 
 def format_table(frame: pd.DataFrame, *, round_: int, split: str, attribute: str, group_names: Mapping[int, str]) -> str:
-    """Per client + mean: AUC, ES-AUC, group AUCs, EOD, SPD, all x100."""
+    """Per client + mean: AUC, ES-AUC, group AUCs, EOD, SPD, all x100; beyond
+    `console.MAX_LISTED` clients the distribution over clients instead of a row each."""
     rows = frame[(frame["round"] == round_) & (frame["split"] == split)]
     if attribute:
         columns = [("AUC", "", "", "auc"), ("ES-AUC", attribute, "", "es_auc")]
@@ -330,19 +331,48 @@ def format_table(frame: pd.DataFrame, *, round_: int, split: str, attribute: str
     if roles and ("Acc", "", "", "acc") not in columns:  # e.g. FedHelp, whose headline is accuracy
         columns.insert(1, ("Acc", "", "", "acc"))
     clients = list(dict.fromkeys(rows["client"]))
-    clients = [c for c in clients if not c.startswith("mean")] + [c for c in clients if c.startswith("mean")]
+    means = [c for c in clients if c.startswith("mean")]
+    clients = [c for c in clients if not c.startswith("mean")]
     lookup = {(r.client, r.attribute, r.group, r.metric): r.value for r in rows.itertuples()}
-    labels = {c: f"{c} ({roles[c]})" if c in roles else c for c in clients}
-    width = max(10, *(len(label) for label in labels.values())) if clients else 10
-    header = f"{'client':<{width}}" + "".join(f"{title:>{max(8, len(title) + 2)}}" for title, *_ in columns)
+    cells = {c: [lookup.get((c, attr, group, metric), float("nan")) for _, attr, group, metric in columns] for c in clients + means}
     title = f"{split} metrics after round {round_} (x100; attribute: {attribute})" if attribute else f"{split} metrics after round {round_} (x100)"
+    if len(clients) > console.MAX_LISTED:  # 1,000 rows help no one: the spread, the means, the worst
+        title = f"{title[:-1]}; {len(clients)} clients: min / median / max over clients)"
+        cells = _spread_rows(cells, clients) | {c: cells[c] for c in means} | _worst_row(cells, clients)
+        labels = {c: c for c in cells}
+    else:
+        labels = {c: f"{c} ({roles[c]})" if c in roles else c for c in clients + means}
+    return _table(title, columns, labels, cells)
+
+
+def _spread_rows(cells: Mapping[str, list[float]], clients: Sequence[str]) -> dict[str, list[float]]:
+    """Rows `min`, `median`, `max`: each column's distribution over the clients (NaN left out)."""
+    values = np.array([cells[c] for c in clients], dtype=float)
+    defined = ~np.isnan(values).all(axis=0)  # a column no client has stays "-", without a warning
+    out = {}
+    for name, reduce in (("min", np.nanmin), ("median", np.nanmedian), ("max", np.nanmax)):
+        row = np.full(values.shape[1], np.nan)
+        row[defined] = reduce(values[:, defined], axis=0)
+        out[name] = row.tolist()
+    return out
+
+
+def _worst_row(cells: Mapping[str, list[float]], clients: Sequence[str]) -> dict[str, list[float]]:
+    """The client with the lowest AUC (the first column), labelled `worst AUC: <client>`."""
+    scored = [c for c in clients if not math.isnan(cells[c][0])]
+    if not scored:
+        return {}
+    worst = min(scored, key=lambda c: (cells[c][0], c))
+    return {f"worst AUC: {worst}": cells[worst]}
+
+
+def _table(title: str, columns: Sequence[tuple[str, str, str, str]], labels: Mapping[str, str], cells: Mapping[str, list[float]]) -> str:
+    width = max(10, *(len(label) for label in labels.values())) if labels else 10
+    header = f"{'client':<{width}}" + "".join(f"{name:>{max(8, len(name) + 2)}}" for name, *_ in columns)
     lines = [title, header, "-" * len(header)]
-    for client in clients:
-        cells = []
-        for title, attr, group, metric in columns:
-            value = lookup.get((client, attr, group, metric), float("nan"))
-            cells.append(f"{'-' if math.isnan(value) else f'{100 * value:.1f}':>{max(8, len(title) + 2)}}")
-        lines.append(f"{labels[client]:<{width}}" + "".join(cells))
+    for key, label in labels.items():
+        text = "".join(f"{'-' if math.isnan(v) else f'{100 * v:.1f}':>{max(8, len(name) + 2)}}" for (name, *_), v in zip(columns, cells[key], strict=True))
+        lines.append(f"{label:<{width}}" + text)
     return "\n".join(lines)
 
 
@@ -359,13 +389,9 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         done = round_ - self.first + 1
         eta = elapsed / done * (self.total - round_)
-        failed_note = f" | failed: {', '.join(failed)}" if failed else ""
+        failed_note = f" | failed: {console.first(list(failed))}" if failed else ""
         self.echo(
             f"round {round_:>3}/{self.total} | clients {clients} | train loss {train_loss:.4f} | "
-            f"{elapsed / done:.1f} s/round | elapsed {_clock(elapsed)} | ETA {_clock(eta)}{failed_note}"
+            f"{elapsed / done:.1f} s/round | elapsed {console.clock(elapsed)} | ETA {console.clock(eta)}{failed_note}"
         )
 
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

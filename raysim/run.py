@@ -21,7 +21,7 @@ import yaml
 from ray.exceptions import RayActorError
 
 from raysim import config as config_mod
-from raysim import storage
+from raysim import console, storage
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
 from raysim.engine import driver_actor
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
     predictions = "" if cfg.eval.predictions == "none" else " predictions.parquet,"
-    print(f"wrote config.yaml, provenance.json, metrics.parquet,{predictions} checkpoints/, tensorboard/ in:")
+    report = ", report.html" if cfg.report.html and (storage.is_uri(run_dir) or (Path(run_dir) / "report.html").exists()) else ""
+    print(f"wrote config.yaml, provenance.json, metrics.parquet,{predictions} checkpoints/, tensorboard/{report} in:")
     print(run_dir)
     return 0
 
@@ -94,15 +95,16 @@ def drive(cfg: ExperimentConfig, run_dir: str, resume: bool) -> None:
     killed, its node gone) is started again from the last complete checkpoint, up to
     fault.max_restarts times."""
     losses = 0
+    printer = console.Printer(sys.stdout, sys.stderr)  # progress bars on a terminal only
     while True:
         try:
             actor = driver_actor.start(cfg, run_dir)
             driver_actor.wait_started(actor, cfg)
             for event in driver_actor.stream(actor, resume=resume):
-                for line in event.lines:
-                    print(line, flush=True)
+                printer.event(event.lines, event.progress)
             return
         except RayActorError as err:
+            printer.close()
             losses += 1
             newest = latest(run_dir)
             if losses > cfg.fault.max_restarts:
@@ -110,6 +112,8 @@ def drive(cfg: ExperimentConfig, run_dir: str, resume: bool) -> None:
                 raise RunFailed(f"the driver actor was lost {losses} times (fault.max_restarts={cfg.fault.max_restarts}); {where}") from err
             resume = newest is not None
             print(f"driver actor lost ({str(err).splitlines()[0][:120]}); " + (f"resuming from {newest}" if resume else "starting the run again"), flush=True)
+        finally:
+            printer.close()
 
 
 def prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, str, bool]:

@@ -49,6 +49,8 @@ def test_two_clients_two_rounds_output_contract(ray_session, oph_root: Path, tmp
     assert set(metrics["split"]) == {"val", "test", "train"}
     up = metrics[(metrics["split"] == "train") & (metrics["metric"] == "bytes_up")]
     assert len(up) == 2 * 3 and (up["value"] > 0).all()  # two rounds, two sampled clients + their mean
+    train_loss = metrics[(metrics["split"] == "train") & (metrics["metric"] == "loss")]
+    assert len(train_loss) == 2 * 3 and (train_loss["value"] > 0).all()  # each sampled client's local training loss + their mean
     assert set(metrics["round"]) == {1, 2}
     assert set(metrics["client"]) == {"site1", "site2", "site3", "mean"}
     assert set(metrics["metric"]) <= set(METRIC_NAMES)
@@ -79,6 +81,7 @@ def test_two_clients_two_rounds_output_contract(ray_session, oph_root: Path, tmp
 
     # provenance tells machines apart: CPU, kernels chosen by instruction set, math libraries, threads
     record = json.loads((run_dir / "provenance.json").read_text())
+    assert record["attribute"] == "race"  # the target attribute, which reports read back
     assert record["cpu"]["model"] and record["math"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert {"mkl", "onednn", "ATEN_CPU_CAPABILITY", "cpu_count"} <= set(record["math"])
     (actor,) = record["actor_machines"]  # one machine: the actors share this host

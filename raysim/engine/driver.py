@@ -33,7 +33,7 @@ from ray.util import get_current_placement_group
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raysim import provenance, reporting, storage
+from raysim import console, provenance, reporting, storage
 from raysim.algorithms import ALGORITHMS, ServerState
 from raysim.algorithms.aggregation import non_finite
 from raysim.config import ConfigError, ExperimentConfig
@@ -80,7 +80,7 @@ class ActorLost(Exception):
     """A client actor died, became unreachable or missed its deadline: recovered by replay."""
 
     def __init__(self, actor_index: int, clients: list[str], reason: str, *, maybe_alive: bool = False) -> None:
-        super().__init__(f"client actor of {', '.join(clients)} lost ({reason})")
+        super().__init__(f"client actor of {console.first(clients)} lost ({reason})")
         self.actor_index, self.clients, self.reason = actor_index, clients, reason
         self.maybe_alive = maybe_alive  # unreachable for a moment: replaced only if it stays so
 
@@ -118,6 +118,7 @@ class Driver:
         self.mirror = storage.RunMirror(str(run_dir)) if storage.is_uri(run_dir) else None
         self.run_dir = self.mirror.local if self.mirror else Path(run_dir)
         self.echo = echo
+        self.notes = console.Capped(echo)  # per-client notes: a few per kind, then a count
         self.source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
         self.algorithm = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg)
         self.attributes = self._eval_attributes()
@@ -142,10 +143,27 @@ class Driver:
             last = min(until or self.cfg.federation.rounds, self.cfg.federation.rounds)
             for _ in self.advance(last):
                 pass
-            self.echo_traffic(last)
+            self.finish(last)
         finally:
             self.shutdown()
         return self.recorder.metrics
+
+    def finish(self, last: int) -> None:
+        """The end of the rounds asked for: the traffic line and, once the run is over (its last
+        round done, or stopped by its method), `report.html` (`report.html: true`)."""
+        self.echo_traffic(last)
+        if self.cfg.report.html and (self.next_round > self.cfg.federation.rounds or self.stopped):
+            self.write_report()
+
+    def write_report(self) -> None:
+        """RUN_DIR/report.html from the run's outputs; a report that fails costs a warning line,
+        never the run (every number is in metrics.parquet, and `python -m raysim.report` retries)."""
+        try:
+            from raysim import report  # matplotlib loads only when a report is written
+
+            report.write_report(self.run_dir)
+        except Exception as err:  # noqa: BLE001 - the run's results are complete without it
+            self.echo(f"report.html not written ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); retry with python -m raysim.report {self.run_dir}")
 
     def echo_traffic(self, last: int) -> None:
         last = min(last, self.next_round - 1)  # a run the method stopped early (stop_before) ended sooner
@@ -271,7 +289,10 @@ class Driver:
             statistics = self._round_statistics(sampled, round_, outcome)
             sampled = [cid for cid in sampled if cid in statistics]  # no statistics, no place in the fold
         fold = self.algorithm.fold_start(round_, state, statistics)
-        for cid, result in self.pool.ordered("fit", sampled, None, round_, timeout=self.deadline()):
+        phase = f"round {round_}: clients trained"
+        console.report(phase, 0, len(sampled))
+        for done, (cid, result) in enumerate(self.pool.ordered("fit", sampled, None, round_, timeout=self.deadline()), start=1):
+            console.report(phase, done, len(sampled))
             if isinstance(result, Exception):
                 outcome.failed[cid] = self._mark_failed(cid, result)
                 if not isinstance(result, LOST):  # a failed fit may have changed part of its state
@@ -281,7 +302,7 @@ class Driver:
             bad = non_finite(result.tensors)
             if bad:
                 outcome.failed[cid] = f"non-finite values in {', '.join(bad[:3])}"
-                self.echo(f"client {cid}: update rejected ({outcome.failed[cid]}); its state is rolled back to before the round")
+                self.notes.say("had their update rejected", f"client {cid}: update rejected ({outcome.failed[cid]}); its state is rolled back to before the round")
                 self.pool.actor_of(cid).rollback.remote(cid)  # runs before anything the driver sends it later
                 continue
             self.algorithm.accumulate(fold, result)
@@ -294,6 +315,7 @@ class Driver:
         self._record_server_metrics(round_, state)
         self._record_traffic(round_, down, outcome)
         self._record_missing(round_)
+        self.notes.flush()
         losses = [a.loss for a in outcome.arrived]
         train_loss = float(np.average(losses, weights=[a.num_examples for a in outcome.arrived])) if losses else math.nan
         progress.round_done(round_, clients=len(outcome.arrived), failed=sorted(outcome.failed), train_loss=train_loss)
@@ -303,7 +325,10 @@ class Driver:
         """Every sampled client's `client_statistics` (small values), before the fold starts; a
         client whose call fails is out of this round (`outcome.failed`)."""
         out: dict[str, dict[str, Any]] = {}
-        for cid, result in self.pool.ordered("statistics", sampled, None, round_, window=8, timeout=self.deadline()):
+        phase = f"round {round_}: client statistics"
+        console.report(phase, 0, len(sampled))
+        for done, (cid, result) in enumerate(self.pool.ordered("statistics", sampled, None, round_, window=8, timeout=self.deadline()), start=1):
+            console.report(phase, done, len(sampled))
             if isinstance(result, Exception):
                 outcome.failed[cid] = self._mark_failed(cid, result)
                 continue
@@ -357,11 +382,15 @@ class Driver:
         chosen = [cid for cid in self.eval_clients() if cid not in self.dead]
         self.pool.broadcast(self.algorithm.payload(state, round_), chosen, self.algorithm.round_values(state, round_))
         predictions: list[Predictions] = []
-        for cid, result in self.pool.ordered("evaluate", chosen, None, splits, window=8, timeout=self.deadline("eval")):
+        phase = f"round {round_}: clients evaluated"
+        console.report(phase, 0, len(chosen))
+        for done, (cid, result) in enumerate(self.pool.ordered("evaluate", chosen, None, splits, window=8, timeout=self.deadline("eval")), start=1):
+            console.report(phase, done, len(chosen))
             if isinstance(result, Exception):
                 self._mark_failed(cid, result)
             else:
                 predictions.extend(result)
+        self.notes.flush()
         if not predictions:
             raise RuntimeError(f"round {round_}: no client could be evaluated ({self.dead})")
         group_names = self.source.group_names
@@ -378,7 +407,7 @@ class Driver:
         attribute = self.target_attribute
         self.echo(reporting.format_table(metric_frame, round_=round_, split=show, attribute=attribute, group_names=group_names.get(attribute, {})))
         if self.dead:
-            self.echo(f"means over {len(self.specs) - len(self.dead)} of {len(self.specs)} clients; dropped: {', '.join(sorted(self.dead))}")
+            self.echo(f"means over {len(self.specs) - len(self.dead)} of {len(self.specs)} clients; dropped: {console.first(sorted(self.dead))}")
 
     @property
     def target_attribute(self) -> str:
@@ -407,7 +436,9 @@ class Driver:
         checkpoints.write_server(folder, round_, state)
         manifest, written, complete = dict(self.manifest), {}, True
         streams = [actor.save_changed.remote() for actor in self.pool.actors]  # all actors serialize at once
+        phase = f"round {round_}: checkpoint, client actors written"
         for i, stream in enumerate(streams):
+            console.report(phase, i, len(streams))
             group = self.pool.plan[i]
             try:
                 saved, path = self._write_clients(stream, checkpoints.actor_file(folder, i), written)
@@ -423,6 +454,8 @@ class Driver:
             if saved:
                 manifest.update({cid: checkpoints.relative(path) for cid in saved})
                 self.pool.actors[i].saved.remote(saved)  # ordered before the actor's next call
+        console.report(phase, len(streams), len(streams))
+        self.notes.flush()
         # Files written now stay named even when this checkpoint is incomplete: their clients are
         # not rewritten until they change again (an unwritten file leaves its clients marked changed).
         self.manifest = {cid: f for cid, f in manifest.items() if cid not in self.dead}
@@ -475,7 +508,8 @@ class Driver:
         for cid, reason in saved.get("dead", {}).items():
             if cid in self.specs:
                 self.dead[cid] = reason
-                self.echo(f"client {cid}: out of the run since before this checkpoint ({reason}); continuing without it")
+                self.notes.say("out of the run since before this checkpoint", f"client {cid}: out of the run since before this checkpoint ({reason}); continuing without it")
+        self.notes.flush()
         root = folder.parent
         contents = {name: ray.put((root / name).read_bytes()) for name in sorted(set(self.manifest.values()))}
         refs = []
@@ -498,7 +532,10 @@ class Driver:
         provenance.add(self.run_dir, "actor_plan", [[spec.id for spec in group] for group in groups])
         self.echo(f"starting {len(handles)} client actors ({res.actor_cpus:g} CPU, {res.num_gpus:g} GPU each; {placement.clients_per_actor_text(groups)} per actor)")
         described: dict[str, Any] = {}
-        for actor, info in zip(self.pool.actors, self.pool.each_actor("describe", timeout=self.deadline("start")), strict=True):
+        loaded = np.cumsum([len(group) for group in groups])  # actors answer in order, each once all its clients are loaded
+        console.report("loading client shards", 0, len(specs))
+        answers = self.pool.each_actor("describe", timeout=self.deadline("start"), on_answer=lambda i: console.report("loading client shards", int(loaded[i]), len(specs)))
+        for actor, info in zip(self.pool.actors, answers, strict=True):
             if isinstance(info, ActorUnavailableError):  # transient: ask again (describe changes nothing)
                 info = self._answers(actor, "start") or info
             if isinstance(info, dict) and "_error" in info:
@@ -527,21 +564,30 @@ class Driver:
         pinned = {} if pg is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i + 1)}
         return ClientActor.options(num_cpus=res.actor_cpus, num_gpus=res.num_gpus, **pinned).remote(self.cfg, group, self.context)
 
-    def _echo_shards(self, described: dict[str, Any], listed: int = 12) -> None:
-        """Samples per split per client after the drop rules (a summary beyond `listed` clients)."""
-        for cid in sorted(described)[:listed]:
-            splits = described[cid]
-            dropped = sum((Counter(s["dropped"]) for s in splits.values()), Counter())
-            note = f"; skipped {dict(dropped)}" if dropped else ""
-            self.echo(f"  {cid}: " + ", ".join(f"{split} {s['n']}" for split, s in splits.items()) + note)
-        if len(described) > listed:
-            sizes = {split: [described[c][split]["n"] for c in described if split in described[c]] for split in next(iter(described.values()))}
-            self.echo(f"  ... {len(described) - listed} more; per client " + ", ".join(f"{split} {min(n)}-{max(n)} (median {int(np.median(n))})" for split, n in sizes.items()))
+    def _echo_shards(self, described: dict[str, Any]) -> None:
+        """Samples per split per client after the drop rules; beyond `console.MAX_LISTED`
+        clients, per split min / median / max and what was skipped, summed over clients."""
+        if len(described) <= console.MAX_LISTED:
+            for cid in sorted(described):
+                splits = described[cid]
+                dropped = sum((Counter(s["dropped"]) for s in splits.values()), Counter())
+                note = f"; skipped {dict(dropped)}" if dropped else ""
+                self.echo(f"  {cid}: " + ", ".join(f"{split} {s['n']}" for split, s in splits.items()) + note)
+            return
+        splits = list(dict.fromkeys(split for info in described.values() for split in info))
+        sizes = {split: [info[split]["n"] for info in described.values() if split in info] for split in splits}
+        self.echo(f"  {len(described)} clients loaded; samples per client (min / median / max): " + ", ".join(f"{split} {console.spread(n)}" for split, n in sizes.items()))
+        dropped = {cid: sum((Counter(s["dropped"]) for s in info.values()), Counter()) for cid, info in described.items()}
+        total = sum(dropped.values(), Counter())
+        if total:
+            self.echo(f"  skipped {dict(total)} in {sum(1 for d in dropped.values() if d)} clients")
 
     def _client_setup(self) -> dict[str, Any]:
         """Every client's `Algorithm.client_setup`, by client id; a failure ends the run before training."""
         out: dict[str, Any] = {}
-        for cid, result in self.pool.ordered("setup", sorted(self.specs), window=8, timeout=self.deadline("start")):
+        console.report("client setup", 0, len(self.specs))
+        for done, (cid, result) in enumerate(self.pool.ordered("setup", sorted(self.specs), window=8, timeout=self.deadline("start")), start=1):
+            console.report("client setup", done, len(self.specs))
             if isinstance(result, RayTaskError):
                 raise _unwrap(result) from None
             if isinstance(result, Exception):
@@ -583,10 +629,10 @@ class Driver:
                 raise ActorLost(self.pool.index[cid], gone, reason, maybe_alive=isinstance(err, ActorUnavailableError))
             for c in gone:
                 self.dead[c] = reason
-            self.echo(f"client actor of {', '.join(gone)} lost ({reason}); fault.on_client_loss=drop: continuing without {'it' if len(gone) == 1 else 'them'}")
+            self.echo(f"client actor of {console.first(gone)} lost ({reason}); fault.on_client_loss=drop: continuing without {'it' if len(gone) == 1 else 'them'}")
             return reason
         reason = str(_unwrap(err)).splitlines()[0]
-        self.echo(f"client {cid} failed this step: {reason}")
+        self.notes.say("failed this step", f"client {cid} failed this step: {reason}")
         return reason
 
     def deadline(self, kind: str = "round") -> float:
@@ -623,7 +669,7 @@ class Driver:
         gone = sorted(spec.id for i in replaced for spec in self.pool.plan[i])
         self.echo(
             f"round {round_}: {lost}; "
-            + (f"started new actors for {', '.join(gone)} and replaying from " if gone else "every actor answers again (none replaced); replaying from ")
+            + (f"started new actors for {console.first(gone)} and replaying from " if gone else "every actor answers again (none replaced); replaying from ")
             + (f"checkpoint {checkpoint.name}" if checkpoint else "the start")
             + f" (recovery {self.restarts} of at most {self.cfg.fault.max_restarts})"
         )
@@ -687,13 +733,16 @@ def server_device(driver_gpus: float) -> torch.device:
     return torch.device("cuda") if driver_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-def _client_list(specs: list[ClientSpec], listed: int = 12) -> str:
-    """`site1 (475 train), ...`; beyond `listed` clients the first few and a size summary."""
-    named = ", ".join(f"{s.id} ({s.num_train} train{', ' + s.role if s.role else ''})" for s in specs[:listed])
-    if len(specs) <= listed:
-        return named
-    sizes = [s.num_train for s in specs]
-    return f"{named}, ... ({len(specs) - listed} more; train {min(sizes)}-{max(sizes)} per client, {sum(sizes)} in all)"
+def _client_list(specs: list[ClientSpec]) -> str:
+    """`site1 (475 train), ...`; beyond `console.MAX_LISTED` clients their sizes per split as
+    min / median / max (and the roles counted), not a name each."""
+    if len(specs) <= console.MAX_LISTED:
+        return ", ".join(f"{s.id} ({s.num_train} train{', ' + s.role if s.role else ''})" for s in specs)
+    splits = list(dict.fromkeys(split for s in specs for split in s.splits))
+    sizes = ", ".join(f"{split} {console.spread([len(s.splits[split]) for s in specs if split in s.splits])}" for split in splits)
+    roles = Counter(s.role for s in specs if s.role)
+    role_note = f"; roles: {', '.join(f'{n} {role}' for role, n in sorted(roles.items()))}" if roles else ""
+    return f"samples per client (min / median / max) {sizes}; {sum(s.num_train for s in specs)} train in all{role_note}"
 
 
 def _megabytes(n: int) -> str:

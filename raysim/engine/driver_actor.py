@@ -10,8 +10,11 @@ killed job), the driver actor and with it every client actor goes too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +26,7 @@ from ray.exceptions import ActorUnschedulableError, GetTimeoutError, RayActorErr
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from raysim import storage
+from raysim import console, storage
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.engine.driver import Driver, RunFailed
 
@@ -36,6 +39,7 @@ class Progress:
     round: int | None = None  # the round just finished (None: start-up or the end)
     evaluated: pd.DataFrame | None = field(default=None, repr=False)  # that round's metric rows, when it was evaluated
     attribute: str | None = None  # the data source's target attribute (what the console table shows)
+    progress: tuple[str, int, int] | None = None  # (phase, done, total) of a long step: the CLI's bar on a terminal
 
 
 class DriverHost:
@@ -59,6 +63,47 @@ class DriverHost:
         return True
 
     def rounds(self, resume: bool = False, until: int | None = None) -> Iterator[Progress]:
+        """`_events`, with progress events (`console.report`, throttled) in between. The driver
+        runs in a thread of its own so that a step in the middle of a round (its 1,000 client
+        calls) can send events; each event goes out as soon as it is queued, in order."""
+        events: queue.Queue[Progress | BaseException | None] = queue.Queue()
+        stop = threading.Event()
+        worker = threading.Thread(target=self._produce, args=(events, stop, resume, until), name="raysim-driver", daemon=True)
+        worker.start()
+        try:
+            while (item := events.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()  # a consumer that left early: the driver stops at its next event and shuts down
+            worker.join()
+
+    def _produce(self, events: queue.Queue[Progress | BaseException | None], stop: threading.Event, resume: bool, until: int | None) -> None:
+        """The worker thread: every event of `_events` and every progress report onto `events`;
+        an exception goes there too (re-raised by `rounds` as itself), None ends the stream."""
+
+        def put(event: Progress) -> None:
+            if stop.is_set():
+                raise _Stopped
+            events.put(event)
+
+        def tick(phase: str, done: int, total: int) -> None:
+            put(Progress(self._take_lines(), progress=(phase, done, total)))
+
+        try:
+            with console.reporting_to(console.Throttled(tick)), contextlib.closing(self._events(resume, until)) as stream:
+                for event in stream:
+                    put(event)
+        except _Stopped:
+            pass
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            events.put(err)
+        finally:
+            events.put(None)
+
+    def _events(self, resume: bool, until: int | None) -> Iterator[Progress]:
+        """The run, one event after start-up, after each part of a round and at the end."""
         cfg, run_dir, placement_group = self.args
         # Built here, not in __init__: a bad config or data set fails this call with its own error.
         self.driver = driver = Driver(cfg, run_dir, echo=self.lines.append, placement_group=placement_group)
@@ -72,13 +117,14 @@ class DriverHost:
                     yield self._event(round_)
                 elif part != "checkpoint":
                     yield Progress(self._take_lines())
-            driver.echo_traffic(last)
+            driver.finish(last)
             yield self._event(None)
         finally:
             driver.shutdown()
 
     def _take_lines(self) -> list[str]:
-        lines, self.lines[:] = list(self.lines), []
+        lines = self.lines[:]
+        del self.lines[: len(lines)]  # a line added meanwhile stays for the next event
         return lines
 
     def _event(self, round_: int | None) -> Progress:
@@ -88,6 +134,10 @@ class DriverHost:
             metrics = self.driver.recorder.metrics
             evaluated = metrics[metrics["round"] == round_].reset_index(drop=True)
         return Progress(lines, round_, evaluated, self.driver.source.attribute)
+
+
+class _Stopped(BaseException):
+    """The consumer of `DriverHost.rounds` left: ends the driver's thread (never caught as an Exception)."""
 
 
 class _Lines(logging.Handler):
