@@ -92,6 +92,7 @@ class AFLFold:
 @register_algorithm("afl")
 class AFL(Algorithm):
     """λ lives in the server state (`afl_lambda`), one float per client id, set up before round 1."""
+    tasks = ("classification",)  # its mixture step needs each client's classification loss (a per-pixel form is future work)
 
     Params = AFLParams
 

@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from raysim import tasks
 from raysim.algorithms.aggregation import WeightedSum
+from raysim.config import ConfigError
 from raysim.models import build_model, exchangeable_keys
 from raysim.registry import Registry
 from raysim.seeding import derive_seed, rng
@@ -55,6 +57,10 @@ class Algorithm:
     # True: before each round's training, every sampled client's `client_statistics` reaches
     # `fold_start` (a light pass over the cohort; one extra call per actor).
     round_statistics: ClassVar[bool] = False
+    # The tasks (raysim.tasks) the method supports: one that needs class probabilities or a
+    # classification head lists only "classification", and refuses a segmentation model (one
+    # ConfigError line, before anything starts).
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "segmentation")
     # Where the server step runs (in the driver actor): the driver sets it from
     # resources.driver_gpus; server-side training (FedBM's generator) puts its tensors here.
     server_device: torch.device = torch.device("cpu")
@@ -62,6 +68,10 @@ class Algorithm:
     def __init__(self, params: Any, cfg: ExperimentConfig) -> None:
         self.params = params
         self.cfg = cfg
+        self.task = tasks.task_of(cfg.model)  # classification, or segmentation for a segmentation model
+        if self.task.name not in self.tasks:
+            supported = sorted(n for n in ALGORITHMS.names() if self.task.name in ALGORITHMS.get(n).tasks)
+            raise ConfigError(f"algorithm {self.name} does not support the {self.task.name} task (model.name={cfg.model.name}); methods that do: {', '.join(supported)}")
         self.received: dict[str, Any] = {}  # in a client actor: the values sent with the current payload
 
     # --- what travels -------------------------------------------------------------------------
@@ -74,7 +84,8 @@ class Algorithm:
 
     def build_model(self, source: DataSource) -> nn.Module:
         """The model every client and the server start from (same seed: the same everywhere)."""
-        model = build_model(self.cfg.model, num_classes=source.num_classes, in_chans=source.channels, seed=self.cfg.seed, slices=source.volume_slices)
+        self.task.check(source, self.cfg)
+        model = build_model(self.cfg.model, num_classes=self.task.output_size(source), in_chans=source.channels, seed=self.cfg.seed, slices=source.volume_slices)
         # Adapters draw initial values (LoRA's A, FairLoRA's B): from the seed alone, not from
         # whatever the process's RNG went through before (several runs in one process). Only
         # the CPU generator is seeded, inside a fork, so the caller's RNG state is untouched.

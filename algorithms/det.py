@@ -103,6 +103,7 @@ class Pair(nn.Module):
 @register_algorithm("det")
 class DET(PFA):
     """PFA's client half trains the pair; the update is the deputy's (PFA's), P stays in `client.memory`."""
+    tasks = ("classification",)  # its stages compare macro-F1 and distil class probabilities
 
     Params = DETParams
     params: DETParams

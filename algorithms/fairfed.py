@@ -202,6 +202,7 @@ def fairfed_weights(weights: Sequence[float], deltas: Sequence[float], *, beta: 
 @register_algorithm("fairfed")
 class FairFed(Algorithm):
     """Weights ω_k live in the server state per client id, in example units (start: ω_k = n_k)."""
+    tasks = ("classification",)  # its weights come from the group gap of class predictions
 
     Params = FairFedParams
     round_statistics = True  # the weights need the whole cohort's group counts before the fold

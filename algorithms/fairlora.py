@@ -24,7 +24,7 @@ from raysim.algorithms.base import ServerState, register_algorithm
 from raysim.algorithms.fedlora import FedLoRA, LoRAParams
 from raysim.config import ConfigError
 from raysim.datasets.base import DataSource
-from raysim.training import Batch, forward
+from raysim.training import Batch, forward, supervised_loss
 from raysim.types import Tensors, Update
 
 
@@ -47,6 +47,8 @@ class FairLoRA(FedLoRA):
     Params = FairLoRAParams
 
     def adapt(self, model: nn.Module, source: DataSource) -> nn.Module:
+        if self.params.lambda_fair > 0 and self.task.name != "classification":
+            raise ConfigError(f"algorithm.lambda_fair={self.params.lambda_fair}: FairLoRA's group error gap is defined for classification, not {self.task.name}; set algorithm.lambda_fair=0")
         rank, alpha = self.params.rank_alpha(model)
         groups = num_groups(source)
         try:
@@ -65,7 +67,7 @@ class FairLoRA(FedLoRA):
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         logits = forward(model, batch)
-        loss = nn.functional.cross_entropy(logits, batch.y)
+        loss = supervised_loss(logits, batch)  # per-pixel CE + Dice for a segmentation batch
         if self.params.lambda_fair > 0 and batch.group is not None:
             loss = loss + self.params.lambda_fair * group_error_gap(logits, batch.y, batch.group)
         return loss

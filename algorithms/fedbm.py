@@ -254,6 +254,7 @@ def split_payload(payload: Tensors) -> tuple[dict[str, torch.Tensor], dict[str, 
 class FedBM(Algorithm):
     """FedAvg with the concept classifier; the server state adds the generator's weights
     (`generator`, empty until its first training) and its last training's objective per step."""
+    tasks = ("classification",)  # it replaces a linear classifier head with class concept embeddings
 
     Params = FedBMParams
     params: FedBMParams

@@ -104,6 +104,7 @@ class FedFBFold:
 @register_algorithm("fedfb")
 class FedFB(Algorithm):
     """λ and p live in the server state as lists over the target attribute's group codes."""
+    tasks = ("classification",)  # its group weights reweight per-sample classification losses
 
     Params = FedFBParams
 

@@ -156,6 +156,7 @@ def public_kd_loss(public_logits: torch.Tensor, targets: torch.Tensor, temperatu
 
 @register_algorithm("fedhelp")
 class FedHelp(Algorithm):
+    tasks = ("classification",)  # its knowledge distillation exchanges class probabilities (the segmentation variant is future work)
     Params = FedHelpParams
 
     # --- the model and the clients ---------------------------------------------------------------

@@ -198,6 +198,7 @@ class SharedMean:
 @register_algorithm("pfl_resfim")
 class PFLResFIM(Algorithm):
     """Server: the amplitude bank in its state, the shared-element mean. Client: Fisher, mask, own elements."""
+    tasks = ("classification",)  # its per-sample Fisher information is computed on classification batches
 
     Params = ResFIMParams
     params: ResFIMParams

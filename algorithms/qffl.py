@@ -112,6 +112,7 @@ def loss_at(client: Client, model: nn.Module) -> float:
 class QFFL(ServerStep):
     """q-FFL on the trainable parameters (the module docstring says which variant does what); clients
     send F_k in `Update.extra`. Buffers (BatchNorm statistics) get FedAvg."""
+    tasks = ("classification",)  # its q-weights need each client's classification loss (a per-pixel form is future work)
 
     Params = QFFLParams
 

@@ -83,6 +83,7 @@ class Shard:
     images: np.ndarray  # uint8, (N, C, H, W)
     table: SampleTable
     dropped: Mapping[str, int] = field(default_factory=dict)  # reason -> count
+    masks: np.ndarray | None = None  # uint8 (N, H, W) class indices, row-aligned; only for segmentation runs
 
 
 class DataSource(ABC):

@@ -245,7 +245,7 @@ class FairSeg(DataSource):
     def num_classes(self) -> int:  # type: ignore[override]
         raise DataError(
             "data.name=fairseg has no classification label (FairSeg ships optic disc/cup masks, no diagnosis); "
-            "it trains only as a segmentation task, which raysim's engine does not run yet"
+            "it trains only as a segmentation task: use a segmentation model, e.g. model.name=unet:resnet18"
         )
 
     @property

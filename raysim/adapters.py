@@ -195,14 +195,20 @@ def inject(model: nn.Module, names: Iterable[str], make: type[LowRankAdapter] | 
 
 
 def freeze_backbone(model: nn.Module) -> None:
-    """Train only adapters, the classifier head, BatchNorm affine parameters and a SliceFold front end.
+    """Train only adapters, the classifier head, BatchNorm affine parameters, a SliceFold front
+    end and a model's `untrained_parts()` (a U-Net's decoder and segmentation head).
 
     Every BatchNorm keeps its running statistics (it stays in eval mode while training; see
     `raysim.models.train_mode`), so a frozen backbone's statistics never drift.
     """
     trainable: set[int] = set()
+    # Parts a model declares never pretrained (a U-Net's decoder and head): trained whole, and
+    # their BatchNorm layers keep tracking statistics.
+    fresh = {id(m) for part in getattr(model, "untrained_parts", tuple)() for m in part.modules()}
     for module in model.modules():
-        if isinstance(module, LowRankAdapter):
+        if id(module) in fresh:
+            trainable.update(id(p) for p in module.parameters(recurse=False))
+        elif isinstance(module, LowRankAdapter):
             trainable.update(id(p) for n, p in module.named_parameters() if n.startswith("lora_"))
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             trainable.update(id(p) for p in module.parameters(recurse=False))

@@ -16,6 +16,7 @@ from torch import nn
 from raysim.datasets.base import ClientSpec, Shard
 from raysim.models import normalization
 from raysim.seeding import derive_seed
+from raysim.tasks import TASKS, Task
 from raysim.training import Batch, forward
 from raysim.types import Predictions
 
@@ -87,12 +88,14 @@ def _concat(batches: list[Batch]) -> Batch:
         return batches[0]
     first = batches[0]
     group = torch.cat([b.group for b in batches]) if first.group is not None else None  # type: ignore[misc]
+    mask = torch.cat([b.mask for b in batches]) if first.mask is not None else None  # type: ignore[misc]
     return Batch(
         torch.cat([b.x for b in batches]),
         torch.cat([b.y for b in batches]),
         {a: torch.cat([b.groups[a] for b in batches]) for a in first.groups},
         torch.cat([b.index for b in batches]),
         group,
+        mask,
     )
 
 
@@ -107,6 +110,7 @@ class Client:
         channels: int,
         device: torch.device,
         attribute: str | None = None,
+        task: Task = TASKS["classification"],
     ) -> None:
         self.spec = spec
         self.id = spec.id
@@ -125,6 +129,7 @@ class Client:
         # key -> (bool mask, values); `load` puts them over what the server sends.
         self.local_elements: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.attribute = attribute  # the target attribute: FairLoRA's group
+        self.task = task  # what the model predicts (raysim.tasks); segmentation shards carry masks
 
     @property
     def num_train(self) -> int:
@@ -188,7 +193,8 @@ class Client:
 
     @torch.no_grad()
     def predict_splits(self, splits: list[str], model: nn.Module | None = None) -> list[Predictions]:
-        """Scores on several splits, their samples forwarded together in batches of EVAL_BATCH.
+        """Scores on several splits, their samples forwarded together in batches of EVAL_BATCH
+        (what the task keeps of each forward pass: probabilities, or argmax masks).
 
         A forward pass costs far more than its images at small batch sizes (resnet18 at 28 px:
         6.5 ms for 1 image, 16 ms for 8), so a cross-device client's few val and test images go
@@ -200,17 +206,14 @@ class Client:
         scores: dict[str, list[torch.Tensor]] = {split: [] for split in splits}
         for chunk in _chunks(pieces, EVAL_BATCH):
             batches = [self.batch_of(self.shards[split], index) for split, index in chunk]
-            probs = torch.softmax(forward(model, _concat(batches)).float(), dim=1).cpu()
+            probs = self.task.score(forward(model, _concat(batches)))
             for (split, _), part in zip(chunk, probs.split([len(i) for _, i in chunk])):
                 scores[split].append(part)
         return [self._predictions(split, scores[split]) for split in splits]
 
     def _predictions(self, split: str, parts: list[torch.Tensor]) -> Predictions:
-        table = self.shards[split].table
-        scores = torch.cat(parts).numpy().astype(np.float64) if parts else np.empty((0, 2))
-        if scores.shape[1] == 2:
-            scores = scores[:, 1]
-        return Predictions(self.id, split, table.sample_ids, table.labels, scores, dict(table.attributes), self.spec.role)
+        shard = self.shards[split]
+        return self.task.predictions(self.id, split, shard.table, parts, shard.masks, self.spec.role)
 
     def batch_of(self, shard: Shard, index: torch.Tensor) -> Batch:
         """The rows `index` of a shard as a normalised batch on this client's device."""
@@ -219,7 +222,8 @@ class Client:
         x = (x - self.mean) / self.std
         y = torch.from_numpy(shard.table.labels[idx]).to(self.device)
         groups = {a: torch.from_numpy(codes[idx]).to(self.device) for a, codes in shard.table.attributes.items()}
-        return Batch(x, y, groups, index, groups.get(self.attribute) if self.attribute else None)
+        mask = torch.from_numpy(shard.masks[idx].astype(np.int64)).to(self.device) if shard.masks is not None else None
+        return Batch(x, y, groups, index, groups.get(self.attribute) if self.attribute else None, mask)
 
     def state(self) -> dict[str, object]:
         """Everything this client keeps between rounds (what its checkpoint holds)."""

@@ -1,4 +1,10 @@
-"""Backbones from timm: any timm name, optional timm or local pretrained weights."""
+"""Backbones from timm: any timm name, optional timm or local pretrained weights.
+
+Segmentation models are named `<decoder>:<timm encoder>` (`model.name=unet:resnet18`): a
+segmentation-models-pytorch decoder (`SEGMENTATION_DECODERS`) on the timm encoder through
+smp's `tu-<name>` universal encoder; the name alone makes the run a segmentation run
+(`raysim.tasks`).
+"""
 
 from __future__ import annotations
 
@@ -41,8 +47,13 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, seed: int,
     """A timm model; initialisation depends only on `seed` (every actor builds the same one).
 
     With `slices` (a volume), the backbone takes 3 channels behind a SliceFold front end.
-    `weights_key` names the config key of `cfg.weights` in errors.
+    `weights_key` names the config key of `cfg.weights` in errors. A segmentation name
+    (`unet:<encoder>`) builds `build_segmentation_model`'s U-Net with `num_classes` mask classes.
     """
+    if is_segmentation_model(cfg.name):
+        from raysim.segmodels import build_segmentation_model  # segmentation-models-pytorch loads only here
+
+        return build_segmentation_model(cfg, num_classes=num_classes, in_chans=in_chans, seed=seed, weights_key=weights_key)
     if cfg.name not in timm.list_models() and not timm.is_model(cfg.name):
         raise ConfigError(f"model.name {cfg.name!r} is not a timm model (see timm.list_models())")
     kwargs: dict = {"num_classes": num_classes, "in_chans": 3 if slices else in_chans}
@@ -148,3 +159,12 @@ def exchangeable_keys(model: nn.Module) -> list[str]:
         if b.is_floating_point()
     }
     return [k for k in model.state_dict() if k in trainable or k in live]
+
+
+SEGMENTATION_DECODERS = ("unet",)  # `<decoder>:<timm encoder>` names (model.name; raysim.segmodels)
+
+
+def is_segmentation_model(name: str) -> bool:
+    """True for a `<decoder>:<encoder>` name with a known decoder (`unet:resnet18`)."""
+    decoder, colon, _ = name.partition(":")
+    return bool(colon) and decoder in SEGMENTATION_DECODERS

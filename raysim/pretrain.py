@@ -50,7 +50,7 @@ from raysim.datasets import synthetic
 from raysim.datasets.cache import cache_root
 from raysim.datasets.imaging import resize_chw
 from raysim.datasets.oph_schema import NUM_SITES, SPLITS
-from raysim.models import build_model, normalization
+from raysim.models import build_model, is_segmentation_model, normalization
 from raysim.reporting import Echo
 from raysim.seeding import derive_seed
 from raysim.training import Batch, forward, make_optimizer, train_epochs
@@ -270,15 +270,19 @@ def resolve_weights(cfg: ExperimentConfig, echo: Echo = print) -> ExperimentConf
     """`cfg` with model.weights set to the pretrained backbone when the method needs one.
 
     Only for methods with `needs_pretrained = True` and neither model.weights nor
-    model.pretrained set; otherwise `cfg` itself is returned.
+    model.pretrained set; otherwise `cfg` itself is returned. A segmentation model
+    (`unet:<encoder>`) gets the encoder's backbone (the U-Net loads it into its encoder).
     """
     from raysim.algorithms import ALGORITHMS
 
     algorithm = ALGORITHMS.get(cfg.algorithm.get("name", "fedavg"))
     if not getattr(algorithm, "needs_pretrained", False) or cfg.model.weights or cfg.model.pretrained:
         return cfg
-    path = ensure_pretrained(cfg.model, echo=echo)
-    echo(f"model.weights: {path} (the {cfg.model.name} backbone at {cfg.model.img_size} px that raysim.pretrain built on the synthetic public pool; "
+    backbone = cfg.model
+    if is_segmentation_model(backbone.name):  # a U-Net's encoder: the classifier of that name, its head unused
+        backbone = dataclasses.replace(backbone, name=backbone.name.partition(":")[2])
+    path = ensure_pretrained(backbone, echo=echo)
+    echo(f"model.weights: {path} (the {backbone.name} backbone at {cfg.model.img_size} px that raysim.pretrain built on the synthetic public pool; "
          "set model.weights=PATH or model.pretrained=true to use your own)")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=str(path)))
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from raysim import console, metrics
+from raysim import console, metrics, tasks
 from raysim.config import ConfigError
 from raysim.types import Predictions
 
@@ -54,9 +54,8 @@ def metric_frame(round_: int, scored: Sequence[tuple[Predictions, int]], group_n
     (a frame per client and split cost ~3 ms each: seconds at 1,000 clients)."""
     rows: list[tuple[object, ...]] = []
     for preds, seed in scored:
-        values = metrics.client_metrics(
-            preds.labels,
-            preds.scores,
+        values = tasks.describe(preds).client_rows(  # AUC & co., or Dice & co. (raysim.tasks)
+            preds,
             {a: preds.attributes[a] for a in attributes if a in preds.attributes},
             {a: group_names[a] for a in attributes},
             n_boot=n_boot,
@@ -82,7 +81,9 @@ def with_means(frame: pd.DataFrame) -> pd.DataFrame:
 
 def prediction_rows(round_: int, preds: Predictions | Sequence[Predictions], attributes: Sequence[str], *, id_key: bytes | None = None) -> pd.DataFrame:
     """`predictions.parquet` rows of one or many clients' predictions (one frame for all); with
-    `id_key`, each sample id is replaced by its `pseudonym`."""
+    `id_key`, each sample id is replaced by its `pseudonym`. The task's columns follow the
+    sample id: `label`, `score` (`score_<k>`) for classification, the per-sample Dice, IoU,
+    hd95, CDR and areas for segmentation (`raysim.tasks.SEGMENTATION_COLUMNS`)."""
     many = [preds] if isinstance(preds, Predictions) else list(preds)
     n = sum(len(p.labels) for p in many)
     ids = np.concatenate([p.sample_ids.astype(str).astype(object) for p in many]) if many else np.array([], dtype=object)
@@ -91,13 +92,11 @@ def prediction_rows(round_: int, preds: Predictions | Sequence[Predictions], att
         "split": np.concatenate([np.full(len(p.labels), p.split, dtype=object) for p in many]) if many else np.array([], dtype=object),
         "client": np.concatenate([np.full(len(p.labels), p.client_id, dtype=object) for p in many]) if many else np.array([], dtype=object),
         "sample_id": ids if id_key is None else pseudonym(ids, id_key),
-        "label": np.concatenate([p.labels.astype(np.int64) for p in many]) if many else np.array([], dtype=np.int64),
     }
-    scores = np.concatenate([p.scores for p in many]) if many else np.array([])
-    if scores.ndim == 1:
-        columns["score"] = scores
-    else:
-        columns.update({f"score_{k}": scores[:, k] for k in range(scores.shape[1])})
+    kinds = {p.task for p in many}
+    if len(kinds) > 1:
+        raise ValueError(f"predictions of several tasks in one frame: {sorted(kinds)}")
+    columns.update(tasks.describe(many[0] if many else None).prediction_columns(many))
     for attr in attributes:
         columns[attr] = np.concatenate([p.attributes[attr].astype(np.int64) for p in many]) if many else np.array([], dtype=np.int64)
     return pd.DataFrame(columns)
@@ -317,16 +316,13 @@ def _text(column: pd.Series) -> bool:
 # --- console ------------------------------------------------------------------------------
 
 
-def format_table(frame: pd.DataFrame, *, round_: int, split: str, attribute: str, group_names: Mapping[int, str]) -> str:
-    """Per client + mean: AUC, ES-AUC, group AUCs, EOD, SPD, all x100; beyond
-    `console.MAX_LISTED` clients the distribution over clients instead of a row each."""
+def format_table(frame: pd.DataFrame, *, round_: int, split: str, attribute: str, group_names: Mapping[int, str], task: str = "classification") -> str:
+    """Per client + mean, x100: AUC, ES-AUC, group AUCs, EOD, SPD (classification) or Dice disc,
+    Dice cup, ES-Dice, CDR error, group Dice (segmentation: `raysim.tasks`); beyond
+    `console.MAX_LISTED` clients the distribution over clients instead of a row each (the
+    worst client by the first column)."""
     rows = frame[(frame["round"] == round_) & (frame["split"] == split)]
-    if attribute:
-        columns = [("AUC", "", "", "auc"), ("ES-AUC", attribute, "", "es_auc")]
-        columns += [(f"AUC {name}", attribute, name, "auc") for name in group_names.values()]
-        columns += [("EOD", attribute, "", "eod"), ("SPD", attribute, "", "spd")]
-    else:  # a source without sensitive attributes
-        columns = [("AUC", "", "", "auc"), ("Acc", "", "", "acc"), ("BAcc", "", "", "bacc")]
+    columns = tasks.get(task).table_columns(attribute, group_names)
     roles = {r.client: r.role for r in rows.itertuples() if r.role and not r.client.startswith("mean")}
     if roles and ("Acc", "", "", "acc") not in columns:  # e.g. FedHelp, whose headline is accuracy
         columns.insert(1, ("Acc", "", "", "acc"))
@@ -338,7 +334,7 @@ def format_table(frame: pd.DataFrame, *, round_: int, split: str, attribute: str
     title = f"{split} metrics after round {round_} (x100; attribute: {attribute})" if attribute else f"{split} metrics after round {round_} (x100)"
     if len(clients) > console.MAX_LISTED:  # 1,000 rows help no one: the spread, the means, the worst
         title = f"{title[:-1]}; {len(clients)} clients: min / median / max over clients)"
-        cells = _spread_rows(cells, clients) | {c: cells[c] for c in means} | _worst_row(cells, clients)
+        cells = _spread_rows(cells, clients) | {c: cells[c] for c in means} | _worst_row(cells, clients, columns[0][0])
         labels = {c: c for c in cells}
     else:
         labels = {c: f"{c} ({roles[c]})" if c in roles else c for c in clients + means}
@@ -357,13 +353,13 @@ def _spread_rows(cells: Mapping[str, list[float]], clients: Sequence[str]) -> di
     return out
 
 
-def _worst_row(cells: Mapping[str, list[float]], clients: Sequence[str]) -> dict[str, list[float]]:
-    """The client with the lowest AUC (the first column), labelled `worst AUC: <client>`."""
+def _worst_row(cells: Mapping[str, list[float]], clients: Sequence[str], name: str = "AUC") -> dict[str, list[float]]:
+    """The client with the lowest first column (AUC; the disc's Dice), labelled `worst <its header>: <client>`."""
     scored = [c for c in clients if not math.isnan(cells[c][0])]
     if not scored:
         return {}
     worst = min(scored, key=lambda c: (cells[c][0], c))
-    return {f"worst AUC: {worst}": cells[worst]}
+    return {f"worst {name}: {worst}": cells[worst]}
 
 
 def _table(title: str, columns: Sequence[tuple[str, str, str, str]], labels: Mapping[str, str], cells: Mapping[str, list[float]]) -> str:

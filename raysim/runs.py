@@ -4,7 +4,10 @@ A run directory holds `config.yaml` (the resolved config), `provenance.json` and
 `metrics.parquet` (long format: round, split, client, role, attribute, group, metric, value;
 see `raysim.reporting`). `read_run` loads the three; `select_round` picks the round a run is
 reported at: the evaluated round with the best mean validation AUC (the earliest on a tie),
-chosen on validation rows only so the test rows stay an unbiased estimate. Plain pandas, no Ray.
+chosen on validation rows only so the test rows stay an unbiased estimate. A segmentation run
+(no AUC or accuracy rows) is selected by its mean validation Dice: `dice`, the mean of the
+`dice_disc` and `dice_cup` means (the D of `raysim.segmetrics`), else `dice_disc` alone.
+Plain pandas, no Ray.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ import pandas as pd
 import yaml
 
 MEAN = "mean"  # the client column of the mean-over-clients rows
-SELECTION_METRICS = ("auc", "acc")  # the first one with a defined validation mean decides
+# The first one with a defined validation mean decides: classification's AUC, then accuracy;
+# segmentation's Dice (`dice`: derived, the mean of dice_disc and dice_cup), then the disc's.
+SELECTION_METRICS = ("auc", "acc", "dice", "dice_disc")
+DERIVED = {"dice": ("dice_disc", "dice_cup")}  # selection metrics that are the mean of stored ones
+LABELS = {"dice": "Dice (mean of disc and cup)", "dice_disc": "disc Dice"}  # in `Selection.reason`; others upper-cased
 
 
 class RunReadError(ValueError):
@@ -38,7 +45,7 @@ class Selection:
     @property
     def reason(self) -> str:
         rounds = ", ".join(str(r) for r in self.candidates)
-        return f"round {self.round}: the best mean validation {self.metric.upper()} ({100 * self.value:.1f}) among the evaluated rounds {rounds} (the earliest on a tie)"
+        return f"round {self.round}: the best mean validation {LABELS.get(self.metric, self.metric.upper())} ({100 * self.value:.1f}) among the evaluated rounds {rounds} (the earliest on a tie)"
 
 
 @dataclass(frozen=True)
@@ -107,15 +114,24 @@ def read_run(path: Path | str) -> Run:
 
 
 def select_round(metrics: pd.DataFrame) -> Selection:
-    """The evaluated round with the best mean validation AUC (accuracy where no AUC is defined);
-    the earliest on a tie. A RunReadError when the run has no validation rows."""
+    """The evaluated round with the best mean validation AUC (accuracy where no AUC is defined;
+    Dice for segmentation, `SELECTION_METRICS`); the earliest on a tie. A RunReadError when the run has no validation rows."""
     mean = metrics[(metrics["client"] == MEAN) & (metrics["split"] == "val") & (metrics["attribute"] == "") & (metrics["group"] == "")]
     for metric in SELECTION_METRICS:
-        curve = mean[mean["metric"] == metric].set_index("round")["value"].sort_index().dropna()
+        curve = _curve(mean, metric)
         if len(curve):
             best = int(curve.idxmax())  # idxmax: the first maximum, i.e. the earliest round
             return Selection(round=best, metric=metric, value=float(curve[best]), candidates=tuple(int(r) for r in curve.index))
-    raise RunReadError("no mean validation AUC or accuracy in metrics.parquet (data.val_fraction=0, or no evaluation yet): no round to select")
+    raise RunReadError("no mean validation AUC, accuracy or Dice in metrics.parquet (data.val_fraction=0, or no evaluation yet): no round to select")
+
+
+def _curve(mean: pd.DataFrame, metric: str) -> pd.Series:
+    """Round -> a selection metric's mean validation value (a derived one: the mean of its parts)."""
+    parts = DERIVED.get(metric)
+    if parts is None:
+        return mean[mean["metric"] == metric].set_index("round")["value"].sort_index().dropna()
+    curves = [mean[mean["metric"] == m].set_index("round")["value"] for m in parts]
+    return pd.concat(curves, axis=1).mean(axis=1, skipna=False).sort_index().dropna()
 
 
 def value(metrics: pd.DataFrame, *, round_: int, split: str, metric: str, attribute: str = "", group: str = "", client: str = MEAN) -> float:

@@ -21,6 +21,7 @@ class Batch:
     groups: dict[str, torch.Tensor]  # attribute -> int64 codes, -1 unknown
     index: torch.Tensor  # positions in the client's split (for per-sample state)
     group: torch.Tensor | None = None  # codes of the target attribute (FairLoRA's group), -1 unknown
+    mask: torch.Tensor | None = None  # segmentation: int64 class per pixel (B, H, W); None when classifying
 
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -61,7 +62,34 @@ def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return nn.functional.cross_entropy(forward(model, batch), batch.y)
+    """The task's supervised loss of a batch (`supervised_loss` of the model's logits)."""
+    return supervised_loss(forward(model, batch), batch)
+
+
+def supervised_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of the labels; for a batch with masks, `segmentation_loss` of the masks."""
+    if batch.mask is not None:
+        return segmentation_loss(logits, batch.mask)
+    return nn.functional.cross_entropy(logits, batch.y)
+
+
+def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor, *, smooth: float = 1.0) -> torch.Tensor:
+    """Per-pixel cross-entropy plus soft Dice loss, the multi-class form of FedHelp's BCE + Dice.
+
+    ``CE + (1 - mean_c Dice_c)``: CE is the mean over all pixels of the batch; the soft Dice of
+    class c is ``(2 * sum(p_c * t_c) + s) / (sum(p_c) + sum(t_c) + s)`` with p the softmax
+    probabilities, t the one-hot mask, sums over the whole batch's pixels and ``s = smooth``
+    (1: a class absent from both gets Dice 1), averaged over the foreground classes
+    (1.. C-1: disc rim and cup; the background's Dice would only dilute them).
+    """
+    ce = nn.functional.cross_entropy(logits, mask)
+    probs = torch.softmax(logits.float(), dim=1)
+    onehot = nn.functional.one_hot(mask, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)[1:]
+    total = (probs.sum(dims) + onehot.sum(dims))[1:]
+    dice = (2 * inter + smooth) / (total + smooth)
+    return ce + (1 - dice.mean())
 
 
 def train_epochs(

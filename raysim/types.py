@@ -32,7 +32,10 @@ class Update:
 
 @dataclass
 class Predictions:
-    """A client's scores on one split: the only evaluation data the driver sees."""
+    """A client's scores on one split: the only evaluation data the driver sees.
+
+    Segmentation (`task` "segmentation") sends no scores (an (N, 0) array) but per-sample
+    `values` (`raysim.tasks.SEGMENTATION_COLUMNS`: Dice, IoU, hd95, CDR, areas), never masks."""
 
     client_id: str
     split: str
@@ -41,3 +44,5 @@ class Predictions:
     scores: np.ndarray  # (N,) P(positive) for binary, (N, K) probabilities for multi-class
     attributes: dict[str, np.ndarray]  # attribute -> int group codes, -1 unknown
     role: str = ""
+    task: str = "classification"  # a `raysim.tasks.TASKS` name
+    values: dict[str, np.ndarray] | None = None  # segmentation: per-sample values by column

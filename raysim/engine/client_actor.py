@@ -64,9 +64,17 @@ class ClientHost:
         # One model object per actor; each client swaps its own state in for its turn.
         model = self.algorithm.build_model(source).to(self.device)
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        task = self.algorithm.task  # segmentation: masks load here, beside the images, and never leave
         self.clients = {
             spec.id: Client(
-                spec, {split: load_cached(source, spec, split) for split in spec.splits}, model, initial_state=initial, channels=source.channels, device=self.device, attribute=source.attribute
+                spec,
+                {split: load_cached(source, spec, split, masks=task.needs_masks) for split in spec.splits},
+                model,
+                initial_state=initial,
+                channels=source.channels,
+                device=self.device,
+                attribute=source.attribute,
+                task=task,
             )
             for spec in specs
         }

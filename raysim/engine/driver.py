@@ -157,7 +157,11 @@ class Driver:
 
     def write_report(self) -> None:
         """RUN_DIR/report.html from the run's outputs; a report that fails costs a warning line,
-        never the run (every number is in metrics.parquet, and `python -m raysim.report` retries)."""
+        never the run (every number is in metrics.parquet, and `python -m raysim.report` retries).
+        Reports cover classification runs so far: a segmentation run says so in one line."""
+        if self.algorithm.task.name != "classification":
+            self.echo(f"report.html: not written (reports cover classification so far; metrics.parquet and predictions.parquet hold every {self.algorithm.task.name} number)")
+            return
         try:
             from raysim import report  # matplotlib loads only when a report is written
 
@@ -405,7 +409,7 @@ class Driver:
         self.evaluated_round = round_
         self.recorder.add(metric_frame, self.recorder.prediction_frames(round_, predictions, self.attributes))  # eval.predictions, eval.pseudonymize
         attribute = self.target_attribute
-        self.echo(reporting.format_table(metric_frame, round_=round_, split=show, attribute=attribute, group_names=group_names.get(attribute, {})))
+        self.echo(reporting.format_table(metric_frame, round_=round_, split=show, attribute=attribute, group_names=group_names.get(attribute, {}), task=self.algorithm.task.name))
         if self.dead:
             self.echo(f"means over {len(self.specs) - len(self.dead)} of {len(self.specs)} clients; dropped: {console.first(sorted(self.dead))}")
 
