@@ -149,6 +149,38 @@ class DataSource(ABC):
             raise DataError(f"{client_id}: no samples left in train or test after the drop rules")
         return ClientSpec(client_id, {"train": train, "val": val, "test": test}, source_info={"root": str(self.root), **source_info})
 
+    def pooled_client_specs(self, train: SampleTable, test: SampleTable, pool: str, *, unit: str = "rows", cfg: Any = None) -> list[ClientSpec]:
+        """Pooled train / test rows split into `client1`..`clientN` by `data.partition`
+        (`datasets.partition.split_pool`; `cfg`: the data config to split by, default this
+        source's). A client too small for a val share gets one random train row as val, seeded
+        by (seed, "val", client id). `pool` describes the pool in errors, `unit` its rows."""
+        import dataclasses
+
+        from raysim.datasets.partition import split_pool
+        from raysim.seeding import rng
+
+        cfg = cfg or self.cfg
+        try:
+            parts = split_pool(train.labels, len(test), cfg, self.seed)
+        except ValueError as err:
+            raise DataError(f"{self.root}: cannot split the {pool} into clients: {err}") from err
+        width = len(str(len(parts)))
+        specs = []
+        for k, (train_index, test_index) in enumerate(parts, start=1):
+            client_id = f"client{k:0{width}d}"
+            if len(train_index) < 2 or len(test_index) < 1:
+                raise DataError(
+                    f"{client_id} got {len(train_index)} train and {len(test_index)} test {unit} (of the {pool}, data.partition={cfg.partition}); "
+                    "it needs 2 train (train and val) and 1 test: raise its share (data.ratios, data.alpha) or lower data.num_clients"
+                )
+            spec = self.client_spec(client_id, train.take(train_index), test.take(test_index))
+            own = spec.splits["train"]
+            if len(spec.splits["val"]) == 0:  # too few rows for a stratified val row: one random train row instead
+                moved = int(rng(self.seed, "val", client_id).integers(len(own)))
+                spec = dataclasses.replace(spec, splits={**spec.splits, "train": own.take(np.delete(np.arange(len(own)), moved)), "val": own.take(np.array([moved]))})
+            specs.append(spec)
+        return specs
+
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the data on disk (for provenance.json)."""
         return {"name": self.name, "root": self.cfg.root}

@@ -27,7 +27,6 @@ scalar that is not one number or text, a label other than 0/1 and a modality arr
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import zipfile
@@ -42,8 +41,6 @@ import pandas as pd
 from raysim.datasets.base import ClientSpec, DataError, DataSource, EmptySplitError, SampleTable, Shard, check_relative_paths, path_problem, path_under, read_csv, register_dataset
 from raysim.datasets.imaging import NPZ_READ_ERRORS, check_npz_array_size, resize_chw
 from raysim.datasets.oph_schema import ATTRIBUTES, LABEL, LABEL_TEXT, MODALITIES, NUM_SITES, RACE_STRINGS, SITE_ATTRIBUTES, UNKNOWN, code_from_text
-from raysim.datasets.partition import split_pool
-from raysim.seeding import rng
 
 
 @register_dataset("fairfedmed_oph")
@@ -105,27 +102,7 @@ class FairFedMedOph(DataSource):
             ids, counts = np.unique(table.sample_ids, return_counts=True)
             if (counts > 1).any():
                 raise DataError(f"{self.root}: {ids[counts > 1][0]} is listed more than once in the {self.attribute} site {split} CSVs; pooling with data.partition needs each file once")
-        pool = f"pooled {len(train)} train / {len(test)} test rows of the {NUM_SITES} sites"
-        try:
-            parts = split_pool(train.labels, len(test), self.cfg, self.seed)
-        except ValueError as err:
-            raise DataError(f"{self.root}: cannot split the {pool} into clients: {err}") from err
-        width = len(str(len(parts)))
-        specs = []
-        for k, (train_index, test_index) in enumerate(parts, start=1):
-            client_id = f"client{k:0{width}d}"
-            if len(train_index) < 2 or len(test_index) < 1:
-                raise DataError(
-                    f"{client_id} got {len(train_index)} train and {len(test_index)} test rows (of the {pool}, data.partition={self.cfg.partition}); "
-                    "it needs 2 train (train and val) and 1 test: raise its share (data.ratios, data.alpha) or lower data.num_clients"
-                )
-            spec = self.client_spec(client_id, train.take(train_index), test.take(test_index))
-            own = spec.splits["train"]
-            if len(spec.splits["val"]) == 0:  # too few rows for a stratified val row: one random train row instead
-                moved = int(rng(self.seed, "val", client_id).integers(len(own)))
-                spec = dataclasses.replace(spec, splits={**spec.splits, "train": own.take(np.delete(np.arange(len(own)), moved)), "val": own.take(np.array([moved]))})
-            specs.append(spec)
-        return specs
+        return self.pooled_client_specs(train, test, f"pooled {len(train)} train / {len(test)} test rows of the {NUM_SITES} sites")
 
     # --- metadata ---------------------------------------------------------------------------
 

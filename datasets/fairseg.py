@@ -47,8 +47,6 @@ import numpy as np
 from raysim.datasets.base import ClientSpec, DataError, DataSource, EmptySplitError, SampleTable, Shard, check_relative_paths, path_under, read_csv, register_dataset
 from raysim.datasets.imaging import NPZ_READ_ERRORS, check_npz_array_size, resize_chw
 from raysim.datasets.oph_schema import ATTRIBUTES, UNKNOWN, code_from_text
-from raysim.datasets.partition import split_pool
-from raysim.seeding import rng
 
 MASK_CODES = {0: 0, -1: 1, -2: 2}  # FairSeg code -> class index (the public loader's mapping)
 MASK_CLASSES = ("background", "disc", "cup")  # class 1 is the disc rim: the disc is classes >= 1
@@ -376,24 +374,7 @@ class FairSeg(DataSource):
 
     def _pooled_specs(self, train: SampleTable, test: SampleTable) -> list[ClientSpec]:
         cfg = dataclasses.replace(self.cfg, partition=self.cfg.partition or DEFAULT_PARTITION)
-        pool = f"{len(train)} train / {len(test)} test files"
-        try:
-            parts = split_pool(train.labels, len(test), cfg, self.seed)
-        except ValueError as err:
-            raise DataError(f"{self.root}: cannot split the {pool} into clients: {err}") from err
-        width = len(str(len(parts)))
-        specs = []
-        for k, (train_index, test_index) in enumerate(parts, start=1):
-            client_id = f"client{k:0{width}d}"
-            if len(train_index) < 2 or len(test_index) < 1:
-                raise DataError(f"{client_id} got {len(train_index)} train and {len(test_index)} test files (of the {pool}, data.partition={cfg.partition}); it needs 2 train and 1 test: lower data.num_clients")
-            spec = self.client_spec(client_id, train.take(train_index), test.take(test_index))
-            own = spec.splits["train"]
-            if len(spec.splits["val"]) == 0:  # too few rows for a val share: one random train row instead (as FairFedMed-Oph pooled)
-                moved = int(rng(self.seed, "val", client_id).integers(len(own)))
-                spec = dataclasses.replace(spec, splits={**spec.splits, "train": own.take(np.delete(np.arange(len(own)), moved)), "val": own.take(np.array([moved]))})
-            specs.append(spec)
-        return specs
+        return self.pooled_client_specs(train, test, f"{len(train)} train / {len(test)} test files", unit="files", cfg=cfg)
 
     # --- pixels -------------------------------------------------------------------------------
 
