@@ -68,7 +68,10 @@ class Algorithm:
     def __init__(self, params: Any, cfg: ExperimentConfig) -> None:
         self.params = params
         self.cfg = cfg
-        self.task = tasks.task_of(cfg.model)  # classification, or segmentation for a segmentation model
+        # Classification, or segmentation for a segmentation model. A method built for its server
+        # step alone (a config without a model section, as the server-step tests do) classifies.
+        model = getattr(cfg, "model", None)
+        self.task = tasks.task_of(model) if model is not None else tasks.get("classification")
         if self.task.name not in self.tasks:
             supported = sorted(n for n in ALGORITHMS.names() if self.task.name in ALGORITHMS.get(n).tasks)
             raise ConfigError(f"algorithm {self.name} does not support the {self.task.name} task (model.name={cfg.model.name}); methods that do: {', '.join(supported)}")
