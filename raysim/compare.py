@@ -23,6 +23,15 @@ table.csv (per group: mean, std, ci_lo, ci_hi, n of each metric, in raw units: A
 MB in 10^6 bytes), per_run.csv (one row per run), clients.csv and compare.html (the
 accuracy-fairness scatter with its Pareto front, per-group AUC bars, the per-client view).
 Plain pandas and matplotlib, no Ray.
+
+Segmentation runs (`raysim.runs.Run.task`) are compared on Dice (`raysim.segmetrics`' names),
+selected by the best mean validation Dice D = (Dice disc + Dice cup) / 2: Dice disc and Dice cup
+(each with its 95 % interval), D, ES-Dice, the Dice per group (D of the group: the mean of its
+disc and cup Dice, the quantity ES-Dice scales, so one column per group), CDR error, and
+FL-MedSegBench's client fairness: the worst client's D and the population std of D over the
+run's clients (`runs.client_spread`), each pooled over seeds like any other column. compare.html
+plots Dice against ES-Dice and against the worst client's Dice (Pareto fronts), D per group and
+D per client against the baseline. A segmentation run never pools with a classification run.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ import pandas as pd
 import yaml
 
 from raysim import figures
-from raysim.runs import MEAN, Run, RunReadError, clients, is_run_dir, natural_key, read_run
+from raysim.runs import MEAN, Run, RunReadError, client_spread, clients, is_run_dir, natural_key, read_run
 
 EXIT_BAD_INPUT = 2
 DEFAULT_BY = ("algorithm",)
@@ -147,6 +156,8 @@ def check_poolable(runs: Sequence[Run], names: Sequence[str], by: Sequence[str])
     """A CompareError naming the first key whose value differs from the first run's."""
     first, first_name = runs[0], names[0]
     for run, name in zip(runs[1:], names[1:]):
+        if run.task != first.task:  # before the protocol: model.name would differ too, less clearly
+            raise CompareError(f"cannot pool runs: {first_name} is a {first.task} run but {name} is a {run.task} run (AUC and Dice do not compare: give each task's runs on their own)")
         mine, theirs = fingerprint(first), fingerprint(run)
         both = bool(mine) and bool(theirs)
         if both:
@@ -183,6 +194,8 @@ def run_row(run: Run, attribute: str) -> dict[str, Any]:
     """The run's test metrics at its selected round (NaN where absent): AUC, accuracy, ES-AUC,
     EOD, SPD and AUC per group of `attribute`, MB up per client per round, the last ε spent,
     and each client's test AUC (`client:<id>`; accuracy when the run has no AUC)."""
+    if run.task == "segmentation":
+        return segmentation_row(run, attribute)
     m = run.metrics
     try:
         selection = run.selection()
@@ -207,6 +220,43 @@ def run_row(run: Run, attribute: str) -> dict[str, Any]:
     row["epsilon"] = float(spent.iloc[-1]) if len(spent) else math.nan  # the whole run's spend
     per_client = test[(test["metric"] == selection.metric) & (test["attribute"] == "") & (test["group"] == "") & test["client"].isin(real)]
     row |= {f"client:{c}": float(v) for c, v in zip(per_client["client"], per_client["value"])}
+    return row
+
+
+def segmentation_row(run: Run, attribute: str) -> dict[str, Any]:
+    """`run_row` of a segmentation run: test Dice disc / cup, D (`dice`), CDR error, ES-Dice,
+    the Dice gap and D per group of `attribute` (`dice:<group>`), the worst client's D and the
+    std of D over clients, MB up, ε, and each client's test D (`client:<id>`)."""
+    m = run.metrics
+    try:
+        selection = run.selection()
+    except RunReadError as err:
+        raise RunReadError(f"{run.path}: {err}") from None
+    test = m[(m["round"] == selection.round) & (m["split"] == "test")]
+    mean = test[test["client"] == MEAN]
+
+    def at(metric: str, attr: str = "", group: str = "") -> float:
+        hit = mean[(mean["metric"] == metric) & (mean["attribute"] == attr) & (mean["group"] == group)]["value"]
+        return float(hit.iloc[0]) if len(hit) else math.nan
+
+    row: dict[str, Any] = {"seed": run.seed, "round": selection.round, "selected_by": selection.metric}
+    row |= {"dice_disc": at("dice_disc"), "dice_cup": at("dice_cup")}
+    row |= {"dice": (row["dice_disc"] + row["dice_cup"]) / 2, "cdr_error": at("cdr_error")}
+    if attribute:
+        row |= {"es_dice": at("es_dice", attribute), "dice_gap": at("dice_gap", attribute)}
+        groups = mean[(mean["attribute"] == attribute) & (mean["group"] != "") & mean["metric"].isin(["dice_disc", "dice_cup"])]
+        per_group = groups.pivot_table(index="group", columns="metric", values="value", aggfunc="first", sort=False)
+        row |= {f"dice:{g}": float((v["dice_disc"] + v["dice_cup"]) / 2) for g, v in per_group.iterrows()}
+    real = clients(m)
+    own = test[(test["attribute"] == "") & (test["group"] == "") & test["client"].isin(real) & test["metric"].isin(["dice_disc", "dice_cup"])]
+    per_client = own.pivot_table(index="client", columns="metric", values="value", aggfunc="first").reindex(columns=["dice_disc", "dice_cup"]).mean(axis=1, skipna=False)
+    spread = client_spread(per_client)
+    row |= {"worst_dice": spread.min, "worst_client": spread.worst, "client_std": spread.std}
+    traffic = m[(m["split"] == "train") & (m["metric"] == "bytes_up") & m["client"].isin(real)]
+    row["mb_up"] = float(traffic.groupby("round")["value"].mean().mean()) / 1e6 if len(traffic) else math.nan
+    spent = m[(m["client"] == "server") & (m["metric"] == "epsilon")].sort_values("round")["value"]
+    row["epsilon"] = float(spent.iloc[-1]) if len(spent) else math.nan
+    row |= {f"client:{c}": float(v) for c, v in per_client.reindex(sorted(per_client.index, key=natural_key)).items()}
     return row
 
 
@@ -304,6 +354,17 @@ class Comparison:
     clients: list[str]
     per_run: pd.DataFrame  # label columns (one per --by key) + "label", run, path, seed, round, metrics, client:<id>
     baseline: str
+    task: str = "classification"  # every run's `Run.task` (never mixed)
+
+    @property
+    def group_prefix(self) -> str:
+        """The per-group columns of `per_run`: `auc:<group>`, or `dice:<group>` (D of the group)."""
+        return "dice" if self.task == "segmentation" else "auc"
+
+    @property
+    def score(self) -> str:
+        """The per-client metric and what the plots call it."""
+        return "test Dice" if self.task == "segmentation" else "test AUC"
 
     @property
     def title(self) -> str:
@@ -315,12 +376,19 @@ class Comparison:
         return list(dict.fromkeys(self.per_run["label"]))
 
     def metric_keys(self) -> list[str]:
+        if self.task == "segmentation":
+            fair = ["es_dice", *(f"dice:{g}" for g in self.groups), "dice_gap"] if self.attribute else []
+            return ["dice_disc", "dice_cup", "dice", *fair, "cdr_error", "worst_dice", "client_std", "mb_up", "epsilon", "round"]
         fair = ["es_auc", *(f"auc:{g}" for g in self.groups), "eod", "spd"] if self.attribute else []
         return ["auc", "acc", *fair, "mb_up", "epsilon", "round"]
 
     def columns(self, *, ci: bool = True) -> list[Column]:
         """The table's columns: AUC (and its CI), ES-AUC (and its CI), AUC per group, EOD, SPD
-        with a target attribute, accuracy without; MB up; the selected rounds; ε when spent."""
+        with a target attribute, accuracy without; MB up; the selected rounds; ε when spent.
+        Segmentation: Dice disc and Dice cup (each with its CI), D, ES-Dice and D per group with a
+        target attribute, CDR error, the worst client's D and the std over clients, then as above."""
+        if self.task == "segmentation":
+            return self._segmentation_columns(ci=ci)
         cols = [Column("auc", "AUC", pct_cell, True)] + ([Column("auc", "AUC 95 % CI", ci_cell)] if ci else [])
         if self.attribute:
             cols += [Column("es_auc", "ES-AUC", pct_cell, True)] + ([Column("es_auc", "ES-AUC 95 % CI", ci_cell)] if ci else [])
@@ -333,13 +401,39 @@ class Comparison:
             cols.append(Column("epsilon", "ε spent", max_cell))
         return cols
 
+    def _segmentation_columns(self, *, ci: bool) -> list[Column]:
+        cols: list[Column] = []
+        for part in ("disc", "cup"):
+            cols += [Column(f"dice_{part}", f"Dice {part}", pct_cell, True)] + ([Column(f"dice_{part}", f"Dice {part} 95 % CI", ci_cell)] if ci else [])
+        cols.append(Column("dice", "Dice", pct_cell, True))
+        if self.attribute:
+            cols += [Column("es_dice", "ES-Dice", pct_cell, True)] + [Column(f"dice:{g}", f"Dice {g}", pct_cell, True) for g in self.groups]
+        cols += [Column("cdr_error", "CDR error", pct_cell, True), Column("worst_dice", "worst client Dice", pct_cell, True), Column("client_std", "client std", pct_cell, True)]
+        cols += [Column("mb_up", "MB up / client / round", mean_cell(3)), Column("round", "round", rounds_cell)]
+        if self.per_run["epsilon"].notna().any():
+            cols.append(Column("epsilon", "ε spent", max_cell))
+        return cols
+
     def footnote(self) -> str:
+        if self.task == "segmentation":
+            return self._segmentation_footnote()
         target = f" Target attribute {self.attribute}; EOD and SPD: lower is fairer." if self.attribute else ""
         spent = " ε spent: the last round's, the largest over seeds." if self.per_run["epsilon"].notna().any() else ""
         return (
             "Test metrics ×100 at each run's selected round (the best mean validation AUC, the earliest on a tie; `round` lists it per seed); "
             "mean ± sample std (ddof = 1) over the n seeds; 95 % CI: Student-t interval of the mean (n − 1 degrees of freedom)."
             f"{target} MB up: 10^6 bytes sent per client per round, mean over clients and rounds.{spent}"
+        )
+
+    def _segmentation_footnote(self) -> str:
+        target = f" ES-Dice: Dice equity-scaled over the {self.attribute} groups; Dice <group>: the group's Dice (the mean of its disc and cup Dice)." if self.attribute else ""
+        spent = " ε spent: the last round's, the largest over seeds." if self.per_run["epsilon"].notna().any() else ""
+        return (
+            "Test metrics ×100 at each run's selected round (the best mean validation Dice, the earliest on a tie; `round` lists it per seed); "
+            "mean ± sample std (ddof = 1) over the n seeds; 95 % CI: Student-t interval of the mean (n − 1 degrees of freedom). "
+            f"Dice: the mean of the disc and cup Dice.{target} CDR error: |vertical cup-to-disc ratio predicted − true|, lower is better. "
+            "Worst client Dice: the lowest client Dice in the run; client std: the population std of the clients' Dice (FL-MedSegBench's client fairness; lower is more even). "
+            f"MB up: 10^6 bytes sent per client per round, mean over clients and rounds.{spent}"
         )
 
     def markdown(self) -> str:
@@ -365,7 +459,7 @@ class Comparison:
         return self.per_run.groupby("label", sort=False)[key].std(ddof=1)
 
     def client_table(self) -> pd.DataFrame:
-        """Test AUC per client (columns) and group (rows), mean over seeds."""
+        """Test AUC (segmentation: D) per client (columns) and group (rows), mean over seeds."""
         cols = [f"client:{c}" for c in self.clients]
         table = self.per_run.groupby("label", sort=False)[cols].mean()
         table.columns = self.clients
@@ -412,12 +506,12 @@ def compare(paths: Iterable[Path | str], by: Sequence[str] = DEFAULT_BY, baselin
     runs = [read_run(d) for d in dirs]
     labels = [{k: label(run, k, name) for k in by} for run, name in zip(runs, names)]
     check_poolable(runs, names, by)
-    attribute = runs[0].attribute
+    attribute, task = runs[0].attribute, runs[0].task
     rows = []
     for run, name, keys in zip(runs, names, labels):
         rows.append(keys | {"label": ", ".join(keys.values()), "run": name, "path": str(run.path)} | run_row(run, attribute))
     per_run = pd.DataFrame(rows)
-    for key in ("es_auc", "eod", "spd", "epsilon"):
+    for key in ("es_dice", "dice_gap", "epsilon") if task == "segmentation" else ("es_auc", "eod", "spd", "epsilon"):
         if key not in per_run:
             per_run[key] = math.nan
     duplicate = per_run[per_run.duplicated(["label", "seed"], keep=False)]
@@ -430,11 +524,12 @@ def compare(paths: Iterable[Path | str], by: Sequence[str] = DEFAULT_BY, baselin
     base = baseline or ("fedavg" if "fedavg" in order else order[0])
     rank = {name: i for i, name in enumerate([base, *(o for o in order if o != base)])}
     per_run = per_run.sort_values(["label", "seed"], key=lambda c: c.map(rank) if c.name == "label" else c, kind="stable", ignore_index=True)
-    groups = list(dict.fromkeys(c[len("auc:") :] for c in per_run.columns if c.startswith("auc:")))
+    prefix = "dice:" if task == "segmentation" else "auc:"
+    groups = list(dict.fromkeys(c[len(prefix) :] for c in per_run.columns if c.startswith(prefix)))
     client_ids = sorted({c[len("client:") :] for c in per_run.columns if c.startswith("client:")}, key=natural_key)
-    fixed = [c for c in per_run.columns if not c.startswith(("auc:", "client:"))]
-    per_run = per_run[fixed + [f"auc:{g}" for g in groups] + [f"client:{c}" for c in client_ids]]
-    return Comparison(by=by, attribute=attribute, groups=groups, clients=client_ids, per_run=per_run, baseline=base)
+    fixed = [c for c in per_run.columns if not c.startswith((prefix, "client:"))]
+    per_run = per_run[fixed + [f"{prefix}{g}" for g in groups] + [f"client:{c}" for c in client_ids]]
+    return Comparison(by=by, attribute=attribute, groups=groups, clients=client_ids, per_run=per_run, baseline=base, task=task)
 
 
 # --- CLI ------------------------------------------------------------------------------------

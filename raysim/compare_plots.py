@@ -5,6 +5,9 @@ accuracy-fairness trade-off (test AUC against ES-AUC and against EOD, error bars
 over seeds, the Pareto front dashed); test AUC per group of the target attribute per method; and
 the per-client view: each client's test AUC per method and its difference to the baseline, so
 which hospital a method helps or hurts shows (distributions above `compare.MANY_CLIENTS`).
+Segmentation comparisons (`Comparison.task`) plot Dice (D, the mean of the disc and cup Dice)
+in AUC's place: D against ES-Dice and against the worst client's D (FL-MedSegBench's client
+fairness), D per group and D per client against the baseline.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ def page(comp: Comparison) -> str:
     n_runs = len(comp.per_run)
     subtitle = f"{n_runs} run(s) in {len(comp.labels)} group(s) by {', '.join(comp.by)}; baseline {comp.baseline}" + (f"; target attribute {comp.attribute}" if comp.attribute else "")
     sections = [table_section(comp)]
-    if comp.attribute:
+    if comp.task == "segmentation":
+        sections.append(segmentation_tradeoff_section(comp))
+    elif comp.attribute:
         sections.append(tradeoff_section(comp))
     if comp.groups:
         sections.append(groups_section(comp))
@@ -59,20 +64,10 @@ def _errors(values: pd.Series) -> np.ndarray:
 
 
 def tradeoff_section(comp: Comparison) -> figures.Section:
-    from raysim.compare import pareto_front
-
-    auc, auc_std = 100 * comp.means("auc"), 100 * comp.stds("auc")
     fig, axes = figures.new_figure(11.0, 4.4, ncols=2)
     fronts = []
     for ax, key, name, higher in ((axes[0], "es_auc", "ES-AUC", True), (axes[1], "eod", "EOD", False)):
-        y, y_std = 100 * comp.means(key), 100 * comp.stds(key)
-        for i, label in enumerate(comp.labels):
-            ax.errorbar(auc[label], y[label], xerr=_errors(auc_std[[label]]), yerr=_errors(y_std[[label]]), fmt=figures.marker(i), color=figures.color(i), markersize=7, capsize=3, label=label)
-        front = pareto_front(pd.DataFrame({"x": auc, "y": y}), "x", "y", higher_y=higher)
-        fronts.append(f"{name}: {', '.join(front) or 'none'}")
-        if front:
-            xs = auc[front].sort_values()
-            ax.plot(xs.to_numpy(), y[xs.index].to_numpy(), linestyle="--", color="black", linewidth=1, zorder=0, label="Pareto front")
+        fronts.append(_tradeoff_panel(ax, comp, "auc", key, name, higher))
         ax.set_xlabel("test AUC (×100, higher is better)")
         ax.set_ylabel(f"test {name} of {comp.attribute} (×100, {'higher' if higher else 'lower'} is better)")
     figures.legend_outside(axes[1], title=comp.title)
@@ -81,18 +76,54 @@ def tradeoff_section(comp: Comparison) -> figures.Section:
     return section.text("Pareto front (no other group is better on both axes): " + "; ".join(fronts) + ".")
 
 
+def _tradeoff_panel(ax: Any, comp: Comparison, x_key: str, key: str, name: str, higher: bool) -> str:
+    """One scatter of group means (error bars one sample std) with its Pareto front dashed; the front in words."""
+    from raysim.compare import pareto_front
+
+    x, x_std = 100 * comp.means(x_key), 100 * comp.stds(x_key)
+    y, y_std = 100 * comp.means(key), 100 * comp.stds(key)
+    for i, label in enumerate(comp.labels):
+        ax.errorbar(x[label], y[label], xerr=_errors(x_std[[label]]), yerr=_errors(y_std[[label]]), fmt=figures.marker(i), color=figures.color(i), markersize=7, capsize=3, label=label)
+    front = pareto_front(pd.DataFrame({"x": x, "y": y}), "x", "y", higher_y=higher)
+    if front:
+        xs = x[front].sort_values()
+        ax.plot(xs.to_numpy(), y[xs.index].to_numpy(), linestyle="--", color="black", linewidth=1, zorder=0, label="Pareto front")
+    return f"{name}: {', '.join(front) or 'none'}"
+
+
+def segmentation_tradeoff_section(comp: Comparison) -> figures.Section:
+    """Dice (D) against ES-Dice (with a target attribute) and against the worst client's Dice."""
+    panels = [("es_dice", "ES-Dice", f"test ES-Dice of {comp.attribute}")] if comp.attribute else []
+    panels.append(("worst_dice", "worst client Dice", "test Dice of the worst client"))
+    fig, axes = figures.new_figure(5.5 * len(panels) + 1.6, 4.4, ncols=len(panels))
+    axes = list(np.atleast_1d(axes))
+    fronts = []
+    for ax, (key, name, ylabel) in zip(axes, panels):
+        fronts.append(_tradeoff_panel(ax, comp, "dice", key, name, True))
+        ax.set_xlabel("test Dice, mean of disc and cup (×100, higher is better)")
+        ax.set_ylabel(f"{ylabel} (×100, higher is better)")
+    figures.legend_outside(axes[-1], title=comp.title)
+    section = figures.Section("Accuracy–fairness trade-off", anchor="tradeoff")
+    which = " and ".join(f"against {name}" for _, name, _ in panels)
+    alt = f"Test Dice {which} ({'left to right' if len(panels) > 1 else 'one panel'}), mean over seeds, error bars one sample std; dashed: the Pareto front ({'; '.join(fronts)})"
+    section.add(figures.embed(fig, "pareto", alt))
+    return section.text("Pareto front (no other group is better on both axes): " + "; ".join(fronts) + ".")
+
+
 def groups_section(comp: Comparison) -> figures.Section:
-    keys = [f"auc:{g}" for g in comp.groups]
+    keys = [f"{comp.group_prefix}:{g}" for g in comp.groups]
     means = comp.per_run.groupby("label", sort=False)[keys].mean()
     stds = comp.per_run.groupby("label", sort=False)[keys].std(ddof=1)
     fig, ax = figures.new_figure(max(6.4, 1.0 + 0.5 * len(comp.groups) * len(comp.labels)), 3.8)
     figures.grouped_bars(ax, comp.groups, {label: (means.loc[label].to_numpy(), stds.loc[label].to_numpy()) for label in comp.labels}, scale=100)
     _zoom(ax, list(100 * means.min(axis=0)))
     ax.set_xlabel(f"{comp.attribute} group")
-    ax.set_ylabel("test AUC (×100)")
+    seg = comp.task == "segmentation"
+    ax.set_ylabel("test Dice (×100)" if seg else "test AUC (×100)")
     figures.legend_outside(ax, title=comp.title)
-    alt = f"Test AUC per {comp.attribute} group and method at the selected round, mean over seeds, error bars one sample std"
-    return figures.Section(f"AUC per {comp.attribute} group", anchor="groups").add(figures.embed(fig, "group_auc", alt))
+    what = "Dice (the mean of the group's disc and cup Dice)" if seg else "AUC"
+    alt = f"Test {what} per {comp.attribute} group and method at the selected round, mean over seeds, error bars one sample std"
+    return figures.Section(f"{'Dice' if seg else 'AUC'} per {comp.attribute} group", anchor="groups").add(figures.embed(fig, "group_dice" if seg else "group_auc", alt))
 
 
 def _zoom(ax: Any, lows: list[float]) -> None:
@@ -116,9 +147,10 @@ def clients_section(comp: Comparison) -> figures.Section:
         _zoom(ax, list(100 * table.min(axis=0)))
         ax.set_xlabel("client")
         figures.legend_outside(ax, title=comp.title)
-    ax.set_ylabel("test AUC (×100)")
+    score, plot = comp.score, "client_dice" if comp.task == "segmentation" else "client_auc"
+    ax.set_ylabel(f"{score} (×100)")
     shape = "distribution over clients" if many else "error bars one sample std over seeds"
-    section.add(figures.embed(fig, "client_auc", f"Test AUC per client at each run's selected round, mean over seeds ({shape})"))
+    section.add(figures.embed(fig, plot, f"{score[0].upper()}{score[1:]} per client at each run's selected round, mean over seeds ({shape})"))
     if len(deltas):
         fig, ax = figures.new_figure(max(6.4, 1.0 + 0.35 * len(comp.clients) * len(deltas)) if not many else 7.0, 3.8)
         if many:
@@ -130,14 +162,14 @@ def clients_section(comp: Comparison) -> figures.Section:
             ax.set_xlabel("client")
             figures.legend_outside(ax, title=comp.title)
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_ylabel(f"test AUC − {comp.baseline}'s (×100)")
+        ax.set_ylabel(f"{score} − {comp.baseline}'s (×100)")
         section.add(
             figures.embed(fig, "client_delta", f"Difference to {comp.baseline} per client (mean over seeds minus {comp.baseline}'s mean): above 0 the method helps that client, below it hurts")
         )
     shown = table.T.describe().T[["min", "50%", "max"]].rename(columns={"50%": "median"}) if many else table
     cells = (100 * shown).round(1).astype(str)
     cells.insert(len(cells.columns), "worst client", table.idxmin(axis=1).astype(str) + " (" + (100 * table.min(axis=1)).round(1).astype(str) + ")")
-    return section.add(figures.table(cells.reset_index(names=comp.title), "clients", "test AUC per client ×100, mean over seeds"))
+    return section.add(figures.table(cells.reset_index(names=comp.title), "clients", f"{score} per client ×100, mean over seeds"))
 
 
 def _boxes(ax: Any, data: list[np.ndarray], labels: list[str], styles: Iterable[int]) -> None:

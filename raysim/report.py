@@ -10,6 +10,14 @@ role means of role runs (FedHelp), ε per round of DP runs, and the clients a ru
 plot, the worst clients named), so a 1,000-client report stays one page and a few seconds.
 Every number in a table is the metrics.parquet value x100 with one decimal (`figures.percent`),
 except MB, loss and ε. Plain pandas and matplotlib, no Ray.
+
+A segmentation run (`raysim.runs.Run.task`: Dice rows, no AUC) gets the same page with Dice in
+AUC's place (`raysim.segmetrics`' names): mean and per-client Dice of the optic disc and cup and
+ES-Dice per round; at the reported round each client's Dice with its bootstrap interval, IoU,
+hd95 (a percentage of the image diagonal) and CDR error; FL-MedSegBench's client-fairness view
+(the worst client by mean Dice D = (disc + cup) / 2, and min / median / max / std over clients,
+computed here from the client rows, never stored); per-group Dice with intervals, ES-Dice and
+the group gaps; traffic, loss, roles, ε and missing clients as for classification.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import pandas as pd
 
 from raysim import figures
 from raysim.figures import Section, percent
-from raysim.runs import MEAN, Run, RunReadError, Selection, clients, read_run, select_round
+from raysim.runs import MEAN, Run, RunReadError, Selection, client_spread, clients, mean_dice, read_run, select_round
 
 MANY = 50  # above this many clients: distributions instead of one line / bar per client
 NAMED = 8  # up to this many clients each gets a colour and a legend entry; more are thin grey lines
@@ -50,6 +58,7 @@ class _View:
     selection: Selection | None
     at: int | None  # the round the tables report (the selected one; else the last evaluated)
     note: str  # why `at` is what it is
+    task: str = "classification"  # `Run.task`: which sections the page gets
 
     @property
     def many(self) -> bool:
@@ -86,7 +95,10 @@ def _view(run: Run) -> _View:
         evaluated = sorted(plain.loc[plain["split"].isin(list(SPLITS)), "round"].unique())
         at = int(evaluated[-1]) if evaluated else None
         note = f"no round selected: {err}; " + (f"the tables show the last evaluated round, {at}" if at else "the run has no evaluation rows yet")
-    return _View(run, overall, fair, target[target["group"] != ""], clients(m), dict(zip(named["client"], named["role"])), attribute, selection, at, note)
+    task = run.task
+    if task == "segmentation" and {"dice_disc", "dice_cup"} <= set(overall.columns):
+        overall["dice"] = mean_dice(overall)  # D, the selection metric: a column like the stored ones
+    return _View(run, overall, fair, target[target["group"] != ""], clients(m), dict(zip(named["client"], named["role"])), attribute, selection, at, note, task)
 
 
 # --- figures ------------------------------------------------------------------------------
@@ -132,13 +144,13 @@ def _over_rounds(view: _View, metric: str, title: str, ylabel: str, *, fair: boo
     return figures.embed(fig, metric if not fair else f"{metric}_{view.attribute}", f"{title} per round: {who} and the mean over clients")
 
 
-def _group_figure(view: _View, split: str = "test") -> str:
+def _group_figure(view: _View, split: str = "test", metric: str = "auc", what: str = "AUC", name: str = "group_auc") -> str:
     rows = view.groups[(view.groups["round"] == view.at) & (view.groups["split"] == split)]
     if rows.empty:
         return ""
     table = rows.pivot_table(index=["client", "group"], columns="metric", values="value", aggfunc="first", sort=False)
     names = list(dict.fromkeys(rows["group"]))
-    auc = table["auc"].unstack("group").reindex(columns=names) * 100
+    auc = table[metric].unstack("group").reindex(columns=names) * 100
     if view.many:
         fig, ax = figures.new_figure(width=7.5, height=3.8)
         per_client = auc[auc.index.isin(view.clients)]
@@ -149,12 +161,12 @@ def _group_figure(view: _View, split: str = "test") -> str:
         if MEAN in auc.index:
             ax.plot(range(1, len(names) + 1), auc.loc[MEAN, names], "kD", ms=6, label="mean over clients")
         ax.set_xlabel(f"{view.attribute} group")
-        ax.set_ylabel(f"{SPLITS[split]} AUC (x100)")
+        ax.set_ylabel(f"{SPLITS[split]} {what} (x100)")
         figures.legend_outside(ax)
-        return figures.embed(fig, "group_auc", f"Per-group {split} AUC at round {view.at} ({view.attribute}): the distribution over {len(view.clients)} clients (box: quartiles; whiskers: 1.5 IQR)")
+        return figures.embed(fig, name, f"Per-group {split} {what} at round {view.at} ({view.attribute}): the distribution over {len(view.clients)} clients (box: quartiles; whiskers: 1.5 IQR)")
     order = [c for c in view.clients if c in auc.index] + ([MEAN] if MEAN in auc.index else [])
-    lo = table["auc_lo"].unstack("group").reindex(index=order, columns=names) * 100 if "auc_lo" in table else None
-    hi = table["auc_hi"].unstack("group").reindex(index=order, columns=names) * 100 if "auc_hi" in table else None
+    lo = table[f"{metric}_lo"].unstack("group").reindex(index=order, columns=names) * 100 if f"{metric}_lo" in table else None
+    hi = table[f"{metric}_hi"].unstack("group").reindex(index=order, columns=names) * 100 if f"{metric}_hi" in table else None
     fig, ax, along = _per_client_axes(order, len(names))
     step = 0.8 / max(len(names), 1)
     for i, group in enumerate(names):
@@ -166,10 +178,10 @@ def _group_figure(view: _View, split: str = "test") -> str:
         pos = along - 0.4 + step * (i + 0.5)
         style = {"fmt": figures.marker(i), "color": figures.color(i), "ms": 6, "capsize": 3, "lw": 1.2, "label": group}
         ax.errorbar(*((y, pos) if _horizontal(order) else (pos, y)), **({"xerr": err} if _horizontal(order) else {"yerr": err}), **style)
-    (ax.set_xlabel if _horizontal(order) else ax.set_ylabel)(f"{SPLITS[split]} AUC (x100)")
+    (ax.set_xlabel if _horizontal(order) else ax.set_ylabel)(f"{SPLITS[split]} {what} (x100)")
     figures.legend_outside(ax, title=view.attribute)
     has = lo is not None and bool(lo.notna().any().any())
-    return figures.embed(fig, "group_auc", f"Per-group {split} AUC at round {view.at} ({view.attribute}) per client" + (", bar: the client's bootstrap interval" if has else ""))
+    return figures.embed(fig, name, f"Per-group {split} {what} at round {view.at} ({view.attribute}) per client" + (", bar: the client's bootstrap interval" if has else ""))
 
 
 def _horizontal(order: Sequence[str]) -> bool:
@@ -220,20 +232,20 @@ def _gap_figure(view: _View, split: str = "test") -> str:
     return figures.embed(fig, "eod_spd", f"EOD and SPD ({view.attribute}, {split} split) at round {view.at}, per client and the mean")
 
 
-def _spread_figure(view: _View) -> str:
-    """> MANY clients: the histogram of per-client AUC at the reported round (val and test)."""
+def _spread_figure(view: _View, metric: str = "auc", what: str = "AUC", name: str = "auc_spread") -> str:
+    """> MANY clients: the histogram of per-client AUC (`metric`) at the reported round (val and test)."""
     fig, ax = figures.new_figure(width=6.8, height=3.4)
-    samples = {split: view.cell(split, "auc").reindex(view.clients).dropna() * 100 for split in ("val", "test")}
+    samples = {split: view.cell(split, metric).reindex(view.clients).dropna() * 100 for split in ("val", "test")}
     pooled = pd.concat(list(samples.values()))
     bins = np.histogram_bin_edges(pooled, bins=30) if len(pooled) else 30  # one set of bins: the splits compare bar by bar
     for i, (split, values) in enumerate(samples.items()):
         if len(values):  # validation filled, test as a thick outline: both stay visible where they overlap
             style = {"alpha": 0.5} if i == 0 else {"histtype": "step", "lw": 2.2}
             ax.hist(values, bins=bins, color=figures.color(3 * i), label=f"{SPLITS[split]} ({len(values)} clients)", **style)
-    ax.set_xlabel(f"AUC at round {view.at} (x100)")
+    ax.set_xlabel(f"{what} at round {view.at} (x100)")
     ax.set_ylabel("clients")
     figures.legend_outside(ax)
-    return figures.embed(fig, "auc_spread", f"Per-client AUC at round {view.at}: the distribution over {len(view.clients)} clients")
+    return figures.embed(fig, name, f"Per-client {what} at round {view.at}: the distribution over {len(view.clients)} clients")
 
 
 def _traffic_figure(traffic: pd.DataFrame) -> str:
@@ -424,7 +436,10 @@ def _training_section(view: _View) -> Section:
     return section
 
 
-def _roles_section(view: _View) -> Section | None:
+ROLE_ROWS = (("val AUC", "val", "auc"), ("test AUC", "test", "auc"), ("test acc", "test", "acc"))
+
+
+def _roles_section(view: _View, metric: str = "auc", what: str = "AUC", rows_of: Sequence[tuple[str, str, str]] = ROLE_ROWS) -> Section | None:
     names = sorted(c for c in view.overall.index.get_level_values("client").unique() if c.startswith(f"{MEAN}:"))
     if not names:
         return None
@@ -432,15 +447,12 @@ def _roles_section(view: _View) -> Section | None:
         "Means over the clients of each role: " + ", ".join(f"{r} ({sum(1 for v in view.roles.values() if v == r)} clients)" for r in sorted(set(view.roles.values())))
     )
     for split in SPLITS:
-        table = view.curve(split, "auc")
+        table = view.curve(split, metric)
         if not table.empty:
             frame = table[[c for c in [*names, MEAN] if c in table.columns]]
-            section.add(_line_figure(frame, f"roles_{split}", f"{SPLITS[split]} AUC per round: the mean over each role's clients", f"{SPLITS[split]} AUC (x100)", 100.0, view.at))
+            section.add(_line_figure(frame, f"roles_{split}", f"{SPLITS[split]} {what} per round: the mean over each role's clients", f"{SPLITS[split]} {what} (x100)", 100.0, view.at))
     if view.at is not None:
-        rows = {
-            label: {c: percent(view.cell(split, metric).get(c, np.nan)) for c in [*names, MEAN]}
-            for label, split, metric in (("val AUC", "val", "auc"), ("test AUC", "test", "auc"), ("test acc", "test", "acc"))
-        }
+        rows = {label: {c: percent(view.cell(split, key).get(c, np.nan)) for c in [*names, MEAN]} for label, split, key in rows_of}
         section.add(figures.table(pd.DataFrame(rows).reset_index(names="mean of"), "roles", f"role means at round {view.at} (x100)"))
     return section
 
@@ -477,14 +489,243 @@ def _missing_section(view: _View) -> Section:
     return section
 
 
+# --- segmentation sections ------------------------------------------------------------------
+# Segmentation runs (`Run.task`): Dice of the optic disc and cup instead of AUC (raysim.segmetrics'
+# names and conventions); "dice" is D, the mean of the disc and cup Dice (the selection metric).
+
+SEG_NAMES = {
+    "dice": "Dice",
+    "dice_disc": "Dice disc",
+    "dice_cup": "Dice cup",
+    "iou_disc": "IoU disc",
+    "iou_cup": "IoU cup",
+    "hd95_disc": "hd95 disc (% of diagonal)",
+    "hd95_cup": "hd95 cup (% of diagonal)",
+    "cdr_error": "CDR error",
+    "es_dice": "ES-Dice",
+    "es_dice_disc": "ES-Dice disc",
+    "es_dice_cup": "ES-Dice cup",
+    "dice_gap": "Dice gap",
+    "dice_disc_gap": "Dice gap disc",
+    "dice_cup_gap": "Dice gap cup",
+}
+GEOMETRY = ("iou_disc", "iou_cup", "hd95_disc", "hd95_cup", "cdr_error")
+SEG_ROLE_ROWS = (("val Dice", "val", "dice"), ("test Dice", "test", "dice"), ("test Dice disc", "test", "dice_disc"), ("test Dice cup", "test", "dice_cup"))
+SEG_NOTE = (
+    "Dice is the mean of the disc and cup Dice (raysim.segmetrics' D); ES-Dice is equity-scaled D over the groups of the target attribute; "
+    "hd95 is the 95th percentile Hausdorff distance as a percentage of the image diagonal (lower is better); "
+    "CDR error is |vertical cup-to-disc ratio predicted - true| (x100, lower is better)."
+)
+
+
+def _seg_selection_section(view: _View) -> Section:
+    section = Section("Model selection", anchor="selection").text(view.note)
+    if view.selection is not None:
+        section.text("Selection uses the validation split only, so the test values below stay an unbiased estimate.")
+    if view.at is None:
+        return section
+    metrics = [(SEG_NAMES[m], m, False) for m in ("dice", "dice_disc", "dice_cup")]
+    if view.attribute:
+        metrics += [(f"{SEG_NAMES[m]} ({view.attribute})", m, True) for m in ("es_dice", "es_dice_disc", "es_dice_cup", "dice_gap")]
+    metrics += [(SEG_NAMES[m], m, False) for m in GEOMETRY]
+    rows = [(label, *(percent(view.cell(s, metric, fair).get(MEAN, np.nan)) for s in SPLITS)) for label, metric, fair in metrics]
+    frame = pd.DataFrame(rows, columns=["mean over clients (x100)", *SPLITS.values()])
+    section.add(figures.table(frame, "selected", f"at round {view.at}"))
+    return section.text(SEG_NOTE)
+
+
+def _seg_performance_section(view: _View) -> Section:
+    section = Section("Dice and ES-Dice per round", anchor="rounds")
+    section.add(_over_rounds(view, "dice_disc", "Dice of the optic disc", "Dice disc (x100)"))
+    section.add(_over_rounds(view, "dice_cup", "Dice of the optic cup", "Dice cup (x100)"))
+    if view.attribute:
+        section.add(_over_rounds(view, "es_dice", f"ES-Dice ({view.attribute})", f"ES-Dice {view.attribute} (x100)", fair=True))
+    else:
+        section.text("No ES-Dice: the source has no sensitive attributes.")
+    columns: dict[str, pd.Series] = {}
+    for split, name in SPLITS.items():
+        for metric, fair in (("dice", False), ("dice_disc", False), ("dice_cup", False), ("es_dice", True), ("cdr_error", False)):
+            table = view.curve(split, metric, fair)
+            if MEAN in table.columns:
+                columns[f"{name} {SEG_NAMES[metric]}"] = table[MEAN]
+    if columns:
+        frame = pd.DataFrame(columns).sort_index()
+        out = frame.apply(lambda c: c.map(percent)).reset_index(names="round")
+        section.add(figures.table(out, "per_round", "mean over clients per evaluated round (x100)"))
+    return section
+
+
+def _seg_client_columns(view: _View) -> list[tuple[str, str, str, bool]]:
+    columns = [("val Dice", "val", "dice", False), ("test Dice", "test", "dice", False)]
+    for part in ("disc", "cup"):
+        columns += [(f"test Dice {part}", "test", f"dice_{part}", False), (f"{part} low", "test", f"dice_{part}_lo", False), (f"{part} high", "test", f"dice_{part}_hi", False)]
+    if view.attribute:
+        columns += [(f"test ES-Dice ({view.attribute})", "test", "es_dice", True), ("test Dice gap", "test", "dice_gap", True)]
+    return columns
+
+
+def _client_dice_figure(view: _View, split: str = "test") -> str:
+    """Dice disc and cup per client with the client's bootstrap interval (<= MANY clients)."""
+    order = [*view.clients, MEAN]
+    fig, ax, along = _per_client_axes(order, 2)
+    horizontal = _horizontal(order)
+    for i, part in enumerate(("disc", "cup")):
+        y = view.cell(split, f"dice_{part}").reindex(order).to_numpy(dtype=float) * 100
+        lo = view.cell(split, f"dice_{part}_lo").reindex(order).to_numpy(dtype=float) * 100
+        hi = view.cell(split, f"dice_{part}_hi").reindex(order).to_numpy(dtype=float) * 100
+        err = np.nan_to_num(np.vstack([np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)]))
+        pos = along - 0.2 + 0.4 * i
+        style = {"fmt": figures.marker(i), "color": figures.color(i), "ms": 6, "capsize": 3, "lw": 1.2, "label": part}
+        ax.errorbar(*((y, pos) if horizontal else (pos, y)), **({"xerr": err} if horizontal else {"yerr": err}), **style)
+    (ax.set_xlabel if horizontal else ax.set_ylabel)(f"{SPLITS[split]} Dice (x100)")
+    figures.legend_outside(ax, title="structure")
+    return figures.embed(fig, "client_dice", f"Dice of the optic disc and cup per client at round {view.at} ({split} split), bar: the client's bootstrap interval (none for the mean)")
+
+
+def _seg_clients_section(view: _View) -> Section:
+    section = Section("Clients at the reported round", anchor="clients")
+    if view.at is None:
+        return section.text("No evaluated round yet.")
+    values = pd.DataFrame({label: view.cell(split, metric, fair) for label, split, metric, fair in _seg_client_columns(view)})
+    geometry = pd.DataFrame({f"test {SEG_NAMES[m]}": view.cell("test", m) for m in GEOMETRY})
+    per_client, shape = values.reindex(view.clients), geometry.reindex(view.clients)
+    if view.many:
+        section.add(_spread_figure(view, "dice", "Dice", "dice_spread"))
+        worst = per_client.dropna(subset=["test Dice"]).sort_values(["test Dice"], kind="stable").head(WORST)
+        section.add(figures.table(_cells(worst, view), "worst_clients", f"the {len(worst)} clients with the lowest test Dice at round {view.at} (x100)"))
+        both = pd.concat([per_client.drop(columns=[c for c in per_client.columns if c.endswith((" low", " high"))]), shape], axis=1)  # quantiles of interval bounds say nothing
+        spread = both.quantile([0.0, 0.1, 0.5, 0.9, 1.0]).rename(index={0.0: "min", 0.1: "10 %", 0.5: "median", 0.9: "90 %", 1.0: "max"})
+        section.add(figures.table(spread.apply(lambda c: c.map(percent)).reset_index(names="over clients"), "client_spread", "the distribution over clients (x100)"))
+        return section
+    section.add(_client_dice_figure(view))
+    rows = per_client if MEAN not in values.index else pd.concat([per_client, values.loc[[MEAN]]])
+    caption = f"each client and the mean at round {view.at} (x100; low / high: the client's bootstrap interval of its mean Dice, none for the mean)"
+    section.add(figures.table(_cells(rows, view), "clients", caption))
+    rows = shape if MEAN not in geometry.index else pd.concat([shape, geometry.loc[[MEAN]]])
+    section.add(
+        figures.table(
+            _cells(rows, view), "clients_geometry", f"overlap, boundary and cup-to-disc ratio at round {view.at} (x100; hd95 in % of the image diagonal; lower is better for hd95 and CDR error)"
+        )
+    )
+    return section
+
+
+def _client_fairness_section(view: _View) -> Section:
+    """FL-MedSegBench's client fairness: the worst client and the spread over clients."""
+    section = Section("Client fairness", anchor="client_fairness")
+    if view.at is None:
+        return section.text("No evaluated round yet.")
+    section.text(
+        f"How the federation's clients fare at round {view.at} (FL-MedSegBench's client-fairness view): the worst client by mean Dice "
+        "and the spread of each Dice over the clients (std: population std over all clients, ddof = 0)."
+    )
+    rows = []
+    for split, name in SPLITS.items():
+        for metric in ("dice", "dice_disc", "dice_cup"):
+            s = client_spread(view.cell(split, metric).reindex(view.clients))
+            if s.n:
+                rows.append(
+                    {
+                        "split": name,
+                        "metric": SEG_NAMES[metric],
+                        "worst client": s.worst,
+                        "min": percent(s.min),
+                        "median": percent(s.median),
+                        "max": percent(s.max),
+                        "std": percent(s.std),
+                        "clients": str(s.n),
+                    }
+                )
+    if not rows:
+        return section.text("No per-client Dice at this round.")
+    return section.add(figures.table(pd.DataFrame(rows), "client_fairness", f"worst client and spread over clients at round {view.at} (x100)"))
+
+
+def _seg_gap_figure(view: _View, split: str = "test") -> str:
+    series = {SEG_NAMES[m]: view.cell(split, m, fair=True) for m in ("dice_disc_gap", "dice_cup_gap", "dice_gap")}
+    if all(s.empty for s in series.values()):
+        return ""
+    label = f"{view.attribute} Dice gap, {SPLITS[split]} (x100)"
+    if view.many:
+        fig, ax = figures.new_figure(width=7.5, height=3.4)
+        present = view.clients
+        ax.boxplot(
+            [s.reindex(present).dropna().to_numpy() * 100 for s in series.values()],
+            tick_labels=["disc", "cup", "mean of both"],
+            medianprops={"color": "black"},
+            flierprops={"markersize": 3, "alpha": 0.5},
+        )
+        ax.set_ylabel(label)
+        return figures.embed(fig, "dice_gaps", f"Dice gap between the best and the worst {view.attribute} group ({split} split) at round {view.at}: the distribution over {len(present)} clients")
+    order = [*view.clients, MEAN]
+    fig, ax = figures.new_figure(width=min(12.0, 4.5 + 0.3 * len(order) * 3), height=3.6)
+    figures.grouped_bars(ax, order, {name: (s.reindex(order).to_numpy(dtype=float), None) for name, s in zip(("disc", "cup", "mean of both"), series.values())}, scale=100)
+    ax.set_xlabel("client")
+    ax.set_ylabel(label)
+    figures.legend_outside(ax, title="Dice gap of")
+    return figures.embed(fig, "dice_gaps", f"Dice gap between the best and the worst {view.attribute} group ({split} split) at round {view.at}, per client and the mean (lower is fairer)")
+
+
+def _seg_fairness_section(view: _View) -> Section:
+    section = Section("Fairness across groups", anchor="fairness")
+    if not view.attribute:
+        return section.text("The source has no sensitive attributes: no per-group Dice, ES-Dice or group gaps.")
+    if view.at is None:
+        return section.text("No evaluated round yet.")
+    section.text(f"Test split at round {view.at}; attribute {view.attribute} (the run's target attribute).")
+    section.add(_group_figure(view, metric="dice_disc", what="Dice disc", name="group_dice_disc"))
+    section.add(_group_figure(view, metric="dice_cup", what="Dice cup", name="group_dice_cup"))
+    rows = view.groups[(view.groups["round"] == view.at) & (view.groups["split"] == "test")]
+    if not rows.empty:
+        wide = rows.pivot_table(index=["client", "group"], columns="metric", values="value", aggfunc="first", sort=False, dropna=False)
+        has_interval = "dice_disc_lo" in wide.columns and bool(wide["dice_disc_lo"].notna().any())
+        if not has_interval:
+            section.text("No bootstrap intervals in this run (eval.bootstrap = 0).")
+        keep = [MEAN] if view.many else [*view.clients, MEAN]
+        wide = wide[wide.index.get_level_values("client").isin(keep)]
+        wide = wide.reindex(sorted(wide.index, key=lambda k: keep.index(k[0])))  # stable: groups keep their code order
+        columns: dict[str, pd.Series] = {}
+        for part in ("disc", "cup"):
+            columns[f"Dice {part}"] = wide.get(f"dice_{part}")
+            if has_interval:
+                columns |= {f"{part} low": wide.get(f"dice_{part}_lo"), f"{part} high": wide.get(f"dice_{part}_hi")}
+        columns |= {SEG_NAMES[m]: wide.get(m) for m in GEOMETRY}
+        out = pd.DataFrame({k: v for k, v in columns.items() if v is not None}, index=wide.index)
+        out = out.apply(lambda c: c.map(percent)).reset_index()
+        caption = "per group, each client and the mean (x100; low / high: the client's bootstrap interval, none for the mean; hd95 in % of the image diagonal)"
+        section.add(figures.table(out, "group_dice", caption if not view.many else "per group, the mean over clients (x100; hd95 in % of the image diagonal)"))
+    section.add(_seg_gap_figure(view))
+    gaps = ("es_dice", "es_dice_disc", "es_dice_cup", "dice_gap", "dice_disc_gap", "dice_cup_gap")
+    values = pd.DataFrame({SEG_NAMES[m]: view.cell("test", m, fair=True) for m in gaps})
+    if not values.empty:
+        keep = [MEAN] if view.many else [*view.clients, MEAN]
+        values = values.reindex([c for c in keep if c in values.index])
+        section.add(
+            figures.table(_cells(values, view), "group_gaps", f"equity-scaled Dice and the gap between the best and the worst group, test split at round {view.at} (x100; a lower gap is fairer)")
+        )
+    m = view.run.metrics
+    attributes = m[(m["client"] == MEAN) & (m["round"] == view.at) & (m["split"] == "test") & (m["attribute"] != "") & (m["group"] == "")]
+    if not attributes.empty:
+        wide = attributes.pivot_table(index="attribute", columns="metric", values="value", aggfunc="first", sort=False)
+        out = wide[[c for c in gaps if c in wide.columns]].rename(columns=SEG_NAMES).apply(lambda c: c.map(percent)).reset_index()
+        section.add(figures.table(out, "attributes", f"every attribute, mean over clients, test split at round {view.at} (x100)"))
+    return section
+
+
 # --- the page ------------------------------------------------------------------------------
 
 
 def build(run: Run) -> str:
     """The report of one run, as an HTML document."""
     view = _view(run)
-    sections = [_run_section(view), _selection_section(view), _performance_section(view), _clients_section(view), _fairness_section(view), _training_section(view)]
-    sections += [s for s in (_roles_section(view), _privacy_section(view)) if s is not None]
+    if view.task == "segmentation":
+        sections = [_run_section(view), _seg_selection_section(view), _seg_performance_section(view), _seg_clients_section(view), _client_fairness_section(view), _seg_fairness_section(view)]
+        sections += [_training_section(view)]
+        roles = _roles_section(view, "dice", "Dice", SEG_ROLE_ROWS)
+    else:
+        sections = [_run_section(view), _selection_section(view), _performance_section(view), _clients_section(view), _fairness_section(view), _training_section(view)]
+        roles = _roles_section(view)
+    sections += [s for s in (roles, _privacy_section(view)) if s is not None]
     sections.append(_missing_section(view))
     cfg = run.config
     subtitle = f"{run.algorithm} on {(cfg.get('data') or {}).get('name', '?')}, {len(view.clients)} clients, seed {run.seed}; {run.path}"

@@ -7,6 +7,7 @@ reported at: the evaluated round with the best mean validation AUC (the earliest
 chosen on validation rows only so the test rows stay an unbiased estimate. A segmentation run
 (no AUC or accuracy rows) is selected by its mean validation Dice: `dice`, the mean of the
 `dice_disc` and `dice_cup` means (the D of `raysim.segmetrics`), else `dice_disc` alone.
+`Run.task` says which report a run gets: "segmentation" or "classification" (see there).
 Plain pandas, no Ray.
 """
 
@@ -27,6 +28,10 @@ MEAN = "mean"  # the client column of the mean-over-clients rows
 SELECTION_METRICS = ("auc", "acc", "dice", "dice_disc")
 DERIVED = {"dice": ("dice_disc", "dice_cup")}  # selection metrics that are the mean of stored ones
 LABELS = {"dice": "Dice (mean of disc and cup)", "dice_disc": "disc Dice"}  # in `Selection.reason`; others upper-cased
+TASKS = ("classification", "segmentation")
+CLASSIFICATION_METRICS = ("auc", "acc")  # rows only a classification run writes
+SEGMENTATION_METRICS = ("dice_disc", "dice_cup")  # rows only a segmentation run writes
+SEGMENTATION_MODELS = ("unet:",)  # `<decoder>:<encoder>` prefixes of raysim.models.SEGMENTATION_DECODERS (not imported: torch)
 
 
 class RunReadError(ValueError):
@@ -81,6 +86,54 @@ class Run:
 
     def selection(self) -> Selection:
         return select_round(self.metrics)
+
+    @property
+    def task(self) -> str:
+        """The run's task, "segmentation" or "classification": the metric rows decide (Dice rows and no AUC or
+        accuracy rows: segmentation); a run without either (no evaluation yet) follows its
+        model, as the engine does (`model.name=unet:<encoder>`: segmentation)."""
+        return task_of(self.metrics, self.config)
+
+
+def task_of(metrics: pd.DataFrame, config: dict[str, Any] | None = None) -> str:
+    """The task of a run's metric rows (and config, when the rows cannot say): see `Run.task`."""
+    names = set(metrics["metric"].unique())
+    if names & set(CLASSIFICATION_METRICS):
+        return "classification"
+    if names & set(SEGMENTATION_METRICS):
+        return "segmentation"
+    model = str(((config or {}).get("model") or {}).get("name", ""))
+    return "segmentation" if model.startswith(SEGMENTATION_MODELS) else "classification"
+
+
+def mean_dice(frame: pd.DataFrame) -> pd.Series:
+    """D = (Dice_disc + Dice_cup) / 2 per row of a wide frame with `dice_disc` and `dice_cup`
+    columns (`raysim.segmetrics`' D; NaN where either is missing)."""
+    return frame[list(DERIVED["dice"])].mean(axis=1, skipna=False)
+
+
+@dataclass(frozen=True)
+class ClientSpread:
+    """FL-MedSegBench's client-fairness view of one metric over a federation's clients: the
+    worst client (the lowest value; the first in natural order on a tie) and the spread, min /
+    median / max / std. The std is the population one (ddof = 0): the clients are the whole
+    federation, not a sample of it. Computed where reported, never stored as client rows."""
+
+    worst: str
+    min: float
+    median: float
+    max: float
+    std: float
+    n: int
+
+
+def client_spread(per_client: pd.Series) -> ClientSpread:
+    """`ClientSpread` of client -> value (NaN values left out; NaN everywhere with none)."""
+    values = per_client.dropna().astype(float)
+    values = values.reindex(sorted(values.index, key=natural_key))
+    if values.empty:
+        return ClientSpread("", math.nan, math.nan, math.nan, math.nan, 0)
+    return ClientSpread(str(values.idxmin()), float(values.min()), float(values.median()), float(values.max()), float(values.std(ddof=0)), len(values))
 
 
 def is_run_dir(path: Path) -> bool:

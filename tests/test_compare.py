@@ -297,6 +297,81 @@ def test_study_report_from_a_study_directory(tmp_path: Path, capsys: pytest.Capt
     assert main([str(study), str(tmp_path)]) == 2  # a study is reported on its own
 
 
+# --- segmentation runs ------------------------------------------------------------------------
+
+
+def make_seg_run(path: Path, algorithm: dict, seed: int, val: dict[int, float], test: dict[int, float], *, clients: dict[str, tuple[float, float]] | None = None) -> Path:
+    """A segmentation run by hand: mean validation and test Dice D per round (disc D + 0.1, cup
+    D - 0.1); ES-Dice D - 0.05, Dice gap 0.04, CDR error 0.1; group D -0.02 / -0.04 / +0.03;
+    client (disc, cup) Dice `clients` (default D + 0.1, D - 0.1 each), 2 MB up per client per round."""
+    rows = []
+    for round_, dice in test.items():
+        for split, d in (("val", val[round_]), ("test", dice)):
+            rows += [(round_, split, "mean", "", "", "", "dice_disc", d + 0.1), (round_, split, "mean", "", "", "", "dice_cup", d - 0.1)]
+        rows += [(round_, "test", "mean", "", "", "", "cdr_error", 0.1), (round_, "test", "mean", "", "race", "", "es_dice", dice - 0.05), (round_, "test", "mean", "", "race", "", "dice_gap", 0.04)]
+        for g, shift in zip(GROUPS, (-0.02, -0.04, 0.03)):
+            rows += [(round_, "test", "mean", "", "race", g, "dice_disc", dice + shift + 0.1), (round_, "test", "mean", "", "race", g, "dice_cup", dice + shift - 0.1)]
+        for client in CLIENTS:
+            disc, cup = (clients or {}).get(client, (dice + 0.1, dice - 0.1))
+            rows += [(round_, "test", client, "", "", "", "dice_disc", disc), (round_, "test", client, "", "", "", "dice_cup", cup), (round_, "train", client, "", "", "", "bytes_up", 2e6)]
+            rows.append((round_, "test", client, "", "", "", "dice_disc_lo", disc - 0.05))  # per-client only: never in the table
+    path.mkdir(parents=True)
+    pd.DataFrame(rows, columns=COLUMNS).to_parquet(path / "metrics.parquet")
+    cfg = {"seed": seed, "data": {"name": "synthetic", "attribute": "race"}, "model": {"name": "unet:test_resnet", "img_size": 32}, "algorithm": algorithm, "federation": {"rounds": max(test)}}
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (path / "provenance.json").write_text(json.dumps({"data": {"name": "synthetic", "csv_sha256": "abc"}, "attribute": "race"}))
+    return path
+
+
+@pytest.fixture
+def seg_runs(tmp_path: Path) -> Path:
+    runs = tmp_path / "seg"
+    make_seg_run(runs / "fedavg-s0", {"name": "fedavg"}, 0, {1: 0.6, 2: 0.7}, {1: 0.6, 2: 0.7})
+    make_seg_run(runs / "fedavg-s1", {"name": "fedavg"}, 1, {1: 0.8, 2: 0.7}, {1: 0.8, 2: 0.5})  # round 1 selected
+    uneven = {"site1": (0.7, 0.5), "site2": (0.9, 0.7), "site3": (0.8, 0.6)}  # D 0.6, 0.8, 0.7: site1 the worst
+    make_seg_run(runs / "fedbn-s0", {"name": "fedbn"}, 0, {1: 0.6, 2: 0.7}, {1: 0.6, 2: 0.7}, clients=uneven)
+    make_seg_run(runs / "fedbn-s1", {"name": "fedbn"}, 1, {1: 0.6, 2: 0.7}, {1: 0.6, 2: 0.7}, clients=uneven)
+    return runs
+
+
+def test_segmentation_table_worst_client_and_spread(seg_runs: Path, tmp_path: Path) -> None:
+    comp = compare.compare([seg_runs])
+    assert comp.task == "segmentation" and comp.groups == list(GROUPS) and comp.per_run["round"].tolist() == [2, 1, 2, 2]
+    assert comp.per_run["selected_by"].tolist() == ["dice"] * 4
+    lines = comp.markdown().splitlines()
+    assert lines[0] == (
+        "| method | n | Dice disc | Dice disc 95 % CI | Dice cup | Dice cup 95 % CI | Dice | ES-Dice | Dice Asian | Dice Black | Dice White | CDR error | worst client Dice | client std | MB up / client / round | round |"
+    )
+    half = 100 * 12.706204736174705 * math.sqrt(0.005) / math.sqrt(2)  # t(0.975, 1 dof) * s / sqrt(n), s = std(0.7, 0.8)
+    assert lines[2] == (
+        f"| fedavg | 2 | 85.0 ± 7.1 | [{85 - half:.1f}, {85 + half:.1f}] | 65.0 ± 7.1 | [{65 - half:.1f}, {65 + half:.1f}] | 75.0 ± 7.1 | 70.0 ± 7.1 "
+        "| 73.0 ± 7.1 | 71.0 ± 7.1 | 78.0 ± 7.1 | 10.0 ± 0.0 | 75.0 ± 7.1 | 0.0 ± 0.0 | 2.000 | 2/1 |"
+    )
+    assert lines[3].startswith("| fedbn | 2 | 80.0 ± 0.0 |") and "| 60.0 ± 0.0 | 8.2 ± 0.0 | 2.000 | 2/2 |" in lines[3]  # worst site1 (0.6); population std of 0.6, 0.8, 0.7
+    fedbn = comp.per_run[comp.per_run["label"] == "fedbn"].iloc[0]
+    assert fedbn["worst_client"] == "site1" and fedbn["worst_dice"] == pytest.approx(0.6) and fedbn["client_std"] == pytest.approx(math.sqrt(0.02 / 3))
+    assert comp.client_table().loc["fedbn"].tolist() == pytest.approx([0.6, 0.8, 0.7]) and comp.client_deltas().loc["fedbn"].tolist() == pytest.approx([-0.15, 0.05, -0.05])
+    assert "Dice <group>: the group's Dice (the mean of its disc and cup Dice)" in comp.markdown() and "population std" in comp.markdown()
+    written = comp.write(tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "table.csv")
+    assert {"dice_disc_mean", "dice_cup_ci_lo", "es_dice_mean", "dice:Black_mean", "cdr_error_mean", "worst_dice_mean", "client_std_mean"} <= set(table.columns)
+    assert table["worst_dice_mean"].tolist() == pytest.approx([0.75, 0.6])
+    document = written[-1].read_text()
+    plots = _plots(document)
+    assert set(plots) == {"pareto", "group_dice", "client_dice", "client_delta"}
+    for name, png in plots.items():
+        assert png.startswith(b"\x89PNG") and len(png) > 5000, name
+    assert "Pareto front (no other group is better on both axes): ES-Dice: fedavg; worst client Dice: fedavg." in document and "AUC" not in re.sub(r'src="data:[^"]*"', "", document)
+
+
+def test_segmentation_and_classification_runs_never_pool(seg_runs: Path, four_runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(CompareError) as err:
+        compare.compare([seg_runs / "fedavg-s0", four_runs / "fedavg-s1"])
+    assert str(err.value).startswith("cannot pool runs: seg/fedavg-s0 is a segmentation run but runs/fedavg-s1 is a classification run")
+    assert main([str(four_runs), str(seg_runs)]) == 2
+    assert "is a classification run but seg/fedavg-s0 is a segmentation run" in capsys.readouterr().err
+
+
 # --- the benchmark's table is compare's (real runs) -----------------------------------------
 
 

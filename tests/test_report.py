@@ -79,12 +79,12 @@ def synthetic_metrics(
     return frame
 
 
-def make_run(path: Path, metrics: pd.DataFrame, *, attribute: str | None = "race", algorithm: dict | None = None, data: str = "synthetic") -> Path:
+def make_run(path: Path, metrics: pd.DataFrame, *, attribute: str | None = "race", algorithm: dict | None = None, data: str = "synthetic", model: str = "test_resnet") -> Path:
     path.mkdir(parents=True, exist_ok=True)
     cfg = {
         "seed": 7,
         "data": {"name": data, "attribute": attribute, "partition": None},
-        "model": {"name": "test_resnet", "img_size": 16},
+        "model": {"name": model, "img_size": 16},
         "algorithm": algorithm or {"name": "fedprox", "mu": 0.01},
         "federation": {"rounds": int(metrics["round"].max()), "local_epochs": 1, "batch_size": 16, "optimizer": "adam", "lr": 0.001},
         "eval": {"every": 1, "bootstrap": 20},
@@ -94,6 +94,36 @@ def make_run(path: Path, metrics: pd.DataFrame, *, attribute: str | None = "race
     (path / "provenance.json").write_text(json.dumps(prov))
     metrics.to_parquet(path / "metrics.parquet", index=False)
     return path
+
+
+def segmentation_metrics(n_clients: int = 3, rounds: int = 3, *, attributes: bool = True, n_boot: int = 20, samples: int = 24, seed: int = 0) -> pd.DataFrame:
+    """A segmentation run's long frame as the engine writes it: per-sample Dice / IoU / hd95 / CDR
+    error drawn per client and split, aggregated by `segmetrics.client_segmentation_metrics`
+    (intervals, ES-Dice, gaps, groups), means by reporting.with_means; Dice rising with the round."""
+    import warnings
+
+    from raysim import segmetrics
+
+    rng = np.random.default_rng(seed)
+    names = [f"site{i + 1}" for i in range(n_clients)]
+    skill = dict(zip(names, rng.normal(0, 0.05, n_clients)))
+    group_names = {"race": dict(enumerate(RACE["race"]))} if attributes else {}
+    rows: list[tuple[object, ...]] = []
+    for r in range(1, rounds + 1):
+        for c in names:
+            rows += [(r, "train", c, "", "", "", "bytes_down", 2e6), (r, "train", c, "", "", "", "bytes_up", 2e6), (r, "train", c, "", "", "", "loss", 1.0 / r)]
+            for split in ("val", "test"):
+                base = 0.5 + 0.3 * (1 - np.exp(-r / 2)) + skill[c]
+                codes = rng.integers(0, 3, samples)
+                disc = np.clip(base + 0.1 + rng.normal(0, 0.05, samples) - 0.05 * (codes == 1), 0, 1)
+                cup = np.clip(base - 0.1 + rng.normal(0, 0.08, samples), 0, 1)
+                values = {"dice_disc": disc, "dice_cup": cup, "iou_disc": disc / (2 - disc), "iou_cup": cup / (2 - cup)}
+                values |= {"hd95_disc": rng.uniform(0.01, 0.1, samples), "hd95_cup": rng.uniform(0.02, 0.2, samples), "cdr_error": rng.uniform(0, 0.2, samples)}
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", segmetrics.UndefinedMetricWarning)
+                    out = segmetrics.client_segmentation_metrics(values, {"race": codes} if attributes else {}, group_names, n_boot=n_boot, seed=r)
+                rows += [(r, split, c, "", a, g, m, float(v)) for a, g, m, v in out]
+    return reporting.with_means(pd.DataFrame(rows, columns=reporting.METRIC_COLUMNS))
 
 
 # --- reading the page back ------------------------------------------------------------------
@@ -314,3 +344,110 @@ def test_runs_without_validation_or_evaluation_still_report(tmp_path: Path) -> N
     assert "no round selected" in text and "the last evaluated round, 2" in text and [r["client"] for r in page.rows("clients")][-1] == "mean"
     text, page = read_page(write_report(make_run(tmp_path / "young", metrics[metrics["split"] == "train"])))
     assert "no evaluation rows yet" in text and "bytes" in page.plots
+
+
+# --- segmentation runs -----------------------------------------------------------------------
+
+
+def _dice(m: pd.DataFrame, round_: int, split: str, client: str = runs.MEAN, attribute: str = "", group: str = "") -> float:
+    """D = (Dice disc + Dice cup) / 2 of one client (or group) from the stored rows."""
+    parts = [runs.value(m, round_=round_, split=split, metric=k, client=client, attribute=attribute, group=group) for k in ("dice_disc", "dice_cup")]
+    return (parts[0] + parts[1]) / 2
+
+
+def test_run_task_follows_the_metric_rows_then_the_model(tmp_path: Path) -> None:
+    seg = runs.read_run(make_run(tmp_path / "seg", segmentation_metrics(rounds=1), model="unet:test_resnet"))
+    assert seg.task == "segmentation" and runs.read_run(make_run(tmp_path / "cls", synthetic_metrics(rounds=1))).task == "classification"
+    young = segmentation_metrics(rounds=1)
+    young = young[young["split"] == "train"]  # no evaluation yet: the model decides
+    assert runs.task_of(young, {"model": {"name": "unet:resnet18"}}) == "segmentation" and runs.task_of(young, {"model": {"name": "resnet18"}}) == "classification"
+    assert runs.task_of(segmentation_metrics(rounds=1), {"model": {"name": "resnet18"}}) == "segmentation"  # rows win over the config
+
+
+def test_segmentation_report_cells_equal_metrics_parquet(tmp_path: Path) -> None:
+    metrics = segmentation_metrics(seed=3)
+    val = (metrics["split"] == "val") & metrics["metric"].isin(["dice_disc", "dice_cup"]) & (metrics["attribute"] == "")
+    metrics.loc[val & (metrics["round"] == 2), "value"] = 0.97  # validation peaks at round 2; the report must follow it
+    run = make_run(tmp_path / "run", metrics, model="unet:test_resnet")
+    text, page = read_page(write_report(run))
+    m = runs.read_run(run).metrics
+    chosen = runs.select_round(m)
+    assert chosen.round == 2 and chosen.metric == "dice" and chosen.reason in text
+    for name in ("dice_disc", "dice_cup", "es_dice_race", "client_dice", "group_dice_disc", "group_dice_cup", "dice_gaps", "bytes", "train_loss"):
+        assert name in page.plots, f"no plot {name}: {sorted(page.plots)}"
+        assert page.plots[name][:8] == b"\x89PNG\r\n\x1a\n" and len(page.plots[name]) > 5_000, name
+    for name in ("dice_cup", "client_dice", "group_dice_disc", "dice_gaps"):  # the new kinds of plot, decoded (the shared ones are in the tests above)
+        assert_real_png(page.plots[name], name)
+    words = re.sub(r'src="data:[^"]*"', "", text)  # the page less its inline PNGs
+    assert not {"auc", "acc", "group_auc", "eod_spd"} & set(page.plots) and "AUC" not in words and "<script" not in text
+    assert "hd95 is the 95th percentile Hausdorff distance as a percentage of the image diagonal" in text
+    pct = figures.percent
+    cells = {r["client"]: r for r in page.rows("clients")}
+    assert list(cells) == ["site1", "site2", "site3", "mean"]
+    for client, row in cells.items():
+        assert row["val Dice"] == pct(_dice(m, 2, "val", client)) == pct(0.97) and row["test Dice"] == pct(_dice(m, 2, "test", client))
+        for part in ("disc", "cup"):
+            assert row[f"test Dice {part}"] == pct(runs.value(m, round_=2, split="test", metric=f"dice_{part}", client=client))
+            for bound, suffix in (("low", "lo"), ("high", "hi")):
+                assert row[f"{part} {bound}"] == pct(runs.value(m, round_=2, split="test", metric=f"dice_{part}_{suffix}", client=client))  # '-' for the mean
+        assert row["test ES-Dice (race)"] == pct(runs.value(m, round_=2, split="test", metric="es_dice", attribute="race", client=client))
+        assert row["test Dice gap"] == pct(runs.value(m, round_=2, split="test", metric="dice_gap", attribute="race", client=client))
+    assert cells["mean"]["disc low"] == "-" and cells["site1"]["disc low"] != "-"
+    for row in page.rows("clients_geometry"):
+        for metric in ("iou_disc", "iou_cup", "hd95_disc", "hd95_cup", "cdr_error"):
+            header = next(h for h in row if h.startswith(f"test {metric.split('_')[0].replace('cdr', 'CDR').replace('iou', 'IoU')} {metric.split('_')[1]}"))
+            assert row[header] == pct(runs.value(m, round_=2, split="test", metric=metric, client=row["client"])), (metric, header)
+    assert "test hd95 disc (% of diagonal)" in page.rows("clients_geometry")[0]
+    for row in page.rows("group_dice"):
+        for label, metric in (("Dice disc", "dice_disc"), ("disc low", "dice_disc_lo"), ("cup high", "dice_cup_hi"), ("CDR error", "cdr_error"), ("hd95 cup (% of diagonal)", "hd95_cup")):
+            assert row[label] == pct(runs.value(m, round_=2, split="test", metric=metric, attribute="race", group=row["group"], client=row["client"]))
+    assert len(page.rows("group_dice")) == 4 * 3
+    for row in page.rows("group_gaps"):
+        for label, metric in (("ES-Dice", "es_dice"), ("ES-Dice cup", "es_dice_cup"), ("Dice gap disc", "dice_disc_gap")):
+            assert row[label] == pct(runs.value(m, round_=2, split="test", metric=metric, attribute="race", client=row["client"]))
+    selected = {r["mean over clients (x100)"]: r for r in page.rows("selected")}
+    assert selected["Dice"]["test"] == pct(_dice(m, 2, "test")) and selected["ES-Dice (race)"]["validation"] == pct(runs.value(m, round_=2, split="val", metric="es_dice", attribute="race"))
+    assert selected["hd95 cup (% of diagonal)"]["test"] == pct(runs.value(m, round_=2, split="test", metric="hd95_cup"))
+    for row in page.rows("per_round"):
+        r = int(row["round"])
+        assert row["test Dice"] == pct(_dice(m, r, "test")) and row["validation Dice cup"] == pct(runs.value(m, round_=r, split="val", metric="dice_cup"))
+        assert row["test ES-Dice"] == pct(runs.value(m, round_=r, split="test", metric="es_dice", attribute="race"))
+    assert page.rows("traffic")[0]["MB up in all"] == "6.00" and page.rows("train_loss")[1]["mean loss"] == "0.5000"
+
+
+def test_segmentation_client_fairness_worst_client_and_spread(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", segmentation_metrics(n_clients=5, seed=4), model="unet:test_resnet")
+    _, page = read_page(write_report(run))
+    m = runs.read_run(run).metrics
+    at = runs.select_round(m).round
+    rows = {(r["split"], r["metric"]): r for r in page.rows("client_fairness")}
+    assert set(rows) == {(s, k) for s in ("validation", "test") for k in ("Dice", "Dice disc", "Dice cup")}
+    for split, name in (("val", "validation"), ("test", "test")):
+        sites = [f"site{i}" for i in range(1, 6)]
+        for label, values in (
+            ("Dice", np.array([_dice(m, at, split, c) for c in sites])),
+            ("Dice disc", np.array([runs.value(m, round_=at, split=split, metric="dice_disc", client=c) for c in sites])),
+        ):
+            row = rows[(name, label)]
+            assert row["worst client"] == sites[int(np.argmin(values))] and row["clients"] == "5"
+            expected = {"min": values.min(), "median": np.median(values), "max": values.max(), "std": values.std(ddof=0)}
+            assert {k: row[k] for k in expected} == {k: figures.percent(v) for k, v in expected.items()}
+    spread = runs.client_spread(pd.Series({"site10": 0.5, "site2": 0.5, "site3": np.nan, "site1": 0.9}))
+    assert spread.worst == "site2" and spread.n == 3 and spread.std == pytest.approx(np.std([0.5, 0.5, 0.9]))  # natural order breaks the tie; NaN left out
+
+
+def test_segmentation_report_of_a_large_federation_and_without_attributes(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "many", segmentation_metrics(n_clients=51, rounds=1, n_boot=5, samples=6), model="unet:test_resnet")
+    text, page = read_page(write_report(run))
+    for name in ("dice_spread", "dice_gaps"):
+        assert_real_png(page.plots[name], name)
+    assert {"dice_disc", "group_dice_disc"} <= set(page.plots)
+    assert "clients" not in page.tables and "client_dice" not in page.plots and {r["client"] for r in page.rows("group_dice")} == {"mean"}
+    m = runs.read_run(run).metrics
+    at = runs.select_round(m).round
+    test = pd.Series({c: _dice(m, at, "test", c) for c in runs.clients(m)})
+    assert [r["client"] for r in page.rows("worst_clients")] == list(test.sort_values(kind="stable").index[:WORST])
+    assert next(r for r in page.rows("client_fairness") if r["split"] == "test" and r["metric"] == "Dice")["worst client"] == test.idxmin()
+    text, page = read_page(write_report(make_run(tmp_path / "plain", segmentation_metrics(attributes=False, rounds=2), attribute=None, model="unet:test_resnet")))
+    assert "no per-group Dice" in text and "No ES-Dice" in text and not {"es_dice_race", "group_dice_disc", "dice_gaps"} & set(page.plots)
+    assert "test ES-Dice (race)" not in page.rows("clients")[0] and page.rows("client_fairness")

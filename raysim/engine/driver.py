@@ -158,10 +158,7 @@ class Driver:
     def write_report(self) -> None:
         """RUN_DIR/report.html from the run's outputs; a report that fails costs a warning line,
         never the run (every number is in metrics.parquet, and `python -m raysim.report` retries).
-        Reports cover classification runs so far: a segmentation run says so in one line."""
-        if self.algorithm.task.name != "classification":
-            self.echo(f"report.html: not written (reports cover classification so far; metrics.parquet and predictions.parquet hold every {self.algorithm.task.name} number)")
-            return
+        Classification and segmentation runs alike (`raysim.runs.Run.task` picks the sections)."""
         try:
             from raysim import report  # matplotlib loads only when a report is written
 
