@@ -196,28 +196,14 @@ def run_row(run: Run, attribute: str) -> dict[str, Any]:
     and each client's test AUC (`client:<id>`; accuracy when the run has no AUC)."""
     if run.task == "segmentation":
         return segmentation_row(run, attribute)
-    m = run.metrics
-    try:
-        selection = run.selection()
-    except RunReadError as err:
-        raise RunReadError(f"{run.path}: {err}") from None
-    test = m[(m["round"] == selection.round) & (m["split"] == "test")]
-    mean = test[test["client"] == MEAN]
-
-    def at(metric: str, attr: str = "", group: str = "") -> float:
-        hit = mean[(mean["metric"] == metric) & (mean["attribute"] == attr) & (mean["group"] == group)]["value"]
-        return float(hit.iloc[0]) if len(hit) else math.nan
-
+    selection, test, mean, at = _selected_test(run)
     row: dict[str, Any] = {"seed": run.seed, "round": selection.round, "selected_by": selection.metric, "auc": at("auc"), "acc": at("acc")}
     if attribute:
         row |= {"es_auc": at("es_auc", attribute), "eod": at("eod", attribute), "spd": at("spd", attribute)}
         groups = mean[(mean["attribute"] == attribute) & (mean["metric"] == "auc") & (mean["group"] != "")]
         row |= {f"auc:{g}": float(v) for g, v in zip(groups["group"], groups["value"])}
-    real = clients(m)
-    traffic = m[(m["split"] == "train") & (m["metric"] == "bytes_up") & m["client"].isin(real)]
-    row["mb_up"] = float(traffic.groupby("round")["value"].mean().mean()) / 1e6 if len(traffic) else math.nan  # mean over a round's clients, then rounds
-    spent = m[(m["client"] == "server") & (m["metric"] == "epsilon")].sort_values("round")["value"]
-    row["epsilon"] = float(spent.iloc[-1]) if len(spent) else math.nan  # the whole run's spend
+    real = clients(run.metrics)
+    row |= _traffic_and_privacy(run.metrics, real)
     per_client = test[(test["metric"] == selection.metric) & (test["attribute"] == "") & (test["group"] == "") & test["client"].isin(real)]
     row |= {f"client:{c}": float(v) for c, v in zip(per_client["client"], per_client["value"])}
     return row
@@ -227,6 +213,28 @@ def segmentation_row(run: Run, attribute: str) -> dict[str, Any]:
     """`run_row` of a segmentation run: test Dice disc / cup, D (`dice`), CDR error, ES-Dice,
     the Dice gap and D per group of `attribute` (`dice:<group>`), the worst client's D and the
     std of D over clients, MB up, ε, and each client's test D (`client:<id>`)."""
+    selection, test, mean, at = _selected_test(run)
+    row: dict[str, Any] = {"seed": run.seed, "round": selection.round, "selected_by": selection.metric}
+    row |= {"dice_disc": at("dice_disc"), "dice_cup": at("dice_cup")}
+    row |= {"dice": (row["dice_disc"] + row["dice_cup"]) / 2, "cdr_error": at("cdr_error")}
+    if attribute:
+        row |= {"es_dice": at("es_dice", attribute), "dice_gap": at("dice_gap", attribute)}
+        groups = mean[(mean["attribute"] == attribute) & (mean["group"] != "") & mean["metric"].isin(["dice_disc", "dice_cup"])]
+        per_group = groups.pivot_table(index="group", columns="metric", values="value", aggfunc="first", sort=False)
+        row |= {f"dice:{g}": float((v["dice_disc"] + v["dice_cup"]) / 2) for g, v in per_group.iterrows()}
+    real = clients(run.metrics)
+    own = test[(test["attribute"] == "") & (test["group"] == "") & test["client"].isin(real) & test["metric"].isin(["dice_disc", "dice_cup"])]
+    per_client = own.pivot_table(index="client", columns="metric", values="value", aggfunc="first").reindex(columns=["dice_disc", "dice_cup"]).mean(axis=1, skipna=False)
+    spread = client_spread(per_client)
+    row |= {"worst_dice": spread.min, "worst_client": spread.worst, "client_std": spread.std}
+    row |= _traffic_and_privacy(run.metrics, real)
+    row |= {f"client:{c}": float(v) for c, v in per_client.reindex(sorted(per_client.index, key=natural_key)).items()}
+    return row
+
+
+def _selected_test(run: Run) -> tuple[Any, pd.DataFrame, pd.DataFrame, Callable[..., float]]:
+    """The run's selection, its test rows at that round, their mean-over-clients rows, and a
+    lookup `at(metric, attribute="", group="")` of one mean value (NaN when absent)."""
     m = run.metrics
     try:
         selection = run.selection()
@@ -239,25 +247,18 @@ def segmentation_row(run: Run, attribute: str) -> dict[str, Any]:
         hit = mean[(mean["metric"] == metric) & (mean["attribute"] == attr) & (mean["group"] == group)]["value"]
         return float(hit.iloc[0]) if len(hit) else math.nan
 
-    row: dict[str, Any] = {"seed": run.seed, "round": selection.round, "selected_by": selection.metric}
-    row |= {"dice_disc": at("dice_disc"), "dice_cup": at("dice_cup")}
-    row |= {"dice": (row["dice_disc"] + row["dice_cup"]) / 2, "cdr_error": at("cdr_error")}
-    if attribute:
-        row |= {"es_dice": at("es_dice", attribute), "dice_gap": at("dice_gap", attribute)}
-        groups = mean[(mean["attribute"] == attribute) & (mean["group"] != "") & mean["metric"].isin(["dice_disc", "dice_cup"])]
-        per_group = groups.pivot_table(index="group", columns="metric", values="value", aggfunc="first", sort=False)
-        row |= {f"dice:{g}": float((v["dice_disc"] + v["dice_cup"]) / 2) for g, v in per_group.iterrows()}
-    real = clients(m)
-    own = test[(test["attribute"] == "") & (test["group"] == "") & test["client"].isin(real) & test["metric"].isin(["dice_disc", "dice_cup"])]
-    per_client = own.pivot_table(index="client", columns="metric", values="value", aggfunc="first").reindex(columns=["dice_disc", "dice_cup"]).mean(axis=1, skipna=False)
-    spread = client_spread(per_client)
-    row |= {"worst_dice": spread.min, "worst_client": spread.worst, "client_std": spread.std}
+    return selection, test, mean, at
+
+
+def _traffic_and_privacy(m: pd.DataFrame, real: Sequence[str]) -> dict[str, float]:
+    """MB up per client per round (the mean over a round's clients, then over rounds) and the
+    whole run's ε spent (its last `epsilon` row; NaN for a non-private method)."""
     traffic = m[(m["split"] == "train") & (m["metric"] == "bytes_up") & m["client"].isin(real)]
-    row["mb_up"] = float(traffic.groupby("round")["value"].mean().mean()) / 1e6 if len(traffic) else math.nan
     spent = m[(m["client"] == "server") & (m["metric"] == "epsilon")].sort_values("round")["value"]
-    row["epsilon"] = float(spent.iloc[-1]) if len(spent) else math.nan
-    row |= {f"client:{c}": float(v) for c, v in per_client.reindex(sorted(per_client.index, key=natural_key)).items()}
-    return row
+    return {
+        "mb_up": float(traffic.groupby("round")["value"].mean().mean()) / 1e6 if len(traffic) else math.nan,
+        "epsilon": float(spent.iloc[-1]) if len(spent) else math.nan,
+    }
 
 
 # --- pooling --------------------------------------------------------------------------------

@@ -329,9 +329,16 @@ def _performance_section(view: _View) -> Section:
     else:
         section.text("No ES-AUC: the source has no sensitive attributes.")
     section.add(_over_rounds(view, "acc", "Accuracy", "accuracy (x100)"))
+    _per_round_table(section, view, (("AUC", "auc", False), ("ES-AUC", "es_auc", True), ("acc", "acc", False), ("bacc", "bacc", False)))
+    return section
+
+
+def _per_round_table(section: Section, view: _View, metrics: Sequence[tuple[str, str, bool]]) -> None:
+    """The `per_round` table: the mean over clients of each (label, metric, fair) per evaluated
+    round, val then test columns (x100); nothing when no metric has mean rows."""
     columns: dict[str, pd.Series] = {}
     for split, name in SPLITS.items():
-        for label, metric, fair in (("AUC", "auc", False), ("ES-AUC", "es_auc", True), ("acc", "acc", False), ("bacc", "bacc", False)):
+        for label, metric, fair in metrics:
             table = view.curve(split, metric, fair)
             if MEAN in table.columns:
                 columns[f"{name} {label}"] = table[MEAN]
@@ -339,7 +346,6 @@ def _performance_section(view: _View) -> Section:
         frame = pd.DataFrame(columns).sort_index()
         out = frame.apply(lambda c: c.map(percent)).reset_index(names="round")
         section.add(figures.table(out, "per_round", "mean over clients per evaluated round (x100)"))
-    return section
 
 
 def _clients_section(view: _View) -> Section:
@@ -542,16 +548,7 @@ def _seg_performance_section(view: _View) -> Section:
         section.add(_over_rounds(view, "es_dice", f"ES-Dice ({view.attribute})", f"ES-Dice {view.attribute} (x100)", fair=True))
     else:
         section.text("No ES-Dice: the source has no sensitive attributes.")
-    columns: dict[str, pd.Series] = {}
-    for split, name in SPLITS.items():
-        for metric, fair in (("dice", False), ("dice_disc", False), ("dice_cup", False), ("es_dice", True), ("cdr_error", False)):
-            table = view.curve(split, metric, fair)
-            if MEAN in table.columns:
-                columns[f"{name} {SEG_NAMES[metric]}"] = table[MEAN]
-    if columns:
-        frame = pd.DataFrame(columns).sort_index()
-        out = frame.apply(lambda c: c.map(percent)).reset_index(names="round")
-        section.add(figures.table(out, "per_round", "mean over clients per evaluated round (x100)"))
+    _per_round_table(section, view, [(SEG_NAMES[m], m, fair) for m, fair in (("dice", False), ("dice_disc", False), ("dice_cup", False), ("es_dice", True), ("cdr_error", False))])
     return section
 
 
