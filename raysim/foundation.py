@@ -6,8 +6,14 @@ Parquet file next to the run and reused every round and after a resume: `soft_ta
 
 A backend maps uint8 images shaped (N, C, H, W), as raysim shards store them, and the number
 of classes K to an array (N, K) of probabilities (non-negative, finite, rows summing to 1
-within 1e-4). Backends live in `FOUNDATION_MODELS` (entry-point group
-`raysim.foundation_models`) and are built from a plain dict of options:
+within 1e-4). For a segmentation run (FedHelp's segmentation variant) a backend with
+`answers_maps` answers `predict_maps`: per-pixel class probabilities (N, K, H, W) at the
+images' size, summing to 1 over K at every pixel; they are kept in an .npz file
+(`soft_target_maps`). `callable` and `http` can (the function is called as for
+classification and returns maps; an HTTP request carries `"output": "maps"` and the answer's
+"probabilities" is N x K x H x W nested lists); `timm` (a classifier) cannot. Backends live in
+`FOUNDATION_MODELS` (entry-point group `raysim.foundation_models`) and are built from a plain
+dict of options:
 
 - `timm`: `model` (any timm name), optional `weights` (a local state dict whose head has K
   classes), `img_size` (resize the images first), `batch_size` (64), `device` (default: cuda
@@ -25,6 +31,8 @@ HTTP protocol (one POST per batch, JSON both ways)::
                "data": "<base64 of the images' raw C-order bytes>"}
     response: {"probabilities": [[p_0, ..., p_{K-1}], ...]}   # N rows, status 200
     errors:   any non-2xx status; its body (text) is shown to the user
+    segmentation: the request also has "output": "maps"; "probabilities" is then
+              N x K x H x W nested lists (a class-probability map per image and class)
 
 The images leave the process, so the client is strict:
 
@@ -132,9 +140,17 @@ class FoundationModel(ABC):
         """How errors name this backend."""
         return f"foundation model {self.name!r}"
 
+    # Whether it can answer a segmentation run: per-pixel maps (N, K, H, W) from `predict_maps`.
+    # A classifier (timm) cannot; callable and http pass the question on to the user's code.
+    answers_maps: ClassVar[bool] = False
+
     @abstractmethod
     def predict(self, images: np.ndarray, num_classes: int) -> Any:
         """Class probabilities (N, num_classes), array-like; validated by the caller."""
+
+    def predict_maps(self, images: np.ndarray, num_classes: int) -> Any:
+        """Per-pixel class probabilities (N, num_classes, H, W), array-like; validated by the caller."""
+        raise FoundationModelError(f"{self.label} answers one class distribution per image, not per-pixel maps")
 
 
 FOUNDATION_MODELS: Registry[type[FoundationModel]] = Registry("foundation model", "raysim.foundation_models")
@@ -188,18 +204,37 @@ def check_probabilities(probs: Any, *, n: int, num_classes: int, source: str) ->
         raise FoundationModelError(f"{source} returned something that is not a numeric array ({err}); expected probabilities shaped ({n}, {num_classes})") from err
     if array.shape != (n, num_classes):
         raise FoundationModelError(f"{source} returned shape {array.shape}; expected ({n}, {num_classes}): one row per image, one column per class (num_classes={num_classes})")
+    return _check_distributions(array, source, "row")
+
+
+def check_probability_maps(maps: Any, *, n: int, num_classes: int, size: tuple[int, int], source: str) -> np.ndarray:
+    """`maps` as float64 (n, num_classes, H, W) if every pixel holds a class distribution, else a clear error."""
+    expected = (n, num_classes, *size)
+    try:
+        array = np.asarray(maps, dtype=np.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise FoundationModelError(f"{source} returned something that is not a numeric array ({err}); expected per-pixel probabilities shaped {expected}") from err
+    if array.shape != expected:
+        raise FoundationModelError(f"{source} returned shape {array.shape}; expected {expected}: per image, one probability map per class at the image's size (num_classes={num_classes})")
+    return _check_distributions(array, source, "image")
+
+
+def _check_distributions(array: np.ndarray, source: str, unit: str) -> np.ndarray:
+    """Finite, non-negative, summing to 1 over axis 1 (the classes); errors name the first bad `unit` (row / image)."""
     finite = np.isfinite(array)
     if not finite.all():
         row = int(np.argwhere(~finite)[0, 0])
-        raise FoundationModelError(f"{source} returned NaN or infinite values (first in row {row}); expected probabilities")
+        raise FoundationModelError(f"{source} returned NaN or infinite values (first in {unit} {row}); expected probabilities")
     if (array < 0).any():
         row = int(np.argwhere(array < 0)[0, 0])
-        raise FoundationModelError(f"{source} returned negative values (row {row}: min {array[row].min():.6g}); expected probabilities, not logits")
+        raise FoundationModelError(f"{source} returned negative values ({unit} {row}: min {array[row].min():.6g}); expected probabilities, not logits")
     sums = array.sum(axis=1)
     off = np.abs(sums - 1.0)
     if off.max() > SUM_TOLERANCE:
-        row = int(off.argmax())
-        raise FoundationModelError(f"{source} returned rows that do not sum to 1 (row {row} sums to {sums[row]:.6g}, tolerance {SUM_TOLERANCE}); expected softmax probabilities")
+        where = np.unravel_index(int(off.argmax()), off.shape)
+        place = f"row {where[0]}" if unit == "row" else f"image {where[0]}, pixel {tuple(int(i) for i in where[1:])}"
+        noun = "rows" if unit == "row" else "pixels whose class probabilities"
+        raise FoundationModelError(f"{source} returned {noun} that do not sum to 1 ({place} sums to {sums[where]:.6g}, tolerance {SUM_TOLERANCE}); expected softmax probabilities")
     return array
 
 
@@ -209,6 +244,15 @@ def predict_probabilities(model: FoundationModel, images: np.ndarray, num_classe
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"{model.label}: num_classes must be an integer >= 2, got {num_classes!r}")
     return check_probabilities(model.predict(images, num_classes), n=len(images), num_classes=num_classes, source=model.label)
+
+
+def predict_probability_maps(model: FoundationModel, images: np.ndarray, num_classes: int) -> np.ndarray:
+    """Ask `model` for per-pixel maps of all `images` (segmentation) and validate the answer."""
+    check_images(images, model.label)
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"{model.label}: num_classes must be an integer >= 2, got {num_classes!r}")
+    size = (int(images.shape[2]), int(images.shape[3]))
+    return check_probability_maps(model.predict_maps(images, num_classes), n=len(images), num_classes=num_classes, size=size, source=model.label)
 
 
 # --- the one-time query and its file --------------------------------------------------------
@@ -276,6 +320,49 @@ def write_soft_targets(path: Path, sample_ids: np.ndarray, probs: np.ndarray) ->
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     pd.DataFrame(columns).to_parquet(tmp, index=False)
     tmp.replace(path)
+
+
+# --- segmentation: per-pixel maps, asked once, kept in an .npz ---------------------------------
+
+
+def soft_target_maps(path: str | Path, factory: Callable[[], FoundationModel], images: np.ndarray, sample_ids: Sequence[Any] | np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-pixel probabilities (N, num_classes, H, W) for the public `images`, as `soft_targets`
+    does for class probabilities: from `path` when it holds them, else `factory()`'s model is
+    asked once (`predict_maps`) and the answer written to `path` (npz: `sample_id`, float32
+    `probabilities`) before it is returned. A file for other samples, K or size is an error."""
+    path = Path(path).expanduser()
+    check_images(images, "soft_target_maps")
+    ids = _as_ids(sample_ids, len(images))
+    size = (int(images.shape[2]), int(images.shape[3]))
+    if path.exists():
+        log.info("soft target maps: reusing %s", path)
+        return read_soft_target_maps(path, ids, num_classes, size)
+    model = factory()
+    maps = predict_probability_maps(model, images, num_classes).astype(np.float32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(tmp, sample_id=ids, probabilities=maps)
+    tmp.replace(path)
+    log.info("soft target maps: queried %s once for %d public images -> %s", model.label, len(ids), path)
+    return maps
+
+
+def read_soft_target_maps(path: Path, sample_ids: np.ndarray, num_classes: int, size: tuple[int, int]) -> np.ndarray:
+    """The stored maps for `sample_ids`, in that order (float32); a clear error otherwise."""
+    redo = "delete it (the foundation model is then queried again) or choose another file"
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            stored_ids, maps = stored["sample_id"].astype(str), stored["probabilities"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"soft target maps file {path} cannot be read ({type(err).__name__}: {err}); {redo}") from err
+    if len(stored_ids) != len(sample_ids) or set(stored_ids) != set(sample_ids) or len(set(stored_ids)) != len(stored_ids):
+        raise ConfigError(f"soft target maps file {path} holds other samples ({len(stored_ids)} stored, {len(sample_ids)} requested); {redo}")
+    order = pd.Index(stored_ids).get_indexer(sample_ids)
+    maps = maps[order]
+    if maps.shape[1:] != (num_classes, *size):
+        raise ConfigError(f"soft target maps file {path} holds maps shaped {maps.shape[1:]}; this run needs {(num_classes, *size)} (num_classes, img_size); {redo}")
+    check_probability_maps(maps, n=len(sample_ids), num_classes=num_classes, size=size, source=f"soft target maps file {path}")
+    return maps.astype(np.float32)
 
 
 # --- backends ------------------------------------------------------------------------------
@@ -380,10 +467,15 @@ class CallableModel(FoundationModel):
     def label(self) -> str:
         return f"foundation model 'callable' ({self.target})"
 
+    answers_maps = True  # on a segmentation run the function is asked for (N, K, H, W) maps
+
     def predict(self, images: np.ndarray, num_classes: int) -> Any:
         view = images.view()
         view.flags.writeable = False  # the function must not change the public set
         return self._function(view, num_classes)
+
+    def predict_maps(self, images: np.ndarray, num_classes: int) -> Any:
+        return self.predict(images, num_classes)  # the same call: a function configured for a segmentation run answers maps
 
 
 # --- http: redaction, transport rules, retries -------------------------------------------------
@@ -507,7 +599,15 @@ class HttpModel(FoundationModel):
         options = ", ".join(f"{f.name}={redact(self.url) if f.name == 'url' else getattr(self, f.name)!r}" for f in dataclasses.fields(self))
         return f"{type(self).__name__}({options})"
 
+    answers_maps = True  # a segmentation run's requests say "output": "maps" (module docstring)
+
     def predict(self, images: np.ndarray, num_classes: int) -> np.ndarray:
+        return self._ask_all(images, num_classes, maps=False)
+
+    def predict_maps(self, images: np.ndarray, num_classes: int) -> np.ndarray:
+        return self._ask_all(images, num_classes, maps=True)
+
+    def _ask_all(self, images: np.ndarray, num_classes: int, *, maps: bool) -> np.ndarray:
         ends = None if self.deadline is None else time.monotonic() + self.deadline
         starts = range(0, len(images), self.batch_size)
         parts: list[np.ndarray] = []  # the answered batches: a retry asks again for the failed one only
@@ -516,12 +616,15 @@ class HttpModel(FoundationModel):
             batch = images[start : start + self.batch_size]
             where = f"{self.label} (images {start}..{start + len(batch) - 1})"
             done = f"{len(parts)} of {len(starts)} batches had been answered" + (f" (images 0..{start - 1})" if parts else "")
-            answer = self._ask(json.dumps(encode_request(batch, num_classes)).encode(), where, done, ends)
+            answer = self._ask(json.dumps(encode_request(batch, num_classes, maps=maps)).encode(), where, done, ends)
             try:
                 probs = _probabilities(answer, where)
             except FoundationModelError as err:  # it quotes the body, which may echo the request
                 raise FoundationModelError(self._clean(str(err))) from None
-            parts.append(check_probabilities(probs, n=len(batch), num_classes=num_classes, source=where))
+            if maps:
+                parts.append(check_probability_maps(probs, n=len(batch), num_classes=num_classes, size=(int(images.shape[2]), int(images.shape[3])), source=where))
+            else:
+                parts.append(check_probabilities(probs, n=len(batch), num_classes=num_classes, source=where))
         console.report(f"asking {self.label}, images", len(images), len(images))
         return np.concatenate(parts)
 
@@ -657,10 +760,11 @@ def _check_count(label: str, key: str, value: Any, *, minimum: int) -> None:
         raise ConfigError(f"{label}: option {key} must be an integer >= {minimum}, got {value!r}")
 
 
-def encode_request(images: np.ndarray, num_classes: int) -> dict[str, Any]:
-    """The JSON body of one HTTP request (see the module docstring)."""
+def encode_request(images: np.ndarray, num_classes: int, *, maps: bool = False) -> dict[str, Any]:
+    """The JSON body of one HTTP request (see the module docstring); `maps`: a segmentation run's."""
     data = base64.b64encode(np.ascontiguousarray(images).tobytes()).decode("ascii")
-    return {"shape": list(images.shape), "dtype": "uint8", "data": data, "num_classes": num_classes}
+    request = {"shape": list(images.shape), "dtype": "uint8", "data": data, "num_classes": num_classes}
+    return {**request, "output": "maps"} if maps else request
 
 
 def _probabilities(raw: bytes, where: str) -> Any:

@@ -22,6 +22,7 @@ from raysim.datasets.synthetic import generate
 from raysim.engine.client_actor import ClientHost
 from raysim.models import build_model
 from raysim.pretrain import PretrainSettings
+from raysim.training import Batch
 
 from conftest import TINY, tiny_overrides
 
@@ -39,11 +40,12 @@ def test_forward_kd_trains_only_the_proxy_and_backward_kd_only_the_large_model()
     torch.manual_seed(0)
     proxy, large = timm.create_model("test_resnet", num_classes=3), timm.create_model("test_vit", num_classes=3, img_size=16)
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 1])
+    batch = Batch(x, y, {}, torch.arange(4))
     params = FedHelpParams(temperature=2.0)
-    for loss_fn, trained, untouched in [(forward_kd_loss, proxy, large), (lambda s, l, y, p: backward_kd_loss(s, l, y, p, 2), large, proxy)]:
+    for loss_fn, trained, untouched in [(forward_kd_loss, proxy, large), (lambda s, l, b, p: backward_kd_loss(s, l, b, p, 2), large, proxy)]:
         proxy.zero_grad(set_to_none=True)
         large.zero_grad(set_to_none=True)
-        loss_fn(proxy(x), large(x), y, params).backward()
+        loss_fn(proxy(x), large(x), batch, params).backward()
         assert all(p.grad is None or not p.grad.any() for p in untouched.parameters())
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters())
 
