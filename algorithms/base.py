@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from raysim.datasets.base import ClientSpec, DataSource
 
 ServerState = dict[str, Any]
+HOLDOUT = "holdout"  # the role of the `eval.holdout_site` client: its spec, predictions and metric rows
 
 
 @dataclass
@@ -60,15 +61,19 @@ class Algorithm:
     # The tasks (raysim.tasks) the method supports: one that needs class probabilities or a
     # classification head lists only "classification", and refuses a segmentation model (one
     # ConfigError line, before anything starts).
-    tasks: ClassVar[tuple[str, ...]] = ("classification", "segmentation")
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "segmentation", "joint")
     # Where the server step runs (in the driver actor): the driver sets it from
     # resources.driver_gpus; server-side training (FedBM's generator) puts its tensors here.
     server_device: torch.device = torch.device("cpu")
+    # What an unseen site (`eval.holdout_site`: it never trains and shares nothing) is scored
+    # with, in words: the console and README say it; `newcomer_model` builds it. None: the method
+    # has no model for a site that never trained and refuses a holdout site in one line.
+    newcomer: ClassVar[str | None] = "the global model as the server holds it (any part the server never holds at its initial value)"
 
     def __init__(self, params: Any, cfg: ExperimentConfig) -> None:
         self.params = params
         self.cfg = cfg
-        # Classification, or segmentation for a segmentation model. A method built for its server
+        # Classification, or segmentation / joint for a U-Net model. A method built for its server
         # step alone (a config without a model section, as the server-step tests do) classifies.
         model = getattr(cfg, "model", None)
         self.task = tasks.task_of(model) if model is not None else tasks.get("classification")
@@ -76,6 +81,11 @@ class Algorithm:
             supported = sorted(n for n in ALGORITHMS.names() if self.task.name in ALGORITHMS.get(n).tasks)
             raise ConfigError(f"algorithm {self.name} does not support the {self.task.name} task (model.name={cfg.model.name}); methods that do: {', '.join(supported)}")
         self.received: dict[str, Any] = {}  # in a client actor: the values sent with the current payload
+        holdout = getattr(getattr(cfg, "eval", None), "holdout_site", None)
+        if holdout is not None and self.newcomer is None:
+            raise ConfigError(
+                f"algorithm {self.name} has no model for a site that never trained, so eval.holdout_site={holdout} cannot be scored; choose a method with a global model (e.g. fedavg) or drop eval.holdout_site"
+            )
 
     # --- what travels -------------------------------------------------------------------------
 
@@ -88,7 +98,7 @@ class Algorithm:
     def build_model(self, source: DataSource) -> nn.Module:
         """The model every client and the server start from (same seed: the same everywhere)."""
         self.task.check(source, self.cfg)
-        model = build_model(self.cfg.model, num_classes=self.task.output_size(source), in_chans=source.channels, seed=self.cfg.seed, slices=source.volume_slices)
+        model = build_model(self.cfg.model, **self.task.model_outputs(source), in_chans=source.channels, seed=self.cfg.seed, slices=source.volume_slices)
         # Adapters draw initial values (LoRA's A, FairLoRA's B): from the seed alone, not from
         # whatever the process's RNG went through before (several runs in one process). Only
         # the CPU generator is seeded, inside a fork, so the caller's RNG state is untouched.
@@ -229,6 +239,18 @@ class Algorithm:
     def eval_model(self, client: Client, payload: Tensors) -> nn.Module:
         """The model a client is scored with: the global one here, a personal one elsewhere."""
         return client.load(payload)
+
+    def newcomer_model(self, client: Client, payload: Tensors) -> nn.Module:
+        """The model the held-out site (`eval.holdout_site`, role `holdout`) is scored with: what
+        `eval_model` gives a client with no state of its own, i.e. the payload over the initial
+        model. For FedAvg-like methods that is the global model; a method whose personal parts
+        the server never holds (FedBN's norm layers) overrides this, and `newcomer` says the rule.
+        It must not change the client's state: the site never trains."""
+        return self.eval_model(client, payload)
+
+    def scoring_model(self, client: Client, payload: Tensors) -> nn.Module:
+        """`newcomer_model` for the held-out site, `eval_model` for every participant (the actor's evaluate)."""
+        return (self.newcomer_model if client.spec.role == HOLDOUT else self.eval_model)(client, payload)
 
 
 ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm", "raysim.algorithms")

@@ -34,6 +34,7 @@ class Ditto(Algorithm):
 
     Params = DittoParams
     params: DittoParams
+    newcomer = "the global model (a site that never trained has no personal model)"
     anchor: dict[str, torch.Tensor]  # θ_g of the client being trained (set in client_fit)
 
     def client_fit(self, client: Client, payload: Tensors, round_: int) -> Update:

@@ -3,9 +3,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
 from torch import nn
 
 from raysim.algorithms.base import Algorithm, register_algorithm
+from raysim.training import Batch, forward
+from raysim.types import Tensors
+
+if TYPE_CHECKING:
+    from raysim.client import Client
 
 # Every torch normalisation layer: _NormBase covers BatchNorm*/SyncBatchNorm/InstanceNorm*
 # (timm's BatchNormAct2d subclasses BatchNorm2d); timm's LayerNorm2d/GroupNorm1 subclass these.
@@ -23,10 +32,51 @@ def norm_keys(model: nn.Module, *, params: bool = True, buffers: bool = True) ->
     return keys
 
 
+def refit_norm_statistics(model: nn.Module, batches: Iterable[Batch]) -> nn.Module:
+    """Every BatchNorm's running mean / var re-estimated as the plain average over `batches`
+    (AdaBN: forward passes with only the norm layers in training mode, no gradient, no label);
+    learned parameters stay as they are. Layers whose statistics an adapter method froze
+    (`frozen_stats`: pretrained statistics) are left alone. The model ends in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and not getattr(m, "frozen_stats", False)]
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: a cumulative average over every batch, whatever their number
+        m.train()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
+    return model
+
+
+def own_image_batches(client: Client, batch_size: int) -> Iterable[Batch]:
+    """The client's training images in order, for `refit_norm_statistics` (a lone last image is
+    left out: a norm layer in training mode needs two values per channel)."""
+    n = client.num_train
+    return (b for b in client.batches("train", batch_size=batch_size) if len(b.x) > 1 or n == 1)
+
+
 @register_algorithm("fedbn")
 class FedBN(Algorithm):
     """Normalisation layers are never sent, so the base client keeps them in its own state."""
 
+    newcomer = (
+        "the shared layers with the norm layers' affine parameters at their initial values (FedBN's server holds none) "
+        "and BatchNorm statistics re-estimated on the site's own training images (label-free forward passes, no training)"
+    )
+
     def communicated(self, model: nn.Module) -> list[str]:
         local = norm_keys(model)
         return [k for k in super().communicated(model) if k not in local]
+
+    def newcomer_model(self, client: Client, payload: Tensors) -> nn.Module:
+        """The payload over the initial model, its BatchNorm statistics those of the site's own
+        images: a model trained with per-site statistics meets a new site's images with theirs,
+        not with the initial 0 / 1. Nothing is kept: the site's state stays as it was."""
+        return refit_norm_statistics(self.eval_model(client, payload), own_image_batches(client, self.cfg.federation.batch_size))

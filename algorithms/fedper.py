@@ -28,6 +28,8 @@ def head_keys(model: nn.Module) -> set[str]:
 class FedPer(Algorithm):
     """The head is never sent, so the base client keeps it in its own state between rounds."""
 
+    newcomer = "the shared body with the model's initial (seeded) head: FedPer's server holds no head, and a site that never trained has none of its own"
+
     def communicated(self, model: nn.Module) -> list[str]:
         local = head_keys(model)
         return [k for k in super().communicated(model) if k not in local]

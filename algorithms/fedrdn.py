@@ -54,6 +54,8 @@ def split_payload(payload: Tensors) -> tuple[dict[str, torch.Tensor], dict[str, 
 class FedRDN(Algorithm):
     """The server keeps every client's statistics and sends them all down with the weights."""
 
+    newcomer = "the global model, its inputs normalised by the site's own channel statistics (FedRDN's test-time rule); they join no client's training pool"
+
     # --- before round 1 -----------------------------------------------------------------------
 
     def client_setup(self, client: Client) -> dict[str, Any]:

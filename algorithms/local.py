@@ -18,6 +18,8 @@ class Local(Algorithm):
     sum); only the server's step differs: the state stays as it was.
     """
 
+    newcomer = None  # a site that never trained has only the untrained initial model: eval.holdout_site is refused
+
     def communicated(self, model: nn.Module) -> list[str]:
         return []
 

@@ -141,6 +141,7 @@ class PFA(Algorithm):
 
     Params = PFAParams
     params: PFAParams
+    newcomer = None  # no global model: a site that never trained would be its initial weights with shared amplitudes (DET inherits the refusal)
 
     def communicated(self, model: nn.Module) -> list[str]:
         """Everything that trains except the normalisation layers: conv / linear weights as amplitude boxes, the rest as values."""

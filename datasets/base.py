@@ -118,6 +118,12 @@ class DataSource(ABC):
         return None
 
     @property
+    def channel_split(self) -> tuple[int, ...]:
+        """Channels of each modality stacked in an image: (channels,) for one modality; a fundus
+        image with an OCT volume beside it is (1, slices) (`data.modality=slo_fundus+oct_bscans`)."""
+        return (self.channels,)
+
+    @property
     def attribute(self) -> str | None:
         """The target sensitive attribute: `data.attribute`, else the source's default."""
         return self.cfg.attribute or self.default_attribute

@@ -14,6 +14,10 @@ Datasheet
 - Label: `glaucoma` (yes/no). Sensitive attributes: race, gender, ethnicity, language,
   marital status (codes and names in `oph_schema.py`; -1 / "unknown" = unknown).
 - Images: `all/<filename>.npz` with `slo_fundus` (2D uint8) and `oct_bscans` (3D uint8).
+  `data.modality` names one of them, or a fundus image and a volume joined by `+`
+  (`slo_fundus+oct_bscans`): both are read per file and stacked on the channel axis, the fundus
+  first (1 channel), then the kept B-scans resized to the same size (the two-branch fundus + OCT
+  model, `model.name=joint:<encoder>`, splits them again; `channel_split`).
 - Licence: the Harvard-Ophthalmology-AI-Lab data licence (research use); users download it
   themselves. raysim reads a local copy and never downloads.
 Rules: the CSV's text value of an attribute wins over the npz code; a sample whose target
@@ -40,7 +44,7 @@ import pandas as pd
 
 from raysim.datasets.base import ClientSpec, DataError, DataSource, EmptySplitError, SampleTable, Shard, check_relative_paths, path_problem, path_under, read_csv, register_dataset
 from raysim.datasets.imaging import NPZ_READ_ERRORS, check_npz_array_size, resize_chw
-from raysim.datasets.oph_schema import ATTRIBUTES, LABEL, LABEL_TEXT, MODALITIES, NUM_SITES, RACE_STRINGS, SITE_ATTRIBUTES, UNKNOWN, code_from_text
+from raysim.datasets.oph_schema import ATTRIBUTES, LABEL, LABEL_TEXT, MODALITIES, NUM_SITES, RACE_STRINGS, SITE_ATTRIBUTES, UNKNOWN, VOLUME_KEYS, code_from_text
 
 
 @register_dataset("fairfedmed_oph")
@@ -76,11 +80,12 @@ class FairFedMedOph(DataSource):
             raise DataError(f"{spec.id}/{split}: no samples (data.val_fraction={self.cfg.val_fraction} of {spec.num_train} training rows carves none); add rows or raise data.val_fraction")
         images, kept, dropped = [], [], Counter()
         for i, filename in enumerate(table.sample_ids):
-            array = self._read_array(filename)
-            if array.size == 0:
-                dropped[f"empty {self.cfg.modality}"] += 1
+            arrays = [self._read_array(filename, key) for key in self.modalities]
+            empty = [key for key, array in zip(self.modalities, arrays) if array.size == 0]
+            if empty:
+                dropped[f"empty {empty[0]}"] += 1
                 continue
-            images.append(self._to_chw(array, filename))
+            images.append(np.concatenate([self._to_chw(key, array, filename) for key, array in zip(self.modalities, arrays)]))
             kept.append(i)
         if not images:
             raise EmptySplitError(f"{spec.id}/{split}: every file has an empty {self.cfg.modality} array")
@@ -110,11 +115,21 @@ class FairFedMedOph(DataSource):
         attr = self.attribute
         if attr not in SITE_ATTRIBUTES:
             raise DataError(f"data.attribute={attr!r}: FairFedMed-Oph has site splits for {', '.join(SITE_ATTRIBUTES)} only")
-        if self.cfg.modality not in MODALITIES:
-            raise DataError(f"data.modality={self.cfg.modality!r}: choose one of {', '.join(MODALITIES)}")
+        self._check_modalities()
         missing = [self._csv(k, s).name for k in range(1, NUM_SITES + 1) for s in ("train", "test") if not self._csv(k, s).exists()]
         if missing:
             raise DataError(f"{self.root}: missing site CSVs for attribute {attr}: {', '.join(missing)}")
+
+    known_modalities: tuple[str, ...] = MODALITIES
+
+    def _check_modalities(self) -> None:
+        """One known array key, or a fundus image and a volume joined by `+` (fundus first)."""
+        given = self.modalities
+        unknown = [key for key in given if key not in self.known_modalities]
+        if unknown or not given:
+            raise DataError(f"data.modality={self.cfg.modality!r}: choose one of {', '.join(self.known_modalities)}, or a fundus image and a volume joined by + ({self.known_modalities[0]}+{VOLUME_KEYS[0]})")
+        if len(given) > 1 and (len(given) != 2 or given[0] in VOLUME_KEYS or given[1] not in VOLUME_KEYS):
+            raise DataError(f"data.modality={self.cfg.modality!r}: two modalities are a fundus image then a volume ({self.known_modalities[0]}+{VOLUME_KEYS[0]})")
 
     def _csv(self, site: int, split: str) -> Path:
         return self.root / f"meta_site{site}_{self.attribute}_{split}.csv"
@@ -218,43 +233,59 @@ class FairFedMedOph(DataSource):
                     return key, value.decode("utf-8", "replace") if isinstance(value, bytes) else value
         raise DataError(f"{path}: none of the keys {', '.join(keys)} present (has: {', '.join(data.files)})")
 
-    def _read_array(self, filename: str) -> np.ndarray:
+    def _read_array(self, filename: str, key: str) -> np.ndarray:
         path = self._file(filename)
         with self._open(filename) as data:
-            if self.cfg.modality not in data.files:
-                raise DataError(f"{path}: missing key {self.cfg.modality!r} (has: {', '.join(data.files)})")
-            check_npz_array_size(data, self.cfg.modality, path)
+            if key not in data.files:
+                raise DataError(f"{path}: missing key {key!r} (has: {', '.join(data.files)})")
+            check_npz_array_size(data, key, path)
             try:
-                array = data[self.cfg.modality]
+                array = data[key]
             except NPZ_READ_ERRORS as err:
-                raise DataError(f"{path}: array {self.cfg.modality!r} is corrupt ({err})") from err
-        ndim = 3 if self.is_volume else 2
+                raise DataError(f"{path}: array {key!r} is corrupt ({err})") from err
+        ndim = 3 if key in VOLUME_KEYS else 2
         if array.size and (array.ndim != ndim or array.dtype != np.uint8):
-            raise DataError(f"{path}: {self.cfg.modality} must be a {ndim}D uint8 array, got {array.dtype} {array.shape}")
+            raise DataError(f"{path}: {key} must be a {ndim}D uint8 array, got {array.dtype} {array.shape}")
         return array
 
-    def _to_chw(self, array: np.ndarray, filename: str) -> np.ndarray:
-        if not self.is_volume:
+    def _to_chw(self, key: str, array: np.ndarray, filename: str) -> np.ndarray:
+        if key not in VOLUME_KEYS:
             return resize_chw(array, self.img_size, 1)
         kept = array[:: self.cfg.slice_step]
-        if len(kept) != self.channels:
+        if len(kept) != self.volume_slices:
             raise DataError(f"{self._file(filename)}: {len(array)} B-scans, but the first volume had {self.volume_depth} (all volumes must match)")
         return resize_chw(kept.transpose(1, 2, 0), self.img_size, len(kept))
 
-    # --- volumes (oct_bscans) -------------------------------------------------------------------
+    # --- modalities and volumes (oct_bscans) ----------------------------------------------------
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The npz keys read per file, in channel order (`data.modality` split at `+`)."""
+        return tuple(key.strip() for key in self.cfg.modality.split("+") if key.strip())
+
+    @property
+    def volume_key(self) -> str | None:
+        return next((key for key in self.modalities if key in VOLUME_KEYS), None)
 
     @property
     def is_volume(self) -> bool:
-        return self.cfg.modality == "oct_bscans"
+        """The image is a volume alone (not a fundus image with a volume beside it)."""
+        return self.modalities == (self.volume_key,)
 
     @property
     def channels(self) -> int:  # type: ignore[override]
-        """1 for fundus images; for OCT volumes the B-scans kept (every data.slice_step-th)."""
-        return len(range(0, self.volume_depth, self.cfg.slice_step)) if self.is_volume else 1
+        """1 per fundus image; for an OCT volume the B-scans kept (every data.slice_step-th)."""
+        return sum(self.channel_split)
+
+    @property
+    def channel_split(self) -> tuple[int, ...]:
+        """Channels of each modality in `modalities`' order (1 for a fundus image)."""
+        return tuple(self.volume_slices or 0 if key in VOLUME_KEYS else 1 for key in self.modalities)
 
     @property
     def volume_slices(self) -> int | None:
-        return self.channels if self.is_volume else None
+        """B-scans kept per volume; None without a volume."""
+        return len(range(0, self.volume_depth, self.cfg.slice_step)) if self.volume_key else None
 
     @functools.cached_property
     def volume_depth(self) -> int:
@@ -266,10 +297,10 @@ class FairFedMedOph(DataSource):
                     continue
                 for filename in pd.read_csv(path, dtype=str, keep_default_na=False).get("filename", []):
                     name = filename.strip()
-                    array = self._read_array(name) if path_problem(name) is None and self._file(name).is_file() else np.empty(0)
+                    array = self._read_array(name, str(self.volume_key)) if path_problem(name) is None and self._file(name).is_file() else np.empty(0)
                     if array.size:
                         return int(array.shape[0])
-        raise DataError(f"{self.root}: no non-empty {self.cfg.modality} volume found")
+        raise DataError(f"{self.root}: no non-empty {self.volume_key} volume found")
 
 
 def _is_integer(value: Any) -> bool:

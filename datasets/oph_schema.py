@@ -15,6 +15,8 @@ LABEL = "glaucoma"
 LABEL_TEXT = {"no": 0, "yes": 1}
 
 MODALITIES = ("slo_fundus", "oct_bscans")
+# npz keys holding a volume (slices, depth, width); the synthetic twin adds its ONH cube.
+VOLUME_KEYS = ("oct_bscans", "oct_onh_bscans")
 NUM_SITES = 3
 SPLITS = ("train", "test")
 # Site CSVs exist for these attributes; `maritalstatus` is recorded but has no site split.

@@ -68,6 +68,7 @@ from raysim.datasets.fairseg import MASK_CLASSES, read_mask
 from raysim.datasets.oph_schema import (
     ATTRIBUTES,
     CSV_COLUMNS,
+    MODALITIES,
     NUM_SITES,
     SITE_ATTRIBUTES,
     SPLITS,
@@ -487,6 +488,7 @@ class SyntheticOph(FairFedMedOph):
 
     name = "synthetic"
     mask_classes = MASK_CLASSES
+    known_modalities = (*MODALITIES, ONH_KEY)  # the ONH cube follows the fundus's disc and cup
 
     @property
     def root(self) -> Path:

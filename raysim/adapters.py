@@ -214,7 +214,8 @@ def freeze_backbone(model: nn.Module) -> None:
             trainable.update(id(p) for p in module.parameters(recurse=False))
             module.frozen_stats = True
         if hasattr(module, "get_classifier"):
-            trainable.update(id(p) for p in module.get_classifier().parameters())
+            heads = module.get_classifier()  # a tuple for distilled ViTs and joint models
+            trainable.update(id(p) for head in (heads if isinstance(heads, tuple) else (heads,)) for p in head.parameters())
         if hasattr(module, "fold"):  # SliceFold's front end is new, never pretrained
             trainable.update(id(p) for p in module.fold.parameters())
     for p in model.parameters():

@@ -7,6 +7,7 @@ client changes ever reaches another one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -83,6 +84,14 @@ def _chunks(pieces: list[tuple[str, torch.Tensor]], size: int) -> Iterator[list[
         yield chunk
 
 
+def _split_rows(kept: torch.Tensor | tuple[torch.Tensor, ...], sizes: list[int]) -> list:
+    """A forward pass's kept values split into consecutive pieces of `sizes` rows; a joint task
+    keeps a tuple (masks, probabilities), split member by member into tuples."""
+    if isinstance(kept, tuple):
+        return list(zip(*(member.split(sizes) for member in kept)))
+    return list(kept.split(sizes))
+
+
 def _concat(batches: list[Batch]) -> Batch:
     if len(batches) == 1:
         return batches[0]
@@ -111,6 +120,7 @@ class Client:
         device: torch.device,
         attribute: str | None = None,
         task: Task = TASKS["classification"],
+        keep_masks: bool = False,
     ) -> None:
         self.spec = spec
         self.id = spec.id
@@ -130,6 +140,7 @@ class Client:
         self.local_elements: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.attribute = attribute  # the target attribute: FairLoRA's group
         self.task = task  # what the model predicts (raysim.tasks); segmentation shards carry masks
+        self.keep_masks = keep_masks  # send predicted masks with the predictions (eval.predictions=all)
 
     @property
     def num_train(self) -> int:
@@ -206,14 +217,17 @@ class Client:
         scores: dict[str, list[torch.Tensor]] = {split: [] for split in splits}
         for chunk in _chunks(pieces, EVAL_BATCH):
             batches = [self.batch_of(self.shards[split], index) for split, index in chunk]
-            probs = self.task.score(forward(model, _concat(batches)))
-            for (split, _), part in zip(chunk, probs.split([len(i) for _, i in chunk])):
+            kept = self.task.score(forward(model, _concat(batches)))
+            for (split, _), part in zip(chunk, _split_rows(kept, [len(i) for _, i in chunk])):
                 scores[split].append(part)
         return [self._predictions(split, scores[split]) for split in splits]
 
     def _predictions(self, split: str, parts: list[torch.Tensor]) -> Predictions:
         shard = self.shards[split]
-        return self.task.predictions(self.id, split, shard.table, parts, shard.masks, self.spec.role)
+        preds = self.task.predictions(self.id, split, shard.table, parts, shard.masks, self.spec.role)
+        if self.keep_masks:  # eval.predictions=all: the predicted masks leave too (never the true ones)
+            preds = dataclasses.replace(preds, masks=self.task.predicted_masks(parts))
+        return preds
 
     def batch_of(self, shard: Shard, index: torch.Tensor) -> Batch:
         """The rows `index` of a shard as a normalised batch on this client's device."""

@@ -143,7 +143,8 @@ def header(key: str) -> str:
 def protocol(run: Run, by: Sequence[str], *, skip_root: bool) -> dict[str, Any]:
     """The resolved config less the keys that may differ between pooled runs (see the module doc)."""
     skipped = (*NOT_PROTOCOL, *by, *(("data.root",) if skip_root else ()))
-    return {k: v for k, v in flatten(run.config).items() if not any(k == s or k.startswith(f"{s}.") for s in skipped)}
+    # A key set to null is a key left at its null default, as in a config.yaml written before the key existed (eval.holdout_site).
+    return {k: v for k, v in flatten(run.config).items() if v is not None and not any(k == s or k.startswith(f"{s}.") for s in skipped)}
 
 
 def fingerprint(run: Run) -> dict[str, Any]:
@@ -204,7 +205,8 @@ def run_row(run: Run, attribute: str) -> dict[str, Any]:
         row |= {f"auc:{g}": float(v) for g, v in zip(groups["group"], groups["value"])}
     real = clients(run.metrics)
     row |= _traffic_and_privacy(run.metrics, real)
-    per_client = test[(test["metric"] == selection.metric) & (test["attribute"] == "") & (test["group"] == "") & test["client"].isin(real)]
+    shown = "auc" if selection.metric == "auc_dice" else selection.metric  # a joint run's clients by their AUC
+    per_client = test[(test["metric"] == shown) & (test["attribute"] == "") & (test["group"] == "") & test["client"].isin(real)]
     row |= {f"client:{c}": float(v) for c, v in zip(per_client["client"], per_client["value"])}
     return row
 
@@ -420,8 +422,9 @@ class Comparison:
             return self._segmentation_footnote()
         target = f" Target attribute {self.attribute}; EOD and SPD: lower is fairer." if self.attribute else ""
         spent = " ε spent: the last round's, the largest over seeds." if self.per_run["epsilon"].notna().any() else ""
+        rule = "the best mean of validation AUC and Dice (a joint run's grading table)" if self.task == "joint" else "the best mean validation AUC"
         return (
-            "Test metrics ×100 at each run's selected round (the best mean validation AUC, the earliest on a tie; `round` lists it per seed); "
+            f"Test metrics ×100 at each run's selected round ({rule}, the earliest on a tie; `round` lists it per seed); "
             "mean ± sample std (ddof = 1) over the n seeds; 95 % CI: Student-t interval of the mean (n − 1 degrees of freedom)."
             f"{target} MB up: 10^6 bytes sent per client per round, mean over clients and rounds.{spent}"
         )

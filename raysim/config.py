@@ -37,7 +37,7 @@ class DataConfig:
     root: str | None = _doc("dataset directory (synthetic: generated/cached here when empty)", None)
     attribute: str | None = _doc("target sensitive attribute (site split, console table; null: the source's default)", None)
     val_fraction: float = _doc("share of each client's training data held out for validation", 0.15)
-    modality: str = _doc("image array to read (FairFedMed-Oph: slo_fundus 2D or oct_bscans 3D)", "slo_fundus")
+    modality: str = _doc("image array to read (FairFedMed-Oph: slo_fundus 2D or oct_bscans 3D; the synthetic twin also oct_onh_bscans), or a fundus image and a volume joined by + for the joint fundus + OCT model (slo_fundus+oct_onh_bscans)", "slo_fundus")
     cache: bool = _doc("cache decoded, resized images on local disk ($RAYSIM_CACHE, else ~/.cache/raysim)", True)
     slice_step: int = _doc("oct_bscans: keep every k-th B-scan (128 -> 32 slices with 4)", 4)
     gender_coding: str = _doc("npz `gender` integers: female0 (Female=0, Male=1) or male0; CSV text wins", "female0")
@@ -160,12 +160,20 @@ class EvalConfig:
     bootstrap: int = _doc("bootstrap resamples for group AUC 95% intervals (0: off)", 200)
     clients: int | str = _doc("clients evaluated: all, sampled (the round's cohort) or an integer k (a seeded subset of k, the same every round)", "all")
     # predictions.parquet is the run's only patient-level output (reporting.py says what each output holds).
-    predictions: str = _doc("predictions.parquet (per sample: id, label, score, sensitive attributes) of every evaluation (all), the last round's (final) or none", "all")
+    predictions: str = _doc("predictions.parquet (per sample: id, label, score or segmentation values, sensitive attributes; predicted masks with all) of every evaluation (all), the last round's (final) or none", "all")
     pseudonymize: bool = _doc("sample ids in predictions.parquet replaced by a keyed hash (HMAC-SHA256, 16 hex digits); the key: eval.id_key_file, else $RAYSIM_ID_KEY", False)
     id_key_file: str | None = _doc("absolute path of a file holding the pseudonymisation key, outside the run directory (null: $RAYSIM_ID_KEY)", None)
+    # FL-MedSegBench's unseen-site protocol: the engine checks the id against the clients (raysim.engine.driver).
+    holdout_site: str | None = _doc(
+        "a client id held out of training (never sampled, never aggregated, outside every mean), scored at each evaluation as an unseen site "
+        "with its method's `newcomer` model; metric rows of role holdout (null: none)",
+        None,
+    )
 
     def validate(self) -> None:
         _check_positive("eval.every", self.every)
+        if self.holdout_site is not None and not str(self.holdout_site).strip():
+            raise ConfigError("eval.holdout_site must be a client id (e.g. site3) or null, got an empty string")
         if self.clients not in ("all", "sampled") and (isinstance(self.clients, bool) or not isinstance(self.clients, int) or self.clients < 1):
             raise ConfigError(f"eval.clients must be all, sampled or a positive integer, got {self.clients!r}")
         if self.bootstrap < 0:

@@ -3,7 +3,8 @@
 Segmentation models are named `<decoder>:<timm encoder>` (`model.name=unet:resnet18`): a
 segmentation-models-pytorch decoder (`SEGMENTATION_DECODERS`) on the timm encoder through
 smp's `tu-<name>` universal encoder; the name alone makes the run a segmentation run
-(`raysim.tasks`).
+(`raysim.tasks`). `joint:<encoder>` adds a grade head, and a second encoder for an OCT volume
+stacked beside the fundus image (`raysim.jointmodels`): a joint segmentation + grading run.
 """
 
 from __future__ import annotations
@@ -43,15 +44,21 @@ class SliceFold(nn.Module):
         return logits.reshape(batch, self.groups, -1).mean(dim=1)
 
 
-def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, seed: int, slices: int | None = None, weights_key: str = "model.weights") -> nn.Module:
+def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, seed: int, slices: int | None = None, weights_key: str = "model.weights", mask_classes: int | None = None) -> nn.Module:
     """A timm model; initialisation depends only on `seed` (every actor builds the same one).
 
     With `slices` (a volume), the backbone takes 3 channels behind a SliceFold front end.
     `weights_key` names the config key of `cfg.weights` in errors. A segmentation name
-    (`unet:<encoder>`) builds `build_segmentation_model`'s U-Net with `num_classes` mask classes.
+    (`unet:<encoder>`) builds `build_segmentation_model`'s U-Net with `num_classes` mask classes;
+    a joint name (`joint:<encoder>`) `build_joint_model`'s U-Net with `mask_classes` mask classes
+    and a `num_classes` grade head (the last `slices` channels an OCT volume for its second encoder).
     """
+    if model_task(cfg.name) == "joint":
+        from raysim.jointmodels import build_joint_model  # segmentation-models-pytorch loads only here
+
+        return build_joint_model(cfg, num_classes=num_classes, mask_classes=mask_classes or 0, in_chans=in_chans, slices=slices, seed=seed, weights_key=weights_key)
     if is_segmentation_model(cfg.name):
-        from raysim.segmodels import build_segmentation_model  # segmentation-models-pytorch loads only here
+        from raysim.segmodels import build_segmentation_model
 
         return build_segmentation_model(cfg, num_classes=num_classes, in_chans=in_chans, seed=seed, weights_key=weights_key)
     if cfg.name not in timm.list_models() and not timm.is_model(cfg.name):
@@ -161,10 +168,20 @@ def exchangeable_keys(model: nn.Module) -> list[str]:
     return [k for k in model.state_dict() if k in trainable or k in live]
 
 
-SEGMENTATION_DECODERS = ("unet",)  # `<decoder>:<timm encoder>` names (model.name; raysim.segmodels)
+# `<decoder>:<timm encoder>` names (model.name; raysim.segmodels, raysim.jointmodels) -> the task
+# (raysim.tasks) such a model makes; any other name is a timm classifier.
+DECODER_TASKS = {"unet": "segmentation", "joint": "joint"}
+SEGMENTATION_DECODERS = tuple(DECODER_TASKS)
 
 
 def is_segmentation_model(name: str) -> bool:
-    """True for a `<decoder>:<encoder>` name with a known decoder (`unet:resnet18`)."""
+    """True for a `<decoder>:<encoder>` name with a known decoder (`unet:resnet18`, `joint:resnet18`):
+    a model that outputs masks."""
     decoder, colon, _ = name.partition(":")
     return bool(colon) and decoder in SEGMENTATION_DECODERS
+
+
+def model_task(name: str) -> str:
+    """The task (raysim.tasks) a model name makes: classification for a timm name."""
+    decoder, colon, _ = name.partition(":")
+    return DECODER_TASKS.get(decoder, "classification") if colon else "classification"

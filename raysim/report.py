@@ -34,7 +34,7 @@ import pandas as pd
 
 from raysim import figures
 from raysim.figures import Section, percent
-from raysim.runs import MEAN, Run, RunReadError, Selection, client_spread, clients, mean_dice, read_run, select_round
+from raysim.runs import HOLDOUT, MEAN, Run, RunReadError, Selection, client_spread, clients, holdout_clients, mean_dice, read_run, select_round
 
 MANY = 50  # above this many clients: distributions instead of one line / bar per client
 NAMED = 8  # up to this many clients each gets a colour and a legend entry; more are thin grey lines
@@ -85,7 +85,7 @@ def _view(run: Run) -> _View:
     target = m[m["attribute"] == attribute] if attribute else m.iloc[:0]
     fair_rows = target[target["group"] == ""]
     fair = fair_rows.groupby(["round", "split", "client", "metric"], sort=True)["value"].first().unstack("metric")
-    named = m[(m["role"] != "") & ~m["client"].str.startswith(MEAN)].drop_duplicates("client")
+    named = m[(m["role"] != "") & (m["role"] != HOLDOUT) & ~m["client"].str.startswith(MEAN)].drop_duplicates("client")
     try:
         selection: Selection | None = select_round(m)
         at: int | None = selection.round
@@ -96,7 +96,7 @@ def _view(run: Run) -> _View:
         at = int(evaluated[-1]) if evaluated else None
         note = f"no round selected: {err}; " + (f"the tables show the last evaluated round, {at}" if at else "the run has no evaluation rows yet")
     task = run.task
-    if task == "segmentation" and {"dice_disc", "dice_cup"} <= set(overall.columns):
+    if task in ("segmentation", "joint") and {"dice_disc", "dice_cup"} <= set(overall.columns):
         overall["dice"] = mean_dice(overall)  # D, the selection metric: a column like the stored ones
     return _View(run, overall, fair, target[target["group"] != ""], clients(m), dict(zip(named["client"], named["role"])), attribute, selection, at, note, task)
 
@@ -709,6 +709,32 @@ def _seg_fairness_section(view: _View) -> Section:
     return section
 
 
+def _holdout_section(view: _View) -> Section | None:
+    """The `eval.holdout_site` (unseen site) per evaluated round next to the participants' mean:
+    its rows are in no mean, worst client or spread above."""
+    held = holdout_clients(view.run.metrics)
+    if not held:
+        return None
+    rule = (view.run.provenance.get("holdout") or {}).get("scored_with", "its method's newcomer model")
+    section = Section("Unseen site", anchor="holdout").text(
+        f"{', '.join(held)} never trained (eval.holdout_site): never sampled, never aggregated, in no mean, worst client or spread above; "
+        f"scored at each evaluation with {rule}. The reported round is the participants' selection ({view.at})."
+    )
+    metrics = ("dice", "dice_disc", "dice_cup") if view.task == "segmentation" else ("auc", "acc")
+    names = SEG_NAMES if view.task == "segmentation" else {"auc": "AUC", "acc": "acc"}
+    columns: dict[str, pd.Series] = {}
+    for split, name in SPLITS.items():
+        for metric in metrics:
+            table = view.curve(split, metric)
+            for client in [*held, MEAN]:
+                if client in table.columns:
+                    columns[f"{name} {names[metric]} {'participants' if client == MEAN else client}"] = table[client]
+    if columns:
+        out = pd.DataFrame(columns).sort_index().apply(lambda c: c.map(percent)).reset_index(names="round")
+        section.add(figures.table(out, "holdout", "the held-out site and the participants' mean per evaluated round (x100)"))
+    return section
+
+
 # --- the page ------------------------------------------------------------------------------
 
 
@@ -720,9 +746,12 @@ def build(run: Run) -> str:
         sections += [_training_section(view)]
         roles = _roles_section(view, "dice", "Dice", SEG_ROLE_ROWS)
     else:
-        sections = [_run_section(view), _selection_section(view), _performance_section(view), _clients_section(view), _fairness_section(view), _training_section(view)]
+        sections = [_run_section(view), _selection_section(view), _performance_section(view), _clients_section(view), _fairness_section(view)]
+        if view.task == "joint":  # segments and grades: the segmentation view after the grading one
+            sections += [_seg_performance_section(view), _seg_clients_section(view), _client_fairness_section(view), _seg_fairness_section(view)]
+        sections.append(_training_section(view))
         roles = _roles_section(view)
-    sections += [s for s in (roles, _privacy_section(view)) if s is not None]
+    sections += [s for s in (_holdout_section(view), roles, _privacy_section(view)) if s is not None]
     sections.append(_missing_section(view))
     cfg = run.config
     subtitle = f"{run.algorithm} on {(cfg.get('data') or {}).get('name', '?')}, {len(view.clients)} clients, seed {run.seed}; {run.path}"

@@ -9,7 +9,10 @@ What each output holds, and who should see it:
   sample with its id, label, score and every sensitive attribute: patient-level data, for
   those allowed to see the clients' data. CheXpert / MIMIC ids embed patient and study
   numbers; `eval.pseudonymize` replaces every id by an HMAC-SHA256 under a key kept outside
-  the run directory (`pseudonym`).
+  the run directory (`pseudonym`). Segmentation and joint runs write per-sample Dice, IoU,
+  hd95 and CDR instead of (joint: beside) label and score, and with `all` each sample's
+  predicted mask (`mask`, `mask_size`: `raysim.tasks.decode_mask`); the true masks never leave
+  the client's actor.
 
 Both are Parquet dataset folders, one part per round and write (`part-r000003-k00.parquet`),
 appended, never rewritten: `pd.read_parquet(RUN_DIR / "metrics.parquet")` reads one table.
@@ -303,7 +306,8 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
     table = pa.Table.from_pandas(frame, preserve_index=False)
     # Text columns as one Arrow type in every part, whatever pandas inferred for this one
     # (an all-empty column would otherwise be `null` here and `string` in the next part).
-    schema = pa.schema([pa.field(f.name, pa.string()) if _text(frame[f.name]) else f for f in table.schema], metadata=table.schema.metadata)
+    # Bytes (predicted masks) stay binary.
+    schema = pa.schema([pa.field(f.name, pa.binary() if _bytes(frame[f.name]) else pa.string()) if _text(frame[f.name]) else f for f in table.schema], metadata=table.schema.metadata)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table.cast(schema), tmp)
     tmp.replace(path)
@@ -311,6 +315,10 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
 
 def _text(column: pd.Series) -> bool:
     return column.dtype == object or isinstance(column.dtype, pd.StringDtype)
+
+
+def _bytes(column: pd.Series) -> bool:
+    return column.dtype == object and len(column) > 0 and isinstance(column.iloc[0], bytes)
 
 
 # --- console ------------------------------------------------------------------------------
@@ -324,7 +332,7 @@ def format_table(frame: pd.DataFrame, *, round_: int, split: str, attribute: str
     rows = frame[(frame["round"] == round_) & (frame["split"] == split)]
     columns = tasks.get(task).table_columns(attribute, group_names)
     roles = {r.client: r.role for r in rows.itertuples() if r.role and not r.client.startswith("mean")}
-    if roles and ("Acc", "", "", "acc") not in columns:  # e.g. FedHelp, whose headline is accuracy
+    if roles and task != "segmentation" and ("Acc", "", "", "acc") not in columns:  # e.g. FedHelp, whose headline is accuracy (Dice when segmenting)
         columns.insert(1, ("Acc", "", "", "acc"))
     clients = list(dict.fromkeys(rows["client"]))
     means = [c for c in clients if c.startswith("mean")]

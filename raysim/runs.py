@@ -8,7 +8,10 @@ chosen on validation rows only so the test rows stay an unbiased estimate. A seg
 (no AUC or accuracy rows) is selected by its mean validation Dice: `dice`, the mean of the
 `dice_disc` and `dice_cup` means (the D of `raysim.segmetrics`), else `dice_disc` alone.
 `Run.task` says which report a run gets: "segmentation" or "classification" (see there).
-Plain pandas, no Ray.
+A run with `eval.holdout_site` has that site's rows under its own client id with role `holdout`
+(FL-MedSegBench's unseen-site protocol): they are in no `mean` row, so selection is the
+participants' alone, and `clients` leaves them out (worst client, spread, per-client columns);
+`holdout_clients` names them and `holdout_values` reads them at a round. Plain pandas, no Ray.
 """
 
 from __future__ import annotations
@@ -23,15 +26,20 @@ import pandas as pd
 import yaml
 
 MEAN = "mean"  # the client column of the mean-over-clients rows
+HOLDOUT = "holdout"  # the role of eval.holdout_site's rows (raysim.algorithms.base.HOLDOUT; not imported: torch)
 # The first one with a defined validation mean decides: classification's AUC, then accuracy;
 # segmentation's Dice (`dice`: derived, the mean of dice_disc and dice_cup), then the disc's.
-SELECTION_METRICS = ("auc", "acc", "dice", "dice_disc")
-DERIVED = {"dice": ("dice_disc", "dice_cup")}  # selection metrics that are the mean of stored ones
-LABELS = {"dice": "Dice (mean of disc and cup)", "dice_disc": "disc Dice"}  # in `Selection.reason`; others upper-cased
-TASKS = ("classification", "segmentation")
+# A joint run (segmentation + grading) has AUC and Dice rows: it is selected by their mean, since
+# its AUC alone saturates rounds before its Dice does; a classification run (no Dice rows) falls
+# through to AUC, a segmentation run (no AUC rows) to Dice.
+SELECTION_METRICS = ("auc_dice", "auc", "acc", "dice", "dice_disc")
+DERIVED = {"dice": ("dice_disc", "dice_cup"), "auc_dice": ("auc", "dice")}  # selection metrics that are the mean of others
+LABELS = {"dice": "Dice (mean of disc and cup)", "dice_disc": "disc Dice", "auc_dice": "mean of AUC and Dice (a joint run)"}  # in `Selection.reason`; others upper-cased
+TASKS = ("classification", "segmentation", "joint")
 CLASSIFICATION_METRICS = ("auc", "acc")  # rows only a classification run writes
 SEGMENTATION_METRICS = ("dice_disc", "dice_cup")  # rows only a segmentation run writes
-SEGMENTATION_MODELS = ("unet:",)  # `<decoder>:<encoder>` prefixes of raysim.models.SEGMENTATION_DECODERS (not imported: torch)
+SEGMENTATION_MODELS = ("unet:",)  # `<decoder>:<encoder>` prefixes of raysim.models.DECODER_TASKS (not imported: torch)
+JOINT_MODELS = ("joint:",)
 
 
 class RunReadError(ValueError):
@@ -89,21 +97,21 @@ class Run:
 
     @property
     def task(self) -> str:
-        """The run's task, "segmentation" or "classification": the metric rows decide (Dice rows and no AUC or
-        accuracy rows: segmentation); a run without either (no evaluation yet) follows its
-        model, as the engine does (`model.name=unet:<encoder>`: segmentation)."""
+        """The run's task, "classification", "segmentation" or "joint": the metric rows decide
+        (AUC or accuracy rows and Dice rows: joint; Dice rows alone: segmentation); a run without
+        either (no evaluation yet) follows its model, as the engine does
+        (`model.name=unet:<encoder>`: segmentation, `joint:<encoder>`: joint)."""
         return task_of(self.metrics, self.config)
 
 
 def task_of(metrics: pd.DataFrame, config: dict[str, Any] | None = None) -> str:
     """The task of a run's metric rows (and config, when the rows cannot say): see `Run.task`."""
     names = set(metrics["metric"].unique())
-    if names & set(CLASSIFICATION_METRICS):
-        return "classification"
-    if names & set(SEGMENTATION_METRICS):
-        return "segmentation"
+    graded, segmented = bool(names & set(CLASSIFICATION_METRICS)), bool(names & set(SEGMENTATION_METRICS))
+    if graded or segmented:
+        return "joint" if graded and segmented else "classification" if graded else "segmentation"
     model = str(((config or {}).get("model") or {}).get("name", ""))
-    return "segmentation" if model.startswith(SEGMENTATION_MODELS) else "classification"
+    return "joint" if model.startswith(JOINT_MODELS) else "segmentation" if model.startswith(SEGMENTATION_MODELS) else "classification"
 
 
 def mean_dice(frame: pd.DataFrame) -> pd.Series:
@@ -183,7 +191,7 @@ def _curve(mean: pd.DataFrame, metric: str) -> pd.Series:
     parts = DERIVED.get(metric)
     if parts is None:
         return mean[mean["metric"] == metric].set_index("round")["value"].sort_index().dropna()
-    curves = [mean[mean["metric"] == m].set_index("round")["value"] for m in parts]
+    curves = [_curve(mean, m) for m in parts]  # a part may be derived itself (Dice in auc_dice)
     return pd.concat(curves, axis=1).mean(axis=1, skipna=False).sort_index().dropna()
 
 
@@ -196,9 +204,29 @@ def value(metrics: pd.DataFrame, *, round_: int, split: str, metric: str, attrib
 
 
 def clients(metrics: pd.DataFrame) -> list[str]:
-    """The real clients (no `mean`, `mean:<role>` or `server` rows), in natural order (site2 < site10)."""
-    names = {c for c in metrics["client"].unique() if c != MEAN and not c.startswith(f"{MEAN}:") and c != "server"}
+    """The participating clients (no `mean`, `mean:<role>` or `server` rows, no held-out site), in
+    natural order (site2 < site10): what the means, the worst client and the spread are over."""
+    held = set(holdout_clients(metrics))
+    names = {c for c in metrics["client"].unique() if c != MEAN and not c.startswith(f"{MEAN}:") and c != "server" and c not in held}
     return sorted(names, key=natural_key)
+
+
+def holdout_clients(metrics: pd.DataFrame) -> list[str]:
+    """The `eval.holdout_site` clients of a run (rows of role `holdout`; none without one)."""
+    return sorted(set(metrics.loc[metrics["role"] == HOLDOUT, "client"]), key=natural_key)
+
+
+def holdout_values(metrics: pd.DataFrame, round_: int, split: str = "test") -> dict[str, dict[str, float]]:
+    """Held-out client -> its whole-population metrics (attribute "") at `round_` on `split`,
+    segmentation's D (`dice`, the mean of disc and cup) included; {} without a held-out site."""
+    out: dict[str, dict[str, float]] = {}
+    for client in holdout_clients(metrics):
+        rows = metrics[(metrics["client"] == client) & (metrics["round"] == round_) & (metrics["split"] == split) & (metrics["attribute"] == "") & (metrics["group"] == "")]
+        values = {str(k): float(v) for k, v in zip(rows["metric"], rows["value"])}
+        if set(DERIVED["dice"]) <= set(values):
+            values["dice"] = (values["dice_disc"] + values["dice_cup"]) / 2
+        out[client] = values
+    return out
 
 
 def natural_key(name: str) -> tuple[Any, ...]:

@@ -69,14 +69,14 @@ def build_segmentation_model(cfg: ModelConfig, *, num_classes: int, in_chans: in
             raise
     model.pretrained_cfg = dict(getattr(model.encoder.model, "pretrained_cfg", None) or {})
     if cfg.weights:
-        load_encoder_weights(model, cfg, weights_key)
+        load_encoder_weights(model.encoder, model.pretrained_cfg, cfg, weights_key)
     return model
 
 
-def load_encoder_weights(model: nn.Module, cfg: ModelConfig, key: str) -> None:
-    """A timm checkpoint of the encoder into the U-Net's encoder: every encoder tensor must be
-    in the file with its shape (the stem's input channels may differ: adapted as timm does; the
-    file's classifier head and unused final layers are ignored)."""
+def load_encoder_weights(encoder: nn.Module, pretrained_cfg: dict, cfg: ModelConfig, key: str) -> None:
+    """A timm checkpoint of the encoder into a U-Net's (smp `tu-`) encoder: every encoder tensor
+    must be in the file with its shape (the stem's input channels may differ: adapted as timm
+    does; the file's classifier head and unused final layers are ignored)."""
     path = Path(cfg.weights or "").expanduser()
     if not path.is_file():
         raise ConfigError(f"{key}={path} is not a file (encoder weights for {cfg.name})")
@@ -84,8 +84,8 @@ def load_encoder_weights(model: nn.Module, cfg: ModelConfig, key: str) -> None:
         given = timm.models.load_state_dict(str(path), weights_only=True)
     except (RuntimeError, OSError, ValueError, KeyError, EOFError, AttributeError, pickle.UnpicklingError) as err:
         raise ConfigError(f"{key}={path} is not a weights file timm can read (for {cfg.name}): {' '.join(str(err).split())[:200]}") from err
-    target = model.encoder.model.state_dict()
-    stem = f"{model.pretrained_cfg.get('first_conv') or ''}."
+    target = encoder.model.state_dict()
+    stem = f"{pretrained_cfg.get('first_conv') or ''}."
     for k, v in list(given.items()):  # the stem's input channels adapted as timm does (RGB <-> grayscale)
         if k.startswith(stem) and k in target and v.dim() == 4 and v.shape[0] == target[k].shape[0] and v.shape[2:] == target[k].shape[2:]:
             given[k] = timm.models.adapt_input_conv(target[k].shape[1], v)
@@ -94,7 +94,7 @@ def load_encoder_weights(model: nn.Module, cfg: ModelConfig, key: str) -> None:
     if missing or wrong:
         problem = f"{len(missing)} encoder tensors missing from the file (e.g. {missing[0]})" if missing else f"{len(wrong)} tensors of another shape (e.g. {wrong[0]})"
         raise ConfigError(f"{key}={path} does not fit the encoder of {cfg.name}: {problem}")
-    model.encoder.model.load_state_dict({k: given[k] for k in target}, strict=True)
+    encoder.model.load_state_dict({k: given[k] for k in target}, strict=True)
 
 
 class UNet(smp.Unet):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -22,6 +23,13 @@ class Batch:
     index: torch.Tensor  # positions in the client's split (for per-sample state)
     group: torch.Tensor | None = None  # codes of the target attribute (FairLoRA's group), -1 unknown
     mask: torch.Tensor | None = None  # segmentation: int64 class per pixel (B, H, W); None when classifying
+
+
+class JointOutput(NamedTuple):
+    """What a joint model (`joint:<encoder>`, raysim.jointmodels) returns: both tasks' logits."""
+
+    masks: torch.Tensor  # (B, mask classes, H, W)
+    grade: torch.Tensor  # (B, classes)
 
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -66,11 +74,21 @@ def cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
     return supervised_loss(forward(model, batch), batch)
 
 
-def supervised_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Cross-entropy of the labels; for a batch with masks, `segmentation_loss` of the masks."""
+def supervised_loss(logits: torch.Tensor | JointOutput, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of the labels; for a batch with masks, `segmentation_loss` of the masks; for
+    a joint model's output, the sum of the two (equal weights, as IMO's joint objective sums its
+    segmentation and classification terms)."""
+    if isinstance(logits, JointOutput):
+        return segmentation_loss(logits.masks, _masks_of(batch)) + nn.functional.cross_entropy(logits.grade, batch.y)
     if batch.mask is not None:
         return segmentation_loss(logits, batch.mask)
     return nn.functional.cross_entropy(logits, batch.y)
+
+
+def _masks_of(batch: Batch) -> torch.Tensor:
+    if batch.mask is None:
+        raise ValueError("a joint model's batch needs masks (the client loads them for the joint task)")
+    return batch.mask
 
 
 def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor, *, smooth: float = 1.0) -> torch.Tensor:

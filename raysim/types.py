@@ -35,7 +35,8 @@ class Predictions:
     """A client's scores on one split: the only evaluation data the driver sees.
 
     Segmentation (`task` "segmentation") sends no scores (an (N, 0) array) but per-sample
-    `values` (`raysim.tasks.SEGMENTATION_COLUMNS`: Dice, IoU, hd95, CDR, areas), never masks."""
+    `values` (`raysim.tasks.SEGMENTATION_COLUMNS`: Dice, IoU, hd95, CDR, areas), never the
+    true masks; its predicted masks only with `eval.predictions=all` (`masks`)."""
 
     client_id: str
     split: str
@@ -46,3 +47,4 @@ class Predictions:
     role: str = ""
     task: str = "classification"  # a `raysim.tasks.TASKS` name
     values: dict[str, np.ndarray] | None = None  # segmentation: per-sample values by column
+    masks: np.ndarray | None = None  # predicted masks (N, H, W) uint8, only with eval.predictions=all

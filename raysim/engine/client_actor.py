@@ -75,6 +75,7 @@ class ClientHost:
                 device=self.device,
                 attribute=source.attribute,
                 task=task,
+                keep_masks=cfg.eval.predictions == "all",
             )
             for spec in specs
         }
@@ -126,7 +127,7 @@ class ClientHost:
 
     def evaluate(self, client_id: str, payload: Tensors | None = None, splits: list[str] | None = None) -> list[Predictions]:
         client = self.clients[client_id]
-        model = self.algorithm.eval_model(client, self._payload(payload))
+        model = self.algorithm.scoring_model(client, self._payload(payload))  # the held-out site's: `newcomer_model`
         return client.predict_splits(list(splits or ["val", "test"]), model)
 
     def _payload(self, payload: Tensors | None) -> Tensors:

@@ -36,6 +36,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raysim import console, provenance, reporting, storage
 from raysim.algorithms import ALGORITHMS, ServerState
 from raysim.algorithms.aggregation import non_finite
+from raysim.algorithms.base import HOLDOUT
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec
 from raysim.determinism import deterministic_torch
@@ -122,6 +123,8 @@ class Driver:
         self.source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
         self.algorithm = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg)
         self.attributes = self._eval_attributes()
+        if cfg.eval.holdout_site is not None:
+            self._hold_out(self.source.client_specs())  # an unknown or only client fails here, before Ray starts (the CLI builds a Driver first)
         self.recorder = reporting.RunRecorder.for_config(self.run_dir, cfg)  # eval.pseudonymize without a key: a ConfigError here
         self.pool: ActorPool | None = None
         self.lock: storage.RunLock | None = None  # taken by `start`
@@ -132,6 +135,7 @@ class Driver:
         self.known_files: dict[str, dict[str, Any]] = {}  # checkpoint file -> size and sha256, as written
         self.traffic_down = self.traffic_up = 0  # bytes sent in this process's rounds
         self.dead: dict[str, str] = {}  # client id -> why it is out of the run
+        self.holdout: ClientSpec | None = None  # eval.holdout_site's client (role holdout), set by `start`
         self.stopped: str | None = None  # why the run ended before its last round (Algorithm.stop_before)
 
     # --- the run ------------------------------------------------------------------------------
@@ -191,12 +195,17 @@ class Driver:
         self.cfg = resolve_weights(self.cfg, self.echo)  # adapter methods need a pretrained backbone
         self.algorithm = ALGORITHMS.get(self.cfg.algorithm["name"])(self.cfg.algorithm_params(), self.cfg)
         self.algorithm.server_device = server_device(self.cfg.resources.driver_gpus)
-        specs = self.algorithm.arrange_clients(self.source.client_specs())
-        self.specs = {s.id: s for s in specs}
+        specs, self.holdout = self._hold_out(self.source.client_specs())
+        self.specs = {s.id: s for s in specs}  # the participants: sampled, set up, averaged (never the held-out site)
+        hosted = sorted([*specs, self.holdout], key=lambda s: s.id) if self.holdout else specs  # every client an actor loads, in the source's order
         if not resume:
             resources = {"per_actor": dataclasses.asdict(self.cfg.resources), "ray_cluster": ray.cluster_resources()}
             provenance.write(self.run_dir, data=self.source.fingerprint(), resources=resources, argv=sys.argv, attribute=self.target_attribute)
-        self.echo(f"data: {self.cfg.data.name} with {len(specs)} clients: " + _client_list(specs))
+        self.echo(f"data: {self.cfg.data.name} with {len(hosted)} clients: " + _client_list(hosted))
+        if self.holdout:
+            self.echo(f"eval.holdout_site={self.holdout.id}: never trains, never sampled, outside every mean; scored at each evaluation with {self.algorithm.newcomer}")
+            if not resume:  # the rule in words, for the report (which imports no method)
+                provenance.add(self.run_dir, "holdout", {"site": self.holdout.id, "scored_with": self.algorithm.newcomer})
         self.context = self.algorithm.prepare_run(self.source, specs, self.run_dir, self.echo)
         model = self.algorithm.build_model(self.source)
         self.state = self.algorithm.init_state(model)
@@ -215,7 +224,7 @@ class Driver:
         context = ray.get_runtime_context()
         where = {"pid": os.getpid(), "node_id": context.get_node_id(), "ray_actor_id": context.get_actor_id()}
         provenance.add(self.run_dir, "driver" if self.next_round == 1 else f"driver_from_round_{self.next_round}", where)
-        self._start_actors(specs)
+        self._start_actors(hosted)
         if checkpoint is not None:
             self._restore_clients(checkpoint)
             self.echo(f"resumed from {checkpoint} (round {done} done)")
@@ -360,9 +369,10 @@ class Driver:
     def _record_missing(self, round_: int) -> None:
         """With clients dropped (fault.on_client_loss=drop): `missing` (1.0) per dropped client and
         `n_clients` (those left, over which every mean is taken), split `train`, every round."""
-        if not self.dead:
+        dropped = self._dropped()
+        if not dropped:
             return
-        rows = [(cid, "missing", 1.0) for cid in sorted(self.dead)] + [("mean", "n_clients", float(len(self.specs) - len(self.dead)))]
+        rows = [(cid, "missing", 1.0) for cid in dropped] + [("mean", "n_clients", float(len(self.specs) - len(dropped)))]
         frame = pd.DataFrame(rows, columns=["client", "metric", "value"])
         roles = {cid: spec.role for cid, spec in self.specs.items()}
         frame = frame.assign(round=round_, split="train", role=frame["client"].map(roles).fillna(""), attribute="", group="")
@@ -381,6 +391,8 @@ class Driver:
 
     def evaluate(self, round_: int, state: ServerState, *, splits: list[str], show: str) -> None:
         chosen = [cid for cid in self.eval_clients() if cid not in self.dead]
+        if self.holdout and self.holdout.id not in self.dead:  # scored at every evaluation, whatever eval.clients says
+            chosen.append(self.holdout.id)
         self.pool.broadcast(self.algorithm.payload(state, round_), chosen, self.algorithm.round_values(state, round_))
         predictions: list[Predictions] = []
         phase = f"round {round_}: clients evaluated"
@@ -402,18 +414,48 @@ class Driver:
         if undefined:
             # Small groups make undefined values routine: one line, not one warning each.
             log.warning("round %d: %d metric values undefined (NaN), e.g. %s", round_, len(undefined), undefined[0].message)
-        metric_frame = reporting.with_means(frame)
+        metric_frame = self._with_means(frame)
         self.evaluated_round = round_
         self.recorder.add(metric_frame, self.recorder.prediction_frames(round_, predictions, self.attributes))  # eval.predictions, eval.pseudonymize
         attribute = self.target_attribute
         self.echo(reporting.format_table(metric_frame, round_=round_, split=show, attribute=attribute, group_names=group_names.get(attribute, {}), task=self.algorithm.task.name))
-        if self.dead:
-            self.echo(f"means over {len(self.specs) - len(self.dead)} of {len(self.specs)} clients; dropped: {console.first(sorted(self.dead))}")
+        if dropped := self._dropped():
+            self.echo(f"means over {len(self.specs) - len(dropped)} of {len(self.specs)} clients; dropped: {console.first(dropped)}")
 
     @property
     def target_attribute(self) -> str:
         """The attribute the console table and the report show ("" for a source without any)."""
         return self.source.attribute if self.source.attribute in self.attributes else next(iter(self.attributes), "")
+
+    def _hold_out(self, specs: list[ClientSpec]) -> tuple[list[ClientSpec], ClientSpec | None]:
+        """(the participants, as the method arranges them; the `eval.holdout_site` client with role
+        `holdout`, or None). The method never sees the held-out site: not in `arrange_clients`,
+        `prepare_run`, `client_setup`, sampling or its weights; only the actors load its shards."""
+        site = self.cfg.eval.holdout_site
+        if site is None:
+            return self.algorithm.arrange_clients(specs), None
+        ids = [s.id for s in specs]
+        if site not in ids:
+            raise ConfigError(f"eval.holdout_site={site!r} is not a client of data source {self.cfg.data.name}; its clients: {console.first(ids, 20)}")
+        if len(ids) == 1:
+            raise ConfigError(
+                f"eval.holdout_site={site} is the only client of data source {self.cfg.data.name}: no client would train; hold out one of several clients (data.partition with data.num_clients makes more)"
+            )
+        held = next(s for s in specs if s.id == site)
+        return self.algorithm.arrange_clients([s for s in specs if s.id != site]), dataclasses.replace(held, role=HOLDOUT)
+
+    def _with_means(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """`reporting.with_means` over the participants' rows; the held-out site's rows (role
+        `holdout`) follow as they are, in no mean (so selection by mean validation metric is the
+        participants' alone). Without a held-out site: exactly `with_means(frame)`."""
+        held = frame["role"] == HOLDOUT
+        if not held.any():
+            return reporting.with_means(frame)
+        return pd.concat([reporting.with_means(frame[~held]), frame[held]], ignore_index=True)
+
+    def _dropped(self) -> list[str]:
+        """Participants out of the run (`fault.on_client_loss=drop`); a lost held-out site is no missing client."""
+        return sorted(cid for cid in self.dead if cid in self.specs)
 
     def eval_clients(self) -> list[str]:
         """`eval.clients`: all clients, the last round's cohort, or a seeded subset fixed for the run."""
