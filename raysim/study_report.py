@@ -4,7 +4,8 @@ A study directory (written by `raysim.tune`) holds trials.parquet / trials.csv (
 trial: its searched values, status, best validation objective and round, rounds done), best.yaml
 (the best trial's complete config, its header naming the objective) and one Tune directory per
 trial whose result.json / progress.csv has every reported round. The report shows the trials
-table, the objective against each searched parameter (log axis for a loguniform parameter, or,
+table (with each trial's test metrics at its best round: AUC for a classification study; Dice and
+ES-Dice for a segmentation one, `TEST_COLUMNS`), the objective against each searched parameter (log axis for a loguniform parameter, or,
 without the study's search space, for a positive one spanning a factor of 10 or more), the ASHA
 stopping picture (the objective over rounds per trial; a cross where a trial was stopped early)
 and the best config. Plain pandas and matplotlib, no Ray.
@@ -26,6 +27,12 @@ import pandas as pd
 from raysim import figures
 
 TRIAL_FIELDS = {"trial_id", "status", "rounds_done", "stopped_early", "best_round", "objective", "final_objective"}
+# The test metrics the trials table shows (at each trial's best round), per task (raysim.tasks).
+TEST_COLUMNS = {
+    "classification": {"test_auc": "test AUC at best"},
+    "segmentation": {"test_dice": "test Dice at best", "test_es_dice": "test ES-Dice at best"},
+    "joint": {"test_auc": "test AUC at best", "test_dice": "test Dice at best", "test_es_dice": "test ES-Dice at best"},
+}
 
 
 def read_trials(study_dir: Path) -> pd.DataFrame:
@@ -57,6 +64,14 @@ def histories(study_dir: Path) -> dict[str, pd.DataFrame]:
     return out
 
 
+def study_task(trials: pd.DataFrame) -> str:
+    """The study's task as its trials reported it (a segmentation trial reports `val_dice`, a
+    joint one `val_dice` and `val_auc`); classification when no trial reported a round."""
+    if "val_dice" not in trials:
+        return "classification"
+    return "joint" if "val_auc" in trials else "segmentation"
+
+
 def objective_text(study_dir: Path) -> str:
     """The objective expression as best.yaml's header names it ("objective" when unknown)."""
     best = Path(study_dir) / "best.yaml"
@@ -72,15 +87,15 @@ def log_axis(values: pd.Series, spec: Mapping[str, Any] | None) -> bool:
     return len(numbers) > 1 and bool((numbers > 0).all()) and numbers.max() / numbers.min() >= 10
 
 
-def markdown(trials: pd.DataFrame, params: list[str]) -> str:
+def markdown(trials: pd.DataFrame, params: list[str], task: str | None = None) -> str:
     """The trials table (best first, as trials.parquet is sorted) in Markdown."""
-    cells = _cells(trials, params)
+    cells = _cells(trials, params, task or study_task(trials))
     lines = ["| " + " | ".join(cells.columns) + " |", "|" + "---|" * len(cells.columns)]
     lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
     return "\n".join(lines)
 
 
-def _cells(trials: pd.DataFrame, params: list[str]) -> pd.DataFrame:
+def _cells(trials: pd.DataFrame, params: list[str], task: str) -> pd.DataFrame:
     def fmt(value: Any, spec: str = "g") -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "-"
@@ -89,24 +104,28 @@ def _cells(trials: pd.DataFrame, params: list[str]) -> pd.DataFrame:
     out = pd.DataFrame({"trial": trials["trial_id"].astype(str), "status": trials["status"].astype(str)})
     for key in params:
         out[key] = [fmt(v, ".4g") for v in trials[key]]
-    for key, name, spec in (("objective", "objective (val)", ".4f"), ("best_round", "best round", "g"), ("rounds_done", "rounds reached", "g"), ("test_auc", "test AUC at best", ".4f")):
+    shown = [("objective", "objective (val)", ".4f"), ("best_round", "best round", "g"), ("rounds_done", "rounds reached", "g")]
+    shown += [(key, name, ".4f") for key, name in TEST_COLUMNS.get(task, {}).items()]
+    for key, name, spec in shown:
         out[name] = [fmt(v, spec) for v in trials[key]] if key in trials else "-"
     if "stopped_early" in trials:
         out["stopped early"] = ["-" if pd.isna(v) else ("yes" if v else "no") for v in trials["stopped_early"]]
     return out
 
 
-def page(study_dir: Path, *, space: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[str, str]:
-    """(report HTML, trials table in Markdown) of the study in `study_dir`."""
+def page(study_dir: Path, *, space: Mapping[str, Mapping[str, Any]] | None = None, task: str | None = None) -> tuple[str, str]:
+    """(report HTML, trials table in Markdown) of the study in `study_dir`; `task` (what
+    raysim.tune knows from the config) else the one the trials reported (`study_task`)."""
     study_dir = Path(study_dir)
     trials = read_trials(study_dir)
+    task = task or study_task(trials)
     params = list(space) if space else searched(trials)
     objective = objective_text(study_dir)
     runs = histories(study_dir)
-    table = markdown(trials, params)
+    table = markdown(trials, params, task)
     sections = [
         figures.Section("Trials", anchor="trials").add(
-            figures.table(_cells(trials, params), "trials", f"{len(trials)} trial(s), best first; objective {objective} on validation, best over the reported rounds")
+            figures.table(_cells(trials, params, task), "trials", f"{len(trials)} trial(s), best first; objective {objective} on validation, best over the reported rounds")
         )
     ]
     if params and "objective" in trials:
@@ -175,10 +194,10 @@ def _stopping(trials: pd.DataFrame, runs: dict[str, pd.DataFrame], objective: st
     return figures.Section("Stopping (ASHA)", anchor="stopping").add(figures.embed(fig, "asha", alt))
 
 
-def write(study_dir: Path, *, out: Path | None = None, space: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+def write(study_dir: Path, *, out: Path | None = None, space: Mapping[str, Mapping[str, Any]] | None = None, task: str | None = None) -> str:
     """Write STUDY_DIR/report.html (and OUT/compare.html); return the trials table in Markdown
     and the best trial's line (what the CLI prints)."""
-    document, table = page(study_dir, space=space)
+    document, table = page(study_dir, space=space, task=task)
     figures.write_page(Path(study_dir) / "report.html", document)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,20 @@
 """`python -m raysim.tune`: a Ray Tune study over any config key; each trial is one federated run.
 
     python -m raysim.tune tune_configs/fairlora_rank_lr.yaml --num-samples 2
+    python -m raysim.tune tune_configs/segmentation_lr.yaml --num-samples 2   # objective dice - 0.5*dice_gap
     python -m raysim.tune STUDY.yaml --out studies/lr --resume     # continue an interrupted study (Ctrl-C exits 130)
 
 A study file names a base config (preset or YAML file + overrides), a search space over config
-keys, an objective over validation metrics of the mean-over-clients row (e.g. `auc - 0.5*eod`),
-the scheduler (ASHA on rounds by default) and the search algorithm. Every evaluated round is
-reported to Tune with the run directory as the checkpoint, so trials resume. The study
-directory gets Tune's results (with TensorBoard event files), `trials.parquet` / `trials.csv`
-and `best.yaml`, a complete config that `python -m raysim.run --config best.yaml` reruns, and
-`report.html` (`python -m raysim.compare STUDY_DIR` rebuilds it); the trials write no report of
-their own.
+keys, an objective over validation metrics of the mean-over-clients row, the scheduler (ASHA on
+rounds by default) and the search algorithm. The objective names metrics that the base config's
+task writes (`raysim.tasks`: the model decides; `OBJECTIVE_METRICS` lists them): `auc - 0.5*eod`
+for classification, `dice - 0.5*dice_gap` or `es_dice` for segmentation (`--config
+segmentation`, `model.name=unet:<encoder>`); a metric the task does not write is refused before
+any trial. Every evaluated round is reported to Tune with the run directory as the checkpoint,
+so trials resume. The study directory gets Tune's results (with TensorBoard event files),
+`trials.parquet` / `trials.csv` and `best.yaml`, a complete config that `python -m raysim.run
+--config best.yaml` reruns, and `report.html` (`python -m raysim.compare STUDY_DIR` rebuilds
+it); the trials write no report of their own.
 """
 
 from __future__ import annotations
@@ -34,17 +38,16 @@ import pandas as pd
 import yaml
 
 from raysim import config as config_mod
+from raysim import segmetrics
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
 from raysim.engine.placement import Capacity, actor_count
+from raysim.runs import DERIVED
 
 log = logging.getLogger(__name__)
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # the shell convention for Ctrl-C
 DRIVER_CPU = 0.1  # the trial function (it streams the driver actor's progress); bundle 0 adds resources.driver_cpus for that actor
-ATTRIBUTE_FREE = ("auc", "acc", "bacc", "loss")  # rows with attribute ""
-FAIRNESS = ("es_auc", "es_acc", "es_bacc", "eod", "spd")  # rows of the target attribute (data.attribute)
-METRICS = ATTRIBUTE_FREE + FAIRNESS
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid_search", "randint")
 SCHEDULERS = ("asha", "fifo")
 SEARCHERS = ("random", "optuna")
@@ -52,6 +55,33 @@ STUDY_KEYS = ("base", "search_space", "objective", "mode", "num_samples", "sched
 
 
 # --- the objective --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskMetrics:
+    """The validation metrics an objective may name for one task (`raysim.tasks`)."""
+
+    attribute_free: tuple[str, ...]  # rows with attribute ""
+    fairness: tuple[str, ...]  # rows of the target attribute (data.attribute)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.attribute_free + self.fairness
+
+
+# A task's metrics as its runs write them (raysim.metrics / raysim.segmetrics rows), plus the
+# derived `dice`: the mean of the dice_disc and dice_cup means (raysim.runs.DERIVED, as model
+# selection derives it). A joint run (segmentation + grade) writes both tasks' rows. A task
+# missing here cannot be tuned: load_study says so.
+_CLASSIFICATION = TaskMetrics(("auc", "acc", "bacc", "loss"), ("es_auc", "es_acc", "es_bacc", "eod", "spd"))
+_SEGMENTATION = TaskMetrics(("dice", *segmetrics.SAMPLE_COLUMNS), segmetrics.EQUITY)
+OBJECTIVE_METRICS: dict[str, TaskMetrics] = {
+    "classification": _CLASSIFICATION,
+    "segmentation": _SEGMENTATION,
+    "joint": TaskMetrics(_CLASSIFICATION.attribute_free + _SEGMENTATION.attribute_free, _CLASSIFICATION.fairness + _SEGMENTATION.fairness),
+}
+METRICS = OBJECTIVE_METRICS["joint"].names  # every name an objective may hold (check_objective holds it to the run's task)
+EXAMPLES = {"classification": "auc - 0.5*eod", "segmentation": "dice - 0.5*dice_gap", "joint": "(auc + dice) / 2 - 0.5*dice_gap"}
 
 _OPS: dict[type, Callable[[float, float], float]] = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
@@ -68,10 +98,15 @@ class Objective:
         return float(_evaluate(self.tree.body, values))
 
 
+def _choices() -> str:
+    return "; ".join(f"{task}: {', '.join(OBJECTIVE_METRICS[task].names)}" for task in ("classification", "segmentation")) + "; joint: both"
+
+
 def parse_objective(text: str) -> Objective:
-    """Only metric names, numbers, + - * / and parentheses; anything else is a ConfigError."""
+    """Only metric names (of any task: `check_objective` holds them to the run's), numbers,
+    + - * / and parentheses; anything else is a ConfigError."""
     if not isinstance(text, str) or not text.strip():
-        raise ConfigError(f"objective must be an expression over {', '.join(METRICS)}, e.g. 'auc - 0.5*eod'; got {text!r}")
+        raise ConfigError(f"objective must be an expression over metric names ({_choices()}), e.g. {EXAMPLES['classification']!r} or {EXAMPLES['segmentation']!r}; got {text!r}")
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as err:
@@ -80,7 +115,7 @@ def parse_objective(text: str) -> Objective:
     for node in ast.walk(tree.body):
         if isinstance(node, ast.Name):
             if node.id not in METRICS:
-                raise ConfigError(f"objective {text!r}: unknown metric {node.id!r}; use {', '.join(METRICS)}")
+                raise ConfigError(f"objective {text!r}: unknown metric {node.id!r}; use {_choices()}")
             names.append(node.id)
         elif isinstance(node, ast.Constant):
             if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
@@ -88,7 +123,7 @@ def parse_objective(text: str) -> Objective:
         elif not isinstance(node, (ast.BinOp, ast.UnaryOp, ast.Load, *_OPS, ast.USub, ast.UAdd)):
             raise ConfigError(f"objective {text!r}: {type(node).__name__} is not allowed (only metric names, numbers, + - * / and parentheses)")
     if not names:
-        raise ConfigError(f"objective {text!r} names no metric; use {', '.join(METRICS)}")
+        raise ConfigError(f"objective {text!r} names no metric; use {_choices()}")
     return Objective(text.strip(), tree, tuple(dict.fromkeys(names)))
 
 
@@ -108,21 +143,50 @@ def _evaluate(node: ast.AST, values: Mapping[str, float]) -> float:
     raise ConfigError(f"unsupported objective node {type(node).__name__}")  # parse_objective rejects these first
 
 
-def round_metrics(frame: pd.DataFrame, round_: int, split: str, attribute: str | None) -> dict[str, float]:
-    """The mean-over-clients values of one round and split: attribute-free metrics from the
-    rows with attribute "", fairness metrics from the rows of `attribute`; NaN when absent."""
+def task_of(cfg: ExperimentConfig) -> str:
+    """The run's task, as the engine decides it (`raysim.tasks.task_of`: the model)."""
+    from raysim import tasks  # torch: only once a config is in hand
+
+    return tasks.task_of(cfg.model).name
+
+
+def check_objective(objective: Objective, cfg: ExperimentConfig) -> None:
+    """A ConfigError when the objective names a metric that runs of `cfg`'s task never write
+    (its value would be NaN in every trial)."""
+    task = task_of(cfg)
+    known = OBJECTIVE_METRICS.get(task)
+    if known is None:
+        raise ConfigError(f"model.name={cfg.model.name} makes a {task} run, which Tune objectives do not cover yet (tasks with objective metrics: {', '.join(OBJECTIVE_METRICS)})")
+    foreign = [name for name in objective.names if name not in known.names]
+    if foreign:
+        raise ConfigError(
+            f"objective {objective.text!r} names {', '.join(foreign)}, which a {task} run (model.name={cfg.model.name}) does not write; "
+            f"a {task} objective uses {', '.join(known.names)}, e.g. {EXAMPLES.get(task, known.names[0])!r}"
+        )
+
+
+def round_metrics(frame: pd.DataFrame, round_: int, split: str, attribute: str | None, task: str) -> dict[str, float]:
+    """The mean-over-clients values of `task`'s metrics at one round and split: attribute-free
+    ones from the rows with attribute "", fairness ones from the rows of `attribute`, a derived
+    one the mean of its parts; NaN when absent."""
+    known = OBJECTIVE_METRICS[task]
     rows = frame[(frame["round"] == round_) & (frame["split"] == split) & (frame["client"] == "mean") & (frame["group"] == "")]
-    out = {}
-    for name in METRICS:
-        wanted = "" if name in ATTRIBUTE_FREE else (attribute or "")
-        hit = rows[(rows["metric"] == name) & (rows["attribute"] == wanted)]["value"]
-        out[name] = float(hit.iloc[0]) if len(hit) and (name in ATTRIBUTE_FREE or attribute) else math.nan
-    return out
+
+    def value(name: str) -> float:
+        if name in DERIVED:
+            parts = [value(part) for part in DERIVED[name]]
+            return sum(parts) / len(parts)  # NaN when a part is
+        if name not in known.attribute_free and not attribute:
+            return math.nan  # a source without sensitive attributes has no fairness rows
+        hit = rows[(rows["metric"] == name) & (rows["attribute"] == ("" if name in known.attribute_free else attribute))]["value"]
+        return float(hit.iloc[0]) if len(hit) else math.nan
+
+    return {name: value(name) for name in known.names}
 
 
-def report_row(frame: pd.DataFrame, round_: int, attribute: str | None, objective: Objective) -> dict[str, float]:
-    """What a trial reports for an evaluated round: the objective (validation) and val_/test_ metrics."""
-    val, test = round_metrics(frame, round_, "val", attribute), round_metrics(frame, round_, "test", attribute)
+def report_row(frame: pd.DataFrame, round_: int, attribute: str | None, objective: Objective, task: str) -> dict[str, float]:
+    """What a trial reports for an evaluated round: the objective (validation) and val_/test_ metrics of `task`."""
+    val, test = round_metrics(frame, round_, "val", attribute, task), round_metrics(frame, round_, "test", attribute, task)
     row: dict[str, float] = {"round": round_, "objective": objective(val)}
     row |= {f"val_{k}": v for k, v in val.items()}
     row |= {f"test_{k}": v for k, v in test.items()}  # recorded, never optimised
@@ -157,13 +221,22 @@ class Study:
             node[leaf] = value
         return config_mod.from_dict(config_mod.merge(raw, tree))
 
+    @property
+    def task(self) -> str:
+        """The base config's task (`raysim.tasks`), whose metrics the objective names."""
+        return task_of(self.config())
+
     def validate(self) -> None:
-        """Every searched key exists and every corner of the space gives a valid config."""
-        self.config()
+        """Every searched key exists, every corner of the space gives a valid config, and each
+        such config's task writes every metric the objective names."""
+        try:
+            check_objective(self.objective, self.config())
+        except ConfigError as err:
+            raise ConfigError(f"{self.path}: {err}") from None
         for key, spec in self.space.items():
             for value in _corners(spec):
                 try:
-                    self.config({key: value})
+                    check_objective(self.objective, self.config({key: value}))
                 except ConfigError as err:
                     raise ConfigError(f"{self.path}: search_space.{key} = {value!r}: {err}") from None
 
@@ -190,6 +263,10 @@ def load_study(path: str | Path, *, num_samples: int | None = None) -> Study:
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"{path}: search_space must map config keys to distributions, e.g. federation.lr: {{loguniform: [1.0e-4, 1.0e-2]}}")
     space = {str(k): _distribution(path, str(k), v) for k, v in space.items()}
+    try:
+        objective = parse_objective(raw["objective"])
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     mode = raw.get("mode", "max")
     if mode not in ("max", "min"):
         raise ConfigError(f"{path}: mode must be max or min, got {mode!r}")
@@ -198,7 +275,7 @@ def load_study(path: str | Path, *, num_samples: int | None = None) -> Study:
         base=base,
         overrides=overrides,
         space=space,
-        objective=parse_objective(raw["objective"]),
+        objective=objective,
         mode=mode,
         num_samples=int(num_samples or raw.get("num_samples", 4)),
         scheduler=_named(path, "scheduler", raw.get("scheduler", "asha"), SCHEDULERS),
@@ -329,6 +406,7 @@ def run_trial(values: dict[str, Any], study: Study) -> None:
         run_dir.mkdir(parents=True)
         (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
     resume = latest_checkpoint(run_dir) is not None
+    task = task_of(cfg)
     # The rounds run in the trial's driver actor, in bundle 0 of its placement group (grown by
     # resources.driver_cpus); its client actors take bundles 1..n.
     actor = driver_actor.start(cfg, run_dir, placement_group=get_current_placement_group())
@@ -337,7 +415,7 @@ def run_trial(values: dict[str, Any], study: Study) -> None:
             for line in event.lines:
                 log.info("%s", line)
             if event.evaluated is not None:  # every evaluated round (eval.every and the last)
-                row = report_row(event.evaluated, event.round, event.attribute, study.objective)
+                row = report_row(event.evaluated, event.round, event.attribute, study.objective, task)
                 tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
     finally:
         ray.kill(actor)
@@ -483,7 +561,7 @@ def write_report(out: str, study: Study) -> bool:
     from raysim import study_report
 
     try:
-        study_report.write(Path(out), space=study.space)
+        study_report.write(Path(out), space=study.space, task=study.task)
     except (OSError, ValueError, KeyError) as err:
         log.warning("report.html not written: %s", err)
         return False
@@ -548,7 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     table = trials_table(results, study, experiment)
     best = write_outputs(out, study, table)
     report = write_report(out, study)
-    shown = [c for c in ("trial_id", "status", *study.space, "best_round", "objective", "test_auc") if c in table]
+    from raysim.study_report import TEST_COLUMNS
+
+    shown = [c for c in ("trial_id", "status", *study.space, "best_round", "objective", *TEST_COLUMNS.get(study.task, {})) if c in table]
     print(table[shown].to_string(index=False))
     if best is None:
         print("no trial reported a finite objective; see the errors above", file=sys.stderr)

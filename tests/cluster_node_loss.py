@@ -1,6 +1,7 @@
 """Run by tests/test_faults.py in a subprocess (it needs its own Ray): a local 3-node cluster (a head
-with no CPUs, two 2-CPU workers); the same run twice, the second losing the worker node that
-hosts some client actors after round 2's training. Prints IDENTICAL when both end with the same metrics."""
+with no CPUs, two 2-CPU workers); a run that loses the worker node hosting some client actors
+after round 2's training. The test compares its OUT/cut/metrics.parquet with the uninterrupted
+run's (its module's, on one node: results never depend on placement)."""
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,11 @@ from raysim import config
 from raysim.engine.driver import Driver
 
 root, out, overrides = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 * 1024**2})
+# The GCS declares a node dead after health_check_failure_threshold (5) failed checks, one every
+# health_check_period_ms: Ray's 3 s made the run wait 15 s for the removed node; 1 s, 5 s. A check
+# fails when the node does not answer (it is gone), not when it answers slowly.
+health = {"health_check_period_ms": 1000}
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 * 1024**2, "_system_config": health})
 workers = [cluster.add_node(num_cpus=2, object_store_memory=100 * 1024**2) for _ in range(2)]
 ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
 cluster.wait_for_nodes()
@@ -45,11 +50,8 @@ def run(run_dir: Path, lose_node: bool) -> tuple[pd.DataFrame, list[str]]:
 
 
 try:
-    full, _ = run(out / "full", False)
-    cut, lines = run(out / "cut", True)
+    _, lines = run(out / "cut", True)
 finally:
     ray.shutdown()
     cluster.shutdown()
 print("\n".join(lines))
-pd.testing.assert_frame_equal(full, cut, check_exact=True)
-print("IDENTICAL")

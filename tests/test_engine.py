@@ -119,12 +119,15 @@ def test_resume_matches_an_uninterrupted_run(ray_session, oph_root: Path, tmp_pa
     pd.testing.assert_frame_equal(full, pd.read_parquet(tmp_path / "cut" / "metrics.parquet"), check_exact=True)
 
 
-def test_cli_run_writes_the_run_directory_and_prints_it_last(ray_session, oph_root: Path, tmp_path: Path) -> None:
+def test_cli_run_writes_the_run_directory_and_prints_it_last(ray_session, oph_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The CLI runs the rounds in a driver actor on this node, streams its lines, resolves a
-    relative --out against its own working directory (and prints it absolute), and computes the in-process driver's bits."""
+    relative --out against its own working directory (and prints it absolute), and computes the
+    in-process driver's bits (with one client actor to start, the in-process run with three)."""
+    from raysim import run
+
     run_dir = tmp_path / "cli"
     overrides = tiny_overrides(oph_root, **{"federation.rounds": 1})
-    proc = subprocess.run([sys.executable, "-m", "raysim.run", "--out", "cli", *overrides], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "raysim.run", "--out", "cli", *overrides, "resources.actors=1"], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout.strip().splitlines()
     assert out[-1] == str(run_dir) and any(line.startswith("round   1/1 | clients 3 |") for line in out)
@@ -135,8 +138,8 @@ def test_cli_run_writes_the_run_directory_and_prints_it_last(ray_session, oph_ro
         assert (run_dir / name).exists(), name
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["federation"]["rounds"] == 1 and saved["model"]["name"] == "test_resnet"
-    again = subprocess.run([sys.executable, "-m", "raysim.run", "--out", str(run_dir), *overrides], capture_output=True, text=True, timeout=60)
-    assert again.returncode == 2 and "--resume" in again.stderr
+    capsys.readouterr()
+    assert run.main(["--out", str(run_dir), *overrides]) == 2 and "--resume" in capsys.readouterr().err  # refused before Ray: no second interpreter needed
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     assert not math.isnan(metrics[(metrics["client"] == "mean") & (metrics["metric"] == "auc") & (metrics["attribute"] == "")]["value"].iloc[-1])
     in_process = make_driver(oph_root, tmp_path / "in_process", **{"federation.rounds": 1}).run()

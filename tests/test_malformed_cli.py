@@ -9,7 +9,7 @@ once the input is fixed), an existing run directory and the data root are byte f
 before (a driver that started took the run's .lock, which holds its pid).
 
 Most cases run in-process: config errors never reach Ray (the test fails if one does), the
-rest share the session's Ray (`ray_session`). Three run end to end as `python -m raysim.run`
+rest share the session's Ray (`ray_session`). Four run end to end as `python -m raysim.run`
 subprocesses, started at once, each with its own Ray temp dir.
 
 (tests/test_data_hardening.py holds the source-level catalogue: DataError messages for each
@@ -508,11 +508,21 @@ def cli_client_data_error(tmp: Path, oph_root: Path) -> Cli:
     return Cli(["--out", str(tmp / "run"), *tiny_overrides(data, **{"federation.rounds": 1, **ONE_ACTOR})], tmp / "run", data, victim)
 
 
+def cli_client_unreadable_npz(tmp: Path, oph_root: Path) -> Cli:
+    """An npz cut short (no zip archive left) that only a client actor reads: not even one actor
+    traceback of Ray's reaches stderr, and no restart."""
+    data = Path(shutil.copytree(oph_root, tmp / "oph"))
+    victim = sorted((data / "all").glob("*.npz"))[4]
+    victim.write_bytes(victim.read_bytes()[:300])
+    return Cli(["--out", str(tmp / "run"), *tiny_overrides(data, **{"federation.rounds": 1, **ONE_ACTOR})], tmp / "run", data, victim)
+
+
 @pytest.fixture(scope="module")
 def end_to_end(oph_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Cli]:
-    """The three CLI runs, started at once (each with a private Ray temp dir, short for Ray's
-    socket paths; never the machine's, and RAY_ADDRESS removed): their Ray start-ups overlap."""
-    runs = {make.__name__: make(tmp_path_factory.mktemp(make.__name__), oph_root) for make in (cli_config_error, cli_driver_data_error, cli_client_data_error)}
+    """The four CLI runs, started at once (each with a private Ray temp dir, short for Ray's
+    socket paths; never the machine's, and RAY_ADDRESS removed): their start-ups overlap."""
+    makers = (cli_config_error, cli_driver_data_error, cli_client_data_error, cli_client_unreadable_npz)
+    runs = {make.__name__: make(tmp_path_factory.mktemp(make.__name__), oph_root) for make in makers}
     procs = {}
     try:
         for name, case in runs.items():
@@ -564,4 +574,13 @@ def test_cli_truncated_array_found_by_a_client_actor_end_to_end(end_to_end: dict
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {run_.victim}: array 'slo_fundus' is corrupt ("), proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout and "driver actor lost" not in proc.stdout
+    assert not run_.out.exists() and snapshot(run_.data) == run_.before
+
+
+def test_cli_unreadable_npz_found_by_a_client_actor_end_to_end(end_to_end: dict[str, Cli]) -> None:
+    run_ = end_to_end["cli_client_unreadable_npz"]
+    proc = run_.proc
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [f"error: {run_.victim}: not a readable npz file (File is not a zip file)"], proc.stderr[-3000:]
+    assert "driver actor lost" not in proc.stdout
     assert not run_.out.exists() and snapshot(run_.data) == run_.before

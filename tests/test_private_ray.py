@@ -57,7 +57,10 @@ def test_a_live_local_head_beside_the_run_is_left_alone(ray_env: dict[str, str])
     """`ray start --head --block` in its own session, stopped by signalling it (never `ray stop`,
     which stops every Ray on the machine, this test session's and anyone else's)."""
     head_cli = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"]
-    head = subprocess.Popen(head_cli, env=ray_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The group's SIGTERM stops the head's GCS too: Ray 2.60's drain on SIGTERM would wait 30 s
+    # for that GCS before shutting down. An idle head has nothing to drain.
+    head_env = ray_env | {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    head = subprocess.Popen(head_cli, env=head_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         address_file = Path(ray_env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster"
         deadline = time.monotonic() + 120
@@ -71,17 +74,3 @@ def test_a_live_local_head_beside_the_run_is_left_alone(ray_env: dict[str, str])
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on exit
         head.wait(timeout=120)
-
-
-def test_a_data_error_found_in_a_client_actor_is_one_line_and_exit_2(ray_env: dict[str, str], oph_copy: Path, tmp_path: Path) -> None:
-    """A corrupt npz that only a client actor reads (the driver reads the CSVs): the whole of
-    stderr is the one line naming the file, exit code 2; no actor traceback, no restarts."""
-    from conftest import tiny_overrides
-
-    victim = sorted((oph_copy / "all").glob("*.npz"))[4]
-    victim.write_bytes(victim.read_bytes()[:300])
-    command = [sys.executable, "-m", "raysim.run", "--out", str(tmp_path / "run"), *tiny_overrides(oph_copy, **{"federation.rounds": 1})]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ray_env)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines() == [f"error: {victim}: not a readable npz file (File is not a zip file)"], proc.stderr[-3000:]
-    assert "driver actor lost" not in proc.stdout

@@ -7,18 +7,22 @@ import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from raysim import config
+from raysim import config, metrics, runs, segmetrics, study_report
 from raysim.config import ConfigError
 from raysim.engine.client_actor import gpu_memory_fraction
-from raysim.tune import load_study, parse_objective, report_row, round_metrics
+from raysim.tune import OBJECTIVE_METRICS, load_study, parse_objective, report_row, round_metrics
 
 from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+SEGMENTATION_BASE = {"config": "segmentation", "overrides": ["model.name=unet:test_resnet"]}
 
 
 def _study(tmp_path: Path, **fields: object) -> Path:
@@ -56,6 +60,14 @@ def test_study_parses(tmp_path: Path) -> None:
         ({"mode": "best"}, "mode must be max or min"),
         ({"searchspace": {}}, "unknown study key"),
         ({"base": "no_such_preset"}, "not found"),
+        # an objective over the other task's metrics: refused before any trial, naming the model
+        ({"base": SEGMENTATION_BASE}, "names auc, eod, which a segmentation run (model.name=unet:test_resnet) does not write; a segmentation objective uses dice, dice_disc,"),
+        ({"base": SEGMENTATION_BASE, "objective": "es_dice - loss"}, "names loss, which a segmentation run"),
+        ({"objective": "dice - 0.5*dice_gap"}, "names dice, dice_gap, which a classification run (model.name=resnet18) does not write; a classification objective uses auc, acc,"),
+        (
+            {"objective": "es_auc", "search_space": {"model.name": {"choice": ["resnet18", "unet:resnet18"]}}},
+            "search_space.model.name = 'unet:resnet18': objective 'es_auc' names es_auc, which a segmentation run",
+        ),
     ],
 )
 def test_study_errors(tmp_path: Path, fields: dict, message: str) -> None:
@@ -63,11 +75,29 @@ def test_study_errors(tmp_path: Path, fields: dict, message: str) -> None:
         load_study(_study(tmp_path, **fields))
 
 
-def test_tune_cli_bad_study_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_tune_cli_bad_study_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from raysim.engine import driver
     from raysim.tune import main
 
+    monkeypatch.setattr(driver, "connect_ray", lambda **_: pytest.fail("a bad study reached Ray"))
     assert main([str(_study(tmp_path, objective="auc ** 2"))]) == 2
     assert "not allowed" in capsys.readouterr().err
+    assert main([str(_study(tmp_path, base=SEGMENTATION_BASE, objective="auc"))]) == 2  # a classification metric of a segmentation study
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "objective 'auc' names auc, which a segmentation run" in line
+
+
+@pytest.mark.parametrize("objective", ["dice - 0.5*dice_gap", "es_dice", "(dice_disc + dice_cup) / 2 - hd95_cup - cdr_error", "iou_cup - es_dice_cup + dice_disc_gap"])
+def test_a_segmentation_study_takes_segmentation_metrics(tmp_path: Path, objective: str) -> None:
+    study = load_study(_study(tmp_path, base=SEGMENTATION_BASE, objective=objective))
+    assert study.task == "segmentation" and set(study.objective.names) <= set(OBJECTIVE_METRICS["segmentation"].names)
+    assert load_study(_study(tmp_path)).task == "classification"
+
+
+def test_a_joint_study_takes_both_tasks_metrics(tmp_path: Path) -> None:
+    """A joint run (segmentation + grade, `--config fundus_oct`) writes both tasks' rows."""
+    study = load_study(_study(tmp_path, base="fundus_oct", objective="(auc + dice) / 2 - 0.5*dice_gap - 0.5*eod"))
+    assert study.task == "joint" and set(study.objective.names) == {"auc", "dice", "dice_gap", "eod"}
 
 
 # --- the objective --------------------------------------------------------------------------
@@ -85,14 +115,94 @@ def _frame() -> pd.DataFrame:
 
 
 def test_objective_from_the_validation_mean_row() -> None:
-    values = round_metrics(_frame(), 2, "val", "race")
+    values = round_metrics(_frame(), 2, "val", "race", "classification")
     assert values["auc"] == 0.8 and values["eod"] == 0.2 and values["es_auc"] == 0.5  # mean row, race, group ""
     assert math.isnan(values["spd"]) and math.isnan(values["bacc"])
-    row = report_row(_frame(), 2, "race", parse_objective("auc - 0.5*eod"))
+    assert list(values) == ["auc", "acc", "bacc", "loss", "es_auc", "es_acc", "es_bacc", "eod", "spd"]  # what classification trials always reported
+    row = report_row(_frame(), 2, "race", parse_objective("auc - 0.5*eod"), "classification")
     assert row["objective"] == pytest.approx(0.7)
     assert row["test_auc"] == pytest.approx(0.9) and row["round"] == 2  # test recorded, never in the objective
     assert parse_objective("(auc + es_auc) / 2 - -eod")({"auc": 0.8, "es_auc": 0.4, "eod": 0.1}) == pytest.approx(0.7)
     assert math.isnan(parse_objective("auc / (eod - eod)")({"auc": 1.0, "eod": 0.2}))
+
+
+def _long(rows: list[tuple[int, str, str, list[metrics.Row]]]) -> pd.DataFrame:
+    """(round, split, client, rows) -> metrics.parquet's long frame with the mean-over-clients rows, as the driver writes it."""
+    frame = pd.DataFrame([(r, split, client, "", a, g, m, v) for r, split, client, client_rows in rows for a, g, m, v in client_rows], columns=list(metrics.FRAME_COLUMNS))
+    return pd.concat([frame, metrics.mean_over_clients(frame)], ignore_index=True)
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_each_task_objective_metric_is_a_mean_row_its_runs_write(task: str) -> None:
+    """Attribute-free names are rows with attribute "", fairness names rows of the target
+    attribute (group "" both), from the real metric functions of the task; `dice` is derived."""
+    rng = np.random.default_rng(0)
+    race = rng.integers(0, 2, 40)
+    names = {"race": {0: "Black", 1: "White"}}
+    if task == "classification":
+        labels = rng.integers(0, 2, 40)
+        written = metrics.client_metrics(labels, np.clip(labels * 0.3 + rng.random(40) * 0.7, 0, 1), {"race": race}, names, n_boot=5)
+    else:
+        true = rng.integers(0, 3, (40, 8, 8)).astype(np.uint8)
+        written = segmetrics.client_segmentation_metrics(segmetrics.sample_metrics(np.where(rng.random((40, 8, 8)) < 0.7, true, 0).astype(np.uint8), true), {"race": race}, names, n_boot=5)
+    known = OBJECTIVE_METRICS[task]
+    stored = {(a, m) for a, g, m, _ in written if g == ""}
+    assert {("", m) for m in known.attribute_free if m not in runs.DERIVED} <= stored
+    assert {("race", m) for m in known.fairness} <= stored
+    assert set(known.names) <= set(metrics.METRIC_NAMES) | set(runs.DERIVED)  # the output contract's names
+    assert set(known.names) <= set(OBJECTIVE_METRICS["joint"].names)  # a joint run writes both tasks' rows
+    values = round_metrics(_long([(1, "val", "site1", written)]), 1, "val", "race", task)
+    assert list(values) == list(known.names) and all(math.isfinite(v) for k, v in values.items() if k not in ("eod", "spd"))
+
+
+def _segmentation_frame() -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    rows = []
+    for split in ("val", "test"):
+        for client in ("site1", "site2"):
+            true = rng.integers(0, 3, (30, 16, 16)).astype(np.uint8)
+            pred = np.where(rng.random(true.shape) < 0.8, true, 0).astype(np.uint8)
+            samples = segmetrics.sample_metrics(pred, true)
+            rows.append((2, split, client, segmetrics.client_segmentation_metrics(samples, {"race": rng.integers(-1, 3, 30)}, {"race": {0: "Asian", 1: "Black", 2: "White"}}, n_boot=10)))
+    return _long(rows)
+
+
+def test_segmentation_objective_from_the_validation_mean_row() -> None:
+    frame = _segmentation_frame()
+    values = round_metrics(frame, 2, "val", "race", "segmentation")
+    mean = lambda metric, attribute="": runs.value(frame, round_=2, split="val", metric=metric, attribute=attribute)  # noqa: E731
+    assert values["dice"] == pytest.approx((mean("dice_disc") + mean("dice_cup")) / 2)
+    assert values["dice"] == pytest.approx(runs.select_round(frame).value) and runs.select_round(frame).metric == "dice"  # as model selection derives it
+    assert values["es_dice"] == mean("es_dice", "race") and values["dice_gap"] == mean("dice_gap", "race") and values["cdr_error"] == mean("cdr_error")
+    assert {k for k, v in round_metrics(frame, 2, "val", None, "segmentation").items() if math.isnan(v)} == set(OBJECTIVE_METRICS["segmentation"].fairness)  # no attribute
+    row = report_row(frame, 2, "race", parse_objective("dice - 0.5*dice_gap"), "segmentation")
+    assert row["objective"] == pytest.approx(values["dice"] - 0.5 * values["dice_gap"])
+    assert row["test_dice"] == pytest.approx(round_metrics(frame, 2, "test", "race", "segmentation")["dice"]) and row["test_dice"] != row["val_dice"]
+    assert not any(k.endswith(("_auc", "_eod")) for k in row)  # a task's trials report its own metrics
+
+
+def test_a_segmentation_study_report_shows_dice(tmp_path: Path) -> None:
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["a", "b"],
+            "status": ["TERMINATED"] * 2,
+            "federation.lr": [1e-3, 1e-2],
+            "best_round": [2, 1],
+            "objective": [0.7, 0.5],
+            "val_dice": [0.8, 0.6],
+            "test_dice": [0.75, 0.55],
+            "test_es_dice": [0.7, 0.5],
+        }
+    )
+    trials.to_parquet(tmp_path / "trials.parquet")
+    (tmp_path / "best.yaml").write_text("# best trial a of s.yaml: objective dice - 0.5*dice_gap = 0.7000 (val, round 2)\nseed: 0\n")
+    table = study_report.write(tmp_path).splitlines()
+    assert table[0] == "| trial | status | federation.lr | objective (val) | best round | rounds reached | test Dice at best | test ES-Dice at best |"
+    assert table[2] == "| a | TERMINATED | 0.001 | 0.7000 | 2 | - | 0.7500 | 0.7000 |"
+    assert "test Dice at best" in (tmp_path / "report.html").read_text() and "dice - 0.5*dice_gap" in (tmp_path / "report.html").read_text()
+    assert study_report.markdown(trials.iloc[0:0][["trial_id", "status"]], [], "segmentation").startswith("| trial | status | objective (val) | best round | rounds reached | test Dice at best |")
+    tasks = [study_report.study_task(pd.DataFrame(columns=c)) for c in (["val_dice", "test_dice"], ["val_dice", "val_auc"], ["val_auc"], [])]
+    assert tasks == ["segmentation", "joint", "classification", "classification"]  # what the trials reported (none: classification)
 
 
 # --- the trial's placement group ------------------------------------------------------------
@@ -189,7 +299,7 @@ def test_tiny_study_writes_trials_and_best(ray_session, oph_root: Path, tmp_path
     from raysim.tune import main
 
     base = tmp_path / "base.yaml"
-    base.write_text(config.dump(config.load(None, tiny_overrides(oph_root, **{"eval.bootstrap": 0, "resources.num_cpus": 0.2}))))
+    base.write_text(config.dump(config.load(None, tiny_overrides(oph_root, **{"eval.bootstrap": 0, "resources.num_cpus": 0.2, "resources.actors": 1}))))  # one client actor process per trial
     study = tmp_path / "tiny.yaml"
     study.write_text(yaml.safe_dump({"base": "base.yaml", "search_space": {"federation.lr": {"grid_search": [0.001, 0.01]}}, "objective": "auc - 0.5*eod", "num_samples": 1}))
     out = tmp_path / "study"

@@ -1,8 +1,11 @@
 """A Tune trial whose process is killed is retried from its checkpoint and ends with the
-results of an uninterrupted trial (real Ray Tune, a real SIGKILL; no mocks)."""
+results of an uninterrupted trial (real Ray Tune, a real SIGKILL; no mocks). The study whose
+trial has no retries left is a segmentation one: its trial reports the Dice metrics and an
+objective over them (raysim.tune's segmentation path through a real trial, at no extra study)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +18,8 @@ import pytest
 import yaml
 
 from raysim import config
-from raysim.tune import Study, load_study, trial_statuses, tuner
+from raysim.engine.driver import Driver
+from raysim.tune import Study, load_study, report_row, task_of, trial_statuses, tuner
 
 from conftest import tiny_overrides
 
@@ -23,15 +27,34 @@ TRIAL_PROCESS = "ray::ImplicitFunc"  # a Tune function trial's actor (Ray 2.x): 
 ROUNDS = 3
 
 
-def _study(oph_root: Path, tmp_path: Path, **extra: object) -> Study:
-    """One trial (a choice of one value, FIFO), 3 rounds, evaluated and checkpointed every round."""
+LR = 0.01  # the study's one value
+SEGMENTATION = {"data.name": "synthetic", "model.name": "unet:test_resnet"}  # disc / cup masks of the same tiny set
+
+
+def _study(oph_root: Path, tmp_path: Path, objective: str = "auc - 0.5*eod", **extra: object) -> Study:
+    """One trial (a choice of one value, FIFO), 3 rounds, evaluated and checkpointed every round;
+    one client actor (a trial's start and restart each start one process, not three)."""
     base = tmp_path / "base.yaml"
-    overrides = {"federation.rounds": ROUNDS, "eval.every": 1, "checkpoint.every": 1, "eval.bootstrap": 0, "resources.num_cpus": 0.2} | extra
+    overrides = {"federation.rounds": ROUNDS, "eval.every": 1, "checkpoint.every": 1, "eval.bootstrap": 0, "resources.num_cpus": 0.2, "resources.actors": 1} | extra
     base.write_text(config.dump(config.load(None, tiny_overrides(oph_root, **overrides))))
     path = tmp_path / "study.yaml"
-    body = {"base": "base.yaml", "search_space": {"federation.lr": {"choice": [0.01]}}, "objective": "auc - 0.5*eod", "num_samples": 1, "scheduler": "fifo"}
+    body = {"base": "base.yaml", "search_space": {"federation.lr": {"choice": [LR]}}, "objective": objective, "num_samples": 1, "scheduler": "fifo"}
     path.write_text(yaml.safe_dump(body))
     return load_study(path)
+
+
+def _uninterrupted(study: Study, run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What an uninterrupted trial reports (one report_row per evaluated round) and writes
+    (metrics.parquet): its config run by an in-process driver on the session's Ray, instead of a
+    second Tune study (results never depend on where the rounds run: tests/test_engine.py)."""
+    cfg = study.config({"federation.lr": LR, "report.html": False})
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(config.dump(cfg))
+    driver = Driver(cfg, run_dir, echo=lambda _: None)
+    metrics = driver.run()
+    rounds = sorted(metrics.loc[metrics["split"] == "val", "round"].unique())
+    reported = pd.DataFrame([report_row(metrics, int(r), driver.source.attribute, study.objective, task_of(cfg)) for r in rounds])
+    return reported, pd.read_parquet(run_dir / "metrics.parquet")
 
 
 def _parent(pid: int) -> int:
@@ -78,18 +101,17 @@ def _kill_after_first_report(experiment: Path, killed: dict[str, object], done: 
         time.sleep(0.02)
 
 
-def _fit(study: Study, experiment: Path, *, kill: bool) -> tuple[object, dict[str, object]]:
+def _fit_killed(study: Study, experiment: Path) -> tuple[object, dict[str, object]]:
+    """The study, its trial's process killed once round 1 is reported."""
     killed: dict[str, object] = {}
     done = threading.Event()
     killer = threading.Thread(target=_kill_after_first_report, args=(experiment, killed, done), daemon=True)
-    if kill:
-        killer.start()
+    killer.start()
     try:
         results = tuner(study, str(experiment), resume=False).fit()
     finally:
         done.set()
-        if kill:
-            killer.join(timeout=30)
+        killer.join(timeout=30)
     return results, killed
 
 
@@ -99,8 +121,7 @@ def test_a_killed_trial_process_is_retried_from_its_checkpoint(ray_session, oph_
 
     study = _study(oph_root, tmp_path)
     assert study.config().fault.max_restarts >= 1  # Tune's max_failures: with 0 the trial would end in ERROR
-    full, _ = _fit(study, tmp_path / "full", kill=False)
-    results, killed = _fit(study, tmp_path / "killed", kill=True)
+    results, killed = _fit_killed(study, tmp_path / "killed")
 
     # exactly one process, the trial's, killed after round 1 of 3 was reported and checkpointed
     assert len(killed.get("pids", [])) == 1 and 1 <= killed["reported"] < ROUNDS, killed
@@ -118,11 +139,10 @@ def test_a_killed_trial_process_is_retried_from_its_checkpoint(ray_session, oph_
     assert history["training_iteration"].tolist() == list(range(1, ROUNDS + 1))
     assert history["iterations_since_restore"].tolist() == list(range(1, done_before + 1)) + list(range(1, ROUNDS - done_before + 1))
 
-    # the same reported results and the same metrics.parquet as the uninterrupted trial
-    assert trial_statuses(full, str(tmp_path / "full")) == ["TERMINATED"]
-    reported = ["round", "objective", *(c for c in history if c.startswith(("val_", "test_")))]
-    pd.testing.assert_frame_equal(history[reported], full[0].metrics_dataframe[reported], check_exact=True)
-    expected = pd.read_parquet(Path(full[0].checkpoint.path) / "metrics.parquet")
+    # the same reported results and the same metrics.parquet as an uninterrupted trial
+    full, expected = _uninterrupted(study, tmp_path / "full")
+    assert {"round", "objective", *(c for c in history if c.startswith(("val_", "test_")))} == set(full.columns)
+    pd.testing.assert_frame_equal(history[list(full.columns)], full, check_exact=True)
     assert sorted(expected["round"].unique()) == list(range(1, ROUNDS + 1))
     pd.testing.assert_frame_equal(pd.read_parquet(Path(results[0].checkpoint.path) / "metrics.parquet"), expected, check_exact=True)
 
@@ -130,14 +150,24 @@ def test_a_killed_trial_process_is_retried_from_its_checkpoint(ray_session, oph_
 @pytest.mark.timeout(240)
 def test_a_killed_trial_with_no_retries_left_ends_in_error(ray_session, oph_root: Path, tmp_path: Path) -> None:
     """fault.max_restarts=0 (Tune's max_failures): the same kill fails the trial, and the study
-    reports it as ERROR, not as an unfinished trial that --resume would continue."""
-    from raysim.tune import trials_table, unfinished
+    reports it as ERROR, not as an unfinished trial that --resume would continue. A segmentation
+    study: what its trial reported before the kill is the segmentation metrics."""
+    from raysim.tune import OBJECTIVE_METRICS, trials_table, unfinished
 
-    study = _study(oph_root, tmp_path, **{"fault.max_restarts": 0})
+    study = _study(oph_root, tmp_path, "dice - 0.5*dice_gap", **{"fault.max_restarts": 0, **SEGMENTATION})
+    assert study.task == "segmentation"
     experiment = tmp_path / "killed"
-    results, killed = _fit(study, experiment, kill=True)
+    results, killed = _fit_killed(study, experiment)
     assert len(killed.get("pids", [])) == 1 and 1 <= killed["reported"] < ROUNDS, killed
     assert results[0].error is not None and "ActorDied" in type(results[0].error).__name__, results[0].error
     table = trials_table(results, study, str(experiment))
     assert table["status"].tolist() == ["ERROR"] and unfinished(table) == 0
     assert table["rounds_done"].tolist() == [killed["reported"]]
+    reported = {c.removeprefix("val_") for c in table if c.startswith("val_")}
+    assert reported == set(OBJECTIVE_METRICS["segmentation"].names), reported  # the task's metrics, no AUC
+    best = table.iloc[0]
+    assert 0 <= best["val_dice"] <= 1 and best["val_dice"] == pytest.approx((best["val_dice_disc"] + best["val_dice_cup"]) / 2)  # round 1 at 16 px: may be 0
+    assert best["objective"] == pytest.approx(best["val_dice"] - 0.5 * best["val_dice_gap"])
+    saved = Path(results[0].checkpoint.path)  # the reported round's run directory: what the trial reported is its rows
+    row = report_row(pd.read_parquet(saved / "metrics.parquet"), int(best["best_round"]), json.loads((saved / "provenance.json").read_text())["attribute"], study.objective, "segmentation")
+    assert {k: best[k] for k in row if k != "round"} == pytest.approx({k: v for k, v in row.items() if k != "round"}, nan_ok=True)

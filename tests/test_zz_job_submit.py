@@ -2,6 +2,12 @@
 
 Named to run last: it starts its own head on 127.0.0.1 (own ports, own temp dir, own auth
 token) with `ray start --head --block`, and stops exactly that head by ending the process.
+
+The head's Python is a thin venv that sees this interpreter's packages (a `.pth` line), as a
+cluster image's Python has its packages installed. Ray builds the job's pip environment
+(cluster/runtime_env.yaml: the wheel, pip-installed) by cloning the head's venv when its Python
+runs in one: the test venv itself was copied whole (6.6 GB here, torch included) and deleted
+again, a minute of the test's two.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -54,24 +61,37 @@ def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) 
     pytest.fail(f"dashboard at {url} did not come up in {timeout:.0f} s")
 
 
+def _thin_venv(path: Path) -> Path:
+    """A venv (no pip of its own) that sees this interpreter's packages; its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(path), "platbase": str(path)}))
+    here = dict.fromkeys(sysconfig.get_path(kind) for kind in ("purelib", "platlib"))
+    (site / "zz_test_venv.pth").write_text("".join(f"{p}\n" for p in here))  # plain paths: its own .pth files (the editable raysim) stay out
+    return path / "bin" / "python"
+
+
 @pytest.mark.timeout(420)
 def test_job_submit_run_on_local_head(oph_root: Path, tmp_path: Path) -> None:
     ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS))))
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
+    head_python = _thin_venv(tmp_path / "head-venv")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAYSIM_CACHE": os.environ["RAYSIM_CACHE"], "PYTHON": sys.executable}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    # Stopped by signalling its process group, the head's GCS goes with it; Ray 2.60's drain on
+    # SIGTERM would then wait 30 s for that GCS to answer before shutting down. Nothing to drain.
+    head_env = env | {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+        [str(head_python), "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
          "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}", *(f"{flag}={port}" for flag, port in ports.items())],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{ports['--dashboard-port']}"
     try:
         _wait_for_dashboard(address, head)
         out = tmp_path / "run"
         job = subprocess.run(
-            ["cluster/submit.sh", "run", "--out", str(out), *tiny_overrides(oph_root, **{"eval.bootstrap": 0})],
+            ["cluster/submit.sh", "run", "--out", str(out), *tiny_overrides(oph_root, **{"eval.bootstrap": 0, "resources.actors": 1})],  # one client actor process to start
             cwd=ROOT, env=env | {"RAY_ADDRESS": address}, capture_output=True, text=True, timeout=360,
         )  # fmt: skip
         log = job.stdout[-4000:] + job.stderr[-4000:]
