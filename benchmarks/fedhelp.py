@@ -35,7 +35,7 @@ import pandas as pd
 
 from raysim import compare, config
 from raysim.datasets import DATASETS
-from raysim.engine.driver import Driver, connect_ray
+from raysim.engine.driver import connect_ray, finished_run
 from raysim.pretrain import ensure_pretrained
 
 RATIOS = "[0.6, 0.2, 0.08, 0.06, 0.04, 0.02]"
@@ -91,13 +91,7 @@ def run_once(data_set: str, method: str, seed: int, args: argparse.Namespace) ->
     run_dir = args.out / f"{data_set}-{method}-s{seed}"
     if (run_dir / "DONE").exists():
         return run_dir
-    cfg = config.load("fedhelp", overrides(data_set, method, seed, args))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config.dump(cfg))
-    start = time.perf_counter()
-    Driver(cfg, run_dir, echo=lambda _: None).run()
-    (run_dir / "DONE").write_text(f"{time.perf_counter() - start:.1f}\n")
-    return run_dir
+    return finished_run(config.load("fedhelp", overrides(data_set, method, seed, args)), run_dir)
 
 
 def summary(run_dir: Path, roles: dict[str, str]) -> dict[str, float]:

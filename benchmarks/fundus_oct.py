@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from raysim import config, runs
-from raysim.engine.driver import Driver, connect_ray
+from raysim.engine.driver import connect_ray, finished_run
 
 ARMS: dict[str, list[str]] = {
     "fundus+oct": [],
@@ -51,13 +51,7 @@ def run_once(arm: str, seed: int, args: argparse.Namespace) -> Path:
     if (run_dir / "DONE").exists():
         return run_dir
     overrides = [*ARMS[arm], f"seed={seed}", f"model.img_size={args.img_size}", f"federation.rounds={args.rounds}", "eval.bootstrap=0", "eval.predictions=none", "report.html=false"]
-    cfg = config.load("fundus_oct", overrides)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config.dump(cfg))
-    start = time.perf_counter()
-    Driver(cfg, run_dir, echo=lambda _: None).run()
-    (run_dir / "DONE").write_text(f"{time.perf_counter() - start:.1f}\n")
-    return run_dir
+    return finished_run(config.load("fundus_oct", overrides), run_dir)
 
 
 def selected_row(run_dir: Path) -> dict[str, float]:

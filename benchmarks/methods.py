@@ -32,7 +32,7 @@ import pandas as pd
 from raysim import compare, config
 from raysim.algorithms import ALGORITHMS
 from raysim.datasets import DATASETS
-from raysim.engine.driver import Driver, connect_ray
+from raysim.engine.driver import connect_ray, finished_run
 from raysim.runs import RunReadError, natural_key, read_run
 
 
@@ -52,13 +52,7 @@ def run_once(method: str, seed: int, args: argparse.Namespace) -> Path:
         "eval.bootstrap=0",
         *args.set,
     ]
-    cfg = config.load("default", overrides)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config.dump(cfg))
-    start = time.perf_counter()
-    Driver(cfg, run_dir, echo=lambda _: None).run()
-    (run_dir / "DONE").write_text(f"{time.perf_counter() - start:.1f}\n")
-    return run_dir
+    return finished_run(config.load("default", overrides), run_dir)
 
 
 def selected_row(run_dir: Path) -> dict[str, float]:

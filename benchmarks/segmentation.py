@@ -75,8 +75,9 @@ def overrides(args: argparse.Namespace, method: str, seed: int, *, epochs: int =
 
 def run_once(run_dir: Path, overrides_: list[str]) -> Path:
     """One run, or the finished one already in `run_dir` (its DONE file holds its seconds)."""
-    if (run_dir / "DONE").exists():
-        return run_dir
+    from raysim.engine.driver import finished_run  # Ray loads only when something trains
+
+    return finished_run(config.load("segmentation", overrides_), run_dir)
     from raysim.engine.driver import Driver  # Ray loads only when something trains
 
     cfg = config.load("segmentation", overrides_)

@@ -33,7 +33,7 @@ from ray.util import get_current_placement_group
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raysim import console, provenance, reporting, storage
+from raysim import config, console, provenance, reporting, storage
 from raysim.algorithms import ALGORITHMS, ServerState
 from raysim.algorithms.aggregation import non_finite
 from raysim.algorithms.base import HOLDOUT
@@ -769,6 +769,24 @@ class Driver:
         if self.source.attribute not in available:
             raise ConfigError(f"data.attribute {self.source.attribute!r} not in data source {self.cfg.data.name}; choose from {', '.join(available)}")
         return list(chosen)
+
+
+def finished_run(cfg: ExperimentConfig, run_dir: Path, *, echo: reporting.Echo = lambda _: None) -> Path:
+    """`run_dir` holding the finished run of `cfg` (the benchmarks' resumable runs): a `DONE`
+    file there means it finished (it holds the run's seconds) and nothing trains; otherwise
+    whatever an interrupted attempt left is removed and the run starts again from round 1."""
+    if (run_dir / "DONE").exists():
+        return run_dir
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(config.dump(cfg))
+    start = time.perf_counter()
+    Driver(cfg, run_dir, echo=echo).run()
+    (run_dir / "DONE").write_text(f"{time.perf_counter() - start:.1f}\n")
+    return run_dir
 
 
 def server_device(driver_gpus: float) -> torch.device:
