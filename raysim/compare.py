@@ -32,6 +32,12 @@ FL-MedSegBench's client fairness: the worst client's D and the population std of
 run's clients (`runs.client_spread`), each pooled over seeds like any other column. compare.html
 plots Dice against ES-Dice and against the worst client's Dice (Pareto fronts), D per group and
 D per client against the baseline. A segmentation run never pools with a classification run.
+
+Joint runs (segmentation + grade, `model.name=joint:*`) are selected by the mean of validation
+AUC and D and get both halves: the grading columns (AUC, ES-AUC, AUC per group, EOD, SPD), then
+Dice disc, Dice cup, D, ES-Dice, CDR error and the segmentation client fairness (worst client's
+D, std of D over clients); groups and clients are shown by their test AUC, and compare.html
+adds the Dice trade-off plots beside the AUC ones.
 """
 
 from __future__ import annotations
@@ -204,6 +210,8 @@ def run_row(run: Run, attribute: str) -> dict[str, Any]:
         groups = mean[(mean["attribute"] == attribute) & (mean["metric"] == "auc") & (mean["group"] != "")]
         row |= {f"auc:{g}": float(v) for g, v in zip(groups["group"], groups["value"])}
     real = clients(run.metrics)
+    if run.task == "joint":  # its segmentation half beside the grading one
+        row |= _dice_fields(test, at, attribute, real)[0]
     row |= _traffic_and_privacy(run.metrics, real)
     shown = "auc" if selection.metric == "auc_dice" else selection.metric  # a joint run's clients by their AUC
     per_client = test[(test["metric"] == shown) & (test["attribute"] == "") & (test["group"] == "") & test["client"].isin(real)]
@@ -216,22 +224,30 @@ def segmentation_row(run: Run, attribute: str) -> dict[str, Any]:
     the Dice gap and D per group of `attribute` (`dice:<group>`), the worst client's D and the
     std of D over clients, MB up, ε, and each client's test D (`client:<id>`)."""
     selection, test, mean, at = _selected_test(run)
-    row: dict[str, Any] = {"seed": run.seed, "round": selection.round, "selected_by": selection.metric}
-    row |= {"dice_disc": at("dice_disc"), "dice_cup": at("dice_cup")}
-    row |= {"dice": (row["dice_disc"] + row["dice_cup"]) / 2, "cdr_error": at("cdr_error")}
+    real = clients(run.metrics)
+    dice, per_client = _dice_fields(test, at, attribute, real)
+    row: dict[str, Any] = {"seed": run.seed, "round": selection.round, "selected_by": selection.metric} | dice
     if attribute:
-        row |= {"es_dice": at("es_dice", attribute), "dice_gap": at("dice_gap", attribute)}
         groups = mean[(mean["attribute"] == attribute) & (mean["group"] != "") & mean["metric"].isin(["dice_disc", "dice_cup"])]
         per_group = groups.pivot_table(index="group", columns="metric", values="value", aggfunc="first", sort=False)
         row |= {f"dice:{g}": float((v["dice_disc"] + v["dice_cup"]) / 2) for g, v in per_group.iterrows()}
-    real = clients(run.metrics)
-    own = test[(test["attribute"] == "") & (test["group"] == "") & test["client"].isin(real) & test["metric"].isin(["dice_disc", "dice_cup"])]
-    per_client = own.pivot_table(index="client", columns="metric", values="value", aggfunc="first").reindex(columns=["dice_disc", "dice_cup"]).mean(axis=1, skipna=False)
-    spread = client_spread(per_client)
-    row |= {"worst_dice": spread.min, "worst_client": spread.worst, "client_std": spread.std}
     row |= _traffic_and_privacy(run.metrics, real)
     row |= {f"client:{c}": float(v) for c, v in per_client.reindex(sorted(per_client.index, key=natural_key)).items()}
     return row
+
+
+def _dice_fields(test: pd.DataFrame, at: Callable[..., float], attribute: str, real: Sequence[str]) -> tuple[dict[str, Any], pd.Series]:
+    """The Dice half of a segmentation or joint run's row (Dice disc / cup, D, CDR error, ES-Dice
+    and the Dice gap with a target attribute, the worst client's D and the std of D over
+    clients), and D per client."""
+    row: dict[str, Any] = {"dice_disc": at("dice_disc"), "dice_cup": at("dice_cup")}
+    row |= {"dice": (row["dice_disc"] + row["dice_cup"]) / 2, "cdr_error": at("cdr_error")}
+    if attribute:
+        row |= {"es_dice": at("es_dice", attribute), "dice_gap": at("dice_gap", attribute)}
+    own = test[(test["attribute"] == "") & (test["group"] == "") & test["client"].isin(real) & test["metric"].isin(["dice_disc", "dice_cup"])]
+    per_client = own.pivot_table(index="client", columns="metric", values="value", aggfunc="first").reindex(columns=["dice_disc", "dice_cup"]).mean(axis=1, skipna=False)
+    spread = client_spread(per_client)
+    return row | {"worst_dice": spread.min, "worst_client": spread.worst, "client_std": spread.std}, per_client
 
 
 def _selected_test(run: Run) -> tuple[Any, pd.DataFrame, pd.DataFrame, Callable[..., float]]:
@@ -383,7 +399,8 @@ class Comparison:
             fair = ["es_dice", *(f"dice:{g}" for g in self.groups), "dice_gap"] if self.attribute else []
             return ["dice_disc", "dice_cup", "dice", *fair, "cdr_error", "worst_dice", "client_std", "mb_up", "epsilon", "round"]
         fair = ["es_auc", *(f"auc:{g}" for g in self.groups), "eod", "spd"] if self.attribute else []
-        return ["auc", "acc", *fair, "mb_up", "epsilon", "round"]
+        dice = ["dice_disc", "dice_cup", "dice", *(["es_dice", "dice_gap"] if self.attribute else []), "cdr_error", "worst_dice", "client_std"]
+        return ["auc", "acc", *fair, *(dice if self.task == "joint" else []), "mb_up", "epsilon", "round"]
 
     def columns(self, *, ci: bool = True) -> list[Column]:
         """The table's columns: AUC (and its CI), ES-AUC (and its CI), AUC per group, EOD, SPD
@@ -399,7 +416,17 @@ class Comparison:
             cols += [Column("eod", "EOD", pct_cell, True), Column("spd", "SPD", pct_cell, True)]
         else:
             cols += [Column("acc", "Acc", pct_cell, True)]
-        cols += [Column("mb_up", "MB up / client / round", mean_cell(3)), Column("round", "round", rounds_cell)]
+        if self.task == "joint":  # the segmentation half, without per-group Dice or intervals (table.csv has them)
+            cols += [Column(k, h, pct_cell, True) for k, h in (("dice_disc", "Dice disc"), ("dice_cup", "Dice cup"), ("dice", "Dice"))]
+            cols += [Column("es_dice", "ES-Dice", pct_cell, True)] if self.attribute else []
+            cols += self._client_fairness_columns()
+        return cols + self._tail_columns()
+
+    def _client_fairness_columns(self) -> list[Column]:
+        return [Column("cdr_error", "CDR error", pct_cell, True), Column("worst_dice", "worst client Dice", pct_cell, True), Column("client_std", "client std", pct_cell, True)]
+
+    def _tail_columns(self) -> list[Column]:
+        cols = [Column("mb_up", "MB up / client / round", mean_cell(3)), Column("round", "round", rounds_cell)]
         if self.per_run["epsilon"].notna().any():
             cols.append(Column("epsilon", "ε spent", max_cell))
         return cols
@@ -411,33 +438,29 @@ class Comparison:
         cols.append(Column("dice", "Dice", pct_cell, True))
         if self.attribute:
             cols += [Column("es_dice", "ES-Dice", pct_cell, True)] + [Column(f"dice:{g}", f"Dice {g}", pct_cell, True) for g in self.groups]
-        cols += [Column("cdr_error", "CDR error", pct_cell, True), Column("worst_dice", "worst client Dice", pct_cell, True), Column("client_std", "client std", pct_cell, True)]
-        cols += [Column("mb_up", "MB up / client / round", mean_cell(3)), Column("round", "round", rounds_cell)]
-        if self.per_run["epsilon"].notna().any():
-            cols.append(Column("epsilon", "ε spent", max_cell))
-        return cols
+        return cols + self._client_fairness_columns() + self._tail_columns()
 
     def footnote(self) -> str:
-        if self.task == "segmentation":
-            return self._segmentation_footnote()
-        target = f" Target attribute {self.attribute}; EOD and SPD: lower is fairer." if self.attribute else ""
-        spent = " ε spent: the last round's, the largest over seeds." if self.per_run["epsilon"].notna().any() else ""
-        rule = "the best mean of validation AUC and Dice (a joint run's grading table)" if self.task == "joint" else "the best mean validation AUC"
-        return (
+        rule = {"segmentation": "the best mean validation Dice", "joint": "the best mean of validation AUC and Dice"}.get(self.task, "the best mean validation AUC")
+        parts = [
             f"Test metrics ×100 at each run's selected round ({rule}, the earliest on a tie; `round` lists it per seed); "
             "mean ± sample std (ddof = 1) over the n seeds; 95 % CI: Student-t interval of the mean (n − 1 degrees of freedom)."
-            f"{target} MB up: 10^6 bytes sent per client per round, mean over clients and rounds.{spent}"
-        )
-
-    def _segmentation_footnote(self) -> str:
-        target = f" ES-Dice: Dice equity-scaled over the {self.attribute} groups; Dice <group>: the group's Dice (the mean of its disc and cup Dice)." if self.attribute else ""
+        ]
+        if self.task != "segmentation" and self.attribute:
+            parts.append(f"Target attribute {self.attribute}; EOD and SPD: lower is fairer.")
+        if self.task != "classification":
+            parts.append(self._dice_footnote())
+        if self.task == "joint":
+            parts.append("Groups and clients (compare.html, clients.csv): their test AUC.")
         spent = " ε spent: the last round's, the largest over seeds." if self.per_run["epsilon"].notna().any() else ""
+        return " ".join(parts) + f" MB up: 10^6 bytes sent per client per round, mean over clients and rounds.{spent}"
+
+    def _dice_footnote(self) -> str:
+        per_group = "; Dice <group>: the group's Dice (the mean of its disc and cup Dice)" if self.task == "segmentation" else ""
+        target = f" ES-Dice: Dice equity-scaled over the {self.attribute} groups{per_group}." if self.attribute else ""
         return (
-            "Test metrics ×100 at each run's selected round (the best mean validation Dice, the earliest on a tie; `round` lists it per seed); "
-            "mean ± sample std (ddof = 1) over the n seeds; 95 % CI: Student-t interval of the mean (n − 1 degrees of freedom). "
             f"Dice: the mean of the disc and cup Dice.{target} CDR error: |vertical cup-to-disc ratio predicted − true|, lower is better. "
-            "Worst client Dice: the lowest client Dice in the run; client std: the population std of the clients' Dice (FL-MedSegBench's client fairness; lower is more even). "
-            f"MB up: 10^6 bytes sent per client per round, mean over clients and rounds.{spent}"
+            "Worst client Dice: the lowest client Dice in the run; client std: the population std of the clients' Dice (FL-MedSegBench's client fairness; lower is more even)."
         )
 
     def markdown(self) -> str:
@@ -515,7 +538,8 @@ def compare(paths: Iterable[Path | str], by: Sequence[str] = DEFAULT_BY, baselin
     for run, name, keys in zip(runs, names, labels):
         rows.append(keys | {"label": ", ".join(keys.values()), "run": name, "path": str(run.path)} | run_row(run, attribute))
     per_run = pd.DataFrame(rows)
-    for key in ("es_dice", "dice_gap", "epsilon") if task == "segmentation" else ("es_auc", "eod", "spd", "epsilon"):
+    graded = ("es_auc", "eod", "spd") if task != "segmentation" else ()
+    for key in (*graded, *(("es_dice", "dice_gap") if task != "classification" else ()), "epsilon"):
         if key not in per_run:
             per_run[key] = math.nan
     duplicate = per_run[per_run.duplicated(["label", "seed"], keep=False)]

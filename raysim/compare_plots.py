@@ -7,7 +7,8 @@ the per-client view: each client's test AUC per method and its difference to the
 which hospital a method helps or hurts shows (distributions above `compare.MANY_CLIENTS`).
 Segmentation comparisons (`Comparison.task`) plot Dice (D, the mean of the disc and cup Dice)
 in AUC's place: D against ES-Dice and against the worst client's D (FL-MedSegBench's client
-fairness), D per group and D per client against the baseline.
+fairness), D per group and D per client against the baseline. Joint comparisons keep the AUC
+plots and add the two Dice trade-off panels after them.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ def page(comp: Comparison) -> str:
     n_runs = len(comp.per_run)
     subtitle = f"{n_runs} run(s) in {len(comp.labels)} group(s) by {', '.join(comp.by)}; baseline {comp.baseline}" + (f"; target attribute {comp.attribute}" if comp.attribute else "")
     sections = [table_section(comp)]
+    if comp.task != "segmentation" and comp.attribute:
+        sections.append(tradeoff_section(comp))
     if comp.task == "segmentation":
         sections.append(segmentation_tradeoff_section(comp))
-    elif comp.attribute:
-        sections.append(tradeoff_section(comp))
+    elif comp.task == "joint":  # a joint run segments too: its Dice trade-off after the grading one
+        sections.append(segmentation_tradeoff_section(comp, title="Segmentation: accuracy–fairness trade-off", anchor="tradeoff_dice", name="pareto_dice"))
     if comp.groups:
         sections.append(groups_section(comp))
     if comp.clients:
@@ -91,22 +94,22 @@ def _tradeoff_panel(ax: Any, comp: Comparison, x_key: str, key: str, name: str, 
     return f"{name}: {', '.join(front) or 'none'}"
 
 
-def segmentation_tradeoff_section(comp: Comparison) -> figures.Section:
+def segmentation_tradeoff_section(comp: Comparison, *, title: str = "Accuracy–fairness trade-off", anchor: str = "tradeoff", name: str = "pareto") -> figures.Section:
     """Dice (D) against ES-Dice (with a target attribute) and against the worst client's Dice."""
     panels = [("es_dice", "ES-Dice", f"test ES-Dice of {comp.attribute}")] if comp.attribute else []
     panels.append(("worst_dice", "worst client Dice", "test Dice of the worst client"))
     fig, axes = figures.new_figure(5.5 * len(panels) + 1.6, 4.4, ncols=len(panels))
     axes = list(np.atleast_1d(axes))
     fronts = []
-    for ax, (key, name, ylabel) in zip(axes, panels):
-        fronts.append(_tradeoff_panel(ax, comp, "dice", key, name, True))
+    for ax, (key, label, ylabel) in zip(axes, panels):
+        fronts.append(_tradeoff_panel(ax, comp, "dice", key, label, True))
         ax.set_xlabel("test Dice, mean of disc and cup (×100, higher is better)")
         ax.set_ylabel(f"{ylabel} (×100, higher is better)")
     figures.legend_outside(axes[-1], title=comp.title)
-    section = figures.Section("Accuracy–fairness trade-off", anchor="tradeoff")
-    which = " and ".join(f"against {name}" for _, name, _ in panels)
+    section = figures.Section(title, anchor=anchor)
+    which = " and ".join(f"against {label}" for _, label, _ in panels)
     alt = f"Test Dice {which} ({'left to right' if len(panels) > 1 else 'one panel'}), mean over seeds, error bars one sample std; dashed: the Pareto front ({'; '.join(fronts)})"
-    section.add(figures.embed(fig, "pareto", alt))
+    section.add(figures.embed(fig, name, alt))
     return section.text("Pareto front (no other group is better on both axes): " + "; ".join(fronts) + ".")
 
 

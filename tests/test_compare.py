@@ -372,6 +372,55 @@ def test_segmentation_and_classification_runs_never_pool(seg_runs: Path, four_ru
     assert "is a classification run but seg/fedavg-s0 is a segmentation run" in capsys.readouterr().err
 
 
+def make_joint_run(path: Path, algorithm: dict, seed: int, val: dict[int, tuple[float, float]], test: dict[int, tuple[float, float]], *, clients: dict[str, tuple[float, float]] | None = None) -> Path:
+    """A joint run (segmentation + grade) by hand: `make_run`'s grading rows for AUC (first of
+    each pair) and `make_seg_run`'s Dice rows for D (second); client AUC = the test AUC, client
+    Dice `clients` (default D + 0.1, D - 0.1), model joint:test_resnet."""
+    make_seg_run(path.parent / f".{path.name}-dice", algorithm, seed, {r: d for r, (_, d) in val.items()}, {r: d for r, (_, d) in test.items()}, clients=clients)
+    dice = pd.read_parquet(path.parent / f".{path.name}-dice" / "metrics.parquet")
+    make_run(path, algorithm, seed, {r: a for r, (a, _) in val.items()}, {r: a for r, (a, _) in test.items()}, config={"model": {"name": "joint:test_resnet", "img_size": 32}})
+    grading = pd.read_parquet(path / "metrics.parquet")
+    pd.concat([grading, dice[dice["metric"] != "bytes_up"]], ignore_index=True).to_parquet(path / "metrics.parquet")
+    return path
+
+
+def test_joint_runs_get_the_grading_and_the_segmentation_columns(tmp_path: Path) -> None:
+    runs = tmp_path / "joint"
+    make_joint_run(runs / "fedavg-s0", {"name": "fedavg"}, 0, {1: (0.7, 0.6), 2: (0.8, 0.6)}, {1: (0.7, 0.5), 2: (0.8, 0.7)})
+    # AUC alone would select round 1 (0.9 > 0.8); the mean of AUC and Dice selects round 2 (0.8 > 0.7)
+    make_joint_run(runs / "fedavg-s1", {"name": "fedavg"}, 1, {1: (0.9, 0.5), 2: (0.8, 0.8)}, {1: (0.9, 0.5), 2: (0.9, 0.7)})
+    uneven = {"site1": (0.7, 0.5), "site2": (0.9, 0.7), "site3": (0.8, 0.6)}  # D 0.6, 0.8, 0.7
+    for seed in (0, 1):
+        make_joint_run(runs / f"fedbn-s{seed}", {"name": "fedbn"}, seed, {1: (0.7, 0.6), 2: (0.7, 0.7)}, {1: (0.7, 0.6), 2: (0.8, 0.7)}, clients=uneven)
+    comp = compare.compare([runs])
+    assert comp.task == "joint" and comp.per_run["round"].tolist() == [2, 2, 2, 2] and set(comp.per_run["selected_by"]) == {"auc_dice"}
+    lines = comp.markdown().splitlines()
+    assert lines[0] == (
+        "| method | n | AUC | AUC 95 % CI | ES-AUC | ES-AUC 95 % CI | AUC Asian | AUC Black | AUC White | EOD | SPD "
+        "| Dice disc | Dice cup | Dice | ES-Dice | CDR error | worst client Dice | client std | MB up / client / round | round |"
+    )
+    half = 100 * 12.706204736174705 * math.sqrt(0.005) / math.sqrt(2)
+    assert lines[2] == (
+        f"| fedavg | 2 | 85.0 ± 7.1 | [{85 - half:.1f}, {85 + half:.1f}] | 75.0 ± 7.1 | [{75 - half:.1f}, {75 + half:.1f}] | 80.0 ± 7.1 | 75.0 ± 7.1 | 90.0 ± 7.1 | 20.0 ± 0.0 | 10.0 ± 0.0 "
+        "| 80.0 ± 0.0 | 60.0 ± 0.0 | 70.0 ± 0.0 | 65.0 ± 0.0 | 10.0 ± 0.0 | 70.0 ± 0.0 | 0.0 ± 0.0 | 1.333 | 2/2 |"
+    )
+    assert lines[3].endswith("| 70.0 ± 0.0 | 65.0 ± 0.0 | 10.0 ± 0.0 | 60.0 ± 0.0 | 8.2 ± 0.0 | 1.333 | 2/2 |")  # fedbn: worst client site1 (D 0.6)
+    fedbn = comp.per_run[comp.per_run["label"] == "fedbn"].iloc[0]
+    assert fedbn["worst_client"] == "site1" and fedbn["client_std"] == pytest.approx(math.sqrt(0.02 / 3)) and fedbn["dice_gap"] == pytest.approx(0.04)
+    assert comp.groups == list(GROUPS) and comp.client_table().loc["fedbn"].tolist() == pytest.approx([0.8] * 3)  # groups and clients by AUC
+    note = comp.footnote()
+    assert "the best mean of validation AUC and Dice" in note and "EOD and SPD: lower is fairer" in note and "Worst client Dice" in note and "Dice <group>" not in note
+    written = comp.write(tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "table.csv")
+    assert {"auc_mean", "eod_mean", "dice_disc_ci_lo", "es_dice_mean", "dice_gap_mean", "worst_dice_mean", "client_std_mean"} <= set(table.columns)
+    assert table["worst_dice_mean"].tolist() == pytest.approx([0.7, 0.6])
+    plots = _plots(written[-1].read_text())
+    assert set(plots) == {"pareto", "pareto_dice", "group_auc", "client_auc", "client_delta"}
+    assert all(png.startswith(b"\x89PNG") and len(png) > 5000 for png in plots.values())
+    with pytest.raises(CompareError, match="is a joint run but .* is a segmentation run"):
+        compare.compare([runs / "fedavg-s0", runs / ".fedavg-s0-dice"])
+
+
 # --- the benchmark's table is compare's (real runs) -----------------------------------------
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_engine import make_driver
 
-from raysim import adapters, metrics, runs, segmetrics, tasks
+from raysim import adapters, compare, metrics, runs, segmetrics, tasks
 from raysim.algorithms import ALGORITHMS
 from raysim.config import ConfigError, DataConfig, ModelConfig
 from raysim.datasets import DataError
@@ -167,6 +167,11 @@ def test_a_joint_run_writes_both_tasks_rows_recomputable_from_its_predictions(jo
     chosen = runs.read_run(run_dir).selection()
     at = lambda m: runs.value(rows, round_=chosen.round, split="val", metric=m)  # noqa: E731
     assert chosen.metric == "auc_dice" and np.isclose(chosen.value, (at("auc") + (at("dice_disc") + at("dice_cup")) / 2) / 2)
+    # raysim.compare reads both halves of the real run at that round
+    row = compare.compare([run_dir]).per_run.iloc[0]
+    test = lambda m, a="", c=runs.MEAN: runs.value(rows, round_=chosen.round, split="test", metric=m, attribute=a, client=c)  # noqa: E731
+    assert row["auc"] == test("auc") and row["es_auc"] == test("es_auc", "race") and row["dice_disc"] == test("dice_disc") and row["es_dice"] == test("es_dice", "race")
+    assert np.isclose(row["worst_dice"], min((test("dice_disc", c=c) + test("dice_cup", c=c)) / 2 for c in SITES))
 
 
 @pytest.mark.parametrize("name", ["fedper", "fairlora"])
