@@ -10,14 +10,18 @@ on λ; raysim takes one of each per round:
   weighs each by how often it was drawn, m_k: E[Σ_k m_k θ_k / k] = Σ_k λ_k θ_k, the paper's
   "sample a client by λ" with k draws.
 - **Mixture step.** Each trained client reports L_k, the mean cross-entropy of the received θ on
-  its train split (q-FFL's measurement, `Update.extra`). The server takes λ ← Π(λ + γ_λ L) on the
-  coordinates of the clients that reported (the whole federation under full participation, the
-  paper's exact gradient step), projected onto {x ≥ 0, Σ x = their previous total}, so clients
-  that did not take part keep their λ. λ starts uniform (1/K each).
+  its train split (q-FFL's measurement, `Update.extra`). The server takes λ ← Π_Δ(λ + γ_λ g) on
+  the whole simplex, with g the λ-gradient: g_k = L_k for every reporting client under full
+  participation (the paper's exact step), and under sampling the importance-weighted estimate
+  g_k = L_k·m_k / (k·λ_k) for the drawn clients (m_k draws of k; 0 for the others), whose
+  expectation over the draws is L_k. Before 0.6.0 the step was projected onto the cohort's own
+  previous total, which froze λ whenever the cohort held one distinct client (always at
+  `clients_per_round=1`). λ starts uniform (1/K each).
 
 Deviations from the paper, all documented here: local training replaces the single SGD step
-per round; the λ-gradient comes from the trained cohort's own losses instead of a second,
-uniformly drawn client (no extra cohort; unbiased only under full participation); and the run
+per round; the λ-gradient comes from the trained cohort's own losses (importance-weighted by the draws)
+instead of a second, uniformly drawn client (no extra cohort); a client that failed in a round
+contributes 0 to that round's gradient; and the run
 reports the last iterate, not the average of all iterates (the paper's output, for its convex
 analysis). Nothing goes down besides θ; λ is server state (client id -> float).
 """
@@ -67,12 +71,20 @@ def project_to_simplex(values: Sequence[float], total: float = 1.0) -> np.ndarra
     return np.maximum(v - cumulative[rho] / (rho + 1), 0.0)
 
 
-def ascent_step(lam: dict[str, float], losses: dict[str, float], step: float) -> dict[str, float]:
-    """λ ← Π(λ + γ L) on the coordinates in `losses`, onto their previous total; the others unchanged."""
-    ids = sorted(losses)
-    total = sum(lam[cid] for cid in ids)
-    moved = project_to_simplex([lam[cid] + step * losses[cid] for cid in ids], total)
-    return {**lam, **{cid: float(x) for cid, x in zip(ids, moved)}}
+def ascent_step(lam: dict[str, float], gradient: dict[str, float], step: float) -> dict[str, float]:
+    """λ ← Π_Δ(λ + γ g) onto the whole simplex (total Σ λ); clients absent from `gradient` have g_k = 0."""
+    ids = sorted(lam)
+    moved = project_to_simplex([lam[cid] + step * gradient.get(cid, 0.0) for cid in ids], sum(lam.values()))
+    return {cid: float(x) for cid, x in zip(ids, moved)}
+
+
+def lambda_gradient(lam: dict[str, float], losses: dict[str, float], draws: dict[str, float] | None) -> dict[str, float]:
+    """The λ-gradient from the cohort's losses: L_k under full participation (`draws` None), else the
+    importance-weighted L_k·m_k / (k·λ_k) with m_k the draw counts and k their sum."""
+    if draws is None:
+        return dict(losses)
+    k = sum(draws.values())
+    return {cid: loss * draws[cid] / (k * lam[cid]) for cid, loss in losses.items() if draws.get(cid, 0) > 0 and lam[cid] > 0}
 
 
 def draw_cohort(seed: int, round_: int, clients: Sequence[str], lam: Sequence[float], k: int) -> Counter[str]:
@@ -85,6 +97,7 @@ def draw_cohort(seed: int, round_: int, clients: Sequence[str], lam: Sequence[fl
 @dataclass
 class AFLFold:
     weights: dict[str, float]  # client id -> its weight in the model average (λ_k, or its draw count)
+    sampled: bool  # the cohort was drawn from λ (its weights are draw counts)
     mean: WeightedSum  # Σ w_k θ_k over the updates with w_k > 0
     losses: dict[str, float] = field(default_factory=dict)  # client id -> L_k at the received θ
 
@@ -127,8 +140,9 @@ class AFL(Algorithm):
     def fold_start(self, round_: int, state: ServerState, statistics: dict[str, dict[str, Any]]) -> AFLFold:
         lam = self.mixture(state)
         k = self.cfg.federation.clients_per_round or len(lam)
-        weights = dict(lam) if k >= len(lam) else {cid: float(m) for cid, m in self._draws(round_, list(lam), k, state).items()}
-        return AFLFold(weights, WeightedSum())
+        if k >= len(lam):
+            return AFLFold(dict(lam), False, WeightedSum())
+        return AFLFold({cid: float(m) for cid, m in self._draws(round_, list(lam), k, state).items()}, True, WeightedSum())
 
     def accumulate(self, fold: AFLFold, update: Update) -> None:
         cid = update.client_id
@@ -142,7 +156,9 @@ class AFL(Algorithm):
 
     def finalize(self, round_: int, fold: AFLFold, state: ServerState) -> ServerState:
         weights = state["weights"] if not fold.mean.count else {**state["weights"], **fold.mean.mean()}
-        lam = ascent_step(self.mixture(state), fold.losses, self.params.lambda_lr) if fold.losses else self.mixture(state)
+        lam = self.mixture(state)
+        if fold.losses:
+            lam = ascent_step(lam, lambda_gradient(lam, fold.losses, fold.weights if fold.sampled else None), self.params.lambda_lr)
         return {**state, "weights": weights, LAMBDA_KEY: lam}
 
     # --- client side --------------------------------------------------------------------------

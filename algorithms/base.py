@@ -121,6 +121,12 @@ class Algorithm:
         every client actor needs besides its own shards; handed to `attach` in each actor."""
         return {}
 
+    def read_keys(self, run_dir: Path) -> None:
+        """In the driver only (the CLI's check before Ray starts, then the driver actor, the
+        process that uses them): read the secret keys the server step needs with
+        `raysim.secrets.read_key` (DP's keyed noise); a ConfigError when one is missing. Never
+        called in a client actor, so a key never travels. Nothing by default."""
+
     def attach(self, source: DataSource, context: dict[str, Any]) -> None:
         """In each client actor, after it loaded its shards: receive `prepare_run`'s context."""
         self.context = context

@@ -30,9 +30,11 @@ from torch import nn
 
 from raysim import adapters
 from raysim.algorithms.base import Algorithm, register_algorithm
-from raysim.algorithms.fedbn import norm_keys
+from raysim.algorithms.fedbn import norm_keys, own_image_batches, refit_norm_statistics
+from raysim.client import Client
 from raysim.config import ConfigError
 from raysim.datasets.base import DataSource
+from raysim.types import Tensors
 
 BLOCKS = ("BasicBlock", "Bottleneck")  # timm's residual blocks: their `convN` children are adapted by default
 
@@ -85,6 +87,10 @@ def preserved_keys(model: nn.Module) -> set[str]:
 @register_algorithm("cksp")
 class CKSP(Algorithm):
     Params = CKSPParams
+    newcomer = (
+        "the shared kernels W and head, preserved paths at their initial (zero-B) values, norm layers' affine parameters "
+        "at their initial values and BatchNorm statistics re-estimated on the site's own training images, as FedBN's newcomer"
+    )
 
     def adapt(self, model: nn.Module, source: DataSource) -> nn.Module:
         default_rank, default_alpha = adapters.default_rank(model)
@@ -99,6 +105,12 @@ class CKSP(Algorithm):
         if self.params.targets:
             return adapters.matching_layers(model, self.params.targets)
         return block_convolutions(model) or adapters.default_targets(model)
+
+    def newcomer_model(self, client: Client, payload: Tensors) -> nn.Module:
+        """A site that never trained has no preserved path or norm layers of its own: the shared
+        payload over the initial model, with BatchNorm statistics of the site's own images (0.5.0
+        scored it with the initial 0 / 1 statistics)."""
+        return refit_norm_statistics(self.eval_model(client, payload), own_image_batches(client, self.cfg.federation.batch_size))
 
     def communicated(self, model: nn.Module) -> list[str]:
         local = preserved_keys(model)

@@ -11,8 +11,19 @@ noise N(0, z²C²) is added to the sum and the result is divided by the number o
 
 Every client weighs the same (a weighting by example count would let one client move the mean
 by more than C/K). DEeR describes the noise as σ = z·C/√K added per client; the K draws sum to
-the N(0, z²C²) above, which raysim draws once per round in the driver from
-`derive_seed(seed, "dp_noise", round)`: the same noise for any number of actors.
+the N(0, z²C²) above, which raysim draws once per round in the driver: the same noise for any
+number of actors.
+
+Where the noise comes from (`algorithm.noise`): `seeded` (the default) draws it
+from `derive_seed(seed, "dp_noise", round)`. That is *simulated* DP: anyone holding
+config.yaml can regenerate each round's noise and subtract it from the released weights,
+recovering the clipped mean exactly; use it to study utility. `keyed` draws it from
+HMAC-SHA256(key, "dp_noise" ‖ round) truncated to 64 bits, the key read in the driver actor from
+`algorithm.noise_key_file` (absolute, outside the run directory, mode 0600) or
+`$RAYSIM_NOISE_KEY` by `raysim.secrets.read_key`; neither the key nor a round's seed is ever
+written (config, provenance, checkpoints, logs) and no generator state is checkpointed, so a
+resumed run draws the same noise from the key again. Only keyed noise makes the released
+weights differentially private against someone who reads the run directory.
 
 Accounting: one Gaussian mechanism with sampling rate q = clients per round / clients (one
 accountant step per round, q = 1 when every client takes part), composed by Opacus'
@@ -45,14 +56,17 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from raysim import secrets
 from raysim.seeding import derive_seed
 from raysim.types import Tensors
 
-NOISE = "dp_noise"  # derive_seed's tag for the round's noise
+NOISE = "dp_noise"  # derive_seed's (and the keyed HMAC's) tag for the round's noise
+NOISE_KEY_ENV = "RAYSIM_NOISE_KEY"  # keyed noise without algorithm.noise_key_file reads the key from here
 Entry = tuple[float, float, int]  # an accountant history entry: (noise multiplier z, sample rate q, steps)
 
 
@@ -63,8 +77,17 @@ class PrivacyParams:
     clip: float = 0.3  # C: each client's whole update is clipped to this L2 norm (per method: its paper's C at ε = 3)
     noise_multiplier: float | None = None  # z; None: from algorithm.epsilon for federation.rounds; a number: fixed z
     epsilon_max: float | None = None  # with a fixed z: the run stops before a round would spend more; None: algorithm.epsilon
+    noise: str = "seeded"  # seeded: from the config's seed (simulated DP: config.yaml regenerates it); keyed: from a secret key
+    noise_key_file: str | None = None  # keyed: absolute path of the key file (mode 0600, outside the run directory); null: $RAYSIM_NOISE_KEY
 
     def __post_init__(self) -> None:
+        if self.noise not in NOISE_MODES:
+            raise ValueError(f"algorithm.noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
+        if self.noise_key_file is not None:
+            if self.noise != "keyed":
+                raise ValueError("algorithm.noise_key_file is set but algorithm.noise is not keyed; set algorithm.noise=keyed, or drop algorithm.noise_key_file")
+            if not Path(self.noise_key_file).expanduser().is_absolute():
+                raise ValueError(f"algorithm.noise_key_file must be an absolute path (the driver may run in another directory), got {self.noise_key_file!r}")
         _finite_positive("algorithm.epsilon", self.epsilon, "the privacy budget ε")
         _finite_positive("algorithm.clip", self.clip, "the clipping norm C")
         if not (_is_number(self.delta) and 0 < self.delta < 1):
@@ -81,6 +104,18 @@ class PrivacyParams:
     def budget(self) -> float:
         """The ε no round may exceed."""
         return float(self.epsilon_max if self.epsilon_max is not None else self.epsilon)
+
+    def check_config(self, cfg: Any) -> None:
+        """Before Ray: an `epsilon_max` that round 1 alone exceeds (every client sampled, q = 1;
+        with federation.clients_per_round q needs the data, and the driver refuses it instead)."""
+        if self.epsilon_max is None or self.noise_multiplier is None or cfg.federation.clients_per_round is not None:
+            return
+        first = spent([(self.noise_multiplier, 1.0, 1)], self.delta)
+        if first > self.epsilon_max:
+            raise ValueError(
+                f"algorithm.epsilon_max={self.epsilon_max:g} is below the ε = {first:.4g} that round 1 alone spends (algorithm.noise_multiplier={self.noise_multiplier:g}, "
+                f"δ = {self.delta:g}, every client sampled): the run would stop before training; raise algorithm.epsilon_max or algorithm.noise_multiplier"
+            )
 
 
 def _is_number(value: object) -> bool:
@@ -200,15 +235,32 @@ class ClippedSum:
         self.norms.append(norm)
 
 
-def gaussian(shapes: Mapping[str, torch.Size | tuple[int, ...]], std: float, seed: int, round_: int) -> dict[str, torch.Tensor]:
+def read_noise_key(params: PrivacyParams, run_dir: Path | str | None) -> bytes | None:
+    """The keyed-noise key (`algorithm.noise: keyed`), read where the noise is drawn (the driver);
+    None for seeded noise. A ConfigError when keyed noise has no usable key."""
+    if params.noise != "keyed":
+        return None
+    return secrets.read_key(params.noise_key_file, NOISE_KEY_ENV, file_key="algorithm.noise_key_file", enabled_by="algorithm.noise=keyed", purpose="DP noise", run_dir=run_dir, private=True)
+
+
+NOISE_MODES = ("seeded", "keyed")  # algorithm.noise
+
+
+def keyed_seed(key: bytes, round_: int) -> int:
+    """Keyed noise's generator seed of a round: HMAC-SHA256(key, "dp_noise" ‖ round), 64 bits."""
+    return int.from_bytes(secrets.derive(key, NOISE, round_)[:8], "big")
+
+
+def gaussian(shapes: Mapping[str, torch.Size | tuple[int, ...]], std: float, seed: int, round_: int, *, key: bytes | None = None) -> dict[str, torch.Tensor]:
     """N(0, std²) per element for each named shape (float64, CPU), drawn in sorted name order
-    from one generator seeded by (seed, round) alone."""
-    return dict(gaussian_stream(shapes, std, seed, round_))
+    from one generator seeded by (seed, round) alone, or with `key` by (key, round) alone."""
+    return dict(gaussian_stream(shapes, std, seed, round_, key=key))
 
 
-def gaussian_stream(shapes: Mapping[str, torch.Size | tuple[int, ...]], std: float, seed: int, round_: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """`gaussian`, one (name, noise) at a time (a caller that transforms each draw holds one)."""
-    generator = torch.Generator().manual_seed(derive_seed(seed, NOISE, round_))
+def gaussian_stream(shapes: Mapping[str, torch.Size | tuple[int, ...]], std: float, seed: int, round_: int, *, key: bytes | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """`gaussian`, one (name, noise) at a time (a caller that transforms each draw holds one).
+    The generator's seed is never returned, logged or kept."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, NOISE, round_) if key is None else keyed_seed(key, round_))
     for k in sorted(shapes):
         yield k, torch.randn(tuple(shapes[k]), generator=generator, dtype=torch.float64).mul_(std)
 

@@ -9,16 +9,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from raysim.adapters import NORM_LAYERS  # every torch normalisation layer (re-exported)
 from raysim.algorithms.base import Algorithm, register_algorithm
 from raysim.training import Batch, forward
 from raysim.types import Tensors
 
 if TYPE_CHECKING:
     from raysim.client import Client
-
-# Every torch normalisation layer: _NormBase covers BatchNorm*/SyncBatchNorm/InstanceNorm*
-# (timm's BatchNormAct2d subclasses BatchNorm2d); timm's LayerNorm2d/GroupNorm1 subclass these.
-NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def norm_keys(model: nn.Module, *, params: bool = True, buffers: bool = True) -> set[str]:

@@ -1,5 +1,6 @@
-"""FedLoRA: a frozen pretrained backbone with LoRA adapters; adapters, head and BatchNorm
-affine parameters are trained and averaged as FedAvg does (each of A and B independently).
+"""FedLoRA: a frozen pretrained backbone with LoRA adapters; adapters, head and the backbone's
+normalisation-layer affine parameters (`train_norm`: BatchNorm, LayerNorm alike) are trained
+and averaged as FedAvg does (each of A and B independently).
 
 `ema` > 0 blends each new global with the previous one on FairLoRA's schedule (the same code),
 so the two methods can be compared under one server step; 0 (the default) is FedAvg's rule.
@@ -27,6 +28,7 @@ class LoRAParams:
     alpha: float | None = None  # the low-rank path is scaled by alpha / r; None: ViT 2, ResNet 8
     targets: list[str] = field(default_factory=list)  # regexes over layer names; empty: the architecture's defaults
     ema: float = 0.0  # server EMA: new global = (1-β_t)·average + β_t·previous, β_t = ema·(t−1)/T; 0 = FedAvg
+    train_norm: bool = True  # the backbone's normalisation-layer affine parameters (BatchNorm, LayerNorm alike) train and travel
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.rank < 1:
@@ -62,7 +64,7 @@ class FedLoRA(Algorithm):
             adapters.inject(model, self.target_layers(model), make, **kwargs)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"algorithm {self.name}: {err}") from err
-        adapters.freeze_backbone(model)
+        adapters.freeze_backbone(model, train_norm=self.params.train_norm)
 
     def target_layers(self, model: nn.Module) -> list[str]:
         return adapters.matching_layers(model, self.params.targets) if self.params.targets else adapters.default_targets(model)

@@ -3,8 +3,9 @@
 (Zhu et al., IEEE TMI 2024).
 
 LoRA's A keeps its random initial value (the same on every client: adapters are drawn from the
-run's seed) and is never trained nor communicated; clients train B (zero at start), the head
-and the BatchNorm affine parameters, and send them. As the product B·A has a fixed A, averaging
+run's seed) and is never trained nor communicated; clients train B (zero at start) and the head
+(with `algorithm.train_norm: true` also the backbone's normalisation-layer affine parameters),
+and send them. As the product B·A has a fixed A, averaging
 is exact (mean_k(B_k)·A = mean_k(B_k·A)) and the DP noise on B is never multiplied by noise on
 A. The server clips each client's update to norm C, adds N(0, z²C²) to the sum and divides by
 the number of updates (`raysim.algorithms.dp`, which also describes the accountant and the keys).

@@ -194,12 +194,19 @@ def inject(model: nn.Module, names: Iterable[str], make: type[LowRankAdapter] | 
     return replaced
 
 
-def freeze_backbone(model: nn.Module) -> None:
-    """Train only adapters, the classifier head, BatchNorm affine parameters, a SliceFold front
-    end and a model's `untrained_parts()` (a U-Net's decoder and segmentation head).
+# Every torch normalisation layer: _NormBase covers BatchNorm*/SyncBatchNorm/InstanceNorm*
+# (timm's BatchNormAct2d subclasses BatchNorm2d); timm's LayerNorm2d/GroupNorm1 subclass these.
+NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
-    Every BatchNorm keeps its running statistics (it stays in eval mode while training; see
-    `raysim.models.train_mode`), so a frozen backbone's statistics never drift.
+
+def freeze_backbone(model: nn.Module, *, train_norm: bool = True) -> None:
+    """Train only adapters, the classifier head, a SliceFold front end, a model's
+    `untrained_parts()` (a U-Net's decoder and segmentation head) and, with `train_norm`, the
+    backbone's normalisation-layer affine parameters (BatchNorm, LayerNorm and GroupNorm alike;
+    `algorithm.train_norm`).
+
+    Every backbone BatchNorm keeps its running statistics (it stays in eval mode while training;
+    see `raysim.models.train_mode`), so a frozen backbone's statistics never drift.
     """
     trainable: set[int] = set()
     # Parts a model declares never pretrained (a U-Net's decoder and head): trained whole, and
@@ -210,9 +217,11 @@ def freeze_backbone(model: nn.Module) -> None:
             trainable.update(id(p) for p in module.parameters(recurse=False))
         elif isinstance(module, LowRankAdapter):
             trainable.update(id(p) for n, p in module.named_parameters() if n.startswith("lora_"))
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            trainable.update(id(p) for p in module.parameters(recurse=False))
-            module.frozen_stats = True
+        elif isinstance(module, NORM_LAYERS):
+            if train_norm:
+                trainable.update(id(p) for p in module.parameters(recurse=False))
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.frozen_stats = True
         if hasattr(module, "get_classifier"):
             heads = module.get_classifier()  # a tuple for distilled ViTs and joint models
             trainable.update(id(p) for head in (heads if isinstance(heads, tuple) else (heads,)) for p in head.parameters())

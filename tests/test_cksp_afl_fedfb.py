@@ -158,11 +158,53 @@ def test_afl_full_participation_weights_the_model_by_lambda_and_raises_the_high_
     assert far == {"a": 0.0, "b": 0.0, "c": 1.0}  # a large step puts all mass on the worst client
 
 
-def test_afl_state_checkpoints_plainly_and_lambda_stays_put_for_clients_without_a_loss() -> None:
+def test_afl_state_checkpoints_plainly_and_the_step_projects_onto_the_whole_simplex() -> None:
     lam = {"a": 0.4, "b": 0.4, "c": 0.2}
-    moved = ascent_step(lam, {"a": 1.0, "b": 0.1}, 0.05)
-    assert moved["c"] == 0.2 and moved["a"] + moved["b"] == pytest.approx(0.8, abs=1e-15) and moved["a"] > 0.4
+    moved = ascent_step(lam, {"a": 1.0, "b": 0.1}, 0.05)  # c reported nothing: g_c = 0
+    np.testing.assert_allclose([moved[c] for c in "abc"], project_to_simplex([0.45, 0.405, 0.2]), rtol=0, atol=1e-15)
+    assert moved["c"] < 0.2 and moved["a"] > 0.4 and sum(moved.values()) == pytest.approx(1.0, abs=1e-15)
     assert all(type(v) is float for v in moved.values())
+
+
+def _one_round(method: AFL, state: dict, losses: dict[str, float]) -> tuple[list[str], dict[str, float], dict[str, float]]:
+    """The first round whose cohort is as `losses` asks (by size), its fold weights and the new λ."""
+    want = len(losses)
+    round_ = next(r for r in range(1, 200) if len(method.sample_clients(r, CLIENTS, method.cfg.federation.clients_per_round, state)) == want)
+    cohort = method.sample_clients(round_, CLIENTS, method.cfg.federation.clients_per_round, state)
+    draws = method.fold_start(round_, state, {}).weights
+    named = dict(zip(cohort, losses.values()))
+    new = method.aggregate(round_, [toy_update(cid, 1.0, **{LOSS_KEY: named[cid]}) for cid in cohort], state)
+    return cohort, draws, new[AFL_LAMBDA]
+
+
+def test_afl_lambda_moves_with_one_client_per_round() -> None:
+    """Issue 24.6: at clients_per_round=1 the cohort projection froze λ (0.5.0); the importance-
+    weighted gradient L_k / λ_k on the whole simplex moves it toward a high-loss client."""
+    method = afl(clients_per_round=1)
+    lam = {"a": 0.25, "b": 0.25, "c": 0.25, "d": 0.25}
+    state = {"weights": {"w": torch.zeros(3)}, AFL_LAMBDA: lam}
+    (drawn,), _, new = _one_round(method, state, {"x": 2.0})
+    expected = project_to_simplex([lam[c] + 0.01 * (2.0 / lam[c] if c == drawn else 0.0) for c in CLIENTS])
+    np.testing.assert_allclose([new[c] for c in CLIENTS], expected, rtol=0, atol=1e-15)
+    assert new[drawn] > 0.25 and all(new[c] < 0.25 for c in CLIENTS if c != drawn)
+    assert sum(new.values()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_afl_lambda_moves_toward_the_high_loss_client_when_both_draws_repeat() -> None:
+    """k = 2 with both draws on one client: 0.5.0 kept λ fixed; now g = L·m/(k·λ) = L/λ for it."""
+    method = afl(clients_per_round=2)
+    lam = {"a": 0.1, "b": 0.6, "c": 0.2, "d": 0.1}
+    state = {"weights": {"w": torch.zeros(3)}, AFL_LAMBDA: lam}
+    (drawn,), draws, new = _one_round(method, state, {"x": 1.5})
+    assert draws == {drawn: 2.0}
+    expected = project_to_simplex([lam[c] + 0.01 * (1.5 * 2 / (2 * lam[c]) if c == drawn else 0.0) for c in CLIENTS])
+    np.testing.assert_allclose([new[c] for c in CLIENTS], expected, rtol=0, atol=1e-15)
+    assert new[drawn] > lam[drawn]
+    # two distinct clients, the high-loss one gains λ relative to the other
+    method3 = afl(clients_per_round=2)
+    cohort, draws, new = _one_round(method3, state, {"x": 0.1, "y": 3.0})
+    low, high = cohort
+    assert new[high] - lam[high] > new[low] - lam[low]
 
 
 def test_afl_sampler_is_a_function_of_seed_round_and_lambda_only() -> None:

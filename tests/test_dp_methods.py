@@ -220,6 +220,9 @@ def test_deer_averaging_is_exact_in_each_sub_round_and_the_noise_is_regulated(ro
         algorithm.cfg.seed,
         round_,
     )
+    # the weight-space noise is scaled by s = max(1, σ_max of the frozen factors) (issue 24: 0.5.0 had no s)
+    scale = max([1.0, *(float(torch.linalg.matrix_norm(d64(state["weights"][layer + frozen]).flatten(1), ord=2)) for layer in lora_layers(state))])
+    assert (scale > 1) == (frozen == ".lora_B")  # the grown B of an A sub-round; LoRA's initial A has σ_max < 1
     for layer in lora_layers(state):
         a, b = state["weights"][layer + ".lora_A"], state["weights"][layer + ".lora_B"]
         assert torch.equal(after["weights"][layer + frozen], state["weights"][layer + frozen])  # untouched
@@ -232,7 +235,7 @@ def test_deer_averaging_is_exact_in_each_sub_round_and_the_noise_is_regulated(ro
         projected = low_rank(d64(a) + noise_a, d64(b) + noise_b) - low_rank(a, b)  # the noise in weight space
         assert torch.allclose(low_rank(new_a, new_b), exact + projected / len(batch), atol=1e-6)
         # the regulator: that noise is the weight-space Gaussian projected onto the frozen factor's space
-        n = weight_noise[key]
+        n = weight_noise[key] * scale
         assert n.shape == low_rank(a, b).shape
         if moving == ".lora_B":
             a_mat = d64(a).T if a.dim() == 2 else d64(a).reshape(a.shape[0], -1)
@@ -278,11 +281,12 @@ def test_deer_run_reports_epsilon_survives_resume_and_stops_at_epsilon_max(ray_s
     tiny = {"algorithm.name": "deer", "resources.clients_per_actor": 3, "federation.rounds": 2, "eval.every": 2, "algorithm.rank": 4}
     full = make_driver(oph_root, tmp_path / "full", **tiny).run()
     rows = server_rows(full)
-    assert list(rows["metric"]) == ["delta", "epsilon"] * 2 and list(rows["round"]) == [1, 1, 2, 2]
+    assert list(rows["metric"]) == ["delta", "epsilon", "noise_scale"] * 2 and list(rows["round"]) == [1, 1, 1, 2, 2, 2]  # noise_scale: issue 24
     z = get_noise_multiplier(target_epsilon=3.0, target_delta=DELTA, sample_rate=1.0, steps=2)
     assert list(rows[rows["metric"] == "epsilon"]["value"]) == [opacus_epsilon(z, 1.0, t) for t in (1, 2)]
     assert rows[rows["metric"] == "epsilon"]["value"].max() <= 3.0 and (rows[rows["metric"] == "delta"]["value"] == DELTA).all()
-    assert not full[full["client"] == "mean"]["metric"].isin(["epsilon", "delta"]).any()  # outside the means
+    assert not full[full["client"] == "mean"]["metric"].isin(["epsilon", "delta", "noise_scale"]).any()  # outside the means
+    assert rows[rows["metric"] == "noise_scale"]["value"].iloc[0] == 1.0  # round 1 trains B: LoRA's initial A has σ_max < 1
 
     make_driver(oph_root, tmp_path / "cut", **tiny).run(until=1)  # round 1 (B), then resumed for round 2 (A)
     resumed = Driver(config.load(tmp_path / "cut" / "config.yaml"), tmp_path / "cut", echo=lambda _: None).run(resume=True)

@@ -110,3 +110,22 @@ def test_a_bad_holdout_site_is_one_line_before_training(oph_root: Path, tmp_path
     assert [s.id for s in participants] == ["client1", "client3"] and held is not None and (held.id, held.role) == ("client2", HOLDOUT)
     with pytest.raises(ConfigError, match="eval.holdout_site must be a client id"):
         config.load(None, ["eval.holdout_site=''"])
+
+
+def test_cksp_scores_the_held_out_site_with_its_own_norm_statistics(oph_root: Path) -> None:
+    """Issue 24.7: CKSP keeps every norm layer per client, so a site that never trained has none;
+    0.5.0 scored it with the initial running statistics (0 / 1). Its newcomer model now carries
+    statistics re-estimated on the site's own images, the shared tensors being the server's."""
+    cfg = config.load(None, tiny_overrides(oph_root, **{"algorithm.name": "cksp", "eval.holdout_site": "site3"}))
+    specs = DATASETS.get("synthetic")(cfg.data, img_size=16, seed=0).client_specs()
+    host = ClientHost(cfg, [dataclasses.replace(s, role=HOLDOUT) if s.id == "site3" else s for s in specs])
+    algorithm, model = host.algorithm, host.clients["site1"].model
+    state = algorithm.init_state(model)
+    state = algorithm.aggregate(1, [host.fit(cid, algorithm.payload(state, 1), 1) for cid in PARTICIPANTS], state)
+    payload = algorithm.payload(state, 2)
+    site3 = host.clients["site3"]
+    newcomer = {k: v.clone() for k, v in algorithm.newcomer_model(site3, payload).state_dict().items()}
+    means = [k for k in norm_keys(model, params=False) if k.endswith(("running_mean", "running_var"))]
+    assert means and all(not torch.equal(newcomer[k], site3.initial_state[k]) for k in means)  # the site's own statistics
+    assert all(torch.equal(newcomer[k], payload[k]) for k in payload)  # every shared tensor is the server's
+    assert site3.own_state == {}  # nothing kept
