@@ -167,7 +167,7 @@ def oct_volume(row: Any, site: SiteStyle, shape: tuple[int, int, int], rng: np.r
     return _acquire(img, site, site.blur * 0.5, site.noise, rng)
 
 
-# FairSeg's mask codes (specs/datasets.md): 0 background, -1 optic disc (rim), -2 optic cup.
+# FairSeg's mask codes (specs/datasets.md): 0 background, -1 neuroretinal rim (the disc without the cup), -2 optic cup.
 MASK_BACKGROUND, MASK_DISC, MASK_CUP = 0, -1, -2
 FIELD_OF_VIEW = 0.96  # radius of the fundus's circular field of view (image half-widths)
 

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from raysim import segmetrics
 from raysim.datasets.base import ClientSpec, Shard
 from raysim.models import normalization
+from raysim.reporting import pseudonym
 from raysim.seeding import derive_seed
 from raysim.tasks import TASKS, Task
 from raysim.training import Batch, forward
@@ -121,6 +123,8 @@ class Client:
         attribute: str | None = None,
         task: Task = TASKS["classification"],
         keep_masks: bool = False,
+        classes: int = 2,
+        id_key: bytes | None = None,
     ) -> None:
         self.spec = spec
         self.id = spec.id
@@ -140,7 +144,10 @@ class Client:
         self.local_elements: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.attribute = attribute  # the target attribute: FairLoRA's group
         self.task = task  # what the model predicts (raysim.tasks); segmentation shards carry masks
-        self.keep_masks = keep_masks  # send predicted masks with the predictions (eval.predictions=all)
+        # What an evaluation sends beyond what the metrics need (only when its predictions are written):
+        self.keep_masks = keep_masks  # the predicted masks (eval.masks)
+        self.id_key = id_key  # sample ids pseudonymised here, before they leave (eval.pseudonymize)
+        self.classes = classes  # the width of a score: an empty split's scores get it too
 
     @property
     def num_train(self) -> int:
@@ -203,9 +210,11 @@ class Client:
         return self.predict_splits([split], model)[0]
 
     @torch.no_grad()
-    def predict_splits(self, splits: list[str], model: nn.Module | None = None) -> list[Predictions]:
+    def predict_splits(self, splits: list[str], model: nn.Module | None = None, *, record: bool = True) -> list[Predictions]:
         """Scores on several splits, their samples forwarded together in batches of EVAL_BATCH
-        (what the task keeps of each forward pass: probabilities, or argmax masks).
+        (what the task keeps of each forward pass: probabilities, or argmax masks). `record`:
+        the predictions go to predictions.parquet, so sample ids (and masks, `keep_masks`) leave
+        too; else only what the metrics need.
 
         A forward pass costs far more than its images at small batch sizes (resnet18 at 28 px:
         6.5 ms for 1 image, 16 ms for 8), so a cross-device client's few val and test images go
@@ -220,12 +229,17 @@ class Client:
             kept = self.task.score(forward(model, _concat(batches)))
             for (split, _), part in zip(chunk, _split_rows(kept, [len(i) for _, i in chunk])):
                 scores[split].append(part)
-        return [self._predictions(split, scores[split]) for split in splits]
+        return [self._predictions(split, scores[split], record) for split in splits]
 
-    def _predictions(self, split: str, parts: list[torch.Tensor]) -> Predictions:
+    def _predictions(self, split: str, parts: list[torch.Tensor], record: bool) -> Predictions:
         shard = self.shards[split]
-        preds = self.task.predictions(self.id, split, shard.table, parts, shard.masks, self.spec.role)
-        if self.keep_masks:  # eval.predictions=all: the predicted masks leave too (never the true ones)
+        preds = self.task.predictions(self.id, split, shard.table, parts, shard.masks, self.spec.role, classes=self.classes)
+        if not record:  # nothing of it is written: no ids, no masks, no per-sample extras (true areas, CDR)
+            values = None if preds.values is None else {c: preds.values[c] for c in segmetrics.SAMPLE_COLUMNS}
+            return dataclasses.replace(preds, sample_ids=None, values=values)
+        if self.id_key is not None:
+            preds = dataclasses.replace(preds, sample_ids=pseudonym(preds.sample_ids, self.id_key))
+        if self.keep_masks:  # the predicted masks leave too (never the true ones)
             preds = dataclasses.replace(preds, masks=self.task.predicted_masks(parts))
         return preds
 

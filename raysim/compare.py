@@ -25,8 +25,9 @@ accuracy-fairness scatter with its Pareto front, per-group AUC bars, the per-cli
 Plain pandas and matplotlib, no Ray.
 
 Segmentation runs (`raysim.runs.Run.task`) are compared on Dice (`raysim.segmetrics`' names),
-selected by the best mean validation Dice D = (Dice disc + Dice cup) / 2: Dice disc and Dice cup
-(each with its 95 % interval), D, ES-Dice, the Dice per group (D of the group: the mean of its
+selected by the best mean validation Dice D = (Dice disc + Dice cup) / 2: Dice disc, Dice cup and
+Dice rim (the disc without the cup, FairSeg's code -1: rim and cup are the pair FairSeg reports;
+each with its 95 % interval; the rim only for runs that wrote its rows), D, ES-Dice (and ES-Dice rim), the Dice per group (D of the group: the mean of its
 disc and cup Dice, the quantity ES-Dice scales, so one column per group), CDR error, and
 FL-MedSegBench's client fairness: the worst client's D and the population std of D over the
 run's clients (`runs.client_spread`), each pooled over seeds like any other column. compare.html
@@ -55,10 +56,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from raysim import figures
+from raysim import cli, figures
 from raysim.runs import MEAN, Run, RunReadError, client_spread, clients, is_run_dir, natural_key, read_run
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
 DEFAULT_BY = ("algorithm",)
 NOT_PROTOCOL = ("seed", "resources", "eval.predictions", "report")  # keys (and sections) that change no reported number
 ABSENT = "absent"
@@ -87,7 +88,7 @@ def find_runs(paths: Iterable[Path | str]) -> list[Path]:
             found.append(path.resolve())
             continue
         if not path.is_dir():
-            raise CompareError(f"{path}: no such directory")
+            raise CompareError(f"{path}: {'not a directory' if path.exists() else 'no such directory'} (expected a run directory, a directory holding runs, or a Tune study directory)")
         hits = _walk(path.resolve())
         if not hits:
             raise CompareError(f"no run found under {path} (a run directory holds config.yaml and metrics.parquet)")
@@ -240,10 +241,10 @@ def _dice_fields(test: pd.DataFrame, at: Callable[..., float], attribute: str, r
     """The Dice half of a segmentation or joint run's row (Dice disc / cup, D, CDR error, ES-Dice
     and the Dice gap with a target attribute, the worst client's D and the std of D over
     clients), and D per client."""
-    row: dict[str, Any] = {"dice_disc": at("dice_disc"), "dice_cup": at("dice_cup")}
+    row: dict[str, Any] = {"dice_disc": at("dice_disc"), "dice_cup": at("dice_cup"), "dice_rim": at("dice_rim")}  # dice_rim: NaN in runs before the rim rows
     row |= {"dice": (row["dice_disc"] + row["dice_cup"]) / 2, "cdr_error": at("cdr_error")}
     if attribute:
-        row |= {"es_dice": at("es_dice", attribute), "dice_gap": at("dice_gap", attribute)}
+        row |= {"es_dice": at("es_dice", attribute), "dice_gap": at("dice_gap", attribute), "es_dice_rim": at("es_dice_rim", attribute), "dice_rim_gap": at("dice_rim_gap", attribute)}
     own = test[(test["attribute"] == "") & (test["group"] == "") & test["client"].isin(real) & test["metric"].isin(["dice_disc", "dice_cup"])]
     per_client = own.pivot_table(index="client", columns="metric", values="value", aggfunc="first").reindex(columns=["dice_disc", "dice_cup"]).mean(axis=1, skipna=False)
     spread = client_spread(per_client)
@@ -394,10 +395,15 @@ class Comparison:
     def labels(self) -> list[str]:
         return list(dict.fromkeys(self.per_run["label"]))
 
+    @property
+    def has_rim(self) -> bool:
+        """Whether any run wrote the rim's rows (runs before issue 25 did not)."""
+        return "dice_rim" in self.per_run and bool(self.per_run["dice_rim"].notna().any())
+
     def metric_keys(self) -> list[str]:
         if self.task == "segmentation":
-            fair = ["es_dice", *(f"dice:{g}" for g in self.groups), "dice_gap"] if self.attribute else []
-            return ["dice_disc", "dice_cup", "dice", *fair, "cdr_error", "worst_dice", "client_std", "mb_up", "epsilon", "round"]
+            fair = ["es_dice", "es_dice_rim", *(f"dice:{g}" for g in self.groups), "dice_gap", "dice_rim_gap"] if self.attribute else []
+            return ["dice_disc", "dice_cup", "dice_rim", "dice", *fair, "cdr_error", "worst_dice", "client_std", "mb_up", "epsilon", "round"]
         fair = ["es_auc", *(f"auc:{g}" for g in self.groups), "eod", "spd"] if self.attribute else []
         dice = ["dice_disc", "dice_cup", "dice", *(["es_dice", "dice_gap"] if self.attribute else []), "cdr_error", "worst_dice", "client_std"]
         return ["auc", "acc", *fair, *(dice if self.task == "joint" else []), "mb_up", "epsilon", "round"]
@@ -433,11 +439,11 @@ class Comparison:
 
     def _segmentation_columns(self, *, ci: bool) -> list[Column]:
         cols: list[Column] = []
-        for part in ("disc", "cup"):
+        for part in ("disc", "cup", "rim") if self.has_rim else ("disc", "cup"):
             cols += [Column(f"dice_{part}", f"Dice {part}", pct_cell, True)] + ([Column(f"dice_{part}", f"Dice {part} 95 % CI", ci_cell)] if ci else [])
         cols.append(Column("dice", "Dice", pct_cell, True))
         if self.attribute:
-            cols += [Column("es_dice", "ES-Dice", pct_cell, True)] + [Column(f"dice:{g}", f"Dice {g}", pct_cell, True) for g in self.groups]
+            cols += [Column("es_dice", "ES-Dice", pct_cell, True)] + ([Column("es_dice_rim", "ES-Dice rim", pct_cell, True)] if self.has_rim else []) + [Column(f"dice:{g}", f"Dice {g}", pct_cell, True) for g in self.groups]
         return cols + self._client_fairness_columns() + self._tail_columns()
 
     def footnote(self) -> str:
@@ -458,8 +464,9 @@ class Comparison:
     def _dice_footnote(self) -> str:
         per_group = "; Dice <group>: the group's Dice (the mean of its disc and cup Dice)" if self.task == "segmentation" else ""
         target = f" ES-Dice: Dice equity-scaled over the {self.attribute} groups{per_group}." if self.attribute else ""
+        rim = " Dice rim: the disc without the cup (FairSeg's rim, which FairSeg reports beside the cup); ES-Dice rim: its equity-scaled form." if self.task == "segmentation" and self.has_rim else ""
         return (
-            f"Dice: the mean of the disc and cup Dice.{target} CDR error: |vertical cup-to-disc ratio predicted − true|, lower is better. "
+            f"Dice: the mean of the disc and cup Dice.{rim}{target} CDR error: |vertical cup-to-disc ratio predicted − true| of the largest connected components, lower is better. "
             "Worst client Dice: the lowest client Dice in the run; client std: the population std of the clients' Dice (FL-MedSegBench's client fairness; lower is more even)."
         )
 
@@ -574,19 +581,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        studies = [p for p in args.inputs if is_study_dir(p)]
-        if studies:
-            if len(args.inputs) > 1:
-                raise CompareError(f"{studies[0]} is a Tune study: report one study on its own (python -m raysim.compare STUDY_DIR)")
-            from raysim import study_report
+    return cli.guard(lambda: _main(args), (CompareError, RunReadError), outs=[args.out])
 
-            print(study_report.write(studies[0], out=args.out))
-            return 0
-        comparison = compare(args.inputs, args.by, args.baseline)
-    except (CompareError, RunReadError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+
+def _main(args: argparse.Namespace) -> int:
+    cli.check_out_dir(args.out)  # before anything is read or written
+    studies = [p for p in args.inputs if is_study_dir(p)]
+    if studies:
+        if len(args.inputs) > 1:
+            raise CompareError(f"{studies[0]} is a Tune study: report one study on its own (python -m raysim.compare STUDY_DIR)")
+        from raysim import study_report
+
+        print(study_report.write(studies[0], out=args.out))
+        return 0
+    comparison = compare(args.inputs, args.by, args.baseline)
     print(comparison.markdown())
     if args.out:
         comparison.write(args.out)

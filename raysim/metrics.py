@@ -9,7 +9,9 @@ raises ``ValueError``.
 raysim's choices where the reference is loose (see ``specs/fairfedmed.md``):
 
 * Fairness metrics use known groups only: group code ``-1`` is dropped first.
-* A group without both classes has AUC NaN and is left out of the ES sum.
+* A group without both classes has AUC NaN and is left out of the ES sum. ES needs at least
+  two groups with a defined value: with fewer there is no spread to measure, so ES is NaN (and
+  ``mean`` ES rows average the clients where it is defined) rather than the overall value.
 * EOD = max(TPR gap, FPR gap); each gap is taken over the groups where that rate is
   defined (TPR needs positives, FPR needs negatives). fairlearn would count an
   undefined rate as 0, so it is only called when every group has both classes.
@@ -35,13 +37,14 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-METRIC_NAMES = ("auc", "acc", "bacc", "loss", "es_auc", "es_acc", "es_bacc", "eod", "spd", "auc_lo", "auc_hi", "bytes_up", "bytes_down", "missing", "n_clients", "epsilon", "delta", "generator_loss")
+METRIC_NAMES = ("auc", "acc", "bacc", "loss", "es_auc", "es_acc", "es_bacc", "eod", "spd", "auc_lo", "auc_hi", "bytes_up", "bytes_down", "missing", "n_clients", "epsilon", "delta", "noise_scale", "generator_loss")
 # Segmentation (raysim.segmetrics, which defines them; listed here so the contract has one list).
 METRIC_NAMES += ("dice_disc", "dice_cup", "iou_disc", "iou_cup", "hd95_disc", "hd95_cup", "cdr_error", "dice_disc_lo", "dice_disc_hi", "dice_cup_lo", "dice_cup_hi")
 METRIC_NAMES += ("es_dice_disc", "es_dice_cup", "es_dice", "dice_disc_gap", "dice_cup_gap", "dice_gap")
+METRIC_NAMES += ("dice_rim", "iou_rim", "hd95_rim", "dice_rim_lo", "dice_rim_hi", "es_dice_rim", "dice_rim_gap")  # FairSeg's rim (issue 25)
 FRAME_COLUMNS = ("round", "split", "client", "role", "attribute", "group", "metric", "value")
 _GROUP_METRICS = ("auc", "acc", "bacc", "auc_lo", "auc_hi")
-NOT_AVERAGED = ("auc_lo", "auc_hi", "dice_disc_lo", "dice_disc_hi", "dice_cup_lo", "dice_cup_hi")  # per-client intervals: no mean rows (see the module docstring)
+NOT_AVERAGED = ("auc_lo", "auc_hi", "dice_disc_lo", "dice_disc_hi", "dice_cup_lo", "dice_cup_hi", "dice_rim_lo", "dice_rim_hi")  # per-client intervals: no mean rows (see the module docstring)
 Row = tuple[str, str, str, float]  # (attribute, group, metric, value)
 _EPS = 1e-7
 _MAX_BOOT_CELLS = 2_000_000  # resample-matrix cells processed at once
@@ -178,13 +181,16 @@ def log_loss(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
 def equity_scaled(overall: float, per_group: Mapping[int, float]) -> float:
     """Equity-scaled metric ``overall / (1 + sum_g |m_g - overall|)`` (alpha = 1).
 
-    Groups whose value is NaN are left out of the sum; a NaN ``overall`` gives NaN
-    (no new warning: whatever made it NaN already warned).
+    Groups whose value is NaN are left out of the sum. NaN with a warning when fewer than
+    two groups have a value (one group has no spread: its ES would read as perfect equity);
+    a NaN ``overall`` gives NaN (no new warning: whatever made it NaN already warned).
     """
     if math.isnan(overall):
         return math.nan
-    spread = sum(abs(v - overall) for v in per_group.values() if not math.isnan(v))
-    return float(overall / (1.0 + spread))
+    defined = [v for v in per_group.values() if not math.isnan(v)]
+    if len(defined) < 2:
+        return _undefined(f"equity scaling undefined: fewer than two groups with a defined value ({len(defined)} of {len(per_group)})")
+    return float(overall / (1.0 + sum(abs(v - overall) for v in defined)))
 
 
 def _rate_gap(preds: np.ndarray, groups: np.ndarray, among: np.ndarray) -> float:

@@ -12,8 +12,9 @@ Every number in a table is the metrics.parquet value x100 with one decimal (`fig
 except MB, loss and ε. Plain pandas and matplotlib, no Ray.
 
 A segmentation run (`raysim.runs.Run.task`: Dice rows, no AUC) gets the same page with Dice in
-AUC's place (`raysim.segmetrics`' names): mean and per-client Dice of the optic disc and cup and
-ES-Dice per round; at the reported round each client's Dice with its bootstrap interval, IoU,
+AUC's place (`raysim.segmetrics`' names): mean and per-client Dice of the optic disc, cup and
+neuroretinal rim (the disc without the cup: FairSeg's code -1, which its paper reports beside the
+cup; runs written before the rim rows existed show disc and cup) and ES-Dice per round; at the reported round each client's Dice with its bootstrap interval, IoU,
 hd95 (a percentage of the image diagonal) and CDR error; FL-MedSegBench's client-fairness view
 (the worst client by mean Dice D = (disc + cup) / 2, and min / median / max / std over clients,
 computed here from the client rows, never stored); per-group Dice with intervals, ES-Dice and
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysim import figures
+from raysim import cli, figures
 from raysim.figures import Section, percent
 from raysim.runs import HOLDOUT, MEAN, Run, RunReadError, Selection, client_spread, clients, holdout_clients, mean_dice, read_run, select_round
 
@@ -149,6 +150,8 @@ def _group_figure(view: _View, split: str = "test", metric: str = "auc", what: s
     if rows.empty:
         return ""
     table = rows.pivot_table(index=["client", "group"], columns="metric", values="value", aggfunc="first", sort=False)
+    if metric not in table:  # undefined in every group (too few samples): the pivot drops it, nothing to draw
+        return ""
     names = list(dict.fromkeys(rows["group"]))
     auc = table[metric].unstack("group").reindex(columns=names) * 100
     if view.many:
@@ -385,8 +388,10 @@ def _fairness_section(view: _View) -> Section:
     section.text(f"Test split at round {view.at}; attribute {view.attribute} (the run's target attribute).")
     section.add(_group_figure(view))
     rows = view.groups[(view.groups["round"] == view.at) & (view.groups["split"] == "test")]
-    if not rows.empty:
-        wide = rows.pivot_table(index=["client", "group"], columns="metric", values="value", aggfunc="first", sort=False)
+    wide = rows.pivot_table(index=["client", "group"], columns="metric", values="value", aggfunc="first", sort=False) if not rows.empty else None
+    if wide is not None and "auc" not in wide:  # every group AUC undefined (too few samples): the pivot dropped them all
+        section.text("No group AUC is defined at this round (each group has too few samples or a single class).")
+    elif wide is not None:
         has_interval = "auc_lo" in wide.columns and bool(wide["auc_lo"].notna().any())
         if not has_interval:
             section.text("No bootstrap intervals in this run (eval.bootstrap = 0, or every group AUC undefined).")
@@ -417,9 +422,11 @@ def _training_section(view: _View) -> Section:
         section.text("No bytes_up / bytes_down rows.")
     else:
         per_round = sent.pivot_table(index="round", columns="metric", values="value", aggfunc=["mean", "sum", "count"])
+        # a run with only one direction's rows (e.g. bytes_up alone) gets NaN for the other, not a KeyError
+        per_round = per_round.reindex(columns=pd.MultiIndex.from_product([["mean", "sum", "count"], ["bytes_down", "bytes_up"]]))
         traffic = pd.DataFrame(
             {
-                "clients trained": per_round[("count", "bytes_up")].astype(int),
+                "clients trained": per_round[("count", "bytes_up")].fillna(0).astype(int),
                 "MB down per client": per_round[("mean", "bytes_down")] / MB,
                 "MB up per client": per_round[("mean", "bytes_up")] / MB,
                 "MB down in all": per_round[("sum", "bytes_down")] / MB,
@@ -514,14 +521,40 @@ SEG_NAMES = {
     "dice_gap": "Dice gap",
     "dice_disc_gap": "Dice gap disc",
     "dice_cup_gap": "Dice gap cup",
+    "dice_rim": "Dice rim",
+    "iou_rim": "IoU rim",
+    "hd95_rim": "hd95 rim (% of diagonal)",
+    "es_dice_rim": "ES-Dice rim",
+    "dice_rim_gap": "Dice gap rim",
 }
 GEOMETRY = ("iou_disc", "iou_cup", "hd95_disc", "hd95_cup", "cdr_error")
+RIM_GEOMETRY = ("iou_rim", "hd95_rim")
 SEG_ROLE_ROWS = (("val Dice", "val", "dice"), ("test Dice", "test", "dice"), ("test Dice disc", "test", "dice_disc"), ("test Dice cup", "test", "dice_cup"))
 SEG_NOTE = (
     "Dice is the mean of the disc and cup Dice (raysim.segmetrics' D); ES-Dice is equity-scaled D over the groups of the target attribute; "
     "hd95 is the 95th percentile Hausdorff distance as a percentage of the image diagonal (lower is better); "
-    "CDR error is |vertical cup-to-disc ratio predicted - true| (x100, lower is better)."
+    "CDR error is |vertical cup-to-disc ratio predicted - true| (x100, lower is better; each region's largest connected component). "
+    "The rim is the disc without the cup."
 )
+FAIRSEG_NOTE = (
+    "FairSeg: mask code -1 is the neuroretinal rim and -2 the cup; FairSeg's evaluation reports rim and cup, so compare its Dice and IoU with "
+    "Dice rim / Dice cup here (Dice disc is rim + cup). FairSeg reports medpy's HD95 in pixels at its own image size; raysim's hd95 is "
+    "MONAI's form as a percentage of the image diagonal, so the two are not comparable without rescaling."
+)
+
+
+def _parts(view: _View) -> tuple[str, ...]:
+    """The regions the run scored: disc and cup, and the rim in runs that write its rows."""
+    return ("disc", "cup", "rim") if "dice_rim" in view.overall.columns else ("disc", "cup")
+
+
+def _geometry(view: _View) -> tuple[str, ...]:
+    return GEOMETRY + (RIM_GEOMETRY if "rim" in _parts(view) else ())
+
+
+def _seg_notes(view: _View) -> str:
+    fairseg = (view.run.config.get("data") or {}).get("name") == "fairseg"
+    return SEG_NOTE + (" " + FAIRSEG_NOTE if fairseg else "")
 
 
 def _seg_selection_section(view: _View) -> Section:
@@ -530,31 +563,35 @@ def _seg_selection_section(view: _View) -> Section:
         section.text("Selection uses the validation split only, so the test values below stay an unbiased estimate.")
     if view.at is None:
         return section
-    metrics = [(SEG_NAMES[m], m, False) for m in ("dice", "dice_disc", "dice_cup")]
+    parts = _parts(view)
+    metrics = [(SEG_NAMES[m], m, False) for m in ("dice", *(f"dice_{p}" for p in parts))]
     if view.attribute:
-        metrics += [(f"{SEG_NAMES[m]} ({view.attribute})", m, True) for m in ("es_dice", "es_dice_disc", "es_dice_cup", "dice_gap")]
-    metrics += [(SEG_NAMES[m], m, False) for m in GEOMETRY]
+        metrics += [(f"{SEG_NAMES[m]} ({view.attribute})", m, True) for m in ("es_dice", *(f"es_dice_{p}" for p in parts), "dice_gap")]
+    metrics += [(SEG_NAMES[m], m, False) for m in _geometry(view)]
     rows = [(label, *(percent(view.cell(s, metric, fair).get(MEAN, np.nan)) for s in SPLITS)) for label, metric, fair in metrics]
     frame = pd.DataFrame(rows, columns=["mean over clients (x100)", *SPLITS.values()])
     section.add(figures.table(frame, "selected", f"at round {view.at}"))
-    return section.text(SEG_NOTE)
+    return section.text(_seg_notes(view))
 
 
 def _seg_performance_section(view: _View) -> Section:
     section = Section("Dice and ES-Dice per round", anchor="rounds")
     section.add(_over_rounds(view, "dice_disc", "Dice of the optic disc", "Dice disc (x100)"))
     section.add(_over_rounds(view, "dice_cup", "Dice of the optic cup", "Dice cup (x100)"))
+    if "rim" in _parts(view):
+        section.add(_over_rounds(view, "dice_rim", "Dice of the neuroretinal rim (the disc without the cup)", "Dice rim (x100)"))
     if view.attribute:
         section.add(_over_rounds(view, "es_dice", f"ES-Dice ({view.attribute})", f"ES-Dice {view.attribute} (x100)", fair=True))
     else:
         section.text("No ES-Dice: the source has no sensitive attributes.")
-    _per_round_table(section, view, [(SEG_NAMES[m], m, fair) for m, fair in (("dice", False), ("dice_disc", False), ("dice_cup", False), ("es_dice", True), ("cdr_error", False))])
+    per_round = [("dice", False), *((f"dice_{p}", False) for p in _parts(view)), ("es_dice", True), ("cdr_error", False)]
+    _per_round_table(section, view, [(SEG_NAMES[m], m, fair) for m, fair in per_round])
     return section
 
 
 def _seg_client_columns(view: _View) -> list[tuple[str, str, str, bool]]:
     columns = [("val Dice", "val", "dice", False), ("test Dice", "test", "dice", False)]
-    for part in ("disc", "cup"):
+    for part in _parts(view):
         columns += [(f"test Dice {part}", "test", f"dice_{part}", False), (f"{part} low", "test", f"dice_{part}_lo", False), (f"{part} high", "test", f"dice_{part}_hi", False)]
     if view.attribute:
         columns += [(f"test ES-Dice ({view.attribute})", "test", "es_dice", True), ("test Dice gap", "test", "dice_gap", True)]
@@ -562,21 +599,21 @@ def _seg_client_columns(view: _View) -> list[tuple[str, str, str, bool]]:
 
 
 def _client_dice_figure(view: _View, split: str = "test") -> str:
-    """Dice disc and cup per client with the client's bootstrap interval (<= MANY clients)."""
-    order = [*view.clients, MEAN]
-    fig, ax, along = _per_client_axes(order, 2)
+    """Dice of each region per client with the client's bootstrap interval (<= MANY clients)."""
+    order, parts = [*view.clients, MEAN], _parts(view)
+    fig, ax, along = _per_client_axes(order, len(parts))
     horizontal = _horizontal(order)
-    for i, part in enumerate(("disc", "cup")):
+    for i, part in enumerate(parts):
         y = view.cell(split, f"dice_{part}").reindex(order).to_numpy(dtype=float) * 100
         lo = view.cell(split, f"dice_{part}_lo").reindex(order).to_numpy(dtype=float) * 100
         hi = view.cell(split, f"dice_{part}_hi").reindex(order).to_numpy(dtype=float) * 100
         err = np.nan_to_num(np.vstack([np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)]))
-        pos = along - 0.2 + 0.4 * i
+        pos = along + np.linspace(-0.2, 0.2, len(parts))[i]
         style = {"fmt": figures.marker(i), "color": figures.color(i), "ms": 6, "capsize": 3, "lw": 1.2, "label": part}
         ax.errorbar(*((y, pos) if horizontal else (pos, y)), **({"xerr": err} if horizontal else {"yerr": err}), **style)
     (ax.set_xlabel if horizontal else ax.set_ylabel)(f"{SPLITS[split]} Dice (x100)")
     figures.legend_outside(ax, title="structure")
-    return figures.embed(fig, "client_dice", f"Dice of the optic disc and cup per client at round {view.at} ({split} split), bar: the client's bootstrap interval (none for the mean)")
+    return figures.embed(fig, "client_dice", f"Dice of the optic {', '.join(parts[:-1])} and {parts[-1]} per client at round {view.at} ({split} split), bar: the client's bootstrap interval (none for the mean)")
 
 
 def _seg_clients_section(view: _View) -> Section:
@@ -584,7 +621,7 @@ def _seg_clients_section(view: _View) -> Section:
     if view.at is None:
         return section.text("No evaluated round yet.")
     values = pd.DataFrame({label: view.cell(split, metric, fair) for label, split, metric, fair in _seg_client_columns(view)})
-    geometry = pd.DataFrame({f"test {SEG_NAMES[m]}": view.cell("test", m) for m in GEOMETRY})
+    geometry = pd.DataFrame({f"test {SEG_NAMES[m]}": view.cell("test", m) for m in _geometry(view)})
     per_client, shape = values.reindex(view.clients), geometry.reindex(view.clients)
     if view.many:
         section.add(_spread_figure(view, "dice", "Dice", "dice_spread"))
@@ -618,7 +655,7 @@ def _client_fairness_section(view: _View) -> Section:
     )
     rows = []
     for split, name in SPLITS.items():
-        for metric in ("dice", "dice_disc", "dice_cup"):
+        for metric in ("dice", *(f"dice_{p}" for p in _parts(view))):
             s = client_spread(view.cell(split, metric).reindex(view.clients))
             if s.n:
                 rows.append(
@@ -639,7 +676,8 @@ def _client_fairness_section(view: _View) -> Section:
 
 
 def _seg_gap_figure(view: _View, split: str = "test") -> str:
-    series = {SEG_NAMES[m]: view.cell(split, m, fair=True) for m in ("dice_disc_gap", "dice_cup_gap", "dice_gap")}
+    parts = _parts(view)
+    series = {SEG_NAMES[m]: view.cell(split, m, fair=True) for m in (*(f"dice_{p}_gap" for p in parts), "dice_gap")}
     if all(s.empty for s in series.values()):
         return ""
     label = f"{view.attribute} Dice gap, {SPLITS[split]} (x100)"
@@ -648,7 +686,7 @@ def _seg_gap_figure(view: _View, split: str = "test") -> str:
         present = view.clients
         ax.boxplot(
             [s.reindex(present).dropna().to_numpy() * 100 for s in series.values()],
-            tick_labels=["disc", "cup", "mean of both"],
+            tick_labels=[*parts, "mean of disc and cup"],
             medianprops={"color": "black"},
             flierprops={"markersize": 3, "alpha": 0.5},
         )
@@ -656,7 +694,7 @@ def _seg_gap_figure(view: _View, split: str = "test") -> str:
         return figures.embed(fig, "dice_gaps", f"Dice gap between the best and the worst {view.attribute} group ({split} split) at round {view.at}: the distribution over {len(present)} clients")
     order = [*view.clients, MEAN]
     fig, ax = figures.new_figure(width=min(12.0, 4.5 + 0.3 * len(order) * 3), height=3.6)
-    figures.grouped_bars(ax, order, {name: (s.reindex(order).to_numpy(dtype=float), None) for name, s in zip(("disc", "cup", "mean of both"), series.values())}, scale=100)
+    figures.grouped_bars(ax, order, {name: (s.reindex(order).to_numpy(dtype=float), None) for name, s in zip((*parts, "mean of disc and cup"), series.values())}, scale=100)
     ax.set_xlabel("client")
     ax.set_ylabel(label)
     figures.legend_outside(ax, title="Dice gap of")
@@ -672,6 +710,8 @@ def _seg_fairness_section(view: _View) -> Section:
     section.text(f"Test split at round {view.at}; attribute {view.attribute} (the run's target attribute).")
     section.add(_group_figure(view, metric="dice_disc", what="Dice disc", name="group_dice_disc"))
     section.add(_group_figure(view, metric="dice_cup", what="Dice cup", name="group_dice_cup"))
+    if "rim" in _parts(view):
+        section.add(_group_figure(view, metric="dice_rim", what="Dice rim", name="group_dice_rim"))
     rows = view.groups[(view.groups["round"] == view.at) & (view.groups["split"] == "test")]
     if not rows.empty:
         wide = rows.pivot_table(index=["client", "group"], columns="metric", values="value", aggfunc="first", sort=False, dropna=False)
@@ -682,17 +722,17 @@ def _seg_fairness_section(view: _View) -> Section:
         wide = wide[wide.index.get_level_values("client").isin(keep)]
         wide = wide.reindex(sorted(wide.index, key=lambda k: keep.index(k[0])))  # stable: groups keep their code order
         columns: dict[str, pd.Series] = {}
-        for part in ("disc", "cup"):
+        for part in _parts(view):
             columns[f"Dice {part}"] = wide.get(f"dice_{part}")
             if has_interval:
                 columns |= {f"{part} low": wide.get(f"dice_{part}_lo"), f"{part} high": wide.get(f"dice_{part}_hi")}
-        columns |= {SEG_NAMES[m]: wide.get(m) for m in GEOMETRY}
+        columns |= {SEG_NAMES[m]: wide.get(m) for m in _geometry(view)}
         out = pd.DataFrame({k: v for k, v in columns.items() if v is not None}, index=wide.index)
         out = out.apply(lambda c: c.map(percent)).reset_index()
         caption = "per group, each client and the mean (x100; low / high: the client's bootstrap interval, none for the mean; hd95 in % of the image diagonal)"
         section.add(figures.table(out, "group_dice", caption if not view.many else "per group, the mean over clients (x100; hd95 in % of the image diagonal)"))
     section.add(_seg_gap_figure(view))
-    gaps = ("es_dice", "es_dice_disc", "es_dice_cup", "dice_gap", "dice_disc_gap", "dice_cup_gap")
+    gaps = ("es_dice", "es_dice_disc", "es_dice_cup", "dice_gap", "dice_disc_gap", "dice_cup_gap") + (("es_dice_rim", "dice_rim_gap") if "rim" in _parts(view) else ())
     values = pd.DataFrame({SEG_NAMES[m]: view.cell("test", m, fair=True) for m in gaps})
     if not values.empty:
         keep = [MEAN] if view.many else [*view.clients, MEAN]
@@ -709,6 +749,9 @@ def _seg_fairness_section(view: _View) -> Section:
     return section
 
 
+HOLDOUT_METRICS = {"classification": ("auc", "acc"), "segmentation": ("dice", "dice_disc", "dice_cup"), "joint": ("auc", "acc", "dice", "dice_disc", "dice_cup")}
+
+
 def _holdout_section(view: _View) -> Section | None:
     """The `eval.holdout_site` (unseen site) per evaluated round next to the participants' mean:
     its rows are in no mean, worst client or spread above."""
@@ -720,8 +763,8 @@ def _holdout_section(view: _View) -> Section | None:
         f"{', '.join(held)} never trained (eval.holdout_site): never sampled, never aggregated, in no mean, worst client or spread above; "
         f"scored at each evaluation with {rule}. The reported round is the participants' selection ({view.at})."
     )
-    metrics = ("dice", "dice_disc", "dice_cup") if view.task == "segmentation" else ("auc", "acc")
-    names = SEG_NAMES if view.task == "segmentation" else {"auc": "AUC", "acc": "acc"}
+    metrics = HOLDOUT_METRICS[view.task]  # a joint run's unseen site is graded and segmented (0.5.0 showed no Dice)
+    names = {"auc": "AUC", "acc": "acc", **SEG_NAMES}
     columns: dict[str, pd.Series] = {}
     for split, name in SPLITS.items():
         for metric in metrics:
@@ -769,15 +812,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dir", help="a raysim run directory (config.yaml, metrics.parquet)")
     parser.add_argument("--out", help="where to write the page (default RUN_DIR/report.html)")
     args = parser.parse_args(argv)
-    try:
-        path = write_report(args.run_dir, args.out)
-    except RunReadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {args.out or args.run_dir}: cannot write the report ({err.strerror or err})", file=sys.stderr)
-        return 2
-    print(path)
+    return cli.guard(lambda: _main(args), (RunReadError,), outs=[args.out])
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.out is not None and Path(args.out).is_dir():
+        raise cli.InputError(f"--out {args.out} is a directory; give the HTML file to write")
+    if args.out is not None and not Path(args.out).parent.is_dir():
+        raise cli.InputError(f"--out {args.out}: {Path(args.out).parent} is not a directory")
+    print(write_report(args.run_dir, args.out))
     return 0
 
 

@@ -9,10 +9,11 @@ What each output holds, and who should see it:
   sample with its id, label, score and every sensitive attribute: patient-level data, for
   those allowed to see the clients' data. CheXpert / MIMIC ids embed patient and study
   numbers; `eval.pseudonymize` replaces every id by an HMAC-SHA256 under a key kept outside
-  the run directory (`pseudonym`). Segmentation and joint runs write per-sample Dice, IoU,
-  hd95 and CDR instead of (joint: beside) label and score, and with `all` each sample's
-  predicted mask (`mask`, `mask_size`: `raysim.tasks.decode_mask`); the true masks never leave
-  the client's actor.
+  the run directory (`pseudonym`), inside the client actors. Segmentation and joint runs write
+  per-sample Dice, IoU, hd95 and CDR instead of (joint: beside) label and score, and with
+  `eval.masks` each sample's predicted mask (`mask`, `mask_size`: `raysim.tasks.decode_mask`);
+  the true masks never leave the client's actor. Ids and masks leave the actors only for the
+  evaluations this file keeps (`RunRecorder.keeps`).
 
 Both are Parquet dataset folders, one part per round and write (`part-r000003-k00.parquet`),
 appended, never rewritten: `pd.read_parquet(RUN_DIR / "metrics.parquet")` reads one table.
@@ -26,6 +27,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,8 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from raysim import console, metrics, tasks
-from raysim.config import ConfigError
+from raysim import console, metrics, secrets, storage, tasks
 from raysim.types import Predictions
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ METRIC_COLUMNS = ["round", "split", "client", "role", "attribute", "group", "met
 PREDICTION_COLUMNS = ["round", "split", "client", "sample_id", "label", "score"]
 OUTPUTS = ("metrics", "predictions")  # RUN_DIR/<name>.parquet, each a folder of parts
 ID_KEY_ENV = "RAYSIM_ID_KEY"
-MIN_KEY_BYTES = 16
+MIN_KEY_BYTES = secrets.MIN_KEY_BYTES
 PSEUDONYM_HEX = 16  # 64 bits: a collision among a million ids has odds of about 3e-8
 _PART = re.compile(r"part-r(\d+)-k(\d+)\.parquet")
 
@@ -57,6 +58,8 @@ def metric_frame(round_: int, scored: Sequence[tuple[Predictions, int]], group_n
     (a frame per client and split cost ~3 ms each: seconds at 1,000 clients)."""
     rows: list[tuple[object, ...]] = []
     for preds, seed in scored:
+        if not len(preds.labels):  # a split carved from too few rows: its rows stay, every value NaN
+            warnings.warn(f"{preds.client_id}/{preds.split} has no samples: all its metrics are undefined", metrics.UndefinedMetricWarning, stacklevel=2)
         values = tasks.describe(preds).client_rows(  # AUC & co., or Dice & co. (raysim.tasks)
             preds,
             {a: preds.attributes[a] for a in attributes if a in preds.attributes},
@@ -88,6 +91,8 @@ def prediction_rows(round_: int, preds: Predictions | Sequence[Predictions], att
     sample id: `label`, `score` (`score_<k>`) for classification, the per-sample Dice, IoU,
     hd95, CDR and areas for segmentation (`raysim.tasks.SEGMENTATION_COLUMNS`)."""
     many = [preds] if isinstance(preds, Predictions) else list(preds)
+    if any(p.sample_ids is None for p in many):
+        raise ValueError("predictions without sample ids: their evaluation was not one predictions.parquet keeps (RunRecorder.keeps)")
     n = sum(len(p.labels) for p in many)
     ids = np.concatenate([p.sample_ids.astype(str).astype(object) for p in many]) if many else np.array([], dtype=object)
     columns: dict[str, object] = {
@@ -115,31 +120,15 @@ def pseudonym(ids: Sequence[object] | np.ndarray, key: bytes) -> np.ndarray:
     return np.array([hmac.new(key, str(i).encode(), hashlib.sha256).hexdigest()[:PSEUDONYM_HEX] for i in ids], dtype=object)
 
 
-def id_key(cfg: EvalConfig, run_dir: Path) -> bytes | None:
+def id_key(cfg: EvalConfig, run_dir: Path | None) -> bytes | None:
     """The pseudonymisation key (`eval.pseudonymize`): the contents of `eval.id_key_file`, else
     `$RAYSIM_ID_KEY` (surrounding whitespace stripped); None when off. A ConfigError when it is on
-    and no usable key is found, or the key file lies in the run directory (which is copied:
-    Tune checkpoints, a URI mirror). The key is never written anywhere."""
+    and no usable key is found, or the key file lies in `run_dir` (which is copied: Tune
+    checkpoints, a URI mirror; the driver checks, a client actor knows no run directory). The
+    client actors read it to pseudonymise ids before they leave; the key is never written anywhere."""
     if not cfg.pseudonymize:
         return None
-    if cfg.id_key_file is not None:
-        path = Path(cfg.id_key_file).expanduser().resolve()
-        run = Path(run_dir).expanduser().resolve()
-        if path == run or run in path.parents:
-            raise ConfigError(f"eval.id_key_file {path} lies in the run directory {run}, which is copied and shared; keep the key elsewhere")
-        try:
-            key = path.read_bytes().strip()
-        except OSError as err:
-            raise ConfigError(f"eval.id_key_file {path}: cannot read the pseudonymisation key ({err.strerror or err})") from err
-        where = f"eval.id_key_file {path}"
-    else:
-        key = os.environ.get(ID_KEY_ENV, "").strip().encode()
-        if not key:
-            raise ConfigError(f"eval.pseudonymize=true needs a key: set ${ID_KEY_ENV} or eval.id_key_file (outside the run directory), e.g. from `openssl rand -hex 32`")
-        where = f"${ID_KEY_ENV}"
-    if len(key) < MIN_KEY_BYTES:
-        raise ConfigError(f"{where}: the pseudonymisation key has {len(key)} bytes, fewer than {MIN_KEY_BYTES}; use e.g. `openssl rand -hex 32`")
-    return key
+    return secrets.read_key(cfg.id_key_file, ID_KEY_ENV, file_key="eval.id_key_file", enabled_by="eval.pseudonymize=true", purpose="pseudonymisation", run_dir=run_dir)
 
 
 # --- the run's Parquet outputs --------------------------------------------------------------
@@ -152,7 +141,8 @@ class RunRecorder:
     deterministic, so a replayed round writes the same names again.
 
     `predictions`: which evaluations keep predictions (`eval.predictions`: all, final or none);
-    `final_round`: the run's last round; `id_key`: pseudonymise sample ids (`id_key`).
+    `final_round`: the run's last round; `id_key`: pseudonymise sample ids here (`id_key`; a
+    run's recorder gets none: its client actors send pseudonyms already).
     """
 
     def __init__(self, run_dir: Path, *, predictions: str = "all", final_round: int | None = None, id_key: bytes | None = None) -> None:
@@ -168,8 +158,10 @@ class RunRecorder:
     @classmethod
     def for_config(cls, run_dir: Path, cfg: ExperimentConfig) -> RunRecorder:
         """The recorder a run's `eval` section asks for; a ConfigError (before anything is
-        written) when pseudonymisation is on without a usable key."""
-        return cls(run_dir, predictions=cfg.eval.predictions, final_round=cfg.federation.rounds, id_key=id_key(cfg.eval, run_dir))
+        written) when pseudonymisation is on without a usable key. The key is only checked here:
+        the client actors read it and pseudonymise the ids before they leave (`raysim.client`)."""
+        id_key(cfg.eval, run_dir)
+        return cls(run_dir, predictions=cfg.eval.predictions, final_round=cfg.federation.rounds)
 
     @property
     def metrics(self) -> pd.DataFrame:
@@ -180,10 +172,15 @@ class RunRecorder:
             self._frames = [pd.concat(self._frames, ignore_index=True)]
         return self._frames[0]
 
+    def keeps(self, round_: int) -> bool:
+        """Whether round `round_`'s evaluation is written to predictions.parquet (`eval.predictions`);
+        the driver asks its client actors for sample ids and masks only then."""
+        return self.keep_predictions == "all" or (self.keep_predictions == "final" and round_ == self.final_round)
+
     def prediction_frames(self, round_: int, preds: Sequence[Predictions], attributes: Sequence[str]) -> list[pd.DataFrame]:
         """The `predictions.parquet` rows of round `round_`'s evaluation that `eval.predictions`
         keeps (none, or only the final round's: []), ids pseudonymised when a key is set."""
-        if self.keep_predictions == "none" or (self.keep_predictions == "final" and round_ != self.final_round):
+        if not self.keeps(round_):
             return []
         return [prediction_rows(round_, preds, attributes, id_key=self.id_key)]
 
@@ -309,8 +306,11 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
     # Bytes (predicted masks) stay binary.
     schema = pa.schema([pa.field(f.name, pa.binary() if _bytes(frame[f.name]) else pa.string()) if _text(frame[f.name]) else f for f in table.schema], metadata=table.schema.metadata)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table.cast(schema), tmp)
-    tmp.replace(path)
+    with open(tmp, "wb") as f:
+        pq.write_table(table.cast(schema), f)
+        f.flush()
+        os.fsync(f.fileno())  # a checkpoint names the round done: its rows must be on disk first
+    storage.replace_durably(tmp, path)
 
 
 def _text(column: pd.Series) -> bool:

@@ -1,8 +1,11 @@
 """Optic disc / cup segmentation metrics: per sample, then per client and group (plain numpy + scipy).
 
-Masks hold class indices: 0 background, 1 disc rim, 2 cup (FairSeg's codes 0 / -1 / -2 as
-`raysim.datasets.fairseg` maps them). The disc is label >= 1 (the cup is part of the disc),
-the cup label == 2. Values are fractions in [0, 1], as in `metrics.parquet` everywhere.
+Masks hold class indices: 0 background, 1 neuroretinal rim, 2 cup (FairSeg's codes 0 / -1 / -2
+as `raysim.datasets.fairseg` maps them; the synthetic twin writes the same codes). Three regions
+are scored: the disc is label >= 1 (rim + cup), the cup label == 2, the rim label == 1 (the disc
+without the cup: the region FairSeg's evaluation reports beside the cup, so ``dice_rim`` /
+``dice_cup`` sit beside the paper's numbers, while ``dice`` stays D of disc and cup).
+Values are fractions in [0, 1], as in `metrics.parquet` everywhere.
 
 raysim's choices where the literature is loose (each is tested):
 
@@ -14,22 +17,27 @@ raysim's choices where the literature is loose (each is tested):
 * **hd95** is the 95th percentile Hausdorff distance between the two boundaries, MONAI's form
   (the larger of the two directed 95th percentiles; boundary = mask pixels with a 4-neighbour
   outside the mask), computed with scipy's exact Euclidean distance transform, and divided by
-  the image diagonal so that it lies in [0, 1] and does not depend on the resolution.
-* **Vertical cup-to-disc ratio** (CDR): the cup's vertical extent (rows holding a cup pixel,
-  first to last) over the disc's. NaN without a disc; 0 with a disc but no cup.
+  the image diagonal so that it lies in [0, 1] and does not depend on the resolution. (FairSeg
+  reports medpy's HD95 in pixels instead: `hd95_pixels` gives that distance unscaled.)
+* **Vertical cup-to-disc ratio** (CDR): the vertical extent (first to last row) of the largest
+  8-connected component of the cup over that of the disc's largest component, so stray pixels
+  away from the optic nerve head do not stretch either extent (the first of equal-sized
+  components in raster order wins). NaN without a disc; 0 with a disc but no cup.
   ``cdr_error`` = |CDR(prediction) - CDR(truth)|: NaN when the truth has no disc (left out of
   means), 1 (the worst) when only the prediction lacks one.
 * **Areas** are fractions of the image's pixels.
 * **Equity scaling** as for AUC (`metrics.equity_scaled`): ES-Dice = Dice / (1 + sum_g |Dice_g - Dice|)
-  per structure (``es_dice_disc``, ``es_dice_cup``). ``es_dice`` is the same formula applied to
+  per region (``es_dice_disc``, ``es_dice_cup``, ``es_dice_rim``), over the groups whose Dice is
+  defined: NaN (with a warning) when fewer than two groups have samples. ``es_dice`` is the same formula applied to
   the mean Dice D = (Dice_disc + Dice_cup) / 2, with D_g = (Dice_disc_g + Dice_cup_g) / 2 per
   group (Dice is never NaN here, so D is also the per-sample mean of the two Dices, averaged).
   It is not the mean of ``es_dice_disc`` and ``es_dice_cup``.
 * **Group gap**: max_g - min_g of a group's mean over the groups with samples
-  (``dice_disc_gap``, ``dice_cup_gap``, ``dice_gap`` of D); NaN with fewer than two groups.
-* **Intervals**: ``dice_disc_lo`` / ``_hi`` and ``dice_cup_lo`` / ``_hi`` are percentile bootstrap
+  (``dice_disc_gap``, ``dice_cup_gap``, ``dice_rim_gap``, ``dice_gap`` of D); NaN with fewer than
+  two groups.
+* **Intervals**: ``dice_disc_lo`` / ``_hi``, ``dice_cup_lo`` / ``_hi`` and ``dice_rim_lo`` / ``_hi`` are percentile bootstrap
   95 % intervals of the mean Dice, for the client (seeded by ``seed``) and for each group
-  (seeded by ``(seed, group code)`` as the AUC intervals); disc and cup share the resamples.
+  (seeded by ``(seed, group code)`` as the AUC intervals); the regions share the resamples.
   Like ``auc_lo`` / ``auc_hi`` they are per client: no mean rows (``metrics.NOT_AVERAGED``).
 """
 
@@ -45,13 +53,16 @@ from scipy import ndimage
 
 from raysim.metrics import Row, UndefinedMetricWarning, _attribute_codes, _group_seed, equity_scaled
 
-STRUCTURES = ("disc", "cup")
+# The scored regions: label >= 1, == 2, == 1 (the rim came later: its names follow the others').
+STRUCTURES = ("disc", "cup", "rim")
+_STRUCTURE_LABELS = {"disc": (1, 2), "cup": (2,), "rim": (1,)}
+AREAS = ("disc", "cup")  # regions with per-sample areas (`EXTRA_COLUMNS`)
 # Per-sample columns every aggregation needs (what actors send; predictions.parquet's columns).
-SAMPLE_COLUMNS = ("dice_disc", "dice_cup", "iou_disc", "iou_cup", "hd95_disc", "hd95_cup", "cdr_error")
+SAMPLE_COLUMNS = ("dice_disc", "dice_cup", "iou_disc", "iou_cup", "hd95_disc", "hd95_cup", "cdr_error", "dice_rim", "iou_rim", "hd95_rim")
 # Per-sample extras `sample_metrics` also returns (not aggregated here).
 EXTRA_COLUMNS = ("area_disc", "area_cup", "area_disc_true", "area_cup_true", "cdr", "cdr_true")
-INTERVALS = ("dice_disc_lo", "dice_disc_hi", "dice_cup_lo", "dice_cup_hi")
-EQUITY = ("es_dice_disc", "es_dice_cup", "es_dice", "dice_disc_gap", "dice_cup_gap", "dice_gap")
+INTERVALS = ("dice_disc_lo", "dice_disc_hi", "dice_cup_lo", "dice_cup_hi", "dice_rim_lo", "dice_rim_hi")
+EQUITY = ("es_dice_disc", "es_dice_cup", "es_dice", "dice_disc_gap", "dice_cup_gap", "dice_gap", "es_dice_rim", "dice_rim_gap")
 METRIC_NAMES = (*SAMPLE_COLUMNS, *INTERVALS, *EQUITY)
 _MAX_BOOT_CELLS = 2_000_000  # resample-matrix cells processed at once
 
@@ -60,12 +71,11 @@ _MAX_BOOT_CELLS = 2_000_000  # resample-matrix cells processed at once
 
 
 def structure(labels: np.ndarray, name: str) -> np.ndarray:
-    """Boolean mask of the disc (label >= 1, the cup included) or the cup (label == 2)."""
-    if name == "disc":
-        return labels >= 1
-    if name == "cup":
-        return labels == 2
-    raise ValueError(f"structure must be one of {', '.join(STRUCTURES)}, got {name!r}")
+    """Boolean mask of the disc (label >= 1, the cup included), the cup (label == 2) or the rim
+    (label == 1: the disc without the cup, FairSeg's code -1)."""
+    if name not in _STRUCTURE_LABELS:
+        raise ValueError(f"structure must be one of {', '.join(STRUCTURES)}, got {name!r}")
+    return np.isin(labels, _STRUCTURE_LABELS[name])
 
 
 def dice(pred: np.ndarray, true: np.ndarray) -> float:
@@ -111,10 +121,24 @@ def _extent(rows_with_pixels: np.ndarray) -> int:
     return int(rows[-1] - rows[0] + 1) if len(rows) else 0
 
 
+_EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity (diagonal neighbours join a component)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean mask (the first in raster order on a tie);
+    an empty mask stays empty."""
+    components, count = ndimage.label(mask, structure=_EIGHT)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(components.ravel())[1:]
+    return components == int(np.argmax(sizes)) + 1
+
+
 def vertical_cdr(labels: np.ndarray) -> float:
-    """Vertical cup-to-disc ratio of one (H, W) label mask; NaN without a disc, 0 without a cup."""
-    disc = _extent(structure(labels, "disc").any(axis=1))
-    return _extent(structure(labels, "cup").any(axis=1)) / disc if disc else math.nan
+    """Vertical cup-to-disc ratio of one (H, W) label mask: the rows spanned by the cup's largest
+    connected component over those of the disc's; NaN without a disc, 0 without a cup."""
+    disc = _extent(largest_component(structure(labels, "disc")).any(axis=1))
+    return _extent(largest_component(structure(labels, "cup")).any(axis=1)) / disc if disc else math.nan
 
 
 def class_fractions(labels: np.ndarray) -> np.ndarray:
@@ -155,8 +179,9 @@ def sample_metrics(pred: npt.ArrayLike, true: npt.ArrayLike) -> dict[str, np.nda
             out[f"dice_{name}"].append(dice(a, b))
             out[f"iou_{name}"].append(iou(a, b))
             out[f"hd95_{name}"].append(hd95(a, b))
-            out[f"area_{name}"].append(a.mean())
-            out[f"area_{name}_true"].append(b.mean())
+            if name in AREAS:
+                out[f"area_{name}"].append(a.mean())
+                out[f"area_{name}_true"].append(b.mean())
         out["cdr"].append(vertical_cdr(pm))
         out["cdr_true"].append(vertical_cdr(tm))
         out["cdr_error"].append(_cdr_error(out["cdr"][-1], out["cdr_true"][-1]))
@@ -212,9 +237,11 @@ def _summary(values: dict[str, np.ndarray], index: np.ndarray, n_boot: int, seed
         return dict.fromkeys((*SAMPLE_COLUMNS, *INTERVALS), math.nan)
     out = {c: _mean(values[c][index], f"{c} of {who}") for c in SAMPLE_COLUMNS}
     if n_boot > 0:
-        dices = np.stack([values["dice_disc"][index], values["dice_cup"][index]], axis=1)
-        (disc_lo, disc_hi), (cup_lo, cup_hi) = bootstrap_mean_intervals(dices, n_boot=n_boot, seed=seed)
-        out.update(dice_disc_lo=disc_lo, dice_disc_hi=disc_hi, dice_cup_lo=cup_lo, dice_cup_hi=cup_hi)
+        # One resample matrix for all regions (its draws do not depend on the column count, so
+        # the disc and cup intervals are those of before the rim was added).
+        dices = np.stack([values[f"dice_{name}"][index] for name in STRUCTURES], axis=1)
+        for name, (lo, hi) in zip(STRUCTURES, bootstrap_mean_intervals(dices, n_boot=n_boot, seed=seed)):
+            out.update({f"dice_{name}_lo": lo, f"dice_{name}_hi": hi})
     else:
         out.update(dict.fromkeys(INTERVALS, math.nan))
     return {k: float(v) for k, v in out.items()}
@@ -227,18 +254,19 @@ def _gap(per_group: Mapping[int, float]) -> float:
 
 def _equity_rows(attr: str, overall: Mapping[str, float], groups: Mapping[int, Mapping[str, float]]) -> list[Row]:
     mean_dice = lambda s: (s["dice_disc"] + s["dice_cup"]) / 2  # noqa: E731  (D of the module docstring)
-    per = {
-        "disc": {c: s["dice_disc"] for c, s in groups.items()},
-        "cup": {c: s["dice_cup"] for c, s in groups.items()},
-        "": {c: mean_dice(s) for c, s in groups.items()},
-    }
+    per = {name: {c: s[f"dice_{name}"] for c, s in groups.items()} for name in STRUCTURES}
+    per[""] = {c: mean_dice(s) for c, s in groups.items()}
+    overall_of = {name: overall[f"dice_{name}"] for name in STRUCTURES} | {"": mean_dice(overall)}
+    es = {name: equity_scaled(overall_of[name], per[name]) for name in ("disc", "cup", "", "rim")}  # the order of `EQUITY`
     return [
-        (attr, "", "es_dice_disc", equity_scaled(overall["dice_disc"], per["disc"])),
-        (attr, "", "es_dice_cup", equity_scaled(overall["dice_cup"], per["cup"])),
-        (attr, "", "es_dice", equity_scaled(mean_dice(overall), per[""])),
+        (attr, "", "es_dice_disc", es["disc"]),
+        (attr, "", "es_dice_cup", es["cup"]),
+        (attr, "", "es_dice", es[""]),
         (attr, "", "dice_disc_gap", _gap(per["disc"])),
         (attr, "", "dice_cup_gap", _gap(per["cup"])),
         (attr, "", "dice_gap", _gap(per[""])),
+        (attr, "", "es_dice_rim", es["rim"]),
+        (attr, "", "dice_rim_gap", _gap(per["rim"])),
     ]
 
 

@@ -20,9 +20,9 @@ Each task is one small object in `TASKS`; the engine consults it instead of bran
 - `prediction_columns(preds)`: the per-sample columns of `predictions.parquet`;
 - `table_columns(attribute, group_names)`: the console table's columns.
 
-Model selection (`raysim.runs.SELECTION_METRICS`) needs no task: it falls through from AUC and
-accuracy (classification and joint rows: a joint run is selected by its grading) to the mean
-Dice (segmentation rows).
+Model selection (`raysim.runs.SELECTION_METRICS`) needs no task: it falls through from the mean
+of validation AUC and Dice (a joint run, which has both), to AUC and accuracy (classification
+rows), to the mean Dice (segmentation rows).
 
 The training loss follows the batch (`raysim.training.supervised_loss`): a batch with masks
 is a segmentation batch, so methods that add a term to the supervised loss need no change.
@@ -63,7 +63,9 @@ class Task:
     def score(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def predictions(self, client_id: str, split: str, table: SampleTable, parts: list[torch.Tensor], masks: np.ndarray | None, role: str) -> Predictions:
+    def predictions(self, client_id: str, split: str, table: SampleTable, parts: list[torch.Tensor], masks: np.ndarray | None, role: str, *, classes: int = 2) -> Predictions:
+        """A client's predictions of one split from what `score` kept of its batches (`parts`;
+        none for an empty split, whose scores still get the shape of `classes` classes)."""
         raise NotImplementedError
 
     def predicted_masks(self, parts: list[Any]) -> np.ndarray | None:
@@ -94,8 +96,8 @@ class Classification(Task):
     def score(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float(), dim=1).cpu()
 
-    def predictions(self, client_id: str, split: str, table: SampleTable, parts: list[torch.Tensor], masks: np.ndarray | None, role: str) -> Predictions:
-        scores = torch.cat(parts).numpy().astype(np.float64) if parts else np.empty((0, 2))
+    def predictions(self, client_id: str, split: str, table: SampleTable, parts: list[torch.Tensor], masks: np.ndarray | None, role: str, *, classes: int = 2) -> Predictions:
+        scores = torch.cat(parts).numpy().astype(np.float64) if parts else np.empty((0, classes))  # an empty split: the others' shape
         if scores.shape[1] == 2:
             scores = scores[:, 1]
         return Predictions(client_id, split, table.sample_ids, table.labels, scores, dict(table.attributes), role)
@@ -148,7 +150,7 @@ class Segmentation(Task):
     def score(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(dim=1).to(torch.uint8).cpu()
 
-    def predictions(self, client_id: str, split: str, table: SampleTable, parts: list[torch.Tensor], masks: np.ndarray | None, role: str) -> Predictions:
+    def predictions(self, client_id: str, split: str, table: SampleTable, parts: list[torch.Tensor], masks: np.ndarray | None, role: str, *, classes: int = 2) -> Predictions:
         if masks is None:
             raise RuntimeError(f"{client_id}/{split}: a segmentation client without masks")
         predicted = torch.cat(parts).numpy() if parts else np.zeros((0, *masks.shape[1:]), np.uint8)
@@ -163,8 +165,9 @@ class Segmentation(Task):
 
     def prediction_columns(self, many: Sequence[Predictions]) -> dict[str, np.ndarray]:
         columns = {c: np.concatenate([p.values[c] for p in many if p.values is not None]) if many else np.array([], dtype=np.float64) for c in SEGMENTATION_COLUMNS}
-        if many and all(p.masks is not None for p in many):
-            columns.update(mask_columns(np.concatenate([p.masks for p in many if p.masks is not None])))
+        scored = [p for p in many if len(p.labels)]  # an empty split sends no masks and needs none
+        if scored and all(p.masks is not None for p in scored):
+            columns.update(mask_columns(np.concatenate([p.masks for p in scored if p.masks is not None])))
         return columns
 
     def table_columns(self, attribute: str, group_names: Mapping[int, str]) -> list[Column]:
@@ -208,9 +211,9 @@ class Joint(Task):
         masks, grade = logits
         return self.parts[0].score(masks), self.parts[1].score(grade)
 
-    def predictions(self, client_id: str, split: str, table: SampleTable, parts: list[torch.Tensor], masks: np.ndarray | None, role: str) -> Predictions:
+    def predictions(self, client_id: str, split: str, table: SampleTable, parts: list[torch.Tensor], masks: np.ndarray | None, role: str, *, classes: int = 2) -> Predictions:
         segmented = self.parts[0].predictions(client_id, split, table, [p[0] for p in parts], masks, role)
-        graded = self.parts[1].predictions(client_id, split, table, [p[1] for p in parts], masks, role)
+        graded = self.parts[1].predictions(client_id, split, table, [p[1] for p in parts], masks, role, classes=classes)
         return Predictions(client_id, split, table.sample_ids, table.labels, graded.scores, dict(table.attributes), role, task=self.name, values=segmented.values)
 
     def predicted_masks(self, parts: list[Any]) -> np.ndarray | None:

@@ -132,7 +132,7 @@ def test_models_that_do_not_fit_the_stacked_modalities_refuse(oph_root: Path, tm
 def joint_run(ray_session, oph_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     run_dir = tmp_path_factory.mktemp("joint") / "fedavg"
     lines: list[str] = []
-    make_driver(oph_root, run_dir, lines, **{**JOINT, "eval.bootstrap": 20}).run()
+    make_driver(oph_root, run_dir, lines, **{**JOINT, "eval.bootstrap": 20, "eval.masks": "true"}).run()  # the masks check the per-sample Dice below
     return run_dir, lines
 
 

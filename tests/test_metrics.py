@@ -200,8 +200,9 @@ def test_single_class_group_auc_is_nan_and_left_out_of_es_auc() -> None:
 
 
 def test_equity_scaled_nan_handling() -> None:
-    assert M.equity_scaled(0.8, {0: math.nan, 1: 0.7}) == pytest.approx(0.8 / 1.1)
-    assert M.equity_scaled(0.8, {}) == pytest.approx(0.8)
+    assert M.equity_scaled(0.8, {0: math.nan, 1: 0.7, 2: 0.9}) == pytest.approx(0.8 / 1.2)
+    with pytest.warns(M.UndefinedMetricWarning, match="fewer than two groups"):  # issue 25: was 0.8 / 1.1 and 0.8
+        assert math.isnan(M.equity_scaled(0.8, {0: math.nan, 1: 0.7})) and math.isnan(M.equity_scaled(0.8, {}))
     assert math.isnan(M.equity_scaled(math.nan, {0: 0.7}))
 
 

@@ -119,6 +119,8 @@ def segmentation_metrics(n_clients: int = 3, rounds: int = 3, *, attributes: boo
                 cup = np.clip(base - 0.1 + rng.normal(0, 0.08, samples), 0, 1)
                 values = {"dice_disc": disc, "dice_cup": cup, "iou_disc": disc / (2 - disc), "iou_cup": cup / (2 - cup)}
                 values |= {"hd95_disc": rng.uniform(0.01, 0.1, samples), "hd95_cup": rng.uniform(0.02, 0.2, samples), "cdr_error": rng.uniform(0, 0.2, samples)}
+                rim = np.clip((disc + cup) / 2 - 0.1, 0, 1)  # the rim (issue 25), drawn from no rng: the other values stay those of before
+                values |= {"dice_rim": rim, "iou_rim": rim / (2 - rim), "hd95_rim": np.clip(1.5 * values["hd95_disc"], 0, 1)}
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", segmetrics.UndefinedMetricWarning)
                     out = segmetrics.client_segmentation_metrics(values, {"race": codes} if attributes else {}, group_names, n_boot=n_boot, seed=r)
@@ -421,7 +423,7 @@ def test_segmentation_client_fairness_worst_client_and_spread(tmp_path: Path) ->
     m = runs.read_run(run).metrics
     at = runs.select_round(m).round
     rows = {(r["split"], r["metric"]): r for r in page.rows("client_fairness")}
-    assert set(rows) == {(s, k) for s in ("validation", "test") for k in ("Dice", "Dice disc", "Dice cup")}
+    assert set(rows) == {(s, k) for s in ("validation", "test") for k in ("Dice", "Dice disc", "Dice cup", "Dice rim")}  # the rim: issue 25
     for split, name in (("val", "validation"), ("test", "test")):
         sites = [f"site{i}" for i in range(1, 6)]
         for label, values in (
@@ -451,3 +453,23 @@ def test_segmentation_report_of_a_large_federation_and_without_attributes(tmp_pa
     text, page = read_page(write_report(make_run(tmp_path / "plain", segmentation_metrics(attributes=False, rounds=2), attribute=None, model="unet:test_resnet")))
     assert "no per-group Dice" in text and "No ES-Dice" in text and not {"es_dice_race", "group_dice_disc", "dice_gaps"} & set(page.plots)
     assert "test ES-Dice (race)" not in page.rows("clients")[0] and page.rows("client_fairness")
+
+
+def test_a_joint_runs_unseen_site_table_shows_grading_and_dice(tmp_path: Path) -> None:
+    """Issue 25.6: a joint run's held-out site is graded and segmented; 0.5.0's table showed only AUC / acc."""
+    grading = synthetic_metrics(rounds=3, attributes={}, bootstrap=False)
+    dice = segmentation_metrics(rounds=3, attributes=False)
+    dice = dice[~dice["metric"].isin(["bytes_up", "bytes_down", "loss"]) | (dice["split"] != "train")]
+    frame = pd.concat([grading, dice[dice["split"] != "train"]], ignore_index=True)
+    frame.loc[frame["client"] == "site3", "role"] = runs.HOLDOUT
+    frame = reporting.with_means(frame[~frame["client"].str.startswith("mean")])
+    run = make_run(tmp_path / "joint", frame, attribute=None, model="joint:test_resnet")
+    write_report(run)
+    _, page = read_page(run / "report.html")
+    rows = page.rows("holdout")
+    m = frame[(frame["client"] == "site3") & (frame["split"] == "test") & (frame["attribute"] == "")]
+    for row in rows:
+        r = int(row["round"])
+        disc = m[(m["round"] == r) & (m["metric"] == "dice_disc")]["value"].iloc[0]
+        auc = m[(m["round"] == r) & (m["metric"] == "auc")]["value"].iloc[0]
+        assert row["test Dice disc site3"] == f"{100 * disc:.1f}" and row["test AUC site3"] == f"{100 * auc:.1f}"

@@ -231,7 +231,7 @@ def test_mask_codes_and_mapping() -> None:
         with pytest.raises(DataError) as err:
             mask_to_classes(bad, Path("/d/data_000007.npz"), "disc_cup")
         message = str(err.value)
-        assert message == f"/d/data_000007.npz: disc_cup holds {shown}; expected FairSeg's mask codes 0 (background), -1 (optic disc), -2 (optic cup)"
+        assert message == f"/d/data_000007.npz: disc_cup holds {shown}; expected FairSeg's mask codes 0 (background), -1 (neuroretinal rim), -2 (optic cup)"
     with pytest.raises(DataError, match="must be a 2D numeric mask"):
         mask_to_classes(np.zeros((2, 2, 2)), Path("x.npz"), "disc_cup")
 
@@ -327,11 +327,11 @@ def test_inspector_mask_statistics(tmp_path: Path) -> None:
     for m in masks.values():
         assert m["all"]["n"] == sum(m[g]["n"] for g in RACES if g in m)
         for row in m.values():
-            assert row["background"] + row["disc"] + row["cup"] == pytest.approx(1.0, abs=1e-3)
+            assert row["background"] + row["rim"] + row["cup"] == pytest.approx(1.0, abs=1e-3)
             assert row["cdr"] is None or row["cdr"] == pytest.approx(0.5, abs=0.05)  # 5 cup rows in 10 disc rows
     # 128 / 40 scaling: a 10-row disc is 32 rows, its 5 cup rows 16; 100 disc pixels of 1600 are 75 rim + 25 cup
     full = next(m["White"] for m in masks.values() if "White" in m)
-    assert (full["disc"], full["cup"]) == pytest.approx((75 / 1600, 25 / 1600), abs=0.004)
+    assert (full["rim"], full["cup"]) == pytest.approx((75 / 1600, 25 / 1600), abs=0.004)
     text = format_summary(summary)
     assert "masks: share of pixels per class" in text and "labels train" not in text
     assert "White" in text and "50.0%" not in text and "0.500" in text

@@ -5,15 +5,17 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import warnings
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 
-from raysim import provenance
+from raysim import provenance, reporting
 from raysim.client import Client
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec, DataError
@@ -25,6 +27,20 @@ from raysim.types import Predictions, Tensors, Update
 CHUNK_BYTES = 16 << 20  # a checkpoint file crosses from an actor to the driver in pieces of this size
 SAVE_CHUNKS_IN_FLIGHT = 4  # an actor runs ahead of the driver's writing by this many pieces at most
 GPU_MEMORY_MARGIN = 0.05  # of the actor's share, left for its CUDA context and allocator slack
+WITHHELD = "<a sample file: path withheld under eval.pseudonymize>"
+
+
+def withhold_sample_paths(err: Exception, root: str | Path | None) -> Exception:
+    """`err` again (same type, no chained cause) with every path under `root` (data.root) but
+    its CSVs replaced by `root/WITHHELD`: sample paths embed patient and study numbers (CheXpert,
+    MIMIC), and an actor's errors reach Ray's session logs, which other users of the machine
+    may read. `python -m raysim.datasets.inspect` names the file on the user's own terminal."""
+    if root is None:
+        return err
+    text = str(err)
+    for base in dict.fromkeys((str(root).rstrip("/"), str(Path(root).expanduser().resolve()))):
+        text = re.sub(re.escape(base) + r"/[^\s:'\",;()]+", lambda m, base=base: m.group(0) if m.group(0).endswith(".csv") else f"{base}/{WITHHELD}", text)
+    return type(err)(text)
 
 
 def gpu_memory_fraction(num_gpus: float, margin: float = GPU_MEMORY_MARGIN) -> float | None:
@@ -65,6 +81,7 @@ class ClientHost:
         model = self.algorithm.build_model(source).to(self.device)
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         task = self.algorithm.task  # segmentation: masks load here, beside the images, and never leave
+        id_key = reporting.id_key(cfg.eval, None)  # eval.pseudonymize: read here, so raw ids never leave (a key file on a cluster)
         self.clients = {
             spec.id: Client(
                 spec,
@@ -75,7 +92,9 @@ class ClientHost:
                 device=self.device,
                 attribute=source.attribute,
                 task=task,
-                keep_masks=cfg.eval.predictions == "all",
+                keep_masks=cfg.eval.masks,
+                classes=task.output_size(source),
+                id_key=id_key,
             )
             for spec in specs
         }
@@ -125,10 +144,13 @@ class ClientHost:
         """`Algorithm.client_statistics` of one sampled client, before the round's fold starts."""
         return self.algorithm.client_statistics(self.clients[client_id], self._payload(payload), round_)
 
-    def evaluate(self, client_id: str, payload: Tensors | None = None, splits: list[str] | None = None) -> list[Predictions]:
+    def evaluate(self, client_id: str, payload: Tensors | None = None, splits: list[str] | None = None, record: bool = True) -> list[Predictions]:
+        """The client's predictions on `splits` (val and test); `record`: the driver writes them
+        to predictions.parquet (`eval.predictions`), so sample ids and opted-in masks go along."""
         client = self.clients[client_id]
         model = self.algorithm.scoring_model(client, self._payload(payload))  # the held-out site's: `newcomer_model`
-        return client.predict_splits(list(splits or ["val", "test"]), model)
+        record = record and self.cfg.eval.predictions != "none"  # never written: never sent, whoever asks
+        return client.predict_splits(list(splits or ["val", "test"]), model, record=record)
 
     def _payload(self, payload: Tensors | None) -> Tensors:
         if payload is not None:
@@ -211,7 +233,7 @@ class ClientActor(ClientHost):
             # Expected bad input (a corrupt file, a wrong shape) comes back as a value from
             # `describe`: raised here, Ray would print the actor's traceback and report a dead
             # actor instead of the one line that names the file.
-            self.startup_error = err
+            self.startup_error = withhold_sample_paths(err, cfg.data.root) if cfg.eval.pseudonymize else err
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=SAVE_CHUNKS_IN_FLIGHT)
     def save_changed(self) -> Iterator[Any]:
