@@ -40,7 +40,10 @@ The images leave the process, so the client is strict:
   SSL_CERT_FILE names another bundle) unless its host is loopback (localhost, 127.0.0.0/8,
   ::1). A url with credentials (user:password@host) is refused: the config and provenance
   keep the url as written. Redirects are not followed (the Authorization header would go
-  along); a 3xx answer is an error naming the new address.
+  along); a 3xx answer is an error naming the new address. A loopback url is always asked
+  directly, never through a proxy (http_proxy would see the images and the header in clear
+  text); an https:// url goes through HTTPS_PROXY / https_proxy when set (a CONNECT tunnel:
+  the proxy sees the host name, not the images nor the header; no_proxy excludes hosts).
 - Authentication: `auth_env: FM_TOKEN` sends the value of the environment variable FM_TOKEN,
   as it is (e.g. "Bearer abc..."), as the Authorization header of every request. The variable
   must be set in the process that asks the model (the run's driver: on a cluster, the node the
@@ -665,7 +668,7 @@ class HttpModel(FoundationModel):
         # Every error is raised `from None` after its text is cleaned: a chained exception's
         # text (urllib's for a bad url) could show what the message hides.
         try:
-            with _OPENER.open(request, timeout=timeout) as response:
+            with _opener(self.url).open(request, timeout=timeout) as response:
                 return self._read(response, ends, where, done)
         except urllib.error.HTTPError as err:  # before URLError: it is one
             with err:
@@ -740,7 +743,16 @@ class HttpModel(FoundationModel):
         return text
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+_OPENER = urllib.request.build_opener(_NoRedirect)  # https: the proxy variables apply (a CONNECT tunnel, TLS end to end)
+# Loopback never goes through a proxy: http_proxy would otherwise get the images and the
+# Authorization header in clear text (urllib proxies 127.0.0.1 too unless no_proxy names it).
+_DIRECT = urllib.request.build_opener(_NoRedirect, urllib.request.ProxyHandler({}))
+
+
+def _opener(url: str) -> urllib.request.OpenerDirector:
+    """The opener for `url`: direct to a loopback host, else through the environment's proxies."""
+    parts = _split_url(url)
+    return _DIRECT if parts is not None and is_loopback(parts.hostname) else _OPENER
 
 
 def _split_url(url: Any) -> urllib.parse.SplitResult | None:

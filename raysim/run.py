@@ -18,16 +18,16 @@ import sys
 from pathlib import Path
 
 import yaml
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 
+from raysim import cli, console, resume_check, storage
 from raysim import config as config_mod
-from raysim import console, storage
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
 from raysim.engine import driver_actor
 from raysim.engine.driver import Driver, RunFailed, connect_ray, latest_checkpoint
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
 EXIT_FAILED = 1
 
 
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    command = list(sys.argv) if argv is None else ["raysim.run", *argv]  # what the user typed: provenance records it
+    argv = command[1:]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_dir = None
@@ -54,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, run_dir, resume = prepare(args)
         Driver(cfg, run_dir)  # reads the data source's metadata: bad input fails here, before Ray starts
+        if resume:  # a config.yaml edited since the start: refused here, before Ray starts
+            resume_check.check(resume_check.saved_record(run_dir), cfg, run_dir)
         connect_ray(object_store_gb=cfg.resources.object_store_gb)
         driver_actor.check_fits(cfg)
-        drive(cfg, run_dir, resume)
+        drive(cfg, run_dir, resume, command)
     except (ConfigError, DataError) as err:
         if run_dir is not None and not args.resume:
             _forget_unstarted(run_dir, remove_dir=created)  # the same command can simply run again
@@ -64,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except RunFailed as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except RayError as err:  # e.g. ObjectStoreFullError, a timeout restoring clients: a runtime failure, not bad input
+        newest = latest(run_dir) if run_dir is not None else None
+        where = f"--resume {run_dir} continues from {newest}" if newest else "no checkpoint was complete yet"
+        print(f"error: the run failed in Ray ({type(err).__name__}: {_one_line(err)[:300]}); {where}", file=sys.stderr)
         return EXIT_FAILED
     predictions = "" if cfg.eval.predictions == "none" else " predictions.parquet,"
     report = ", report.html" if cfg.report.html and (storage.is_uri(run_dir) or (Path(run_dir) / "report.html").exists()) else ""
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(err: Exception) -> str:
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return cli.one_line(err)  # the contract every command shares (raysim.cli)
 
 
 def _forget_unstarted(run_dir: str, *, remove_dir: bool) -> None:
@@ -90,7 +98,7 @@ def _forget_unstarted(run_dir: str, *, remove_dir: bool) -> None:
         path.rmdir()
 
 
-def drive(cfg: ExperimentConfig, run_dir: str, resume: bool) -> None:
+def drive(cfg: ExperimentConfig, run_dir: str, resume: bool, argv: list[str] | None = None) -> None:
     """Run the rounds in a driver actor and print its lines; a lost driver actor (its process
     killed, its node gone) is started again from the last complete checkpoint, up to
     fault.max_restarts times."""
@@ -98,13 +106,14 @@ def drive(cfg: ExperimentConfig, run_dir: str, resume: bool) -> None:
     printer = console.Printer(sys.stdout, sys.stderr)  # progress bars on a terminal only
     while True:
         try:
-            actor = driver_actor.start(cfg, run_dir)
+            actor = driver_actor.start(cfg, run_dir, argv=argv)  # provenance records what the user typed, not the actor's command line
             driver_actor.wait_started(actor, cfg)
-            for event in driver_actor.stream(actor, resume=resume):
+            for event in driver_actor.stream(actor, resume=resume, silence_s=cfg.fault.driver_timeout_s):
                 printer.event(event.lines, event.progress)
             return
-        except RayActorError as err:
+        except (RayActorError, driver_actor.DriverSilent) as err:
             printer.close()
+            driver_actor.stop(actor, run_dir)  # one unreachable or silent may still run, holding the run lock
             losses += 1
             newest = latest(run_dir)
             if losses > cfg.fault.max_restarts:

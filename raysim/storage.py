@@ -13,10 +13,13 @@ file against its manifest. Plain Python and pyarrow, no Ray.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from raysim.config import ConfigError
 
 COMPLETE = "COMPLETE"  # checkpoints.COMPLETE (not imported: that module needs torch)
 MIRRORED = "checkpoints"  # a folder of it pruned locally goes whole at the URI too
+ROUND_MARKER = re.compile(rf"{MIRRORED}/round_\d{{4,}}/{COMPLETE}")  # checkpoints.ROUND_NAME's marker
 
 
 def is_uri(out: str | Path) -> bool:
@@ -57,8 +61,23 @@ class RunMirror:
     def __init__(self, uri: str, local: Path | None = None) -> None:
         self.uri = uri.rstrip("/")
         self.fs, self.base = _filesystem(self.uri)
-        self.local = Path(local) if local is not None else staging_dir(self.uri)
+        self._local = Path(local) if local is not None else None
         self.pushed: dict[str, tuple[int, int]] = {}  # relative name -> (size, mtime_ns) as last pushed
+
+    @property
+    def local(self) -> Path:
+        """The staging copy, made on first use (a mirror that only reads the URI makes none)."""
+        if self._local is None:
+            self._local = staging_dir(self.uri)
+        return self._local
+
+    @property
+    def lock_dir(self) -> Path:
+        """Where the driver of this URI locks it (`RunLock`): one per URI in the private staging
+        root, so two drivers on one machine exclude each other although each stages apart."""
+        folder = staging_root() / f"lock-{hashlib.sha256(self.uri.encode()).hexdigest()[:16]}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        return folder
 
     # --- the URI side -------------------------------------------------------------------------
 
@@ -86,8 +105,8 @@ class RunMirror:
 
     def latest_checkpoint(self) -> str | None:
         """The newest `checkpoints/round_NNNN` with a COMPLETE marker at the URI (not verified)."""
-        done = sorted(name.rsplit("/", 1)[0] for name in self.remote_files() if name.startswith(f"{MIRRORED}/round_") and name.endswith(f"/{COMPLETE}"))
-        return done[-1] if done else None
+        done = [name.rsplit("/", 1)[0] for name in self.remote_files() if ROUND_MARKER.fullmatch(name)]
+        return max(done, key=lambda folder: int(folder.rsplit("_", 1)[1]), default=None)  # by number: round_10000 after round_9999
 
     # --- both sides ---------------------------------------------------------------------------
 
@@ -135,10 +154,47 @@ class RunMirror:
         self.pushed[name] = stamp
 
 
+def staging_root() -> Path:
+    """`raysim-<uid>` under `$RAYSIM_STAGING` or the temp dir: made 0700, and refused unless this
+    user owns it and nobody else may enter it (staging copies hold patient-level files)."""
+    root = Path(os.environ.get("RAYSIM_STAGING") or tempfile.gettempdir()) / f"raysim-{os.getuid()}"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(mode=0o700)
+    info = root.lstat()
+    mode = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or mode & 0o077:
+        raise ConfigError(
+            f"{root}: the staging root of URI runs must be a directory of this user (uid {os.getuid()}) with mode 0700, "
+            f"found uid {info.st_uid}, mode {mode:04o}; remove it or set RAYSIM_STAGING to a directory of your own"
+        )
+    return root
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of `folder` (files created, renamed or deleted in it) durable: a file's
+    own fsync does not cover its name. Filesystems without directory fsync are left as they are."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # e.g. some network filesystems
+            raise
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename `tmp` (written and fsynced by the caller) to `path` and fsync the folder, so that
+    after a crash `path` is either the old file or the whole new one, under its name."""
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
 def staging_dir(uri: str) -> Path:
-    """Where a URI run works locally: `$RAYSIM_STAGING` or the temp dir, one folder per URI."""
-    root = Path(os.environ.get("RAYSIM_STAGING") or Path(tempfile.gettempdir()) / "raysim-staging")
-    return root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    """A fresh staging copy for a URI run: `tempfile.mkdtemp` in the private root (mode 0700, a
+    name nobody can guess or create first); the URI is only in its prefix's hash, for people."""
+    return Path(tempfile.mkdtemp(prefix=f"run-{hashlib.sha256(uri.encode()).hexdigest()[:8]}-", dir=staging_root()))
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -153,7 +209,7 @@ class RunLock:
     """An exclusive `fcntl` lock on `RUN_DIR/.lock` for the driver that writes a run directory:
     two drivers on one directory would prune each other's checkpoints. The kernel releases it
     when the process ends, however it ends, so a resume after a crash or a retried Tune trial
-    is never blocked. (A URI run locks its staging copy: one machine's drivers only.)"""
+    is never blocked. (A URI run locks `RunMirror.lock_dir`: one machine's drivers only.)"""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK

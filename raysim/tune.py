@@ -9,7 +9,8 @@ keys, an objective over validation metrics of the mean-over-clients row, the sch
 rounds by default) and the search algorithm. The objective names metrics that the base config's
 task writes (`raysim.tasks`: the model decides; `OBJECTIVE_METRICS` lists them): `auc - 0.5*eod`
 for classification, `dice - 0.5*dice_gap` or `es_dice` for segmentation (`--config
-segmentation`, `model.name=unet:<encoder>`); a metric the task does not write is refused before
+segmentation`, `model.name=unet:<encoder>`; FairSeg's regions, rim and cup, as `dice_rim`,
+`es_dice_rim`, `dice_rim_gap`, `dice_cup`, ...); a metric the task does not write is refused before
 any trial. Every evaluated round is reported to Tune with the run directory as the checkpoint,
 so trials resume. The study directory gets Tune's results (with TensorBoard event files),
 `trials.parquet` / `trials.csv` and `best.yaml`, a complete config that `python -m raysim.run
@@ -37,15 +38,15 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from raysim import cli, segmetrics
 from raysim import config as config_mod
-from raysim import segmetrics
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
 from raysim.engine.placement import Capacity, actor_count
 from raysim.runs import DERIVED
 
 log = logging.getLogger(__name__)
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
 EXIT_INTERRUPTED = 130  # the shell convention for Ctrl-C
 DRIVER_CPU = 0.1  # the trial function (it streams the driver actor's progress); bundle 0 adds resources.driver_cpus for that actor
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid_search", "randint")
@@ -108,23 +109,36 @@ def parse_objective(text: str) -> Objective:
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"objective must be an expression over metric names ({_choices()}), e.g. {EXAMPLES['classification']!r} or {EXAMPLES['segmentation']!r}; got {text!r}")
     try:
+        return _parse_objective(text)
+    except (RecursionError, MemoryError):
+        raise ConfigError(f"objective {_short(text)}: nested too deeply (keep it to a few operators and parentheses)") from None
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 80 else f"{text[:60]!r}... ({len(text)} characters)"
+
+
+def _parse_objective(text: str) -> Objective:
+    try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as err:
-        raise ConfigError(f"objective {text!r} is not an expression: {err.msg}") from err
+        raise ConfigError(f"objective {_short(text)} is not an expression: {err.msg}") from err
     names: list[str] = []
     for node in ast.walk(tree.body):
         if isinstance(node, ast.Name):
             if node.id not in METRICS:
-                raise ConfigError(f"objective {text!r}: unknown metric {node.id!r}; use {_choices()}")
+                raise ConfigError(f"objective {_short(text)}: unknown metric {node.id!r}; use {_choices()}")
             names.append(node.id)
         elif isinstance(node, ast.Constant):
             if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
-                raise ConfigError(f"objective {text!r}: only numbers may appear besides metric names, got {node.value!r}")
+                raise ConfigError(f"objective {_short(text)}: only numbers may appear besides metric names, got {node.value!r}")
         elif not isinstance(node, (ast.BinOp, ast.UnaryOp, ast.Load, *_OPS, ast.USub, ast.UAdd)):
-            raise ConfigError(f"objective {text!r}: {type(node).__name__} is not allowed (only metric names, numbers, + - * / and parentheses)")
+            raise ConfigError(f"objective {_short(text)}: {type(node).__name__} is not allowed (only metric names, numbers, + - * / and parentheses)")
     if not names:
-        raise ConfigError(f"objective {text!r} names no metric; use {_choices()}")
-    return Objective(text.strip(), tree, tuple(dict.fromkeys(names)))
+        raise ConfigError(f"objective {_short(text)} names no metric; use {_choices()}")
+    objective = Objective(text.strip(), tree, tuple(dict.fromkeys(names)))
+    objective(dict.fromkeys(names, 1.0))  # evaluated once here: one nested too deeply fails now, not in every trial
+    return objective
 
 
 def _evaluate(node: ast.AST, values: Mapping[str, float]) -> float:
@@ -245,9 +259,11 @@ def load_study(path: str | Path, *, num_samples: int | None = None) -> Study:
     """Parse and validate a study file; every problem is a ConfigError naming the file and key."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"study file {path} not found")
+        raise ConfigError(f"study file {path} {'is a directory, not a YAML file' if path.is_dir() else 'not found'}")
     try:
-        raw = config_mod.load_yaml(path.read_text()) or {}
+        raw = config_mod.load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
@@ -277,13 +293,11 @@ def load_study(path: str | Path, *, num_samples: int | None = None) -> Study:
         space=space,
         objective=objective,
         mode=mode,
-        num_samples=int(num_samples or raw.get("num_samples", 4)),
+        num_samples=_count(path, "--num-samples" if num_samples is not None else "num_samples", num_samples if num_samples is not None else raw.get("num_samples", 4)),
         scheduler=_named(path, "scheduler", raw.get("scheduler", "asha"), SCHEDULERS),
         search=_named(path, "search", raw.get("search", "random"), SEARCHERS),
-        max_concurrent_trials=raw.get("max_concurrent_trials"),
+        max_concurrent_trials=None if raw.get("max_concurrent_trials") is None else _count(path, "max_concurrent_trials", raw["max_concurrent_trials"]),
     )
-    if study.num_samples < 1:
-        raise ConfigError(f"{path}: num_samples must be >= 1, got {study.num_samples}")
     study.validate()
     return study
 
@@ -331,7 +345,16 @@ def _corners(spec: dict[str, Any]) -> list[Any]:
     return list(args)
 
 
+def _count(path: Path, key: str, raw: Any) -> int:
+    """A positive integer (YAML `4`, not `4.5`, `true` or `many`)."""
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise ConfigError(f"{path}: {key} must be an integer >= 1, got {raw!r}")
+    return raw
+
+
 def _named(path: Path, key: str, raw: Any, choices: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(raw, (str, dict)) and raw is not None:
+        raise ConfigError(f"{path}: {key} must be one of {', '.join(choices)} (as a name or {{name: ..., options}}), got {raw!r}")
     spec = {"name": raw} if isinstance(raw, str) else dict(raw or {})
     if spec.get("name") not in choices:
         raise ConfigError(f"{path}: {key} must be one of {', '.join(choices)} (as a name or {{name: ..., options}}), got {raw!r}")
@@ -410,13 +433,18 @@ def run_trial(values: dict[str, Any], study: Study) -> None:
     # The rounds run in the trial's driver actor, in bundle 0 of its placement group (grown by
     # resources.driver_cpus); its client actors take bundles 1..n.
     actor = driver_actor.start(cfg, run_dir, placement_group=get_current_placement_group())
+    # Tune copies a reported directory after the report, while the driver goes on: it reports the
+    # driver's snapshot of the run directory as of that round (hard links), removed once copied.
+    snapshots = run_dir.parent / "snapshots"
+    shutil.rmtree(snapshots, ignore_errors=True)
     try:
-        for event in driver_actor.stream(actor, resume=resume):
+        for event in driver_actor.stream(actor, resume=resume, silence_s=cfg.fault.driver_timeout_s, snapshots=str(snapshots)):
             for line in event.lines:
                 log.info("%s", line)
             if event.evaluated is not None:  # every evaluated round (eval.every and the last)
                 row = report_row(event.evaluated, event.round, event.attribute, study.objective, task)
-                tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
+                tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(event.snapshot)))  # persisted before report returns
+                shutil.rmtree(str(event.snapshot), ignore_errors=True)
     finally:
         ray.kill(actor)
 
@@ -436,6 +464,13 @@ def _scheduler(study: Study, rounds: int) -> Any:
 
 
 def _searcher(study: Study) -> Any:
+    try:
+        return _make_searcher(study)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{study.path}: search options {study.search}: {cli.one_line(err)}") from None
+
+
+def _make_searcher(study: Study) -> Any:
     options = {k: v for k, v in study.search.items() if k != "name"}
     if study.search["name"] == "random":
         from ray.tune.search import BasicVariantGenerator
@@ -599,30 +634,44 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        study = load_study(args.study, num_samples=args.num_samples)
-        out = args.out or str(Path("studies") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{args.study.stem}")
-        if args.resume and not args.out:
-            raise ConfigError("--resume needs --out STUDY_DIR (the study to continue)")
-        if not args.resume and "://" not in out and Path(out).exists() and any(Path(out).iterdir()):
-            raise ConfigError(f"--out {out} is not empty; choose a new directory or continue it with --resume")
-        print(f"study {study.path.name}: {len(study.space)} searched key(s), objective {study.objective.text} ({study.mode}) on val, {study.num_samples} sample(s)")
-        from raysim.engine.driver import connect_ray
-        from raysim.pretrain import resolve_weights
+    out = args.out or str(Path("studies") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{args.study.stem}")
+    started: list[Any] = []  # (study, experiment, tuner) once every input is checked
+    code = cli.guard(lambda: _start(args, out, started), (ConfigError, DataError), outs=[] if args.resume else [out])
+    if not started:
+        return code
+    study, experiment, ready = started
+    return _finish(args, out, study, experiment, ready.fit())  # outside the guard: a failure now is no bad input, and the study directory stays
 
-        base = study.config()
-        client_count(base)  # reads the clients once (and generates the synthetic set) before trials race for it
-        resolve_weights(base)  # builds a missing pretrained backbone once, before the trials
-        connect_ray(object_store_gb=base.resources.object_store_gb)
+
+def _start(args: argparse.Namespace, out: str, started: list[Any]) -> int:
+    """Check every input and build the Tuner (a ConfigError / DataError for bad input)."""
+    study = load_study(args.study, num_samples=args.num_samples)
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out STUDY_DIR (the study to continue)")
+    cli.check_out_dir(out)
+    if not args.resume and "://" not in out and Path(out).exists() and any(Path(out).iterdir()):
+        raise ConfigError(f"--out {out} is not empty; choose a new directory or continue it with --resume")
+    experiment = out if "://" in out else str(Path(out).resolve())
+    if args.resume:
         from ray import tune
 
-        experiment = out if "://" in out else str(Path(out).resolve())
-        if args.resume and not tune.Tuner.can_restore(experiment):
+        if not tune.Tuner.can_restore(experiment):  # no cluster needed to look
             raise ConfigError(f"--resume {out}: no Tune experiment there to continue")
-        results = tuner(study, experiment, resume=args.resume).fit()
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    print(f"study {study.path.name}: {len(study.space)} searched key(s), objective {study.objective.text} ({study.mode}) on val, {study.num_samples} sample(s)")
+    from raysim.engine.driver import connect_ray
+    from raysim.pretrain import resolve_weights
+
+    base = study.config()
+    _scheduler(study, base.federation.rounds), _searcher(study)  # their options, checked before Ray starts
+    client_count(base)  # reads the clients once (and generates the synthetic set) before trials race for it
+    resolve_weights(base)  # builds a missing pretrained backbone once, before the trials
+    connect_ray(object_store_gb=base.resources.object_store_gb)
+    started.extend((study, experiment, tuner(study, experiment, resume=args.resume)))
+    return 0
+
+
+def _finish(args: argparse.Namespace, out: str, study: Study, experiment: str, results: Any) -> int:
+    """The study's outputs and summary, once Tune has run."""
     table = trials_table(results, study, experiment)
     best = write_outputs(out, study, table)
     report = write_report(out, study)

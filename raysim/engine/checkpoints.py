@@ -9,11 +9,14 @@
                                                   file with its latest state; clients out of the run
     checkpoints/round_0004/COMPLETE               written last, after everything is durable
 
-Every file is written under a temporary name, fsynced and renamed; COMPLETE only after the
-manifest. Every `.pt` holds tensors and plain types and loads with `weights_only=True`. A
-client in no file (never trained yet, e.g. in a cross-device run) resumes from the initial
-state it holds. The newest `checkpoint.keep` complete checkpoints stay, with every file they
-name; a checkpoint that fails verification on load is skipped for the previous one, and the
+Every file is written under a temporary name, fsynced and renamed, and its folder fsynced;
+COMPLETE only after the manifest; older checkpoints are pruned only once the new one is
+durable. Folders are ordered by their round as a number (`round_10000` follows `round_9999`).
+Every `.pt` holds tensors and plain types and loads with `weights_only=True`. A client in no
+file (never trained yet, e.g. in a cross-device run) resumes from the initial state it holds.
+The newest `checkpoint.keep` complete checkpoints stay, with every file they name; a
+checkpoint that fails verification on load (a file changed or missing, its manifest missing
+or malformed, a name in it outside this layout) is skipped for the previous one, and the
 caller says so. Checkpoints of raysim 0.2.0 and earlier (no MANIFEST.json) are refused.
 """
 
@@ -22,12 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
+from raysim import storage
 from raysim.config import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -36,6 +41,8 @@ MANIFEST = "MANIFEST.json"
 SERVER = "server.pt"
 CLIENTS = "clients"
 FORMAT = 2  # 1: raysim <= 0.2.0 (one file per client, no manifest)
+ROUND_NAME = re.compile(r"round_(\d{4,})")
+FILE_NAME = re.compile(rf"round_\d{{4,}}/({re.escape(SERVER)}|{CLIENTS}/actor_\d{{3,}}\.pt)")  # a manifest's names
 
 
 class CheckpointError(ConfigError):
@@ -51,14 +58,33 @@ def actor_file(checkpoint: Path, actor_index: int) -> Path:
 
 
 def relative(path: Path) -> str:
-    """How a manifest names a file: relative to checkpoints/, e.g. `round_0002/clients/actor_001.pt`."""
+    """How a manifest names a file: relative to the run's checkpoints/, e.g.
+    `round_0002/clients/actor_001.pt`. The last folder called `checkpoints` is the run's (nothing
+    inside a checkpoint has that name), so a run directory under one, e.g.
+    `/scratch/checkpoints/exp1`, names its files the same way."""
     parts = path.parts
-    return "/".join(parts[parts.index(CHECKPOINTS) + 1 :]) if CHECKPOINTS in parts else path.name
+    if CHECKPOINTS not in parts:
+        return path.name
+    last = len(parts) - 1 - parts[::-1].index(CHECKPOINTS)
+    return "/".join(parts[last + 1 :])
+
+
+def round_of(folder: Path | str) -> int | None:
+    """The round of a `round_NNNN` folder (any number of digits), None for any other name."""
+    match = ROUND_NAME.fullmatch(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def by_round(folders: Iterable[Path]) -> list[Path]:
+    """Checkpoint folders newest first, by their round as a number (`round_10000` after
+    `round_9999`; as text it would sort first and be pruned as the oldest)."""
+    numbered = [(number, f) for f in folders if (number := round_of(f)) is not None]
+    return [f for _, f in sorted(numbered, reverse=True)]
 
 
 def complete_folders(run_dir: Path) -> list[Path]:
     """Complete checkpoint folders, newest first."""
-    return sorted((p.parent for p in (Path(run_dir) / CHECKPOINTS).glob(f"round_*/{COMPLETE}")), reverse=True)
+    return by_round(p.parent for p in (Path(run_dir) / CHECKPOINTS).glob(f"round_*/{COMPLETE}"))
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -78,27 +104,28 @@ def usable(run_dir: Path) -> tuple[Path, list[str]]:
         if problem is None:
             return checkpoint, skipped
         skipped.append(f"checkpoint {checkpoint.name} is unusable ({problem}); using the previous one")
+    if not any((checkpoint / MANIFEST).exists() for checkpoint in found):
+        raise CheckpointError(f"{found[0]} was written by raysim 0.2.0 or earlier (no {MANIFEST}); this version cannot resume it: start the run again")
     raise CheckpointError(f"{Path(run_dir) / CHECKPOINTS}: no usable checkpoint: " + "; ".join(skipped))
 
 
 def verify(checkpoint: Path) -> str | None:
-    """None when every file the manifest names is there with its size and sha256; else what is wrong."""
-    manifest_path = checkpoint / MANIFEST
-    if not manifest_path.exists():
-        raise CheckpointError(
-            f"{checkpoint} was written by raysim 0.2.0 or earlier (no {MANIFEST}); this version cannot resume it: start the run again"
-        )
+    """None when every file the manifest names is there with its size and sha256; else what is
+    wrong (a missing or malformed manifest too: its checkpoint is skipped for the previous one).
+    A manifest of another format version is refused: the whole run is of that version."""
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads((checkpoint / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
     except (OSError, ValueError) as err:
         return f"{MANIFEST} unreadable: {err}"
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{checkpoint}: checkpoint format {manifest.get('format') if isinstance(manifest, dict) else None!r}, this version reads format {FORMAT}: start the run again")
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not isinstance(manifest.get("clients", {}), dict) or not all(isinstance(v, dict) and {"bytes", "sha256"} <= v.keys() for v in files.values()):
-        return f"{MANIFEST} is not a raysim manifest (its file list or sizes are missing)"
+    if isinstance(manifest, dict) and isinstance(manifest.get("format"), int) and manifest["format"] != FORMAT:
+        raise CheckpointError(f"{checkpoint}: checkpoint format {manifest['format']!r}, this version reads format {FORMAT}: start the run again")
+    problem = _malformed(manifest)
+    if problem is not None:
+        return f"{MANIFEST} is not a raysim manifest ({problem})"
     root = checkpoint.parent
-    for name, expected in files.items():
+    for name, expected in manifest["files"].items():
         path = root / name
         if not path.exists():
             return f"{name} is missing"
@@ -106,6 +133,24 @@ def verify(checkpoint: Path) -> str | None:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
         if sha256(path) != expected["sha256"]:
             return f"{name} does not match its sha256"
+    return None
+
+
+def _malformed(manifest: Any) -> str | None:
+    """What makes `manifest` unusable, or None. Every name it gives must be one the writer makes
+    (`round_NNNN/server.pt`, `round_NNNN/clients/actor_NNN.pt`): a crafted `../../etc/x` or
+    `/dev/zero` would be read (and hashed) outside the run directory."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return "no format version"
+    files, clients, dead = manifest.get("files"), manifest.get("clients", {}), manifest.get("dead", {})
+    if not isinstance(files, dict) or not isinstance(clients, dict) or not isinstance(dead, dict):
+        return "its file list, clients or dead clients are missing"
+    if not all(isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str) for v in files.values()):
+        return "a file without its size or sha256"
+    if bad := [name for name in files if not FILE_NAME.fullmatch(name)]:
+        return f"file name {bad[0]!r} is not round_NNNN/server.pt or round_NNNN/clients/actor_NNN.pt"
+    if bad := [cid for cid, name in clients.items() if name not in files]:
+        return f"client {bad[0]!r} names a file the manifest does not list"
     return None
 
 
@@ -129,7 +174,7 @@ def save_atomic(obj: Any, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(path)
+    storage.replace_durably(tmp, path)
 
 
 def write_chunks(chunks: Iterable[bytes], path: Path) -> dict[str, Any]:
@@ -145,7 +190,7 @@ def write_chunks(chunks: Iterable[bytes], path: Path) -> dict[str, Any]:
             size += len(chunk)
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(path)
+    storage.replace_durably(tmp, path)
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
@@ -155,7 +200,7 @@ def _write_text_atomic(text: str, path: Path) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(path)
+    storage.replace_durably(tmp, path)
 
 
 def load(source: Path | BinaryIO, device: str | torch.device = "cpu", *, name: str | None = None) -> Any:
@@ -190,7 +235,9 @@ def complete(checkpoint: Path, round_: int, clients: dict[str, str], dead: dict[
     manifest = {"format": FORMAT, "round": round_, "files": files, "clients": dict(sorted(clients.items())), "dead": dict(sorted(dead.items()))}
     _write_text_atomic(json.dumps(manifest, indent=1) + "\n", checkpoint / MANIFEST)
     _write_text_atomic(f"{round_}\n", checkpoint / COMPLETE)
-    prune(root, keep=keep)
+    for folder_ in (root, root.parent):  # round_NNNN's and checkpoints/' own entries: now it survives a power cut
+        storage.fsync_dir(folder_)
+    prune(root, keep=keep)  # only now: until here the previous checkpoints are what a crash falls back to
     return files
 
 
@@ -201,8 +248,7 @@ def load_manifest(checkpoint: Path) -> dict[str, Any]:
 def prune(root: Path, *, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints and every file their manifests name; delete
     the rest, including incomplete folders older than the newest complete one."""
-    complete_ = sorted((p.parent for p in root.glob(f"round_*/{COMPLETE}")), reverse=True)
-    kept = complete_[:keep]
+    kept = by_round(p.parent for p in root.glob(f"round_*/{COMPLETE}"))[:keep]
     if not kept:
         return
     named: set[str] = set()
@@ -212,7 +258,8 @@ def prune(root: Path, *, keep: int) -> None:
         except (OSError, ValueError, KeyError):
             return  # a manifest we cannot read: delete nothing
     for other in root.glob("round_*"):
-        if other in kept or other.name > kept[0].name:  # newer folders: a checkpoint being written
+        number = round_of(other)
+        if other in kept or number is None or number > round_of(kept[0]):  # newer: a checkpoint being written
             continue
         for item in sorted(other.rglob("*"), reverse=True):  # files before their folders
             if item.is_file() and relative(item) not in named:
@@ -221,4 +268,3 @@ def prune(root: Path, *, keep: int) -> None:
                 item.rmdir()
         if not any(other.iterdir()):
             other.rmdir()
-

@@ -33,14 +33,14 @@ from ray.util import get_current_placement_group
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raysim import config, console, provenance, reporting, storage
+from raysim import config, console, provenance, reporting, resume_check, storage
 from raysim.algorithms import ALGORITHMS, ServerState
 from raysim.algorithms.aggregation import non_finite
 from raysim.algorithms.base import HOLDOUT
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec
 from raysim.determinism import deterministic_torch
-from raysim.engine import checkpoints, placement
+from raysim.engine import checkpoints, local_ray, placement
 from raysim.engine.client_actor import ClientActor, from_wire
 from raysim.engine.pool import ActorPool
 from raysim.metrics import UndefinedMetricWarning
@@ -56,8 +56,9 @@ def connect_ray(num_cpus: int | None = None, object_store_gb: float | None = 2.0
     """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else start a private
     local one (`address="local"`): never a cluster found in Ray's temp dir, whose address file
     a killed `ray start --head` leaves behind (joining it failed with a traceback), and never a
-    live local head someone started for its dashboard. Ray's token authentication (on by
-    default since Ray 2.52) guards its ports, which Ray 2.60 opens on the machine's interfaces.
+    live local head someone started for its dashboard. Its ports listen on 127.0.0.1 only and
+    need Ray's token (RAY_AUTH_MODE other than token is refused; the token file is made 0600):
+    see `local_ray`.
 
     A local Ray gets an object store of `object_store_gb` (`resources.object_store_gb`; None:
     Ray's 30 % of RAM). The engine keeps at most 2 updates per actor and a payload or two in
@@ -74,7 +75,7 @@ def connect_ray(num_cpus: int | None = None, object_store_gb: float | None = 2.0
         # Ray's notice that token authentication is on (for a private cluster: as it should be)
         # would be the first line of every run's stderr, above the one line of a bad input.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False, object_store_memory=store)
+        local_ray.start(num_cpus or os.cpu_count() or 1, store)  # loopback only, token auth required, token file 0600
 
 
 class ActorLost(Exception):
@@ -111,8 +112,9 @@ class RoundOutcome:
 
 
 class Driver:
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path | str, echo: reporting.Echo = print, placement_group: PlacementGroup | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path | str, echo: reporting.Echo = print, placement_group: PlacementGroup | None = None, argv: list[str] | None = None) -> None:
         self.cfg = cfg
+        self.argv = argv  # the command the user typed (the CLI's), for provenance; None: this process's own, outside an actor
         # A Tune trial's group (bundle 0: the driver's, then one per client actor); None: any node.
         self.placement_group = placement_group
         # A URI run directory: the run works in a local staging copy, pushed after each checkpoint.
@@ -122,6 +124,7 @@ class Driver:
         self.notes = console.Capped(echo)  # per-client notes: a few per kind, then a count
         self.source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
         self.algorithm = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg)
+        self.algorithm.read_keys(self.run_dir)  # keyed DP noise without a key: a ConfigError here, before Ray starts
         self.attributes = self._eval_attributes()
         if cfg.eval.holdout_site is not None:
             self._hold_out(self.source.client_specs())  # an unknown or only client fails here, before Ray starts (the CLI builds a Driver first)
@@ -130,6 +133,7 @@ class Driver:
         self.lock: storage.RunLock | None = None  # taken by `start`
         self.restarts = 0  # actor losses recovered so far (fault.max_restarts)
         self.slowest_round = 0.0  # seconds: sets the deadline of every wait on an actor
+        self.lost_in_round = False  # an actor was lost (drop) in the round under way: its time is not timed
         self.evaluated_round = 0
         self.manifest: dict[str, str] = {}  # client id -> checkpoint file with its latest state
         self.known_files: dict[str, dict[str, Any]] = {}  # checkpoint file -> size and sha256, as written
@@ -137,6 +141,8 @@ class Driver:
         self.dead: dict[str, str] = {}  # client id -> why it is out of the run
         self.holdout: ClientSpec | None = None  # eval.holdout_site's client (role holdout), set by `start`
         self.stopped: str | None = None  # why the run ended before its last round (Algorithm.stop_before)
+        self.absent: list[str] = []  # the round's sampled clients already out of the run (drop)
+        self.empty_rounds, self.empty_reason = 0, ""  # consecutive rounds every sampled client failed (fault.max_empty_rounds)
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -185,22 +191,35 @@ class Driver:
         if self.lock is not None:
             self.lock.release()
 
+    def _command(self) -> list[str] | None:
+        """What the user typed: the CLI's argv when it passed it; else this process's, unless it
+        is a Ray actor's (a worker's command line: node addresses, ports, session names), then None."""
+        if self.argv is not None:
+            return self.argv
+        return None if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None else sys.argv
+
     def start(self, *, resume: bool = False) -> None:
         """Read the metadata, build the initial (or checkpointed) state and start the actors."""
         # The server step and the metrics compute here: fixed threads, deterministic kernels.
         deterministic_torch(self.cfg.resources.threads_per_client)
-        self.lock = storage.RunLock(self.run_dir).acquire()  # one driver per run directory
+        self.lock = storage.RunLock(self.mirror.lock_dir if self.mirror else self.run_dir).acquire()  # one driver per run directory (a URI: per machine)
         if self.mirror is not None:  # a fresh staging copy: config.yaml, and on resume the checkpoints
             self.mirror.pull()
+        kept = resume_check.record(self.cfg, self.run_dir)  # the config as given (before model.weights is filled in)
+        saved = resume_check.saved_record(self.run_dir) if resume else None
+        resume_check.check(saved, self.cfg, self.run_dir)  # the CLI checked before Ray; Tune did not
         self.cfg = resolve_weights(self.cfg, self.echo)  # adapter methods need a pretrained backbone
         self.algorithm = ALGORITHMS.get(self.cfg.algorithm["name"])(self.cfg.algorithm_params(), self.cfg)
+        self.algorithm.read_keys(self.run_dir)
         self.algorithm.server_device = server_device(self.cfg.resources.driver_gpus)
         specs, self.holdout = self._hold_out(self.source.client_specs())
         self.specs = {s.id: s for s in specs}  # the participants: sampled, set up, averaged (never the held-out site)
         hosted = sorted([*specs, self.holdout], key=lambda s: s.id) if self.holdout else specs  # every client an actor loads, in the source's order
         if not resume:
             resources = {"per_actor": dataclasses.asdict(self.cfg.resources), "ray_cluster": ray.cluster_resources()}
-            provenance.write(self.run_dir, data=self.source.fingerprint(), resources=resources, argv=sys.argv, attribute=self.target_attribute)
+            provenance.write(self.run_dir, data=self.source.fingerprint(), resources=resources, argv=self._command(), attribute=self.target_attribute)
+        if not resume or saved is not None:  # what the next resume checks (its rounds as now: an extension counts)
+            provenance.add(self.run_dir, resume_check.RECORD, kept)
         self.echo(f"data: {self.cfg.data.name} with {len(hosted)} clients: " + _client_list(hosted))
         if self.holdout:
             self.echo(f"eval.holdout_site={self.holdout.id}: never trains, never sampled, outside every mean; scored at each evaluation with {self.algorithm.newcomer}")
@@ -243,14 +262,15 @@ class Driver:
             round_ = self.next_round
             if self.stop_reason(round_):
                 return
-            started = time.perf_counter()
+            started, self.lost_in_round = time.perf_counter(), False
             try:
                 for part in self.step_parts(round_):
                     yield round_, part
             except ActorLost as lost:
                 self._recover(round_, lost)
                 continue
-            self.slowest_round = max(self.slowest_round, time.perf_counter() - started)
+            if not self.lost_in_round:  # a wait on a lost actor is no round's time: it would feed the deadline
+                self.slowest_round = max(self.slowest_round, time.perf_counter() - started)
             yield round_, "done"
 
     def stop_reason(self, round_: int) -> str | None:
@@ -260,6 +280,8 @@ class Driver:
         if reason is None:
             return None
         done = round_ - 1
+        if done == 0:  # nothing would be trained: the config contradicts itself (one line, exit 2)
+            raise ConfigError(f"the run would stop before round 1, {reason}; raise the budget or the noise")
         latest = checkpoints.latest(self.run_dir)
         if done > 0 and latest != checkpoints.folder(self.run_dir, done):
             self.checkpoint(done, self.state)
@@ -275,16 +297,26 @@ class Driver:
     def step_parts(self, round_: int) -> Iterator[str]:
         """`step`, pausing after each part ("round", "evaluate", "checkpoint") so a caller can
         stream the console lines of each as it ends (the driver actor does)."""
-        rounds = self.cfg.federation.rounds
         self.state = self.run_round(round_, self.state, self.progress)
+        self._stop_if_empty(round_)
         yield "round"
-        if round_ % self.cfg.eval.every == 0 or round_ == rounds:
-            self.evaluate(round_, self.state, splits=["val", "test"], show="test" if round_ == rounds else "val")
+        last = self._is_last(round_)
+        if round_ % self.cfg.eval.every == 0 or last:
+            self.evaluate(round_, self.state, splits=["val", "test"], show="test" if last else "val")
             yield "evaluate"
-        if round_ % self.cfg.checkpoint.every == 0 or round_ == rounds:
+        if round_ % self.cfg.checkpoint.every == 0 or last:
             self.checkpoint(round_, self.state)
             yield "checkpoint"
         self.next_round = round_ + 1
+
+    def _is_last(self, round_: int) -> bool:
+        """Round `round_` is the run's last: `federation.rounds`, or the method stops before the next
+        one (a spent privacy budget). A last round is evaluated, checkpointed and, under
+        `eval.predictions=final`, its predictions are the ones kept."""
+        if round_ < self.cfg.federation.rounds and self.algorithm.stop_before(round_ + 1, self.state) is None:
+            return False
+        self.recorder.final_round = round_
+        return True
 
     def run_round(self, round_: int, state: ServerState, progress: reporting.Progress) -> ServerState:
         sampled = self.sample_clients(round_)
@@ -326,10 +358,35 @@ class Driver:
         self._record_traffic(round_, down, outcome)
         self._record_missing(round_)
         self.notes.flush()
+        self._count_empty(outcome)
         losses = [a.loss for a in outcome.arrived]
         train_loss = float(np.average(losses, weights=[a.num_examples for a in outcome.arrived])) if losses else math.nan
         progress.round_done(round_, clients=len(outcome.arrived), failed=sorted(outcome.failed), train_loss=train_loss)
         return state
+
+    def _count_empty(self, outcome: RoundOutcome) -> None:
+        """`empty_rounds`: consecutive rounds in which every sampled client failed (an error, a
+        rejected update, a lost actor under drop). A round empty by design (no client sent
+        anything, none failed) neither counts nor breaks the count."""
+        failed = list(outcome.failed.values()) + [self.dead[cid] for cid in self.absent]
+        if outcome.arrived:
+            self.empty_rounds = 0
+        elif failed:
+            self.empty_rounds += 1
+            self.empty_reason = failed[-1]
+
+    def _stop_if_empty(self, round_: int) -> None:
+        """`fault.max_empty_rounds` reached: the round is checkpointed (its state is the last good
+        one, every client rolled back) and the run stops, resumable."""
+        limit = self.cfg.fault.max_empty_rounds
+        if self.empty_rounds < limit:
+            return
+        if checkpoints.latest(self.run_dir) != checkpoints.folder(self.run_dir, round_):
+            self.checkpoint(round_, self.state)
+        self.next_round = round_ + 1
+        latest = checkpoints.latest(self.run_dir)
+        where = f"--resume {self.mirror.uri if self.mirror else self.run_dir} continues from {latest.name}" if latest else "no checkpoint was complete yet"
+        raise RunFailed(f"round {round_}: every sampled client failed in {self.empty_rounds} consecutive rounds (fault.max_empty_rounds={limit}); last: {self.empty_reason}; {where}")
 
     def _round_statistics(self, sampled: list[str], round_: int, outcome: RoundOutcome) -> dict[str, dict[str, Any]]:
         """Every sampled client's `client_statistics` (small values), before the fold starts; a
@@ -387,6 +444,7 @@ class Driver:
         unknown = sorted(set(chosen) - set(everyone))
         if unknown:
             raise RuntimeError(f"{self.algorithm.name}.sample_clients chose clients that do not exist: {unknown[:5]}")
+        self.absent = [cid for cid in sorted(set(chosen)) if cid in self.dead]  # chosen but lost (drop): a round they empty failed
         return [cid for cid in sorted(set(chosen)) if cid not in self.dead]
 
     def evaluate(self, round_: int, state: ServerState, *, splits: list[str], show: str) -> None:
@@ -397,7 +455,8 @@ class Driver:
         predictions: list[Predictions] = []
         phase = f"round {round_}: clients evaluated"
         console.report(phase, 0, len(chosen))
-        for done, (cid, result) in enumerate(self.pool.ordered("evaluate", chosen, None, splits, window=8, timeout=self.deadline("eval")), start=1):
+        record = self.recorder.keeps(round_)  # sample ids and masks leave the actors only for predictions.parquet
+        for done, (cid, result) in enumerate(self.pool.ordered("evaluate", chosen, None, splits, record, window=8, timeout=self.deadline("eval")), start=1):
             console.report(phase, done, len(chosen))
             if isinstance(result, Exception):
                 self._mark_failed(cid, result)
@@ -405,7 +464,7 @@ class Driver:
                 predictions.extend(result)
         self.notes.flush()
         if not predictions:
-            raise RuntimeError(f"round {round_}: no client could be evaluated ({self.dead})")
+            raise RunFailed(f"round {round_}: no client could be evaluated ({self.dead})")  # e.g. every actor lost under drop: exit 1, not a traceback
         group_names = self.source.group_names
         with warnings.catch_warnings(record=True) as undefined:
             warnings.simplefilter("always", UndefinedMetricWarning)
@@ -478,10 +537,10 @@ class Driver:
         folder.mkdir(parents=True, exist_ok=True)
         checkpoints.write_server(folder, round_, state)
         manifest, written, complete = dict(self.manifest), {}, True
-        streams = [actor.save_changed.remote() for actor in self.pool.actors]  # all actors serialize at once
+        streams = {i: actor.save_changed.remote() for i, actor in self.pool.live()}  # all actors serialize at once; retired ones never
         phase = f"round {round_}: checkpoint, client actors written"
-        for i, stream in enumerate(streams):
-            console.report(phase, i, len(streams))
+        for n, (i, stream) in enumerate(streams.items()):
+            console.report(phase, n, len(streams))
             group = self.pool.plan[i]
             try:
                 saved, path = self._write_clients(stream, checkpoints.actor_file(folder, i), written)
@@ -670,6 +729,10 @@ class Driver:
                 reason = "actor died"
             if self.cfg.fault.on_client_loss == "recover":
                 raise ActorLost(self.pool.index[cid], gone, reason, maybe_alive=isinstance(err, ActorUnavailableError))
+            if cid in self.dead:  # the actor's other clients: it was retired when the first one failed
+                return self.dead[cid]
+            self.pool.retire(self.pool.index[cid])  # a hung one would hold its CPU / GPU and cost a deadline per later call
+            self.lost_in_round = True
             for c in gone:
                 self.dead[c] = reason
             self.echo(f"client actor of {console.first(gone)} lost ({reason}); fault.on_client_loss=drop: continuing without {'it' if len(gone) == 1 else 'them'}")
@@ -720,11 +783,31 @@ class Driver:
 
     def _replace_dead_actors(self, known: set[int]) -> list[int]:
         """Kill and start again the actors in `known` and every other one that does not answer."""
-        dead = set(known) | {i for i, actor in enumerate(self.pool.actors) if i not in known and not self._answers(actor)}
+        dead = set(known) | self._silent([i for i in range(len(self.pool.actors)) if i not in known])
         for i in sorted(dead):
             ray.kill(self.pool.actors[i], no_restart=True)  # a hung one too: its process goes
             self.pool.actors[i] = self._new_actor(i, self.pool.plan[i])
         return sorted(dead)
+
+    def _silent(self, indices: list[int]) -> set[int]:
+        """Of the actors `indices`, those that do not answer `describe` within one deadline. All are
+        asked at once (n unreachable actors cost one deadline, not n); one Ray reports
+        unavailable (transient) is asked again until the deadline."""
+        until = time.monotonic() + self.deadline()
+        asking = {self.pool.actors[i].describe.remote(): i for i in indices}
+        silent: set[int] = set()
+        while asking and (left := until - time.monotonic()) > 0:
+            ready, _ = ray.wait(list(asking), num_returns=1, timeout=left)
+            for ref in ready:
+                i = asking.pop(ref)
+                try:
+                    ray.get(ref)
+                except ActorUnavailableError:
+                    time.sleep(UNAVAILABLE_PAUSE_S)
+                    asking[self.pool.actors[i].describe.remote()] = i
+                except LOST:
+                    silent.add(i)
+        return silent | set(asking.values())
 
     def _answers(self, actor: Any, kind: str = "round") -> Any:
         """The actor's `describe`, or None if it does not answer within the deadline. Asked again

@@ -14,7 +14,9 @@ import contextlib
 import logging
 import os
 import queue
+import shutil
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +24,16 @@ from typing import Any
 
 import pandas as pd
 import ray
-from ray.exceptions import ActorUnschedulableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnschedulableError, GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from raysim import console, storage
 from raysim.config import ConfigError, ExperimentConfig
+from raysim.engine import checkpoints
 from raysim.engine.driver import Driver, RunFailed
+
+HEARTBEATS = 10  # heartbeats the driver actor sends per fault.driver_timeout_s without other events
 
 
 @dataclass
@@ -40,14 +45,15 @@ class Progress:
     evaluated: pd.DataFrame | None = field(default=None, repr=False)  # that round's metric rows, when it was evaluated
     attribute: str | None = None  # the data source's target attribute (what the console table shows)
     progress: tuple[str, int, int] | None = None  # (phase, done, total) of a long step: the CLI's bar on a terminal
+    snapshot: str | None = None  # with `snapshots`: the run directory as of this evaluated round (what a Tune trial reports)
 
 
 class DriverHost:
     """Plain-Python body of the actor: a `Driver` whose console lines are buffered for streaming."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: str, placement_group: PlacementGroup | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, run_dir: str, placement_group: PlacementGroup | None = None, argv: list[str] | None = None) -> None:
         self.lines: list[str] = []
-        self.args = (cfg, run_dir, placement_group)
+        self.args = (cfg, run_dir, placement_group, argv)
 
     def capture_warnings(self) -> None:
         """raysim's warnings (e.g. undefined metric values) become console lines of the stream
@@ -62,16 +68,19 @@ class DriverHost:
         """Answers once the actor is placed and built (`wait_started`)."""
         return True
 
-    def rounds(self, resume: bool = False, until: int | None = None) -> Iterator[Progress]:
+    def rounds(self, resume: bool = False, until: int | None = None, heartbeat_s: float | None = None, snapshots: str | None = None) -> Iterator[Progress]:
         """`_events`, with progress events (`console.report`, throttled) in between. The driver
         runs in a thread of its own so that a step in the middle of a round (its 1,000 client
-        calls) can send events; each event goes out as soon as it is queued, in order."""
+        calls) can send events; each event goes out as soon as it is queued, in order. With
+        `heartbeat_s`, an empty event goes out whenever none did for that long: the caller
+        tells a driver that works from one that hangs (`stream`'s `silence_s`). With `snapshots`
+        (a folder), each evaluated round's event names a `snapshot` of the run directory there."""
         events: queue.Queue[Progress | BaseException | None] = queue.Queue()
         stop = threading.Event()
-        worker = threading.Thread(target=self._produce, args=(events, stop, resume, until), name="raysim-driver", daemon=True)
+        worker = threading.Thread(target=self._produce, args=(events, stop, resume, until, snapshots), name="raysim-driver", daemon=True)
         worker.start()
         try:
-            while (item := events.get()) is not None:
+            while (item := _next(events, heartbeat_s)) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -79,7 +88,7 @@ class DriverHost:
             stop.set()  # a consumer that left early: the driver stops at its next event and shuts down
             worker.join()
 
-    def _produce(self, events: queue.Queue[Progress | BaseException | None], stop: threading.Event, resume: bool, until: int | None) -> None:
+    def _produce(self, events: queue.Queue[Progress | BaseException | None], stop: threading.Event, resume: bool, until: int | None, snapshots: str | None) -> None:
         """The worker thread: every event of `_events` and every progress report onto `events`;
         an exception goes there too (re-raised by `rounds` as itself), None ends the stream."""
 
@@ -92,7 +101,7 @@ class DriverHost:
             put(Progress(self._take_lines(), progress=(phase, done, total)))
 
         try:
-            with console.reporting_to(console.Throttled(tick)), contextlib.closing(self._events(resume, until)) as stream:
+            with console.reporting_to(console.Throttled(tick)), contextlib.closing(self._events(resume, until, snapshots)) as stream:
                 for event in stream:
                     put(event)
         except _Stopped:
@@ -102,11 +111,11 @@ class DriverHost:
         finally:
             events.put(None)
 
-    def _events(self, resume: bool, until: int | None) -> Iterator[Progress]:
+    def _events(self, resume: bool, until: int | None, snapshots: str | None = None) -> Iterator[Progress]:
         """The run, one event after start-up, after each part of a round and at the end."""
-        cfg, run_dir, placement_group = self.args
+        cfg, run_dir, placement_group, argv = self.args
         # Built here, not in __init__: a bad config or data set fails this call with its own error.
-        self.driver = driver = Driver(cfg, run_dir, echo=self.lines.append, placement_group=placement_group)
+        self.driver = driver = Driver(cfg, run_dir, echo=self.lines.append, placement_group=placement_group, argv=argv)
         try:
             driver.start(resume=resume)
             yield self._event(None)
@@ -114,7 +123,11 @@ class DriverHost:
             last = min(until or rounds, rounds)
             for round_, part in driver.advance(last):
                 if part == "done":  # after the round's checkpoint: Tune saves the run directory with it
-                    yield self._event(round_)
+                    event = self._event(round_)
+                    if snapshots is not None and event.evaluated is not None:  # made before the next round starts
+                        driver.recorder.flush()
+                        event.snapshot = str(snapshot(driver.run_dir, Path(snapshots) / f"round_{round_:06d}"))
+                    yield event
                 elif part != "checkpoint":
                     yield Progress(self._take_lines())
             driver.finish(last)
@@ -136,6 +149,41 @@ class DriverHost:
         return Progress(lines, round_, evaluated, self.driver.source.attribute)
 
 
+def snapshot(run_dir: Path, target: Path) -> Path:
+    """`target`: `run_dir` as it is now (the driver between two rounds), for a Tune checkpoint that
+    Tune copies later, while the next rounds write parts and prune checkpoints. It holds the
+    newest complete checkpoint only, never the lock. Files written once and never changed
+    (checkpoint files, Parquet parts) are hard links, so it costs no copy; the others (config,
+    provenance, TensorBoard's appended event files) are copied."""
+    newest = checkpoints.latest(run_dir)
+    shutil.rmtree(target, ignore_errors=True)
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(run_dir)
+        if rel.name == storage.LOCK or (rel.parts[0] == checkpoints.CHECKPOINTS and (newest is None or rel.parts[1] != newest.name)):
+            continue
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if rel.parts[0] == checkpoints.CHECKPOINTS or rel.parts[0].endswith(".parquet"):
+            with contextlib.suppress(OSError):  # another filesystem, or no hard links there: a copy
+                os.link(path, dest)
+                continue
+        shutil.copy2(path, dest)
+    return target
+
+
+def _next(events: queue.Queue[Any], heartbeat_s: float | None) -> Any:
+    """The next item of `events`; an empty Progress (a heartbeat) after `heartbeat_s` without one."""
+    try:
+        return events.get(timeout=heartbeat_s)
+    except queue.Empty:
+        return Progress([])
+
+
+class DriverSilent(RuntimeError):
+    """No event (not even a heartbeat) from the driver actor within `fault.driver_timeout_s`: it
+    hangs (a stopped process, a node cut off). The CLI handles it like a lost driver actor."""
+
+
 class _Stopped(BaseException):
     """The consumer of `DriverHost.rounds` left: ends the driver's thread (never caught as an Exception)."""
 
@@ -153,16 +201,16 @@ class _Lines(logging.Handler):
 class DriverActor(DriverHost):
     """DriverHost as a Ray actor (`ray::DriverActor`): `rounds` streams `Progress` events."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: str, placement_group: PlacementGroup | None = None) -> None:
-        super().__init__(cfg, run_dir, placement_group)
+    def __init__(self, cfg: ExperimentConfig, run_dir: str, placement_group: PlacementGroup | None = None, argv: list[str] | None = None) -> None:
+        super().__init__(cfg, run_dir, placement_group, argv)
         self.capture_warnings()  # its own process: nothing else logs here
 
     @ray.method(num_returns="streaming")
-    def rounds(self, resume: bool = False, until: int | None = None) -> Iterator[Progress]:  # type: ignore[override]
-        yield from DriverHost.rounds(self, resume, until)
+    def rounds(self, resume: bool = False, until: int | None = None, heartbeat_s: float | None = None, snapshots: str | None = None) -> Iterator[Progress]:  # type: ignore[override]
+        yield from DriverHost.rounds(self, resume, until, heartbeat_s, snapshots)
 
 
-def start(cfg: ExperimentConfig, run_dir: str | Path, placement_group: PlacementGroup | None = None) -> Any:
+def start(cfg: ExperimentConfig, run_dir: str | Path, placement_group: PlacementGroup | None = None, argv: list[str] | None = None) -> Any:
     """Start the run's driver actor: in bundle 0 of `placement_group` (a Tune trial), else on
     this node (with `resources.driver_gpus`: wherever a GPU is free, so give a URI run directory
     or one on a shared filesystem on a multi-node cluster).
@@ -177,7 +225,7 @@ def start(cfg: ExperimentConfig, run_dir: str | Path, placement_group: Placement
         strategy = "DEFAULT"  # wherever a GPU is free
     else:
         strategy = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return DriverActor.options(num_cpus=res.driver_cpus, num_gpus=res.driver_gpus, scheduling_strategy=strategy).remote(cfg, storage.resolve_out(run_dir), placement_group)
+    return DriverActor.options(num_cpus=res.driver_cpus, num_gpus=res.driver_gpus, scheduling_strategy=strategy).remote(cfg, storage.resolve_out(run_dir), placement_group, argv)
 
 
 def check_fits(cfg: ExperimentConfig) -> None:
@@ -188,6 +236,29 @@ def check_fits(cfg: ExperimentConfig) -> None:
     for key, need, name in (("CPU", cfg.resources.driver_cpus, "resources.driver_cpus"), ("GPU", cfg.resources.driver_gpus, "resources.driver_gpus")):
         if need > have.get(key, 0.0):
             raise ConfigError(f"{name}={need:g}, but this machine's Ray has {have.get(key, 0.0):g} {key}s")
+
+
+def stop(actor: Any, run_dir: str, within_s: float = 60.0) -> None:
+    """Kill the driver actor and wait (at most `within_s`) until Ray reports it dead and a local
+    run directory's lock is free: one taken for lost (unreachable, silent) may still be running
+    and hold the lock (its process may outlive Ray's word by seconds), so the next one starts
+    only once it is gone."""
+    ray.kill(actor, no_restart=True)
+    until = time.monotonic() + within_s
+    while time.monotonic() < until:
+        try:
+            ray.get(actor.ready.remote(), timeout=max(until - time.monotonic(), 0.1))
+        except ActorDiedError:
+            break
+        except (RayActorError, GetTimeoutError):  # unavailable, or not yet marked dead: ask again
+            pass
+        time.sleep(0.5)
+    while not storage.is_uri(run_dir) and time.monotonic() < until:
+        try:
+            storage.check_unlocked(Path(run_dir))
+            return
+        except ConfigError:
+            time.sleep(0.5)
 
 
 def wait_started(actor: Any, cfg: ExperimentConfig) -> None:
@@ -204,11 +275,20 @@ def wait_started(actor: Any, cfg: ExperimentConfig) -> None:
         raise RunFailed(f"the driver actor did not start within fault.start_timeout_s={cfg.fault.start_timeout_s:g} s: Ray may lack {asked} (it has {ray.cluster_resources()})") from None
 
 
-def stream(actor: Any, *, resume: bool = False, until: int | None = None) -> Iterator[Progress]:
+def stream(actor: Any, *, resume: bool = False, until: int | None = None, silence_s: float | None = None, snapshots: str | None = None) -> Iterator[Progress]:
     """The actor's events as they come; an error raised in the actor is re-raised as itself
-    (a ConfigError or DataError stays one, so the CLI can print its one line)."""
+    (a ConfigError or DataError stays one, so the CLI can print its one line). With `silence_s`
+    (`fault.driver_timeout_s`) the actor sends a heartbeat HEARTBEATS times as often, and
+    `silence_s` without any event raises DriverSilent. `snapshots`: see `DriverHost.rounds`."""
+    events = actor.rounds.remote(resume, until, None if silence_s is None else silence_s / HEARTBEATS, snapshots)
     try:
-        for ref in actor.rounds.remote(resume, until):
+        while True:
+            if silence_s is not None and not ray.wait([events], timeout=silence_s)[0]:
+                raise DriverSilent(f"no event within fault.driver_timeout_s={silence_s:g} s")
+            try:
+                ref = next(events)
+            except StopIteration:
+                return
             yield ray.get(ref)
     except RayTaskError as err:
         cause = getattr(err, "cause", None)

@@ -32,6 +32,7 @@ class ActorPool:
         self.actors = actors
         self.plan = plan
         self.index = {spec.id: i for i, group in enumerate(plan) for spec in group}
+        self.retired: set[int] = set()  # actors killed and out of every later call (fault.on_client_loss=drop)
 
     def actor_of(self, client_id: str) -> Any:
         return self.actors[self.index[client_id]]
@@ -94,6 +95,17 @@ class ActorPool:
             if on_answer is not None:
                 on_answer(i)
         return out
+
+    def retire(self, i: int) -> None:
+        """Kill actor i (dead or hung: a hung one keeps its CPU / GPU until its process goes) and
+        leave it out of every later call: `live` skips it, and its queued calls fail at once."""
+        if i not in self.retired:
+            self.retired.add(i)
+            ray.kill(self.actors[i], no_restart=True)
+
+    def live(self) -> list[tuple[int, Any]]:
+        """(index, actor) of every actor not retired."""
+        return [(i, actor) for i, actor in enumerate(self.actors) if i not in self.retired]
 
     def kill(self) -> None:
         for actor in self.actors:
