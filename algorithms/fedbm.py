@@ -28,6 +28,8 @@ What leaves a client: the model's tensors (backbone, BatchNorm statistics, P), a
 from __future__ import annotations
 
 import copy
+import math
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,9 +95,9 @@ class FedBMParams:
         if (self.class_concepts or self.templates) and not self.text_encoder:
             raise ValueError("algorithm.class_concepts / algorithm.templates: expected only with algorithm.text_encoder")
         for template in self.templates:
-            if "{}" not in template:
-                raise ValueError(f"algorithm.templates: expected '{{}}' (the concept) in every template, got {template!r}")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            if not _one_slot(template):
+                raise ValueError(f"algorithm.templates: expected '{{}}' (the concept) exactly once and no other braces (write {{{{ }}}} for literal ones) in every template, got {template!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"algorithm.temperature must be a number > 0, got {self.temperature!r}")
         for key in ("generator_every", "generator_steps", "generator_batch", "generator_width", "pseudo_batch"):
             value = getattr(self, key)
@@ -107,6 +109,18 @@ class FedBMParams:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise ValueError(f"algorithm.{key} must be a number >= 0, got {value!r}")
+
+
+def _one_slot(template: object) -> bool:
+    """True when `template` is text whose only replacement field is one bare `{}` (so
+    `template.format(concept)` fills it once and cannot fail or leave a field unfilled)."""
+    if not isinstance(template, str):
+        return False
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError:  # an unmatched brace
+        return False
+    return fields == [("", "", None)]
 
 
 # --- the generator (pure torch) -------------------------------------------------------------------

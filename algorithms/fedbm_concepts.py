@@ -43,6 +43,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from raysim.config import ConfigError
+from raysim.datasets.arrays import load_npy
+from raysim.datasets.base import DataError
 from raysim.seeding import rng
 
 SYNTHETIC = "synthetic"
@@ -222,9 +224,9 @@ def load_embeddings(path: Path, num_classes: int, key: str = "algorithm.embeddin
 
 def _read_npy(path: Path, key: str, *, ndim: int) -> np.ndarray:
     try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise ConfigError(f"{key}={path}: not a readable .npy array ({' '.join(str(err).split())[:160]})") from err
+        array = load_npy(path)  # the header's shape checked against the file and memory first
+    except DataError as err:
+        raise ConfigError(f"{key}={err}") from err
     expected = "(classes, prompts>=2, dim)" if ndim == 3 else "(prompts>=2, dim)"
     if array.ndim != ndim or not np.issubdtype(array.dtype, np.number):
         raise ConfigError(f"{key}={path}: expected a float array of shape {expected}, got {array.dtype} of shape {array.shape}")

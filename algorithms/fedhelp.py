@@ -113,6 +113,15 @@ class FedHelpParams:
         if backend not in foundation.FOUNDATION_MODELS:  # its options are checked in the driver, before any training
             raise ValueError(f"algorithm.foundation: {foundation.FOUNDATION_MODELS.unknown_message(backend)}")
 
+    def check_config(self, cfg: Any) -> None:
+        """Keys that must agree with the rest of the config (`ExperimentConfig.validate`, before Ray)."""
+        site = self.public.get("site") if isinstance(self.public, dict) else None
+        if site is not None and site == cfg.eval.holdout_site:
+            raise ValueError(
+                f"eval.holdout_site={site} and algorithm.public={{site: {site}}} name the same client: it cannot be both the unseen test site "
+                "and FedHelp's public set; hold out another site or take the public set from another"
+            )
+
 
 class DualHead(nn.Module):
     """A timm network (its head is the private head) plus a public head on the same features."""

@@ -8,8 +8,10 @@ per client. `load()` runs inside the client's actor and reads the pixels of one 
 from __future__ import annotations
 
 import functools
+import posixpath
 import zlib
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -198,10 +200,14 @@ register_dataset = DATASETS.register
 
 def read_csv(path: Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
     """A metadata CSV as text columns; a DataError naming the file and any missing column."""
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not a CSV file")
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError as err:
         raise DataError(f"{path}: file not found") from err
+    except OSError as err:  # unreadable: permissions, I/O errors
+        raise DataError(f"{path}: not a readable CSV ({err.strerror or err})") from err
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not a readable CSV: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from err
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
@@ -252,6 +258,22 @@ def check_relative_paths(csv: Path, column: str, names: Sequence[str], where: st
         listed = "; ".join(f"row {row}: {name!r} {problem}" for row, name, problem in bad[:10])
         more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise DataError(f"{csv}: {len(bad)} {column} value(s) are not paths relative to {where} ({listed}{more}); write them relative to {where}")
+
+
+def listed_names(csv: Path, column: str, names: Sequence[str], where: str = "data.root") -> list[str]:
+    """File names read from metadata: stripped, checked (`check_relative_paths`) and normalised
+    (`./x.npz` and `a//b/x.npz` become `x.npz` and `a/b/x.npz`), so that one file has one name
+    before the duplicate and train / test overlap checks compare them."""
+    stripped = [str(name).strip() for name in names]
+    check_relative_paths(csv, column, stripped, where)
+    return [posixpath.normpath(name) for name in stripped]
+
+
+def check_unique(csv: Path, names: Sequence[str], what: str = "filenames") -> None:
+    """A DataError naming `csv` and the first names listed more than once (after `listed_names`)."""
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise DataError(f"{csv}: {len(repeated)} {what} listed more than once (first: {', '.join(repeated[:3])})")
 
 
 def carve_validation(table: SampleTable, fraction: float, rng: np.random.Generator) -> tuple[SampleTable, SampleTable]:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, check_relative_paths, path_under, read_csv, register_dataset
+from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, check_unique, listed_names, path_under, read_csv, register_dataset
 from raysim.datasets.imaging import read_image, resize_chw
 
 UNKNOWN = -1
@@ -137,8 +137,7 @@ class FairFedMedChest(DataSource):
     def _read_split(self, client_id: str, split: str) -> SampleTable:
         path = self._csv(client_id, split)
         frame = read_csv(path, required=REQUIRED_COLUMNS)
-        filenames = frame["filename"].str.strip().to_numpy().astype(str)
-        self._check_filenames(path, client_id, filenames)
+        filenames = self._check_filenames(path, client_id, frame["filename"].str.strip().to_numpy().astype(str))
         labels = np.asarray([self._label(path, row, text) for row, text in enumerate(frame[LABEL])], dtype=np.int64)
         codes = {attr: self._codes(path, frame, attr) for attr in GROUP_NAMES}
         table = SampleTable(filenames, labels, codes)
@@ -146,18 +145,18 @@ class FairFedMedChest(DataSource):
             table = table.take(np.flatnonzero(codes[self.attribute] != UNKNOWN))
         return table
 
-    def _check_filenames(self, csv: Path, client_id: str, filenames: np.ndarray) -> None:
-        empty = np.flatnonzero(filenames == "")
+    def _check_filenames(self, csv: Path, client_id: str, listed: np.ndarray) -> np.ndarray:
+        """The CSV's file names, normalised (`listed_names`) and checked: unique, present."""
+        empty = np.flatnonzero(listed == "")
         if len(empty):
             raise DataError(f"{csv}: row {empty[0]}: empty filename")
-        check_relative_paths(csv, "filename", list(filenames), where="data.root/{" + ",".join(MIMIC_DIRS) + "}" if client_id == "mimic" else "data.root")
-        names, counts = np.unique(filenames, return_counts=True)
-        if (counts > 1).any():
-            raise DataError(f"{csv}: {int((counts > 1).sum())} filenames listed more than once (first: {', '.join(names[counts > 1][:3])})")
+        filenames = np.asarray(listed_names(csv, "filename", list(listed), where="data.root/{" + ",".join(MIMIC_DIRS) + "}" if client_id == "mimic" else "data.root"), dtype=str)
+        check_unique(csv, list(filenames))
         missing = [f for f in filenames if not any(p.is_file() for p in self.candidates(client_id, f))]
         if missing:
             where = " or ".join(str(self.root / d) for d in MIMIC_DIRS) if client_id == "mimic" else str(self.root)
             raise DataError(f"{csv}: {len(missing)} of {len(filenames)} listed images are missing from {where} (first: {', '.join(missing[:3])})")
+        return filenames
 
     @staticmethod
     def _label(csv: Path, row: int, text: str) -> int:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import zipfile
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,8 +41,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysim.datasets.base import ClientSpec, DataError, DataSource, EmptySplitError, SampleTable, Shard, check_relative_paths, path_problem, path_under, read_csv, register_dataset
-from raysim.datasets.imaging import NPZ_READ_ERRORS, check_npz_array_size, resize_chw
+from raysim.datasets.arrays import image_pixel_limit, open_npz, read_npz_array, read_npz_scalar
+from raysim.datasets.base import ClientSpec, DataError, DataSource, EmptySplitError, SampleTable, Shard, check_unique, listed_names, path_problem, path_under, read_csv, register_dataset
+from raysim.datasets.imaging import resize_chw
 from raysim.datasets.oph_schema import ATTRIBUTES, LABEL, LABEL_TEXT, MODALITIES, NUM_SITES, RACE_STRINGS, SITE_ATTRIBUTES, UNKNOWN, VOLUME_KEYS, code_from_text
 
 
@@ -137,11 +137,9 @@ class FairFedMedOph(DataSource):
     def _read_split(self, site: int, split: str) -> SampleTable:
         path = self._csv(site, split)
         frame = read_csv(path, required=("filename",))
-        filenames = frame["filename"].str.strip().to_numpy()
-        check_relative_paths(path, "filename", list(filenames), where="data.root/all")
-        names, counts = np.unique(filenames, return_counts=True)
-        if (counts > 1).any():
-            raise DataError(f"{path}: {int((counts > 1).sum())} filenames listed more than once (first: {', '.join(names[counts > 1][:3])})")
+        filenames = np.asarray(listed_names(path, "filename", frame["filename"].tolist(), where="data.root/all"), dtype=str)
+        check_unique(path, list(filenames))
+        frame["filename"] = filenames
         self._check_files_exist(path, filenames)
         labels = self._labels(path, frame)
         codes = {attr: self._codes(path, frame, attr) for attr in ATTRIBUTES}
@@ -211,11 +209,7 @@ class FairFedMedOph(DataSource):
         return path_under(self.root / "all", filename, where="data.root/all")
 
     def _open(self, filename: str) -> Any:
-        path = self._file(filename)
-        try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise DataError(f"{path}: not a readable npz file ({err})") from err
+        return open_npz(self._file(filename))
 
     def _npz_scalar(self, filename: str, keys: tuple[str, ...]) -> tuple[str, Any]:
         """(key, value) of the first of `keys` the file has (key families differ)."""
@@ -223,14 +217,7 @@ class FairFedMedOph(DataSource):
         with self._open(filename) as data:
             for key in keys:
                 if key in data.files:
-                    try:
-                        array = data[key]
-                    except NPZ_READ_ERRORS as err:
-                        raise DataError(f"{path}: array {key!r} is corrupt ({err})") from err
-                    if array.size != 1 or array.dtype.kind not in "biufUS":
-                        raise DataError(f"{path}: {key} must be a scalar (a 0-d number or text array), got {array.dtype} of shape {array.shape}")
-                    value = array.item()
-                    return key, value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+                    return key, read_npz_scalar(data, key, path)
         raise DataError(f"{path}: none of the keys {', '.join(keys)} present (has: {', '.join(data.files)})")
 
     def _read_array(self, filename: str, key: str) -> np.ndarray:
@@ -238,11 +225,7 @@ class FairFedMedOph(DataSource):
         with self._open(filename) as data:
             if key not in data.files:
                 raise DataError(f"{path}: missing key {key!r} (has: {', '.join(data.files)})")
-            check_npz_array_size(data, key, path)
-            try:
-                array = data[key]
-            except NPZ_READ_ERRORS as err:
-                raise DataError(f"{path}: array {key!r} is corrupt ({err})") from err
+            array = read_npz_array(data, key, path, max_values=image_pixel_limit())
         ndim = 3 if key in VOLUME_KEYS else 2
         if array.size and (array.ndim != ndim or array.dtype != np.uint8):
             raise DataError(f"{path}: {key} must be a {ndim}D uint8 array, got {array.dtype} {array.shape}")
@@ -252,7 +235,7 @@ class FairFedMedOph(DataSource):
         if key not in VOLUME_KEYS:
             return resize_chw(array, self.img_size, 1)
         kept = array[:: self.cfg.slice_step]
-        if len(kept) != self.volume_slices:
+        if len(array) != self.volume_depth:  # the depth, not the kept count: 7 and 8 scans both keep 4 at step 2
             raise DataError(f"{self._file(filename)}: {len(array)} B-scans, but the first volume had {self.volume_depth} (all volumes must match)")
         return resize_chw(kept.transpose(1, 2, 0), self.img_size, len(kept))
 
@@ -295,7 +278,7 @@ class FairFedMedOph(DataSource):
                 path = self._csv(site, split)
                 if not path.exists():
                     continue
-                for filename in pd.read_csv(path, dtype=str, keep_default_na=False).get("filename", []):
+                for filename in read_csv(path).get("filename", []):
                     name = filename.strip()
                     array = self._read_array(name, str(self.volume_key)) if path_problem(name) is None and self._file(name).is_file() else np.empty(0)
                     if array.size:

@@ -1,9 +1,9 @@
 """FairSeg (Harvard-FairSeg): optic disc and cup segmentation on SLO fundus images, no sites.
 
 Datasheet
-- Task: segmentation. A mask holds FairSeg's codes 0 background, -1 optic disc (rim), -2 optic
-  cup, read as classes 0 / 1 / 2 (`mask_classes`; disc Dice counts label >= 1, cup Dice label
-  2: `raysim.segmetrics`). Any other value is a DataError naming the file.
+- Task: segmentation. A mask holds FairSeg's codes 0 background, -1 neuroretinal rim (the optic
+  disc without the cup), -2 optic cup, read as classes 0 / 1 / 2 (`mask_classes`; disc Dice
+  counts label >= 1, cup Dice label 2, rim Dice label 1: `raysim.segmetrics`). Any other value is a DataError naming the file.
 - No classification label: FairSeg ships masks and demographics, no diagnosis. The sample
   tables' labels are 0 placeholders, and `num_classes` raises a DataError (the driver asks for
   it when it builds the model, before any training) until the engine has a segmentation task.
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import zipfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,8 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from raysim.datasets.base import ClientSpec, DataError, DataSource, EmptySplitError, SampleTable, Shard, check_relative_paths, path_under, read_csv, register_dataset
-from raysim.datasets.imaging import NPZ_READ_ERRORS, check_npz_array_size, resize_chw
+from raysim.datasets.arrays import image_pixel_limit, open_npz, read_npz_array, read_npz_scalar
+from raysim.datasets.base import ClientSpec, DataError, DataSource, EmptySplitError, SampleTable, Shard, check_unique, listed_names, path_under, read_csv, register_dataset
+from raysim.datasets.imaging import resize_chw
 from raysim.datasets.oph_schema import ATTRIBUTES, UNKNOWN, code_from_text
 
 MASK_CODES = {0: 0, -1: 1, -2: 2}  # FairSeg code -> class index (the public loader's mapping)
@@ -94,7 +94,7 @@ def mask_to_classes(raw: np.ndarray, path: Path, key: str) -> np.ndarray:
     bad = [v for v in values.tolist() if v not in MASK_CODES]
     if bad:
         shown = ", ".join(f"{v:g}" for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
-        raise DataError(f"{path}: {key} holds {shown}; expected FairSeg's mask codes 0 (background), -1 (optic disc), -2 (optic cup)")
+        raise DataError(f"{path}: {key} holds {shown}; expected FairSeg's mask codes 0 (background), -1 (neuroretinal rim), -2 (optic cup)")
     classes = np.zeros(raw.shape, dtype=np.uint8)
     classes[raw == -1] = 1
     classes[raw == -2] = 2
@@ -108,20 +108,9 @@ def resize_mask(classes: np.ndarray, size: int) -> np.ndarray:
     return classes[rows[:, None], cols[None, :]]
 
 
-def open_npz(path: Path) -> Any:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"{path}: not a readable npz file ({err})") from err
-
-
 def read_array(data: Any, key: str, path: Path) -> np.ndarray:
-    """One array of an open npz, size-checked before it is decompressed."""
-    check_npz_array_size(data, key, path)
-    try:
-        return data[key]
-    except NPZ_READ_ERRORS as err:
-        raise DataError(f"{path}: array {key!r} is corrupt ({err})") from err
+    """One image or mask of an open npz, size-checked (`datasets.arrays`) before it is decompressed."""
+    return read_npz_array(data, key, path, max_values=image_pixel_limit())
 
 
 def read_mask(path: Path, size: int | None = None) -> np.ndarray:
@@ -146,11 +135,7 @@ def read_mask(path: Path, size: int | None = None) -> np.ndarray:
 
 
 def _scalar(data: Any, key: str, path: Path) -> Any:
-    array = read_array(data, key, path)
-    if array.size != 1 or array.dtype.kind not in "biufUS":
-        raise DataError(f"{path}: {key} must be a scalar (a 0-d number or text array), got {array.dtype} of shape {array.shape}")
-    value = array.item()
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return read_npz_scalar(data, key, path)
 
 
 def _whole(value: Any) -> int | None:
@@ -315,11 +300,12 @@ class FairSeg(DataSource):
         return splits
 
     def _read_list(self, path: Path) -> list[str]:
-        names = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-        check_relative_paths(path, "file name", names)
-        repeated = sorted(n for n, c in Counter(names).items() if c > 1)
-        if repeated:
-            raise DataError(f"{path}: {len(repeated)} file names listed more than once (first: {', '.join(repeated[:3])})")
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as err:  # a directory, no permission
+            raise DataError(f"{path}: not a readable list of file names ({err.strerror or err})") from err
+        names = listed_names(path, "file name", [line for line in text.splitlines() if line.strip()])
+        check_unique(path, names, "file names")
         if not names:
             raise DataError(f"{path}: no file names (expected one npz name per line)")
         self._check_files_exist(path, names)
@@ -333,15 +319,16 @@ class FairSeg(DataSource):
         column = next((c for c in ("use", "split") if c in frame.columns), None)
         if column is None:
             raise DataError(f"{csv}: no 'use' or 'split' column, and no train.txt / test.txt in {self.root}: nothing says which files are train and which test")
+        names = listed_names(csv, "filename", frame["filename"].tolist())
+        check_unique(csv, names)
         splits: dict[str, list[str]] = {"train": [], "test": []}
-        for row, (name, text) in enumerate(zip(frame["filename"].str.strip(), frame[column])):
+        for row, (name, text) in enumerate(zip(names, frame[column])):
             split = SPLIT_TEXT.get(text.strip().lower())
             if split is None:
                 raise DataError(f"{csv}: row {row}: {column}={text!r} is not one of {', '.join(SPLIT_TEXT)}")
             splits[split].append(name)
-        for names in splits.values():
-            check_relative_paths(csv, "filename", names)
-            self._check_files_exist(csv, names)
+        for listed in splits.values():
+            self._check_files_exist(csv, listed)
         if not splits["train"] or not splits["test"]:
             raise DataError(f"{csv}: the {column} column gives {len(splits['train'])} train and {len(splits['test'])} test files; both splits need files")
         return splits
@@ -357,7 +344,9 @@ class FairSeg(DataSource):
         if csv is None:
             return {}
         frame = read_csv(csv, required=("filename",))
-        return {str(r["filename"]).strip(): csv_demographics(csv, row, r) for row, r in enumerate(frame.to_dict("records"))}
+        names = listed_names(csv, "filename", frame["filename"].tolist())
+        check_unique(csv, names)
+        return {name: csv_demographics(csv, row, r) for row, (name, r) in enumerate(zip(names, frame.to_dict("records")))}
 
     def _table(self, names: list[str], csv_codes: Mapping[str, Mapping[str, int]]) -> SampleTable:
         rows = []
@@ -390,5 +379,12 @@ class FairSeg(DataSource):
         if image.dtype != np.uint8:  # the public loader clips to 0..255; refuse values that would need it
             if not np.isfinite(image).all() or image.min() < 0 or image.max() > 255:
                 raise DataError(f"{path}: {family.image} values must lie in 0..255 (got {image.dtype} in [{image.min()}, {image.max()}])")
+            if image.max() <= 1 and (image % 1).any():
+                # Refused, not scaled: a 0..1 image and a dark 0..255 one look alike, and a scale
+                # guessed per file would mix scales within one data set (rounding made it black).
+                raise DataError(
+                    f"{path}: {family.image} holds fractions in [{image.min():g}, {image.max():g}] (a 0..1 scale); expected pixel values 0..255: "
+                    "multiply by 255 and store uint8 (raysim does not guess a file's scale)"
+                )
             image = np.round(image).astype(np.uint8)
         return image

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, check_relative_paths, path_under, read_csv, register_dataset
+from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard, check_unique, listed_names, path_under, read_csv, register_dataset
 from raysim.datasets.imaging import read_image, resize_chw
 
 CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
@@ -111,9 +111,8 @@ class FedISIC2019(DataSource):
     def _read_split(self) -> pd.DataFrame:
         path = self.root / SPLIT_FILE
         frame = read_csv(path, SPLIT_COLUMNS)
-        frame["image"] = frame["image"].str.strip()
-        check_relative_paths(path, "image", frame["image"].tolist(), where=f"data.root/{IMAGE_DIR}")
-        _check_unique(path, frame["image"])
+        frame["image"] = listed_names(path, "image", frame["image"].tolist(), where=f"data.root/{IMAGE_DIR}")
+        check_unique(path, frame["image"].tolist(), "images")
         frame["target"] = _int_column(path, frame, "target", len(CLASSES), "/".join(CLASSES))
         frame["center"] = _int_column(path, frame, "center", len(CENTERS), "/".join(CENTERS))
         frame["fold"] = frame["fold"].str.strip().str.lower()
@@ -129,8 +128,8 @@ class FedISIC2019(DataSource):
         """Group codes per attribute, aligned with `images`."""
         path = self.root / METADATA_FILE
         frame = read_csv(path, METADATA_COLUMNS)
-        frame["image"] = frame["image"].str.strip()
-        _check_unique(path, frame["image"])
+        frame["image"] = listed_names(path, "image", frame["image"].tolist(), where=f"data.root/{IMAGE_DIR}")
+        check_unique(path, frame["image"].tolist(), "images")
         by_image = pd.DataFrame(
             {
                 "sex": [sex_code(path, row, text) for row, text in enumerate(frame["sex"])],
@@ -187,12 +186,6 @@ def center_square(image: np.ndarray) -> np.ndarray:
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     return image[top : top + side, left : left + side]
-
-
-def _check_unique(path: Path, images: pd.Series) -> None:
-    duplicated = images[images.duplicated()].unique()
-    if len(duplicated):
-        raise DataError(f"{path}: {len(duplicated)} images listed more than once (first: {', '.join(duplicated[:3])})")
 
 
 def _int_column(path: Path, frame: pd.DataFrame, column: str, n_codes: int, meaning: str) -> np.ndarray:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import re
 import struct
 import warnings
-import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raysim.datasets.arrays import READ_ERRORS, check_size, image_pixel_limit, npz_header
 from raysim.datasets.base import DataError
 
 
@@ -59,24 +57,11 @@ def read_image(path: Path, *, grayscale: bool) -> np.ndarray:
         raise DataError(f"{path}: not a readable image ({err})") from err
 
 
-NPZ_READ_ERRORS = (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, KeyError)
+NPZ_READ_ERRORS = READ_ERRORS
 
 
 def check_npz_array_size(data: Any, key: str, path: Path) -> None:
-    """Refuse an npz array over PIL's `Image.MAX_IMAGE_PIXELS` values before decompressing it.
-
-    The npy header gives the shape; a header declaring a huge array (a zip bomb, a corrupt
-    file) is a DataError naming the file instead of an out-of-memory actor.
-    """
-    from PIL import Image
-
-    limit = Image.MAX_IMAGE_PIXELS
-    try:
-        with data.zip.open(f"{key}.npy") as stream:
-            version = np.lib.format.read_magic(stream)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, _ = read_header(stream)
-    except NPZ_READ_ERRORS as err:
-        raise DataError(f"{path}: array {key!r} is corrupt ({err})") from err
-    if limit is not None and math.prod(shape) > limit:
-        raise DataError(f"{path}: {key} declares shape {shape} = {math.prod(shape)} values, over the limit of {limit} (PIL's Image.MAX_IMAGE_PIXELS; a decompression bomb or a corrupt header)")
+    """Refuse an npz image array over PIL's `Image.MAX_IMAGE_PIXELS` values (or more bytes than
+    its member holds) from its header, before it is decompressed (`datasets.arrays`)."""
+    shape, dtype, payload = npz_header(data, key, path)
+    check_size(f"{path}: {key}", shape, dtype, payload, max_values=image_pixel_limit(), corrupt=f"{path}: array {key!r}")

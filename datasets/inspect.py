@@ -7,8 +7,9 @@ Prints, per client, the train and test counts per group of the attribute (the ta
 FairFedMed paper shows; train includes the validation share raysim carves from it) and the
 label balance, after reading every image once. Sources with segmentation masks (FairSeg, the
 synthetic twin) add a mask table per client and group over all its splits: the share of
-pixels in each mask class (background, disc rim, cup), how many masks have no disc, and the
-mean vertical cup-to-disc ratio (`raysim.segmetrics`). Every problem found is listed (file,
+pixels in each mask class (background, rim, cup: FairSeg's codes 0 / -1 / -2, the rim being the
+disc without the cup), how many masks have no disc (rim + cup), and the mean vertical
+cup-to-disc ratio (`raysim.segmetrics`). Every problem found is listed (file,
 row, what was expected) and any problem makes the exit status non-zero.
 """
 
@@ -24,13 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from raysim import segmetrics
+from raysim import cli, segmetrics
 from raysim.config import ConfigError, DataConfig
 from raysim.datasets import DATASETS, ClientSpec, DataError, DataSource, SampleTable
 from raysim.datasets.base import EmptySplitError
 
 UNKNOWN_NAME = "Unknown"
 EXIT_PROBLEMS = 1
+MASK_TABLE = ("background", "rim", "cup")  # mask classes 0 / 1 / 2 (FairSeg's 0 / -1 / -2)
 MASK_SIZE = 128  # masks are measured at this size (the CDR of a ~25-pixel disc is exact to ~0.05)
 
 
@@ -113,7 +115,7 @@ def _mask_row(masks: np.ndarray) -> dict[str, Any]:
     with_disc = cdrs[~np.isnan(cdrs)]
     return {
         "n": len(masks),
-        **{name: round(float(v), 4) for name, v in zip(("background", "disc", "cup"), shares)},
+        **{name: round(float(v), 4) for name, v in zip(MASK_TABLE, shares)},
         "empty": int(len(masks) - len(with_disc)),
         "cdr": round(float(with_disc.mean()), 4) if len(with_disc) else None,
     }
@@ -172,10 +174,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         notes.append(f"skipped: {c['skipped']}" if c["skipped"] else "")
     lines = [title, *_table(header, rows, notes)]
     if any("masks" in c for c in clients):
-        lines += ["", "masks: share of pixels per class (disc = the rim, without the cup), masks without a disc, mean vertical cup-to-disc ratio"]
-        header = ["client", "group", "n", "background", "disc", "cup", "empty", "cdr"]
+        lines += ["", "masks: share of pixels per class (rim: the disc without the cup), masks without a disc (rim + cup), mean vertical cup-to-disc ratio"]
+        header = ["client", "group", "n", *MASK_TABLE, "empty", "cdr"]
         rows = [
-            [c["id"], group, str(m["n"]), *(f"{100 * m[k]:.1f}%" for k in ("background", "disc", "cup")), str(m["empty"]), "-" if m["cdr"] is None else f"{m['cdr']:.3f}"]
+            [c["id"], group, str(m["n"]), *(f"{100 * m[k]:.1f}%" for k in MASK_TABLE), str(m["empty"]), "-" if m["cdr"] is None else f"{m['cdr']:.3f}"]
             for c in clients
             for group, m in c.get("masks", {}).items()
             if m["n"]
@@ -185,21 +187,27 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raysim.datasets.inspect", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m raysim.datasets.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("path", help="the dataset directory (data.root)")
     parser.add_argument("--dataset", required=True, help=f"data source: {', '.join(DATASETS.names())}")
     parser.add_argument("--attribute", help="sensitive attribute to count by (default: the source's target attribute)")
     parser.add_argument("--flag", help="MedMNIST only: which file")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
+    return cli.guard(lambda: _main(args), (ConfigError, DataError))
+
+
+def _main(args: argparse.Namespace) -> int:
+    cfg = DataConfig(name=args.dataset, root=args.path, attribute=args.attribute, flag=args.flag, keep_unknown=True)
+    cfg.validate()
     try:
-        cfg = DataConfig(name=args.dataset, root=args.path, attribute=args.attribute, flag=args.flag, keep_unknown=True)
-        cfg.validate()
-        source = DATASETS.get(args.dataset)(cfg, img_size=32, seed=0)
-    except (ConfigError, KeyError, DataError) as err:
-        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
-        return 2
+        factory = DATASETS.get(args.dataset)
+    except KeyError as err:
+        raise cli.InputError(f"--dataset {cli.one_line(err)}") from None
+    source = factory(cfg, img_size=32, seed=0)
     summary, problems = inspect(source)
+    if not summary["clients"] and problems:  # not even the metadata reads: no data set to list problems of
+        raise DataError(problems[0])
     print(json.dumps({k: summary[k] for k in ("attribute", "clients")}, indent=2) if args.json else format_summary(summary))
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)

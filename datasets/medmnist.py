@@ -29,8 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-import zipfile
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -39,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from raysim.datasets.arrays import check_size, image_pixel_limit, npz_header, open_npz, read_npz_array
 from raysim.datasets.base import SPLITS, ClientSpec, DataError, DataSource, SampleTable, Shard, carve_validation, path_problem, register_dataset
 from raysim.datasets.imaging import resize_chw
 from raysim.datasets.partition import partition
@@ -51,7 +50,6 @@ if TYPE_CHECKING:
 KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
 FILE_PATTERN = re.compile(r"^[a-z0-9]+mnist(3d)?(_(64|128|224))?\.npz$")
 IMAGE_CACHE_BYTES = 1 << 30  # per process; larger files (MedMNIST+ at 224 px) are read per client
-_READ_ERRORS = (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, KeyError)
 
 
 @dataclass(frozen=True)
@@ -179,19 +177,16 @@ class MedMNIST(DataSource):
         return labels
 
     def _image_header(self, split: str) -> tuple[int, ...]:
-        """Shape of ``{split}_images`` from its .npy header, checked to be 2D gray or RGB uint8."""
+        """Shape of ``{split}_images`` from its .npy header, checked to be 2D gray or RGB uint8 and
+        each image within PIL's pixel limit (`datasets.arrays`: no pixels read)."""
         key = f"{split}_images"
-        try:
-            with zipfile.ZipFile(self.path) as archive, archive.open(f"{key}.npy") as stream:
-                version = np.lib.format.read_magic(stream)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read_header(stream)
-        except _READ_ERRORS as err:
-            raise DataError(f"{self.path}: cannot read the header of {key} ({err})") from err
+        with self._open() as data:
+            shape, dtype, payload = npz_header(data, key, self.path)
         if len(shape) == 4 and shape[3] != 3:
             raise DataError(f"{self.path}: {key} has shape {shape}: 3D MedMNIST sets (N, D, D, D) are not supported; raysim reads 2D images (N, H, W) or (N, H, W, 3)")
         if len(shape) not in (3, 4) or dtype != np.uint8:
             raise DataError(f"{self.path}: {key} must be uint8 images (N, H, W) or (N, H, W, 3), got {dtype} {shape}")
+        check_size(f"{self.path}: {key}", shape, dtype, payload, max_values=image_pixel_limit(), per_item=True, corrupt=f"{self.path}: array {key!r}")
         return tuple(shape)
 
     # --- file access --------------------------------------------------------------------------
@@ -210,18 +205,14 @@ class MedMNIST(DataSource):
         return images
 
     def _open(self) -> Any:
-        try:
-            return np.load(self.path, allow_pickle=False)
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise DataError(f"{self.path}: not a readable npz file with keys {', '.join(KEYS)} ({err})") from err
+        return open_npz(self.path, f"with keys {', '.join(KEYS)}")
 
     def _array(self, data: Any, key: str) -> np.ndarray:
+        """One array, its header checked before it is read (images: PIL's pixel limit per image)."""
         if key not in data.files:
             raise DataError(f"{self.path}: missing key {key!r}; expected keys {', '.join(KEYS)} (has: {', '.join(data.files)})")
-        try:
-            return data[key]
-        except _READ_ERRORS as err:
-            raise DataError(f"{self.path}: array {key!r} is corrupt ({err})") from err
+        images = key.endswith("_images")
+        return read_npz_array(data, key, self.path, max_values=image_pixel_limit() if images else None, per_item=images)
 
 
 def _iid(cfg: DataConfig, num_clients: int) -> DataConfig:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
+import zipfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from raysim import cli
 from raysim.datasets.base import DataError
 
 ATTRIBUTES = ("race", "gender", "age")
@@ -96,7 +97,7 @@ def read_xlsx(path: Path, columns: Sequence[str]) -> pd.DataFrame:
         raise PrepError(f"{path}: file not found")
     try:
         frame = pd.read_excel(path, engine="openpyxl")
-    except (ValueError, OSError, KeyError) as err:
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as err:  # an .xlsx is a zip archive
         raise PrepError(f"{path}: not a readable .xlsx workbook ({err})") from err
     return check_columns(path, frame, columns)
 
@@ -244,7 +245,7 @@ def link(target: Path, link_path: Path) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m raysim.datasets.prepare_chest", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m raysim.datasets.prepare_chest", description=__doc__.splitlines()[0])
     parser.add_argument("--chexpert", type=Path, required=True, help="CheXpert release folder holding train.csv (e.g. CheXpert-v1.0-small)")
     parser.add_argument("--chexpert-demo", type=Path, required=True, help="CHEXPERT DEMO.xlsx (needs openpyxl: pip install raysim[xlsx])")
     parser.add_argument("--mimic-jpg", type=Path, required=True, help="MIMIC-CXR-JPG folder holding mimic-cxr-2.0.0-*.csv.gz and files/")
@@ -262,14 +263,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        sites = {"chexpert": build_chexpert(args.chexpert, args.chexpert_demo, args.uncertain), "mimic": build_mimic(args.mimic_jpg, args.mimic_iv, args.uncertain)}
-        args.out.mkdir(parents=True, exist_ok=True)
-        for site, (kept, dropped) in sites.items():
-            print(report(site, kept, dropped, write_site(args.out, site, kept, args.test_fraction, args.seed)))
-    except PrepError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return cli.guard(lambda: _main(args), (PrepError,), outs=[args.out])
+
+
+def _main(args: argparse.Namespace) -> int:
+    cli.check_out_dir(args.out)  # before the (slow) tables are built
+    sites = {"chexpert": build_chexpert(args.chexpert, args.chexpert_demo, args.uncertain), "mimic": build_mimic(args.mimic_jpg, args.mimic_iv, args.uncertain)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for site, (kept, dropped) in sites.items():
+        print(report(site, kept, dropped, write_site(args.out, site, kept, args.test_fraction, args.seed)))
     print(f"wrote {len(sites) * len(ATTRIBUTES) * 2} CSVs to {args.out}")
     release = args.chexpert.resolve()
     if args.link:

@@ -49,7 +49,6 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import zlib
 from dataclasses import asdict, dataclass
@@ -60,6 +59,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from raysim import cli
 from raysim.datasets import synthetic_render as render
 from raysim.datasets.base import ClientSpec, DataError, register_dataset
 from raysim.datasets.cache import cache_root
@@ -444,7 +444,7 @@ def _summary(truth: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raysim.datasets.synthetic",
+    parser = cli.ArgumentParser(prog="python -m raysim.datasets.synthetic",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--patients", type=int, default=DEFAULT_PATIENTS)
@@ -456,19 +456,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace the files of an earlier run in a non-empty --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.out.exists() and not args.out.is_dir():
-        print(f"error: --out {args.out} exists and is not a directory", file=sys.stderr)
-        return 2
+    return cli.guard(lambda: _main(args), (ValueError,), outs=[args.out])
+
+
+def _main(args: argparse.Namespace) -> int:
+    cli.check_out_dir(args.out)
     if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
-        print(f"error: {args.out} is not empty; pass --force to replace the generated files "
-              "in it", file=sys.stderr)
-        return 2
-    try:
-        truth = generate(args.out, patients=args.patients, seed=args.seed,
-                         fundus_size=args.fundus_size, population=args.population)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise cli.InputError(f"{args.out} is not empty; pass --force to replace the generated files in it")
+    truth = generate(args.out, patients=args.patients, seed=args.seed, fundus_size=args.fundus_size, population=args.population)
     print(f"wrote {args.patients} patients to {args.out}")
     print(_summary(truth))
     return 0

@@ -571,7 +571,7 @@ def compare(paths: Iterable[Path | str], by: Sequence[str] = DEFAULT_BY, baselin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m raysim.compare", description=__doc__.splitlines()[0].split("`: ", 1)[-1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m raysim.compare", description=__doc__.splitlines()[0].split("`: ", 1)[-1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", type=Path, metavar="RUN_OR_STUDY", help="run directories, directories holding runs, or one Tune study directory")
     parser.add_argument("--by", nargs="+", default=list(DEFAULT_BY), metavar="KEY", help="config keys that name a group (default: algorithm, the whole section)")
     parser.add_argument("--out", type=Path, help="also write table.md, table.csv, per_run.csv, clients.csv and compare.html here")

@@ -160,8 +160,9 @@ class EvalConfig:
     bootstrap: int = _doc("bootstrap resamples for group AUC 95% intervals (0: off)", 200)
     clients: int | str = _doc("clients evaluated: all, sampled (the round's cohort) or an integer k (a seeded subset of k, the same every round)", "all")
     # predictions.parquet is the run's only patient-level output (reporting.py says what each output holds).
-    predictions: str = _doc("predictions.parquet (per sample: id, label, score or segmentation values, sensitive attributes; predicted masks with all) of every evaluation (all), the last round's (final) or none", "all")
-    pseudonymize: bool = _doc("sample ids in predictions.parquet replaced by a keyed hash (HMAC-SHA256, 16 hex digits); the key: eval.id_key_file, else $RAYSIM_ID_KEY", False)
+    predictions: str = _doc("predictions.parquet (per sample: id, label, score or segmentation values, sensitive attributes; predicted masks with eval.masks) of every evaluation (all), the last round's (final) or none", "all")
+    masks: bool = _doc("segmentation and joint runs: each sample's predicted mask leaves its actor and is written to predictions.parquet (mask, mask_size) whenever predictions are", False)
+    pseudonymize: bool = _doc("sample ids replaced by a keyed hash (HMAC-SHA256, 16 hex digits) inside the client actors, before they leave; the key: eval.id_key_file (the path on a cluster: every node reads it), else $RAYSIM_ID_KEY", False)
     id_key_file: str | None = _doc("absolute path of a file holding the pseudonymisation key, outside the run directory (null: $RAYSIM_ID_KEY)", None)
     # FL-MedSegBench's unseen-site protocol: the engine checks the id against the clients (raysim.engine.driver).
     holdout_site: str | None = _doc(
@@ -179,6 +180,8 @@ class EvalConfig:
         if self.bootstrap < 0:
             raise ConfigError(f"eval.bootstrap must be >= 0, got {self.bootstrap}")
         _check_choice("eval.predictions", self.predictions, ("all", "final", "none"))
+        if self.masks and self.predictions == "none":
+            raise ConfigError("eval.masks=true writes predicted masks to predictions.parquet, but eval.predictions=none writes none; set eval.predictions=all or final, or drop eval.masks")
         if self.id_key_file is not None:
             if not self.pseudonymize:
                 raise ConfigError("eval.id_key_file is set but eval.pseudonymize is false; set eval.pseudonymize=true to hash sample ids, or drop eval.id_key_file")
@@ -205,6 +208,8 @@ class FaultConfig:
     start_timeout_s: float = _doc("client actors that have not started (loaded their shards) within this many seconds count as lost (a new run: it stops, naming what Ray lacks)", 1800.0)
     first_round_timeout_s: float = _doc("the limit of every wait before a round has been timed (round 1: first calls fill caches and pick kernels)", 1800.0)
     eval_timeout_s: float | None = _doc("the limit of a wait during an evaluation; null: the rounds' limit", None)
+    driver_timeout_s: float = _doc("the driver actor sends an event (a heartbeat at least) every tenth of this; none for this many seconds: taken for lost, killed and started again (fault.max_restarts)", 300.0)
+    max_empty_rounds: int = _doc("consecutive rounds in which every sampled client failed (an error, a rejected update, a lost actor) before the run stops, resumable (exit 1)", 3)
 
     def validate(self) -> None:
         if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
@@ -216,6 +221,9 @@ class FaultConfig:
         _check_positive("fault.first_round_timeout_s", self.first_round_timeout_s, at_most=MAX_TIMEOUT_S)
         if self.eval_timeout_s is not None:
             _check_positive("fault.eval_timeout_s", self.eval_timeout_s, at_most=MAX_TIMEOUT_S)
+        _check_positive("fault.driver_timeout_s", self.driver_timeout_s, at_most=MAX_TIMEOUT_S)
+        if isinstance(self.max_empty_rounds, bool) or not isinstance(self.max_empty_rounds, int) or self.max_empty_rounds < 1:
+            raise ConfigError(f"fault.max_empty_rounds must be an integer >= 1, got {self.max_empty_rounds!r}")
 
 
 @dataclass
@@ -245,7 +253,13 @@ class ExperimentConfig:
             raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         for section in SECTIONS:
             getattr(self, section).validate()
-        self.algorithm_params()  # checks the name and the method's fields
+            check_finite(section, getattr(self, section))  # every float key, the ones validate() forgot too
+        params = self.algorithm_params()  # checks the name and the method's fields
+        if hasattr(params, "check_config"):  # keys of the method that must agree with other sections
+            try:
+                params.check_config(self)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
         from raysim.datasets import DATASETS
 
         if self.data.name not in DATASETS:
@@ -265,9 +279,11 @@ class ExperimentConfig:
             if key not in valid:
                 raise ConfigError(_unknown_key(f"algorithm.{key}", [f"algorithm.{k}" for k in ["name", *sorted(valid)]]))
         try:
-            return hparams_cls(**params)
+            built = hparams_cls(**params)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"algorithm {name}: {err}") from err
+        check_finite("algorithm", built)
+        return built
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -291,6 +307,17 @@ def _check_fraction(key: str, value: float, *, allow_zero: bool, allow_one: bool
     if not (low_ok and high_ok):
         lo, hi = ("[" if allow_zero else "("), ("]" if allow_one else ")")
         raise ConfigError(f"{key} must be a fraction in {lo}0, 1{hi}, got {value!r}")
+
+
+def check_finite(prefix: str, obj: Any) -> None:
+    """A ConfigError naming the first float field of dataclass `obj` (or item of a list field)
+    that is NaN or infinite. Run on every config section and every method's Params after their
+    own checks, so a float key without a range check of its own is covered as well."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        for i, item in enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{prefix}.{f.name}{'' if i is None else f'[{i}]'} must be a finite number, got {item!r}")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

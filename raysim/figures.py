@@ -43,6 +43,9 @@ def new_figure(width: float = 6.4, height: float = 3.6, ncols: int = 1) -> tuple
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    # Labels are user data (method names, clients, groups): a `$` in one is text, not mathtext
+    # (whose parser raises on e.g. `$x^$` and would crash the whole report).
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, ncols, figsize=(width, height), layout="constrained", squeeze=True)

@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import re
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
-from raysim import console
+from raysim import cli, console
 from raysim.config import ConfigError, ExperimentConfig, FederationConfig, ModelConfig
 from raysim.datasets import synthetic
 from raysim.datasets.cache import cache_root
@@ -86,8 +85,8 @@ class PretrainSettings:
     def validate(self) -> None:
         for key in ("img_size", "patients", "epochs", "batch_size", "threads", "lr"):
             value = getattr(self, key)
-            if value is not None and not value > 0:
-                raise ConfigError(f"pretrain {key} must be positive, got {value}")
+            if value is not None and not 0 < value < math.inf:
+                raise ConfigError(f"pretrain {key} must be a positive finite number, got {value}")
         if self.batch_size < 2:
             raise ConfigError(f"pretrain batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
         try:
@@ -292,7 +291,7 @@ def resolve_weights(cfg: ExperimentConfig, echo: Echo = print) -> ExperimentConf
 
 def build_parser() -> argparse.ArgumentParser:
     d = PretrainSettings()
-    parser = argparse.ArgumentParser(prog="python -m raysim.pretrain", description=__doc__.splitlines()[0].strip("`: "), formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[1:]))
+    parser = cli.ArgumentParser(prog="python -m raysim.pretrain", description=__doc__.splitlines()[0].strip("`: "), formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--model", default=d.model, help=f"timm model name (default {d.model})")
     parser.add_argument("--img-size", type=int, default=d.img_size, help=f"image size in pixels (default {d.img_size})")
     parser.add_argument("--patients", type=int, help="public pool size (default 1500; 600 at <= 32 px)")
@@ -308,14 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return cli.guard(lambda: _main(args), (ConfigError, ValueError), outs=[args.out])
+
+
+def _main(args: argparse.Namespace) -> int:
     settings = PretrainSettings(model=args.model, img_size=args.img_size, patients=args.patients, epochs=args.epochs, seed=args.seed, lr=args.lr, batch_size=args.batch_size, threads=args.threads)
-    try:
-        settings.validate()
-        out = args.out or settings.cache_path()
-        meta = pretrain(settings, out)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    settings.validate()
+    if args.out is not None:  # before the pool is generated or a model built
+        if args.out.is_dir():
+            raise cli.InputError(f"--out {args.out} is a directory; give the checkpoint file to write")
+        cli.check_out_dir(args.out.parent, flag=f"--out {args.out}: folder")
+    out = args.out or settings.cache_path()
+    meta = pretrain(settings, out)
     print(f"wrote {out} and {out.name}.json ({meta['seconds']} s; held-out pool AUC {100 * meta['final']['pool_auc']:.1f}); use it with model.weights={out}")
     return 0
 

@@ -808,7 +808,7 @@ def write_report(run_dir: Path | str, out: Path | str | None = None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raysim.report", description="Write RUN_DIR/report.html: plots and tables of one run (opens from disk, no server).")
+    parser = cli.ArgumentParser(prog="python -m raysim.report", description="Write RUN_DIR/report.html: plots and tables of one run (opens from disk, no server).")
     parser.add_argument("run_dir", help="a raysim run directory (config.yaml, metrics.parquet)")
     parser.add_argument("--out", help="where to write the page (default RUN_DIR/report.html)")
     args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ EXIT_FAILED = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m raysim.run",
         description="Run one federated-learning experiment (writes a run directory; prints its path last).",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -40,6 +41,8 @@ CLASSIFICATION_METRICS = ("auc", "acc")  # rows only a classification run writes
 SEGMENTATION_METRICS = ("dice_disc", "dice_cup")  # rows only a segmentation run writes
 SEGMENTATION_MODELS = ("unet:",)  # `<decoder>:<encoder>` prefixes of raysim.models.DECODER_TASKS (not imported: torch)
 JOINT_MODELS = ("joint:",)
+CONFIG_SECTIONS = ("data", "model", "algorithm", "federation", "resources", "eval", "checkpoint", "fault", "report")  # raysim.config's sections
+METRIC_COLUMNS = ("round", "split", "client", "role", "attribute", "group", "metric", "value")  # raysim.reporting's long format
 
 
 class RunReadError(ValueError):
@@ -157,21 +160,74 @@ def read_run(path: Path | str) -> Run:
         config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise RunReadError(f"{path}: no config.yaml (not a raysim run directory)") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
         raise RunReadError(f"{path / 'config.yaml'}: unreadable ({_first_line(err)})") from None
+    if not isinstance(config, dict):
+        raise RunReadError(f"{path / 'config.yaml'}: expected a mapping of config sections, got {type(config).__name__}")
+    for section in CONFIG_SECTIONS:
+        if not isinstance(config.get(section, {}), dict):
+            raise RunReadError(f"{path / 'config.yaml'}: {section} must be a mapping, got {config[section]!r}")
+    if isinstance(config.get("seed", 0), bool) or not isinstance(config.get("seed", 0), int):
+        raise RunReadError(f"{path / 'config.yaml'}: seed must be an integer, got {config['seed']!r}")
     if not (path / "metrics.parquet").exists():
         raise RunReadError(f"{path}: no metrics.parquet yet (the run has not finished a round)")
     try:
         metrics = pd.read_parquet(path / "metrics.parquet")
     except (OSError, ValueError) as err:
         raise RunReadError(f"{path / 'metrics.parquet'}: unreadable ({_first_line(err)})") from None
+    provenance = _read_provenance(path / "provenance.json")
+    return Run(path=path, config=config, provenance=provenance, metrics=_checked_metrics(path / "metrics.parquet", metrics))
+
+
+def _read_provenance(path: Path) -> dict[str, Any]:
+    """provenance.json as a mapping ({} when the run has none: it is informative only); a
+    RunReadError when it is there but not a JSON object."""
+    if not path.exists():
+        return {}
     try:
-        provenance = json.loads((path / "provenance.json").read_text())
-    except (OSError, ValueError):
-        provenance = {}  # provenance is informative only: a run without it still reports
+        provenance = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise RunReadError(f"{path}: unreadable ({_first_line(err)})") from None
+    if not isinstance(provenance, dict):
+        raise RunReadError(f"{path}: expected a JSON object, got {type(provenance).__name__}")
+    for key, kinds, expected in (("data", (dict,), "an object (the data fingerprint)"), ("attribute", (str, type(None)), "a string or null")):
+        if key in provenance and not isinstance(provenance[key], kinds):
+            raise RunReadError(f"{path}: {key} must be {expected}, got {provenance[key]!r}")
+    return provenance
+
+
+def _checked_metrics(path: Path, metrics: pd.DataFrame) -> pd.DataFrame:
+    """The long metrics frame with its columns' types checked (a RunReadError naming the first
+    missing column or the first cell of the wrong type): integer rounds, numeric values, text keys."""
+    missing = [c for c in METRIC_COLUMNS if c not in metrics.columns]
+    if missing:
+        raise RunReadError(f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(METRIC_COLUMNS)})")
+    if metrics.empty:
+        raise RunReadError(f"{path}: no rows (the run has not finished a round)")
+    for column, kind, fits in (("round", "an integer", _is_integer), ("value", "a number", _is_number)):
+        good = metrics[column].map(fits)
+        if not good.all():
+            raise RunReadError(f"{path}: column {column}: row {int((~good).to_numpy().argmax())} holds {_plain(metrics[column][~good].iloc[0])!r}, expected {kind}")
+        metrics[column] = metrics[column].astype(int if column == "round" else float)
     for column in ("split", "client", "role", "attribute", "group", "metric"):
+        text = metrics[column].map(lambda cell: isinstance(cell, str))
+        if not text.all():
+            raise RunReadError(f"{path}: column {column}: row {int((~text).to_numpy().argmax())} holds {_plain(metrics[column][~text].iloc[0])!r}, expected text")
         metrics[column] = metrics[column].astype(object)  # plain str cells whatever Arrow gave
-    return Run(path=path, config=config, provenance=provenance, metrics=metrics)
+    return metrics
+
+
+def _plain(cell: Any) -> Any:
+    """A numpy scalar as the Python value it holds (for messages: 1.5, not np.float64(1.5))."""
+    return cell.item() if isinstance(cell, np.generic) else cell
+
+
+def _is_number(cell: Any) -> bool:
+    return isinstance(cell, (int, float, np.integer, np.floating)) and not isinstance(cell, (bool, np.bool_))
+
+
+def _is_integer(cell: Any) -> bool:
+    return _is_number(cell) and math.isfinite(cell) and float(cell).is_integer()
 
 
 def select_round(metrics: pd.DataFrame) -> Selection:

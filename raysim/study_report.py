@@ -17,7 +17,7 @@ import html
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from raysim import figures
+from raysim.runs import RunReadError
 
 TRIAL_FIELDS = {"trial_id", "status", "rounds_done", "stopped_early", "best_round", "objective", "final_objective"}
 # The test metrics the trials table shows (at each trial's best round), per task (raysim.tasks).
@@ -35,13 +36,37 @@ TEST_COLUMNS = {
 }
 
 
+class StudyReadError(RunReadError):
+    """A study directory that cannot be reported (the message names the file and what is wrong)."""
+
+
+def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
+    """reader(path), any failure a StudyReadError naming the file."""
+    try:
+        return reader(path)
+    except (OSError, ValueError, RecursionError, pd.errors.ParserError) as err:
+        what = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise StudyReadError(f"{path}: unreadable ({what})") from None
+
+
+def _text(path: Path) -> str:
+    return _read(path, lambda p: p.read_text(encoding="utf-8"))
+
+
 def read_trials(study_dir: Path) -> pd.DataFrame:
     study_dir = Path(study_dir)
     if (study_dir / "trials.parquet").exists():
-        return pd.read_parquet(study_dir / "trials.parquet")
-    if (study_dir / "trials.csv").exists():
-        return pd.read_csv(study_dir / "trials.csv")
-    return pd.DataFrame(columns=["trial_id", "status"])
+        trials, path = _read(study_dir / "trials.parquet", pd.read_parquet), study_dir / "trials.parquet"
+    elif (study_dir / "trials.csv").exists():
+        trials, path = _read(study_dir / "trials.csv", pd.read_csv), study_dir / "trials.csv"
+    else:
+        return pd.DataFrame(columns=["trial_id", "status"])
+    if "trial_id" not in trials:
+        raise StudyReadError(f"{path}: no trial_id column (not a raysim.tune trials table)")
+    for column in ("objective", "final_objective", "best_round", "rounds_done"):
+        if column in trials and pd.to_numeric(trials[column], errors="coerce").isna().gt(trials[column].isna()).any():
+            raise StudyReadError(f"{path}: column {column} holds {trials[column].iloc[0]!r}..., expected numbers")
+    return trials
 
 
 def searched(trials: pd.DataFrame) -> list[str]:
@@ -55,12 +80,17 @@ def histories(study_dir: Path) -> dict[str, pd.DataFrame]:
     for trial in sorted(p for p in Path(study_dir).iterdir() if p.is_dir()):
         frame = pd.DataFrame()
         if (trial / "result.json").is_file():
-            lines = (trial / "result.json").read_text(encoding="utf-8").splitlines()
-            frame = pd.DataFrame([json.loads(line) for line in lines if line.strip()])
+            rows = [_read(trial / "result.json", lambda _, line=line: json.loads(line)) for line in _text(trial / "result.json").splitlines() if line.strip()]
+            if not all(isinstance(row, dict) for row in rows):
+                raise StudyReadError(f"{trial / 'result.json'}: expected one JSON object per line")
+            frame = pd.DataFrame(rows)
         if frame.empty and (trial / "progress.csv").is_file():
-            frame = pd.read_csv(trial / "progress.csv")
-        if {"trial_id", "round", "objective"} <= set(frame.columns):
-            out[str(frame["trial_id"].iloc[0])] = frame[["round", "objective"]].astype(float).sort_values("round", ignore_index=True)
+            frame = _read(trial / "progress.csv", pd.read_csv)
+        if {"trial_id", "round", "objective"} <= set(frame.columns) and len(frame):
+            curve = frame[["round", "objective"]].apply(pd.to_numeric, errors="coerce")
+            if curve["round"].isna().any():
+                raise StudyReadError(f"{trial}: a reported round that is not a number ({frame['round'][curve['round'].isna()].iloc[0]!r})")
+            out[str(frame["trial_id"].iloc[0])] = curve.sort_values("round", ignore_index=True)
     return out
 
 
@@ -75,7 +105,7 @@ def study_task(trials: pd.DataFrame) -> str:
 def objective_text(study_dir: Path) -> str:
     """The objective expression as best.yaml's header names it ("objective" when unknown)."""
     best = Path(study_dir) / "best.yaml"
-    head = best.read_text(encoding="utf-8").splitlines()[0] if best.is_file() else ""
+    head = (_text(best).splitlines() or [""])[0] if best.is_file() else ""
     match = re.search(r"objective (.+?) = ", head)
     return match.group(1) if match else "objective"
 
@@ -135,7 +165,7 @@ def page(study_dir: Path, *, space: Mapping[str, Mapping[str, Any]] | None = Non
     best = study_dir / "best.yaml"
     best_section = figures.Section("Best config", anchor="best")
     if best.is_file():
-        best_section.text("best.yaml reruns the best trial: python -m raysim.run --config best.yaml").add(f"<pre>{html.escape(best.read_text(encoding='utf-8'))}</pre>")
+        best_section.text("best.yaml reruns the best trial: python -m raysim.run --config best.yaml").add(f"<pre>{html.escape(_text(best))}</pre>")
     else:
         best_section.text("no best.yaml: no trial reported a finite objective")
     sections.append(best_section)
@@ -205,5 +235,5 @@ def write(study_dir: Path, *, out: Path | None = None, space: Mapping[str, Mappi
     best = Path(study_dir) / "best.yaml"
     if not best.is_file():
         return f"{table}\n\nno best.yaml: no trial reported a finite objective"
-    head = best.read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
+    head = (_text(best).splitlines() or [""])[0].lstrip("# ")
     return f"{table}\n\n{head}; rerun it: python -m raysim.run --config {best}"

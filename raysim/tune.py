@@ -623,7 +623,7 @@ def _write(out: str, name: str, data: bytes) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m raysim.tune", description=__doc__.splitlines()[0].split("`: ", 1)[-1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m raysim.tune", description=__doc__.splitlines()[0].split("`: ", 1)[-1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", type=Path, help="study YAML (see tune_configs/)")
     parser.add_argument("--num-samples", type=int, help="trials to sample (default: the study's num_samples, else 4)")
     parser.add_argument("--out", help="study directory: a path every node reaches, or a pyarrow.fs URI (default studies/<time>-<study>)")

@@ -374,9 +374,9 @@ def test_prep_errors_are_clear(raw: dict[str, Path], tmp_path: Path, capsys: pyt
     require_module("openpyxl", "xlsx", "reading X.xlsx")
     args = prep_args(raw, tmp_path / "out")
     args[args.index(str(raw["demo"]))] = str(raw["demo"].with_suffix(".csv"))
-    assert main(args) == 1
+    assert main(args) == 2  # bad input: the CLI contract's exit code
     assert "CHEXPERT DEMO.csv: expected the CheXpert demographics workbook (.xlsx)" in capsys.readouterr().err
-    assert main(prep_args(raw, tmp_path / "out", "--mimic-iv", str(tmp_path))) == 1
+    assert main(prep_args(raw, tmp_path / "out", "--mimic-iv", str(tmp_path))) == 2
     assert f"{tmp_path}/hosp/patients.csv.gz: file not found" in capsys.readouterr().err
     assert [race_code(t) for t in ("WHITE - RUSSIAN", "BLACK/CAPE VERDEAN", "Asian, non-Hispanic", "White and Black", "OTHER", None)] == [0, 2, 1, -1, -1, -1]
 

@@ -45,7 +45,7 @@ def test_table_and_problems_with_exit_status(oph_copy: Path) -> None:
 
 def test_metadata_problem_and_unknown_dataset(oph_copy: Path, capsys) -> None:
     (oph_copy / "meta_site1_race_train.csv").unlink()
-    assert main(["--dataset", "fairfedmed_oph", str(oph_copy)]) == 1
+    assert main(["--dataset", "fairfedmed_oph", str(oph_copy)]) == 2  # no client readable: bad input, one line
     assert "meta_site1_race_train.csv" in capsys.readouterr().err
     assert main(["--dataset", "nosuchset", str(oph_copy)]) == 2
     assert "unknown dataset 'nosuchset'" in capsys.readouterr().err
