@@ -66,17 +66,24 @@ def test_the_held_out_site_never_trains_and_sits_in_no_mean(holdout_run: tuple[P
     assert "Unseen site" in page and "test AUC site3" in page
 
 
-def test_the_newcomer_leaves_the_participants_alone_segmentation(oph_root: Path) -> None:
-    """In-process (the actor's body): FedBN on the U-Net. The held-out site's newcomer model is the
-    global payload with BatchNorm statistics of its own images; scoring it changes neither its
-    state nor any participant's predictions, though all three share one model object."""
-    cfg = config.load(None, tiny_overrides(oph_root, **{"data.name": "synthetic", "model.name": "unet:test_resnet", "algorithm.name": "fedbn", "eval.holdout_site": "site3"}))
+def after_one_round(oph_root: Path, **overrides: object) -> tuple[ClientHost, dict]:
+    """In-process (the actor's body): the synthetic set with site3 held out, one round of the
+    participants trained and folded; the host and round 2's payload."""
+    cfg = config.load(None, tiny_overrides(oph_root, **{"data.name": "synthetic", "eval.holdout_site": "site3", **overrides}))
     specs = DATASETS.get("synthetic")(cfg.data, img_size=16, seed=0).client_specs()
     host = ClientHost(cfg, [dataclasses.replace(s, role=HOLDOUT) if s.id == "site3" else s for s in specs])
     algorithm, model = host.algorithm, host.clients["site1"].model
     state = algorithm.init_state(model)
     state = algorithm.aggregate(1, [host.fit(cid, algorithm.payload(state, 1), 1) for cid in PARTICIPANTS], state)
-    payload = algorithm.payload(state, 2)
+    return host, algorithm.payload(state, 2)
+
+
+def test_the_newcomer_leaves_the_participants_alone_segmentation(oph_root: Path) -> None:
+    """In-process (the actor's body): FedBN on the U-Net. The held-out site's newcomer model is the
+    global payload with BatchNorm statistics of its own images; scoring it changes neither its
+    state nor any participant's predictions, though all three share one model object."""
+    host, payload = after_one_round(oph_root, **{"model.name": "unet:test_resnet", "algorithm.name": "fedbn"})
+    algorithm, model = host.algorithm, host.clients["site1"].model
     before = host.evaluate("site1", payload)
     held = host.evaluate("site3", payload)
     after = host.evaluate("site1", payload)
@@ -116,13 +123,8 @@ def test_cksp_scores_the_held_out_site_with_its_own_norm_statistics(oph_root: Pa
     """Issue 24.7: CKSP keeps every norm layer per client, so a site that never trained has none;
     0.5.0 scored it with the initial running statistics (0 / 1). Its newcomer model now carries
     statistics re-estimated on the site's own images, the shared tensors being the server's."""
-    cfg = config.load(None, tiny_overrides(oph_root, **{"algorithm.name": "cksp", "eval.holdout_site": "site3"}))
-    specs = DATASETS.get("synthetic")(cfg.data, img_size=16, seed=0).client_specs()
-    host = ClientHost(cfg, [dataclasses.replace(s, role=HOLDOUT) if s.id == "site3" else s for s in specs])
+    host, payload = after_one_round(oph_root, **{"algorithm.name": "cksp"})
     algorithm, model = host.algorithm, host.clients["site1"].model
-    state = algorithm.init_state(model)
-    state = algorithm.aggregate(1, [host.fit(cid, algorithm.payload(state, 1), 1) for cid in PARTICIPANTS], state)
-    payload = algorithm.payload(state, 2)
     site3 = host.clients["site3"]
     newcomer = {k: v.clone() for k, v in algorithm.newcomer_model(site3, payload).state_dict().items()}
     means = [k for k in norm_keys(model, params=False) if k.endswith(("running_mean", "running_var"))]
