@@ -21,6 +21,7 @@ appended, never rewritten: `pd.read_parquet(RUN_DIR / "metrics.parquet")` reads 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import math
@@ -60,6 +61,11 @@ def metric_frame(round_: int, scored: Sequence[tuple[Predictions, int]], group_n
     for preds, seed in scored:
         if not len(preds.labels):  # a split carved from too few rows: its rows stay, every value NaN
             warnings.warn(f"{preds.client_id}/{preds.split} has no samples: all its metrics are undefined", metrics.UndefinedMetricWarning, stacklevel=2)
+        diverged = preds.scores.size and not np.isfinite(preds.scores).all()
+        if diverged:  # a diverged model (e.g. DP noise past what the weights bear): undefined, not a crash
+            bad = int((~np.isfinite(preds.scores)).sum())
+            warnings.warn(f"{preds.client_id}/{preds.split}: {bad} of {preds.scores.size} scores are not finite (the model diverged): all its metrics are undefined", metrics.UndefinedMetricWarning, stacklevel=2)
+            preds = dataclasses.replace(preds, scores=np.zeros_like(preds.scores))  # scored for the rows' shape; every value NaN below
         values = tasks.describe(preds).client_rows(  # AUC & co., or Dice & co. (raysim.tasks)
             preds,
             {a: preds.attributes[a] for a in attributes if a in preds.attributes},
@@ -67,6 +73,8 @@ def metric_frame(round_: int, scored: Sequence[tuple[Predictions, int]], group_n
             n_boot=n_boot,
             seed=seed,
         )
+        if diverged:
+            values = [(*value[:-1], math.nan) for value in values]
         rows.extend((round_, preds.split, preds.client_id, preds.role, *value) for value in values)
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 

@@ -106,6 +106,23 @@ def test_an_empty_split_gives_undefined_metrics_not_a_crash(task: str, overrides
     assert test_means["value"].notna().any()
 
 
+@pytest.mark.parametrize(("task", "overrides"), [("classification-binary", {}), ("joint", JOINT)])
+def test_a_diverged_model_gives_undefined_metrics_not_a_crash(task: str, overrides: dict, oph_root: Path) -> None:
+    """DEeR at epsilon 1 on 3 clients (issue 24's re-run): noise scaled by the frozen factor's
+    sigma_max grew the weights until the logits overflowed, and the run stopped in
+    `ValueError: scores contain NaN or infinite values` inside the metrics."""
+    host, payload, attributes = host_for(oph_root, None, **overrides)
+    preds = evaluate_all(host, payload)
+    broken = preds[0]
+    broken.scores[: max(1, len(broken.scores) // 2)] = np.nan  # half the scores: what an overflowing softmax gives
+    frame, caught = scored(preds, host, attributes)
+    mine = frame[(frame["client"] == broken.client_id) & (frame["split"] == broken.split)]
+    other = frame[(frame["client"] == broken.client_id) & (frame["split"] != broken.split)]
+    assert len(mine) and mine["value"].isna().all()  # every row of that client and split, undefined
+    assert other["value"].notna().any()  # the other evaluations of that client are scored
+    assert any(f"{broken.client_id}/{broken.split}" in str(w.message) and "not finite" in str(w.message) for w in caught), [str(w.message) for w in caught[:5]]
+
+
 def test_the_reported_fed_isic2019_run_finishes(ray_session, isic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The issue's command, on a layout where every centre's val split is empty: it ended after
     round 1 in `ValueError: all the input arrays must have same number of dimensions`."""
