@@ -39,7 +39,7 @@ from torch import nn
 from raysim.algorithms.aggregation import AggregationError, WeightedSum
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
 from raysim.algorithms.qffl import LOSS_KEY, loss_at
-from raysim.client import Client
+from raysim.client.client import Client
 from raysim.seeding import rng
 from raysim.types import Update
 

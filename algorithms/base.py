@@ -26,17 +26,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from raysim import tasks
 from raysim.algorithms.aggregation import WeightedSum
+from raysim.client import tasks
+from raysim.client.training import Batch, cross_entropy, make_optimizer, only_trainable, train_epochs
 from raysim.config import ConfigError
-from raysim.models import build_model, exchangeable_keys
+from raysim.models.backbones import build_model, exchangeable_keys
 from raysim.registry import Registry
 from raysim.seeding import derive_seed, rng
-from raysim.training import Batch, cross_entropy, make_optimizer, only_trainable, train_epochs
 from raysim.types import Tensors, Update
 
 if TYPE_CHECKING:
-    from raysim.client import Client
+    from raysim.client.client import Client
     from raysim.config import ExperimentConfig
     from raysim.datasets.base import ClientSpec, DataSource
 

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from raysim import adapters
 from raysim.algorithms.base import Algorithm, register_algorithm
 from raysim.algorithms.fedbn import norm_keys, own_image_batches, refit_norm_statistics
-from raysim.client import Client
+from raysim.client.client import Client
 from raysim.config import ConfigError
 from raysim.datasets.base import DataSource
+from raysim.models import adapters
 from raysim.types import Tensors
 
 BLOCKS = ("BasicBlock", "Bottleneck")  # timm's residual blocks: their `convN` children are adapted by default

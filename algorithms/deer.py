@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raysim.algorithms import dp
+import raysim.algorithms.dp as dp
 from raysim.algorithms.base import ServerState, register_algorithm
 from raysim.algorithms.dp_lora import DPLoRA, DPLoRAParams
 from raysim.types import Tensors

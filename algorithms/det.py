@@ -34,13 +34,13 @@ from torch import nn
 
 from raysim.algorithms.base import register_algorithm
 from raysim.algorithms.pfa import PFA, PFAParams
-from raysim.client import EVAL_BATCH
-from raysim.models import train_mode
-from raysim.training import Batch, forward, make_optimizer, train_epochs
+from raysim.client.client import EVAL_BATCH
+from raysim.client.training import Batch, forward, make_optimizer, train_epochs
+from raysim.models.backbones import train_mode
 from raysim.types import Tensors, Update
 
 if TYPE_CHECKING:
-    from raysim.client import Client
+    from raysim.client.client import Client
     from raysim.config import ExperimentConfig
 
 PERSONAL = "det_personal"  # client.memory key of the personal model's full state dict

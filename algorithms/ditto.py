@@ -11,11 +11,11 @@ from torch import nn
 
 from raysim.algorithms.base import Algorithm, register_algorithm
 from raysim.algorithms.fedprox import check_weight, proximal_term
-from raysim.training import Batch, make_optimizer, train_epochs
+from raysim.client.training import Batch, make_optimizer, train_epochs
 from raysim.types import Tensors, Update
 
 if TYPE_CHECKING:
-    from raysim.client import Client
+    from raysim.client.client import Client
 
 PERSONAL = "ditto_personal"  # client.memory key of the personal model's full state dict
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from raysim.algorithms import dp
+import raysim.algorithms.dp as dp
 from raysim.algorithms.base import ServerState, register_algorithm
 from raysim.algorithms.fedbn import norm_keys, own_image_batches, refit_norm_statistics
 from raysim.algorithms.fedlora import FedLoRA, LoRAParams
@@ -46,7 +46,7 @@ from raysim.datasets.base import ClientSpec, DataSource
 from raysim.types import Tensors, Update
 
 if TYPE_CHECKING:
-    from raysim.client import Client
+    from raysim.client.client import Client
 
 
 @dataclass

@@ -34,10 +34,10 @@ from torch import nn
 
 from raysim.algorithms.aggregation import AggregationError, WeightedSum
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
-from raysim.client import Client
+from raysim.client.client import Client
 from raysim.config import ConfigError
 from raysim.datasets.base import DataSource
-from raysim.metrics import predictions
+from raysim.metrics.classification import predictions
 from raysim.types import Tensors, Update
 
 log = logging.getLogger(__name__)

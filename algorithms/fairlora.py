@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from raysim import adapters
 from raysim.algorithms.aggregation import AggregationError, WeightedSum
 from raysim.algorithms.base import ServerState, register_algorithm
 from raysim.algorithms.fedlora import FedLoRA, LoRAParams
+from raysim.client.training import Batch, forward, supervised_loss
 from raysim.config import ConfigError
 from raysim.datasets.base import DataSource
-from raysim.training import Batch, forward, supervised_loss
+from raysim.models import adapters
 from raysim.types import Tensors, Update
 
 

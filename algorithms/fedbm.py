@@ -53,14 +53,14 @@ from raysim.algorithms.fedbm_concepts import (
     sample_concepts,
     synthetic_embeddings,
 )
+from raysim.client.training import Batch, forward
 from raysim.config import ConfigError
-from raysim.models import normalization
+from raysim.models.backbones import normalization
 from raysim.seeding import derive_seed
-from raysim.training import Batch, forward
 from raysim.types import Tensors, Update
 
 if TYPE_CHECKING:
-    from raysim.client import Client
+    from raysim.client.client import Client
     from raysim.config import ExperimentConfig
     from raysim.datasets.base import DataSource
 

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from raysim.adapters import NORM_LAYERS  # every torch normalisation layer (re-exported)
 from raysim.algorithms.base import Algorithm, register_algorithm
-from raysim.training import Batch, forward
+from raysim.client.training import Batch, forward
+from raysim.models.adapters import NORM_LAYERS  # every torch normalisation layer (re-exported)
 from raysim.types import Tensors
 
 if TYPE_CHECKING:
-    from raysim.client import Client
+    from raysim.client.client import Client
 
 
 def norm_keys(model: nn.Module, *, params: bool = True, buffers: bool = True) -> set[str]:

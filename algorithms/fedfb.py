@@ -39,10 +39,10 @@ from raysim.algorithms.afl import project_to_simplex
 from raysim.algorithms.aggregation import AggregationError, WeightedSum
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
 from raysim.algorithms.fairlora import num_groups
-from raysim.client import EVAL_BATCH, Client
+from raysim.client.client import EVAL_BATCH, Client
+from raysim.client.training import Batch, cross_entropy, forward
 from raysim.config import ConfigError
 from raysim.datasets.base import DataSource
-from raysim.training import Batch, cross_entropy, forward
 from raysim.types import Update
 
 LAMBDA_KEY = "fedfb_lambda"  # server state: λ_g per group code

@@ -41,16 +41,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from raysim import foundation
-from raysim.algorithms import fedhelp_public as public_set
+import raysim.algorithms.fedhelp_public as public_set
 from raysim.algorithms.aggregation import WeightedSum
 from raysim.algorithms.base import Algorithm, register_algorithm
-from raysim.client import Client
+from raysim.client.client import Client
+from raysim.client.training import Batch, cross_entropy, forward, make_optimizer, supervised_loss, train_epochs
 from raysim.config import ConfigError, ModelConfig
 from raysim.datasets.base import ClientSpec, DataSource, Shard
-from raysim.models import build_model, check_weights, model_task
+from raysim.models import foundation
+from raysim.models.backbones import build_model, check_weights, model_task
 from raysim.seeding import derive_seed
-from raysim.training import Batch, cross_entropy, forward, make_optimizer, supervised_loss, train_epochs
 from raysim.types import Tensors, Update
 
 TARGETS_FILE = "foundation_targets.parquet"
@@ -240,7 +240,7 @@ class FedHelp(Algorithm):
                     f"FedHelp's {key.split('_')[0]} model must be a {task} model{' of the same mask classes' if task == 'segmentation' else ''} (e.g. {example})"
                 )
             if task == "segmentation":
-                from raysim.segmodels import split_segmentation_name  # segmentation-models-pytorch loads only here
+                from raysim.models.segmentation import split_segmentation_name  # segmentation-models-pytorch loads only here
 
                 split_segmentation_name(name)  # an unknown encoder fails here, before training
 
@@ -387,7 +387,7 @@ class FedHelp(Algorithm):
                     f"algorithm.foundation: the built-in foundation model knows the synthetic glaucoma task only, not {source.name}; "
                     "give it weights ({backend: timm, model: NAME, weights: PATH}), a callable or an http endpoint"
                 )
-            from raysim.pretrain import ensure_pretrained
+            from raysim.client.pretraining import ensure_pretrained
 
             options["weights"] = str(ensure_pretrained(dataclasses.replace(self.cfg.model, name=options.get("model", "resnet50"), weights=None), echo=echo))
             options.setdefault("img_size", self.cfg.model.img_size)

@@ -184,7 +184,7 @@ def foundation_pool(options: Mapping[str, Any], img_size: int) -> Pool | None:
         return None
     weights = options.get("weights")
     if weights is None:
-        from raysim.pretrain import PretrainSettings
+        from raysim.client.pretraining import PretrainSettings
 
         kwargs = PretrainSettings(model=options.get("model", "resnet50"), img_size=img_size).pool_kwargs()
         label = f"raysim.pretrain's pool for the built-in foundation model: the synthetic public population, generator seed {kwargs['seed']}"

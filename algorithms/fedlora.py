@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from raysim import adapters
 from raysim.algorithms.aggregation import WeightedSum
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
 from raysim.config import ConfigError
 from raysim.datasets.base import DataSource
+from raysim.models import adapters
 from raysim.types import Tensors
 
 

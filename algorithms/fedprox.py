@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from raysim.algorithms.base import Algorithm, register_algorithm
-from raysim.training import Batch
+from raysim.client.training import Batch
 from raysim.types import Tensors, Update
 
 if TYPE_CHECKING:
-    from raysim.client import Client
+    from raysim.client.client import Client
 
 
 def check_weight(name: str, value: object) -> None:

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
+from raysim.client.training import Batch, make_optimizer, train_epochs
 from raysim.seeding import rng
-from raysim.training import Batch, make_optimizer, train_epochs
 from raysim.types import Tensors, Update
 
 if TYPE_CHECKING:
-    from raysim.client import Client
+    from raysim.client.client import Client
 
 # Payload keys of the shared statistics: "fedrdn.stats/<client id>". A state-dict key is a
 # dotted path of attribute names and never holds "/"; `payload` still checks for a clash.

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from raysim import adapters
 from raysim.algorithms.base import register_algorithm
 from raysim.algorithms.dp_lora import DPLoRA, DPLoRAParams
 from raysim.datasets.base import DataSource
+from raysim.models import adapters
 
 
 @dataclass

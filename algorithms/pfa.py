@@ -37,11 +37,11 @@ from torch import nn
 
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
 from raysim.algorithms.fedbn import norm_keys
-from raysim.training import make_optimizer, train_epochs
+from raysim.client.training import make_optimizer, train_epochs
 from raysim.types import Tensors, Update
 
 if TYPE_CHECKING:
-    from raysim.client import Client
+    from raysim.client.client import Client
 
 PREFIX = "pfa.amplitude/"  # payload / update key of a weight's amplitude box: PREFIX + state-dict key ("/" never occurs in one)
 SPECTRAL = (nn.Linear, nn.modules.conv._ConvNd)  # modules whose weight is aggregated in the Fourier domain

@@ -47,12 +47,12 @@ from torch import nn
 
 from raysim.algorithms.aggregation import AggregationError, WeightedSum
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
+from raysim.client.training import Batch, LossFn, cross_entropy
 from raysim.seeding import rng
-from raysim.training import Batch, LossFn, cross_entropy
 from raysim.types import Tensors, Update
 
 if TYPE_CHECKING:
-    from raysim.client import Client
+    from raysim.client.client import Client
 
 # Payload keys "pfl_resfim.bank/<client id>": (entries, C, 2b+1, 2b+1) amplitudes. Update keys
 # "pfl_resfim.local/<state-dict key>": uint8 bits of the elements the client keeps (np.packbits of

@@ -25,9 +25,9 @@ from raysim.algorithms.aggregation import AggregationError
 from raysim.algorithms.base import ServerState, register_algorithm
 from raysim.algorithms.fednova import effective_steps
 from raysim.algorithms.fedopt import ServerStep, StepFold, apply_delta, stepped_keys
-from raysim.client import EVAL_BATCH, Client
+from raysim.client.client import EVAL_BATCH, Client
+from raysim.client.training import forward, full_gradient
 from raysim.config import ConfigError
-from raysim.training import forward, full_gradient
 from raysim.types import Tensors, Update
 
 if TYPE_CHECKING:

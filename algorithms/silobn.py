@@ -12,7 +12,7 @@ from raysim.algorithms.fedbn import norm_keys, own_image_batches, refit_norm_sta
 from raysim.types import Tensors
 
 if TYPE_CHECKING:
-    from raysim.client import Client
+    from raysim.client.client import Client
 
 
 @register_algorithm("silobn")

@@ -33,10 +33,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from raysim import compare, config
+from raysim import config
+from raysim.client.pretraining import ensure_pretrained
 from raysim.datasets import DATASETS
 from raysim.engine.driver import connect_ray, finished_run
-from raysim.pretrain import ensure_pretrained
+from raysim.reports import compare
 
 RATIOS = "[0.6, 0.2, 0.08, 0.06, 0.04, 0.02]"
 METHODS = ("fedhelp", "fedavg", "local")

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from raysim import config, runs
+from raysim import config
 from raysim.engine.driver import connect_ray, finished_run
+from raysim.outputs import runs
 
 ARMS: dict[str, list[str]] = {
     "fundus+oct": [],

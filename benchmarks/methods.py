@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from raysim import compare, config
+from raysim import config
 from raysim.algorithms import ALGORITHMS
 from raysim.datasets import DATASETS
 from raysim.engine.driver import connect_ray, finished_run
-from raysim.runs import RunReadError, natural_key, read_run
+from raysim.outputs.runs import RunReadError, natural_key, read_run
+from raysim.reports import compare
 
 
 def run_once(method: str, seed: int, args: argparse.Namespace) -> Path:

@@ -372,7 +372,7 @@ def reference_silo(spec: dict[str, Any]) -> dict[str, Any]:
 
     from raysim import config
     from raysim.datasets import DATASETS
-    from raysim.models import build_model
+    from raysim.models.backbones import build_model
 
     cfg = config.load(None, spec["overrides"])
     source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)

@@ -41,8 +41,9 @@ from typing import Any
 
 import pandas as pd
 
-from raysim import compare, config
-from raysim.runs import holdout_values, natural_key, read_run
+from raysim import config
+from raysim.outputs.runs import holdout_values, natural_key, read_run
+from raysim.reports import compare
 
 METHODS = ["fedavg", "fedbn", "ditto", "fedrdn", "silobn", "fedper", "local"]
 REFERENCES = ("fedavg", "local")

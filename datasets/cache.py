@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysim import storage
+from raysim import durable
 from raysim.datasets.base import ClientSpec, DataError, DataSource, Shard
 
 FORMAT_VERSION = 1
@@ -121,7 +121,7 @@ def _load_masks(source: DataSource, spec: ClientSpec, split: str, shard: Shard, 
     if path is not None and folder is not None and folder.is_dir():
         tmp = folder / f".masks-{os.getpid()}.npy.tmp"
         _save(tmp, masks)
-        storage.replace_durably(tmp, path)  # atomic: a concurrent loader sees all of it or nothing
+        durable.replace_durably(tmp, path)  # atomic: a concurrent loader sees all of it or nothing
     return masks
 
 
@@ -141,9 +141,9 @@ def _write(folder: Path, shard: Shard, all_ids: np.ndarray) -> None:
             f.write(meta)
             f.flush()
             os.fsync(f.fileno())
-        storage.fsync_dir(tmp)
+        durable.fsync_dir(tmp)
         tmp.rename(folder)
-        storage.fsync_dir(folder.parent)
+        durable.fsync_dir(folder.parent)
     except OSError:
         if not (folder / "meta.json").exists():  # not another process winning the same race
             raise

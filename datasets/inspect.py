@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from raysim import cli, segmetrics
+from raysim import cli
 from raysim.config import ConfigError, DataConfig
 from raysim.datasets import DATASETS, ClientSpec, DataError, DataSource, SampleTable
 from raysim.datasets.base import EmptySplitError
+from raysim.metrics import segmentation as segmetrics
 
 UNKNOWN_NAME = "Unknown"
 EXIT_PROBLEMS = 1

@@ -3,7 +3,9 @@
 The config is a tree of dataclasses. Defaults live only here (and, for a method's own
 hyperparameters, in that method's dataclass); YAML files and the command line only
 override. Every value is checked before any work starts, with errors that name the key
-and list what is valid.
+and list what is valid. Names that registries hold (`algorithm.name` and the method's own keys,
+`data.name`) are checked by the layer that owns the registry: `raysim.algorithms.check(cfg)`,
+which every entry point calls after `load`; this module imports no registry.
 """
 
 from __future__ import annotations
@@ -254,36 +256,9 @@ class ExperimentConfig:
         for section in SECTIONS:
             getattr(self, section).validate()
             check_finite(section, getattr(self, section))  # every float key, the ones validate() forgot too
-        params = self.algorithm_params()  # checks the name and the method's fields
-        if hasattr(params, "check_config"):  # keys of the method that must agree with other sections
-            try:
-                params.check_config(self)
-            except ValueError as err:
-                raise ConfigError(str(err)) from err
-        from raysim.datasets import DATASETS
-
-        if self.data.name not in DATASETS:
-            raise ConfigError(f"data.name: {DATASETS.unknown_message(self.data.name)}")
-
-    def algorithm_params(self) -> Any:
-        """The selected method's hyperparameter dataclass, built and validated."""
-        from raysim.algorithms import ALGORITHMS
-
-        params = dict(self.algorithm)
-        name = params.pop("name", "fedavg")
-        if name not in ALGORITHMS:
-            raise ConfigError(f"algorithm.name: {ALGORITHMS.unknown_message(name)}")
-        hparams_cls = ALGORITHMS.get(name).Params
-        valid = {f.name for f in fields(hparams_cls)}
-        for key in params:
-            if key not in valid:
-                raise ConfigError(_unknown_key(f"algorithm.{key}", [f"algorithm.{k}" for k in ["name", *sorted(valid)]]))
-        try:
-            built = hparams_cls(**params)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"algorithm {name}: {err}") from err
-        check_finite("algorithm", built)
-        return built
+        name = self.algorithm.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"algorithm.name must be a method's registered name, got {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -325,7 +300,7 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _unknown_key(key: str, valid: list[str]) -> str:
+def unknown_key_message(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}"
@@ -429,7 +404,7 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in top:
-            raise ConfigError(_unknown_key(key, all_keys()))
+            raise ConfigError(unknown_key_message(key, all_keys()))
         if key in SECTIONS:
             kwargs[key] = _section(key, value)
         elif key == "algorithm":
@@ -461,7 +436,7 @@ def _section(name: str, value: Any) -> Any:
     kwargs = {}
     for key, item in value.items():
         if key not in valid:
-            raise ConfigError(_unknown_key(f"{name}.{key}", [f"{name}.{k}" for k in valid]))
+            raise ConfigError(unknown_key_message(f"{name}.{key}", [f"{name}.{k}" for k in valid]))
         kwargs[key] = _coerce(f"{name}.{key}", item, hints[key])
     return cls(**kwargs)
 

@@ -20,12 +20,13 @@ from pathlib import Path
 import yaml
 from ray.exceptions import RayActorError, RayError
 
-from raysim import cli, console, resume_check, storage
+from raysim import algorithms, cli, console
 from raysim import config as config_mod
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
 from raysim.engine import driver_actor
 from raysim.engine.driver import Driver, RunFailed, connect_ray, latest_checkpoint
+from raysim.outputs import resume_check, storage
 
 EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
 EXIT_FAILED = 1
@@ -139,11 +140,14 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, str, bool]:
         if not storage.is_uri(run_dir):
             storage.check_unlocked(Path(run_dir))
         try:
-            return config_mod.from_dict(config_mod.parse_yaml(saved, f"{run_dir}/config.yaml")), run_dir, True
+            cfg = config_mod.from_dict(config_mod.parse_yaml(saved, f"{run_dir}/config.yaml"))
+            algorithms.check(cfg)
+            return cfg, run_dir, True
         except ConfigError as err:
             name = f"{run_dir}/config.yaml"
             raise ConfigError(str(err) if str(err).startswith(name) else f"{name}: {err}") from None
     cfg = config_mod.load(args.config, args.overrides)
+    algorithms.check(cfg)  # the registered names: the method and its keys, the data source
     run_dir = storage.resolve_out(args.out) if args.out else new_default_run_dir(cfg)
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if storage.is_uri(run_dir):

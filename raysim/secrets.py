@@ -19,10 +19,20 @@ import hmac
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from raysim.config import ConfigError
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from raysim.config import EvalConfig
+
 MIN_KEY_BYTES = 16
+ID_KEY_ENV = "RAYSIM_ID_KEY"
+PSEUDONYM_HEX = 16  # 64 bits: a collision among a million ids has odds of about 3e-8
 
 
 def read_key(
@@ -69,3 +79,24 @@ def derive(key: bytes, *parts: object) -> bytes:
     pseudonyms). Parts are rendered with str()."""
     message = b"\x00".join(str(p).encode() for p in parts)
     return hmac.new(key, message, hashlib.sha256).digest()
+
+
+# --- pseudonymisation -----------------------------------------------------------------------
+
+
+def pseudonym(ids: Sequence[object] | np.ndarray, key: bytes) -> np.ndarray:
+    """HMAC-SHA256 of each id under `key`, its first 16 hex digits: the same id gives the same
+    pseudonym under one key (samples stay joinable across rounds and runs), and without the
+    key neither the id nor a guess at it can be checked."""
+    return np.array([hmac.new(key, str(i).encode(), hashlib.sha256).hexdigest()[:PSEUDONYM_HEX] for i in ids], dtype=object)
+
+
+def id_key(cfg: EvalConfig, run_dir: Path | None) -> bytes | None:
+    """The pseudonymisation key (`eval.pseudonymize`): the contents of `eval.id_key_file`, else
+    `$RAYSIM_ID_KEY` (surrounding whitespace stripped); None when off. A ConfigError when it is on
+    and no usable key is found, or the key file lies in `run_dir` (which is copied: Tune
+    checkpoints, a URI mirror; the driver checks, a client actor knows no run directory). The
+    client actors read it to pseudonymise ids before they leave; the key is never written anywhere."""
+    if not cfg.pseudonymize:
+        return None
+    return read_key(cfg.id_key_file, ID_KEY_ENV, file_key="eval.id_key_file", enabled_by="eval.pseudonymize=true", purpose="pseudonymisation", run_dir=run_dir)

@@ -38,12 +38,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from raysim import cli, segmetrics
+from raysim import cli
 from raysim import config as config_mod
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
 from raysim.engine.placement import Capacity, actor_count
-from raysim.runs import DERIVED
+from raysim.metrics import segmentation as segmetrics
+from raysim.outputs.runs import DERIVED
 
 log = logging.getLogger(__name__)
 EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
@@ -159,7 +160,7 @@ def _evaluate(node: ast.AST, values: Mapping[str, float]) -> float:
 
 def task_of(cfg: ExperimentConfig) -> str:
     """The run's task, as the engine decides it (`raysim.tasks.task_of`: the model)."""
-    from raysim import tasks  # torch: only once a config is in hand
+    from raysim.client import tasks  # torch: only once a config is in hand
 
     return tasks.task_of(cfg.model).name
 
@@ -233,7 +234,11 @@ class Study:
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = value
-        return config_mod.from_dict(config_mod.merge(raw, tree))
+        from raysim import algorithms  # torch and the methods: only once a config is built
+
+        cfg = config_mod.from_dict(config_mod.merge(raw, tree))
+        algorithms.check(cfg)
+        return cfg
 
     @property
     def task(self) -> str:
@@ -377,12 +382,12 @@ def search_space(study: Study) -> dict[str, Any]:
 
 @lru_cache(maxsize=32)
 def _client_count(data_yaml: str, algorithm_yaml: str, img_size: int, seed: int) -> int:
-    from raysim.algorithms import ALGORITHMS
+    from raysim.algorithms import build as build_algorithm
     from raysim.datasets import DATASETS
 
     cfg = config_mod.from_dict({"data": config_mod.load_yaml(data_yaml), "algorithm": config_mod.load_yaml(algorithm_yaml), "model": {"img_size": img_size}, "seed": seed})
     source = DATASETS.get(cfg.data.name)(cfg.data, img_size=img_size, seed=seed)
-    return len(ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg).arrange_clients(source.client_specs()))
+    return len(build_algorithm(cfg).arrange_clients(source.client_specs()))
 
 
 def client_count(cfg: ExperimentConfig) -> int:
@@ -593,7 +598,7 @@ def write_report(out: str, study: Study) -> bool:
     the study's results are already written."""
     if "://" in out:
         return False
-    from raysim import study_report
+    from raysim.reports import study as study_report
 
     try:
         study_report.write(Path(out), space=study.space, task=study.task)
@@ -658,13 +663,13 @@ def _start(args: argparse.Namespace, out: str, started: list[Any]) -> int:
         if not tune.Tuner.can_restore(experiment):  # no cluster needed to look
             raise ConfigError(f"--resume {out}: no Tune experiment there to continue")
     print(f"study {study.path.name}: {len(study.space)} searched key(s), objective {study.objective.text} ({study.mode}) on val, {study.num_samples} sample(s)")
+    from raysim.algorithms import with_backbone
     from raysim.engine.driver import connect_ray
-    from raysim.pretrain import resolve_weights
 
     base = study.config()
     _scheduler(study, base.federation.rounds), _searcher(study)  # their options, checked before Ray starts
     client_count(base)  # reads the clients once (and generates the synthetic set) before trials race for it
-    resolve_weights(base)  # builds a missing pretrained backbone once, before the trials
+    with_backbone(base)  # builds a missing pretrained backbone once, before the trials
     connect_ray(object_store_gb=base.resources.object_store_gb)
     started.extend((study, experiment, tuner(study, experiment, resume=args.resume)))
     return 0
@@ -675,7 +680,7 @@ def _finish(args: argparse.Namespace, out: str, study: Study, experiment: str, r
     table = trials_table(results, study, experiment)
     best = write_outputs(out, study, table)
     report = write_report(out, study)
-    from raysim.study_report import TEST_COLUMNS
+    from raysim.reports.study import TEST_COLUMNS
 
     shown = [c for c in ("trial_id", "status", *study.space, "best_round", "objective", *TEST_COLUMNS.get(study.task, {})) if c in table]
     print(table[shown].to_string(index=False))

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY
+
 # Generated sets and decoded shards go to a private cache, never the user's ~/.cache/raysim
 # (set before Ray starts so its workers inherit it).
 os.environ["RAYSIM_CACHE"] = tempfile.mkdtemp(prefix="raysim-test-cache-")
 
-TINY = {"patients": 120, "seed": 3, "fundus_size": 32, "oct_shape": (4, 8, 8)}
 
 
 @pytest.fixture(scope="session")
@@ -44,19 +45,8 @@ def oph_copy(oph_root: Path, tmp_path: Path) -> Path:
     return target
 
 
-def tiny_overrides(root: Path, **extra: object) -> list[str]:
-    """Config overrides for a fast run on the tiny set: test_resnet at 16 px, 2 rounds."""
-    values = {
-        "data.name": "fairfedmed_oph",
-        "data.root": str(root),
-        "model.name": "test_resnet",
-        "model.img_size": 16,
-        "federation.rounds": 2,
-        "federation.batch_size": 16,
-        "eval.every": 1,
-        "eval.bootstrap": 20,
-        "resources.num_cpus": 0.25,
-        "report.html": False,  # the report tests (tests/test_report.py) turn it on
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on the session's Ray is `slow`: actors take seconds each to start."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -30,7 +30,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT_FLAGS = ("--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port")

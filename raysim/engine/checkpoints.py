@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from raysim import storage
+from raysim import durable
 from raysim.config import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -174,7 +174,7 @@ def save_atomic(obj: Any, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    storage.replace_durably(tmp, path)
+    durable.replace_durably(tmp, path)
 
 
 def write_chunks(chunks: Iterable[bytes], path: Path) -> dict[str, Any]:
@@ -190,7 +190,7 @@ def write_chunks(chunks: Iterable[bytes], path: Path) -> dict[str, Any]:
             size += len(chunk)
         f.flush()
         os.fsync(f.fileno())
-    storage.replace_durably(tmp, path)
+    durable.replace_durably(tmp, path)
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
@@ -200,7 +200,7 @@ def _write_text_atomic(text: str, path: Path) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    storage.replace_durably(tmp, path)
+    durable.replace_durably(tmp, path)
 
 
 def load(source: Path | BinaryIO, device: str | torch.device = "cpu", *, name: str | None = None) -> Any:
@@ -236,7 +236,7 @@ def complete(checkpoint: Path, round_: int, clients: dict[str, str], dead: dict[
     _write_text_atomic(json.dumps(manifest, indent=1) + "\n", checkpoint / MANIFEST)
     _write_text_atomic(f"{round_}\n", checkpoint / COMPLETE)
     for folder_ in (root, root.parent):  # round_NNNN's and checkpoints/' own entries: now it survives a power cut
-        storage.fsync_dir(folder_)
+        durable.fsync_dir(folder_)
     prune(root, keep=keep)  # only now: until here the previous checkpoints are what a crash falls back to
     return files
 

@@ -15,8 +15,9 @@ import numpy as np
 import ray
 import torch
 
-from raysim import provenance, reporting
-from raysim.client import Client
+from raysim import provenance, secrets
+from raysim.algorithms import build as build_algorithm
+from raysim.client.client import Client
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec, DataError
 from raysim.datasets.cache import load_cached
@@ -65,7 +66,6 @@ class ClientHost:
 
     def __init__(self, cfg: ExperimentConfig, specs: list[ClientSpec], context: dict[str, Any] | None = None) -> None:
         deterministic_torch(cfg.resources.threads_per_client)  # first: before CUDA starts
-        from raysim.algorithms import ALGORITHMS
 
         self.cfg = cfg
         self.startup_error: Exception | None = None  # bad input the Ray actor (`ClientActor`) caught
@@ -76,12 +76,12 @@ class ClientHost:
             # Ray's GPU fractions are logical: cap this process's allocator to its share.
             torch.cuda.set_per_process_memory_fraction(cap, self.device)
         source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
-        self.algorithm = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg)
+        self.algorithm = build_algorithm(cfg)
         # One model object per actor; each client swaps its own state in for its turn.
         model = self.algorithm.build_model(source).to(self.device)
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         task = self.algorithm.task  # segmentation: masks load here, beside the images, and never leave
-        id_key = reporting.id_key(cfg.eval, None)  # eval.pseudonymize: read here, so raw ids never leave (a key file on a cluster)
+        id_key = secrets.id_key(cfg.eval, None)  # eval.pseudonymize: read here, so raw ids never leave (a key file on a cluster)
         self.clients = {
             spec.id: Client(
                 spec,

@@ -33,8 +33,10 @@ from ray.util import get_current_placement_group
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raysim import config, console, provenance, reporting, resume_check, storage
-from raysim.algorithms import ALGORITHMS, ServerState
+from raysim import config, console, provenance
+from raysim.algorithms import ServerState, with_backbone
+from raysim.algorithms import build as build_algorithm
+from raysim.algorithms import check as check_names
 from raysim.algorithms.aggregation import non_finite
 from raysim.algorithms.base import HOLDOUT
 from raysim.config import ConfigError, ExperimentConfig
@@ -43,8 +45,8 @@ from raysim.determinism import deterministic_torch
 from raysim.engine import checkpoints, local_ray, placement
 from raysim.engine.client_actor import ClientActor, from_wire
 from raysim.engine.pool import ActorPool
-from raysim.metrics import UndefinedMetricWarning
-from raysim.pretrain import resolve_weights
+from raysim.metrics.classification import UndefinedMetricWarning
+from raysim.outputs import recorder, resume_check, storage
 from raysim.seeding import derive_seed, rng
 from raysim.types import Predictions, nbytes
 
@@ -112,7 +114,8 @@ class RoundOutcome:
 
 
 class Driver:
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path | str, echo: reporting.Echo = print, placement_group: PlacementGroup | None = None, argv: list[str] | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path | str, echo: console.Echo = print, placement_group: PlacementGroup | None = None, argv: list[str] | None = None) -> None:
+        check_names(cfg)  # the registered names (the entry points checked; a config built in Python may not be)
         self.cfg = cfg
         self.argv = argv  # the command the user typed (the CLI's), for provenance; None: this process's own, outside an actor
         # A Tune trial's group (bundle 0: the driver's, then one per client actor); None: any node.
@@ -123,12 +126,12 @@ class Driver:
         self.echo = echo
         self.notes = console.Capped(echo)  # per-client notes: a few per kind, then a count
         self.source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
-        self.algorithm = ALGORITHMS.get(cfg.algorithm["name"])(cfg.algorithm_params(), cfg)
+        self.algorithm = build_algorithm(cfg)
         self.algorithm.read_keys(self.run_dir)  # keyed DP noise without a key: a ConfigError here, before Ray starts
         self.attributes = self._eval_attributes()
         if cfg.eval.holdout_site is not None:
             self._hold_out(self.source.client_specs())  # an unknown or only client fails here, before Ray starts (the CLI builds a Driver first)
-        self.recorder = reporting.RunRecorder.for_config(self.run_dir, cfg)  # eval.pseudonymize without a key: a ConfigError here
+        self.recorder = recorder.RunRecorder.for_config(self.run_dir, cfg)  # eval.pseudonymize without a key: a ConfigError here
         self.pool: ActorPool | None = None
         self.lock: storage.RunLock | None = None  # taken by `start`
         self.restarts = 0  # actor losses recovered so far (fault.max_restarts)
@@ -170,7 +173,7 @@ class Driver:
         never the run (every number is in metrics.parquet, and `python -m raysim.report` retries).
         Classification and segmentation runs alike (`raysim.runs.Run.task` picks the sections)."""
         try:
-            from raysim import report  # matplotlib loads only when a report is written
+            from raysim.reports import run_report as report  # matplotlib loads only when a report is written
 
             report.write_report(self.run_dir)
         except Exception as err:  # noqa: BLE001 - the run's results are complete without it
@@ -208,8 +211,8 @@ class Driver:
         kept = resume_check.record(self.cfg, self.run_dir)  # the config as given (before model.weights is filled in)
         saved = resume_check.saved_record(self.run_dir) if resume else None
         resume_check.check(saved, self.cfg, self.run_dir)  # the CLI checked before Ray; Tune did not
-        self.cfg = resolve_weights(self.cfg, self.echo)  # adapter methods need a pretrained backbone
-        self.algorithm = ALGORITHMS.get(self.cfg.algorithm["name"])(self.cfg.algorithm_params(), self.cfg)
+        self.cfg = with_backbone(self.cfg, self.echo)  # adapter methods need a pretrained backbone
+        self.algorithm = build_algorithm(self.cfg)
         self.algorithm.read_keys(self.run_dir)
         self.algorithm.server_device = server_device(self.cfg.resources.driver_gpus)
         specs, self.holdout = self._hold_out(self.source.client_specs())
@@ -249,7 +252,7 @@ class Driver:
             self.echo(f"resumed from {checkpoint} (round {done} done)")
         else:  # what each client shares before round 1 (a resumed state holds it already)
             self.state = self.algorithm.setup_state(self.state, self._client_setup())
-        self.progress = reporting.Progress(self.cfg.federation.rounds, self.next_round, self.echo)
+        self.progress = recorder.Progress(self.cfg.federation.rounds, self.next_round, self.echo)
 
     def advance(self, last: int) -> Iterator[tuple[int, str]]:
         """Rounds `next_round`..`last`, part by part as `step_parts` names them, then (round, "done").
@@ -318,7 +321,7 @@ class Driver:
         self.recorder.final_round = round_
         return True
 
-    def run_round(self, round_: int, state: ServerState, progress: reporting.Progress) -> ServerState:
+    def run_round(self, round_: int, state: ServerState, progress: recorder.Progress) -> ServerState:
         sampled = self.sample_clients(round_)
         self.last_sampled = sampled
         payload = self.algorithm.payload(state, round_)
@@ -412,7 +415,7 @@ class Driver:
         frame = pd.DataFrame(rows, columns=["client", "metric", "value"])
         roles = {cid: spec.role for cid, spec in self.specs.items()}
         frame = frame.assign(round=round_, split="train", role=frame["client"].map(roles), attribute="", group="")
-        self.recorder.add(reporting.with_means(frame[reporting.METRIC_COLUMNS]), [])
+        self.recorder.add(recorder.with_means(frame[recorder.METRIC_COLUMNS]), [])
         self.traffic_down += down * len(outcome.arrived)
         self.traffic_up += sum(a.nbytes for a in outcome.arrived)
 
@@ -420,8 +423,8 @@ class Driver:
         """The method's `server_metrics` as rows of client `server`, split `train`, outside the means."""
         values = self.algorithm.server_metrics(round_, state)
         if values:
-            frame = pd.DataFrame({"round": round_, "split": "train", "client": reporting.SERVER, "role": "", "attribute": "", "group": "", "metric": list(values), "value": [float(v) for v in values.values()]})
-            self.recorder.add(frame[reporting.METRIC_COLUMNS], [])
+            frame = pd.DataFrame({"round": round_, "split": "train", "client": recorder.SERVER, "role": "", "attribute": "", "group": "", "metric": list(values), "value": [float(v) for v in values.values()]})
+            self.recorder.add(frame[recorder.METRIC_COLUMNS], [])
 
     def _record_missing(self, round_: int) -> None:
         """With clients dropped (fault.on_client_loss=drop): `missing` (1.0) per dropped client and
@@ -433,7 +436,7 @@ class Driver:
         frame = pd.DataFrame(rows, columns=["client", "metric", "value"])
         roles = {cid: spec.role for cid, spec in self.specs.items()}
         frame = frame.assign(round=round_, split="train", role=frame["client"].map(roles).fillna(""), attribute="", group="")
-        self.recorder.add(frame[reporting.METRIC_COLUMNS], [])
+        self.recorder.add(frame[recorder.METRIC_COLUMNS], [])
 
     def sample_clients(self, round_: int) -> list[str]:
         """The method's `sample_clients` over all clients (the default: seeded by (seed, round)
@@ -469,7 +472,7 @@ class Driver:
         with warnings.catch_warnings(record=True) as undefined:
             warnings.simplefilter("always", UndefinedMetricWarning)
             scored = [(p, derive_seed(self.cfg.seed, "boot", round_, p.client_id, p.split)) for p in predictions]
-            frame = reporting.metric_frame(round_, scored, group_names, self.attributes, n_boot=self.cfg.eval.bootstrap)
+            frame = recorder.metric_frame(round_, scored, group_names, self.attributes, n_boot=self.cfg.eval.bootstrap)
         if undefined:
             # Small groups make undefined values routine: one line, not one warning each.
             log.warning("round %d: %d metric values undefined (NaN), e.g. %s", round_, len(undefined), undefined[0].message)
@@ -477,7 +480,7 @@ class Driver:
         self.evaluated_round = round_
         self.recorder.add(metric_frame, self.recorder.prediction_frames(round_, predictions, self.attributes))  # eval.predictions, eval.pseudonymize
         attribute = self.target_attribute
-        self.echo(reporting.format_table(metric_frame, round_=round_, split=show, attribute=attribute, group_names=group_names.get(attribute, {}), task=self.algorithm.task.name))
+        self.echo(recorder.format_table(metric_frame, round_=round_, split=show, attribute=attribute, group_names=group_names.get(attribute, {}), task=self.algorithm.task.name))
         if dropped := self._dropped():
             self.echo(f"means over {len(self.specs) - len(dropped)} of {len(self.specs)} clients; dropped: {console.first(dropped)}")
 
@@ -504,13 +507,13 @@ class Driver:
         return self.algorithm.arrange_clients([s for s in specs if s.id != site]), dataclasses.replace(held, role=HOLDOUT)
 
     def _with_means(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """`reporting.with_means` over the participants' rows; the held-out site's rows (role
+        """`recorder.with_means` over the participants' rows; the held-out site's rows (role
         `holdout`) follow as they are, in no mean (so selection by mean validation metric is the
         participants' alone). Without a held-out site: exactly `with_means(frame)`."""
         held = frame["role"] == HOLDOUT
         if not held.any():
-            return reporting.with_means(frame)
-        return pd.concat([reporting.with_means(frame[~held]), frame[held]], ignore_index=True)
+            return recorder.with_means(frame)
+        return pd.concat([recorder.with_means(frame[~held]), frame[held]], ignore_index=True)
 
     def _dropped(self) -> list[str]:
         """Participants out of the run (`fault.on_client_loss=drop`); a lost held-out site is no missing client."""
@@ -854,7 +857,7 @@ class Driver:
         return list(chosen)
 
 
-def finished_run(cfg: ExperimentConfig, run_dir: Path, *, echo: reporting.Echo = lambda _: None) -> Path:
+def finished_run(cfg: ExperimentConfig, run_dir: Path, *, echo: console.Echo = lambda _: None) -> Path:
     """`run_dir` holding the finished run of `cfg` (the benchmarks' resumable runs): a `DONE`
     file there means it finished (it holds the run's seconds) and nothing trains; otherwise
     whatever an interrupted attempt left is removed and the run starts again from round 1."""

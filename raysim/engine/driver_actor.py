@@ -28,10 +28,11 @@ from ray.exceptions import ActorDiedError, ActorUnschedulableError, GetTimeoutEr
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from raysim import console, storage
+from raysim import console
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.engine import checkpoints
 from raysim.engine.driver import Driver, RunFailed
+from raysim.outputs import storage
 
 HEARTBEATS = 10  # heartbeats the driver actor sends per fault.driver_timeout_s without other events
 
