@@ -58,7 +58,7 @@ class Algorithm:
     # True: before each round's training, every sampled client's `client_statistics` reaches
     # `fold_start` (a light pass over the cohort; one extra call per actor).
     round_statistics: ClassVar[bool] = False
-    # The tasks (raysim.tasks) the method supports: one that needs class probabilities or a
+    # The tasks (raysim.client.tasks) the method supports: one that needs class probabilities or a
     # classification head lists only "classification", and refuses a segmentation model (one
     # ConfigError line, before anything starts).
     tasks: ClassVar[tuple[str, ...]] = ("classification", "segmentation", "joint")

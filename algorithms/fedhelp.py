@@ -19,7 +19,7 @@ in the driver, before any actor starts.
 Segmentation (`model.name=unet:<encoder>`, specs/fedhelp.md "Segmentation variant"): both
 networks are U-Nets of the run's mask classes (`small_model` defaults to `model.name`,
 `large_model` to `unet:resnet50`; a classifier there is a ConfigError); the supervised term is
-the task's (`raysim.training.supervised_loss`: CE + soft Dice); every KD term, the ranking loss
+the task's (`raysim.client.training.supervised_loss`: CE + soft Dice); every KD term, the ranking loss
 included, is taken per pixel (softmax over the class dimension, mean over pixels and batch,
 T² as for classification), so the backward step stays CE + KD + ranking as the spec's
 asymmetry asks. The public head is a second segmentation head on the U-Net's decoder, and the
@@ -83,7 +83,7 @@ class FedHelpParams:
     large_weights: str | None = None  # local weights file of the large model (model.weights is the small model's)
     weighting: str = "uniform"  # server mean of the uploads: "uniform" (the paper's code) or "examples" (FedAvg)
     foundation: dict[str, Any] = field(default_factory=lambda: {"backend": "timm", "model": "resnet50"})
-    # `backend` (timm / callable / http) plus its options (raysim.foundation); timm without
+    # `backend` (timm / callable / http) plus its options (raysim.models.foundation); timm without
     # `weights` uses the backbone `python -m raysim.pretrain` builds on the synthetic public pool.
     # Segmentation needs a backend that answers per-pixel maps (callable, http); timm turns the FM term off.
     public_fraction: None = field(default=None, repr=False)  # removed: it took D_pub from the clients' rows

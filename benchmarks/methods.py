@@ -34,7 +34,7 @@ from raysim.algorithms import ALGORITHMS
 from raysim.datasets import DATASETS
 from raysim.engine.driver import connect_ray, finished_run
 from raysim.outputs.runs import RunReadError, natural_key, read_run
-from raysim.reports import compare
+from raysim.reports import compare, compare_plots
 
 
 def run_once(method: str, seed: int, args: argparse.Namespace) -> Path:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {err}") from None
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}, {args.rounds} rounds, {args.img_size} px, seeds {args.seeds}")
     print(comparison.markdown())
-    comparison.write(args.out / "compare")  # table.md / .csv, per_run.csv, clients.csv, compare.html
+    compare_plots.write(comparison, args.out / "compare")  # table.md / .csv, per_run.csv, clients.csv, compare.html
     oracle = oracle_line(args.img_size, args.set)
     if oracle:
         print(oracle)

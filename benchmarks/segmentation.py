@@ -43,7 +43,7 @@ import pandas as pd
 
 from raysim import config
 from raysim.outputs.runs import holdout_values, natural_key, read_run
-from raysim.reports import compare
+from raysim.reports import compare, compare_plots
 
 METHODS = ["fedavg", "fedbn", "ditto", "fedrdn", "silobn", "fedper", "local"]
 REFERENCES = ("fedavg", "local")
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: no finished run under {args.out / 'main'}")
     main_dirs = [d for dirs in done["main"].values() for d in dirs]
     comparison = compare.compare(sorted(main_dirs, key=lambda p: natural_key(p.name)), by=["algorithm"])
-    comparison.write(args.out / "compare")
+    compare_plots.write(comparison, args.out / "compare")
     seconds = [float((d / "DONE").read_text()) for dirs in done.values() for group in dirs.values() for d in group]
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}, commit {commit()}; {args.rounds} rounds, {args.img_size} px, {args.patients} patients, seeds {args.seeds}")
     print(f"{len(seconds)} runs, {sum(seconds) / 60:.1f} min of runs, {sum(seconds) / len(seconds):.0f} s per run on average\n")

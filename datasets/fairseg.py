@@ -3,7 +3,7 @@
 Datasheet
 - Task: segmentation. A mask holds FairSeg's codes 0 background, -1 neuroretinal rim (the optic
   disc without the cup), -2 optic cup, read as classes 0 / 1 / 2 (`mask_classes`; disc Dice
-  counts label >= 1, cup Dice label 2, rim Dice label 1: `raysim.segmetrics`). Any other value is a DataError naming the file.
+  counts label >= 1, cup Dice label 2, rim Dice label 1: `raysim.metrics.segmentation`). Any other value is a DataError naming the file.
 - No classification label: FairSeg ships masks and demographics, no diagnosis. The sample
   tables' labels are 0 placeholders, and `num_classes` raises a DataError (the driver asks for
   it when it builds the model, before any training) until the engine has a segmentation task.

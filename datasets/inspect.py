@@ -9,7 +9,7 @@ label balance, after reading every image once. Sources with segmentation masks (
 synthetic twin) add a mask table per client and group over all its splits: the share of
 pixels in each mask class (background, rim, cup: FairSeg's codes 0 / -1 / -2, the rim being the
 disc without the cup), how many masks have no disc (rim + cup), and the mean vertical
-cup-to-disc ratio (`raysim.segmetrics`). Every problem found is listed (file,
+cup-to-disc ratio (`raysim.metrics.segmentation`). Every problem found is listed (file,
 row, what was expected) and any problem makes the exit status non-zero.
 """
 

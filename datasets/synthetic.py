@@ -38,7 +38,7 @@ Datasheet
 Versions (``GENERATOR_VERSION``, part of the parameters and so of the cache key):
 1. the fundus, the macular OCT, the CSVs and truth.json.
 2. adds ``disc_cup_mask`` and ``oct_onh_bscans`` to every npz; every version-1 array, CSV
-   and random draw is byte-identical (tests/test_segmentation_data.py checks it against
+   and random draw is byte-identical (tests/datasets/test_segmentation_data.py checks it against
    version 1's code).
 """
 

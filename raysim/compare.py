@@ -1,6 +1,7 @@
 """`python -m raysim.compare RUN_OR_STUDY... [--by KEY...] [--out DIR] [--baseline NAME]`: the
 comparison table of runs pooled over seeds, or a Tune study's report (`raysim.reports.compare`
-says what is pooled and refused, `raysim.reports.study` what a study report holds)."""
+says what is pooled and refused, `raysim.reports.compare_plots` what `--out` writes,
+`raysim.reports.study` what a study report holds)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from raysim import cli
 from raysim.outputs.runs import RunReadError
 from raysim.reports import compare as comparisons
+from raysim.reports import compare_plots
 
 EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
 
@@ -42,7 +44,7 @@ def _main(args: argparse.Namespace) -> int:
     comparison = comparisons.compare(args.inputs, args.by, args.baseline)
     print(comparison.markdown())
     if args.out:
-        comparison.write(args.out)
+        compare_plots.write(comparison, args.out)
         print(f"wrote table.md, table.csv, per_run.csv, clients.csv and compare.html in {args.out}", file=sys.stderr)
     return 0
 

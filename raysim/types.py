@@ -35,10 +35,10 @@ class Predictions:
     """A client's scores on one split: the only evaluation data the driver sees.
 
     Segmentation (`task` "segmentation") sends no scores (an (N, 0) array) but per-sample
-    `values` (`raysim.tasks.SEGMENTATION_COLUMNS`: Dice, IoU, hd95, CDR, areas), never the
+    `values` (`raysim.client.tasks.SEGMENTATION_COLUMNS`: Dice, IoU, hd95, CDR, areas), never the
     true masks; its predicted masks only with `eval.masks` (`masks`). An evaluation that is not
     written to predictions.parquet sends what the metrics need only: no sample ids (None), no
-    masks, and of the values `raysim.segmetrics.SAMPLE_COLUMNS`."""
+    masks, and of the values `raysim.metrics.segmentation.SAMPLE_COLUMNS`."""
 
     client_id: str
     split: str
@@ -47,6 +47,6 @@ class Predictions:
     scores: np.ndarray  # (N,) P(positive) for binary, (N, K) probabilities for multi-class
     attributes: dict[str, np.ndarray]  # attribute -> int group codes, -1 unknown
     role: str = ""
-    task: str = "classification"  # a `raysim.tasks.TASKS` name
+    task: str = "classification"  # a `raysim.client.tasks.TASKS` name
     values: dict[str, np.ndarray] | None = None  # segmentation: per-sample values by column
     masks: np.ndarray | None = None  # predicted masks (N, H, W) uint8, only with eval.masks

@@ -146,7 +146,7 @@ def tiny_overrides(root: Path, **extra: object) -> list[str]:
         "eval.every": 1,
         "eval.bootstrap": 20,
         "resources.num_cpus": 0.25,
-        "report.html": False,  # the report tests (tests/test_report.py) turn it on
+        "report.html": False,  # the report tests (tests/reports/test_report.py) turn it on
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

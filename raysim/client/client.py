@@ -143,7 +143,7 @@ class Client:
         # key -> (bool mask, values); `load` puts them over what the server sends.
         self.local_elements: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.attribute = attribute  # the target attribute: FairLoRA's group
-        self.task = task  # what the model predicts (raysim.tasks); segmentation shards carry masks
+        self.task = task  # what the model predicts (raysim.client.tasks); segmentation shards carry masks
         # What an evaluation sends beyond what the metrics need (only when its predictions are written):
         self.keep_masks = keep_masks  # the predicted masks (eval.masks)
         self.id_key = id_key  # sample ids pseudonymised here, before they leave (eval.pseudonymize)

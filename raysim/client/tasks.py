@@ -20,11 +20,11 @@ Each task is one small object in `TASKS`; the engine consults it instead of bran
 - `prediction_columns(preds)`: the per-sample columns of `predictions.parquet`;
 - `table_columns(attribute, group_names)`: the console table's columns.
 
-Model selection (`raysim.runs.SELECTION_METRICS`) needs no task: it falls through from the mean
+Model selection (`raysim.outputs.runs.SELECTION_METRICS`) needs no task: it falls through from the mean
 of validation AUC and Dice (a joint run, which has both), to AUC and accuracy (classification
 rows), to the mean Dice (segmentation rows).
 
-The training loss follows the batch (`raysim.training.supervised_loss`): a batch with masks
+The training loss follows the batch (`raysim.client.training.supervised_loss`): a batch with masks
 is a segmentation batch, so methods that add a term to the supervised loss need no change.
 """
 
@@ -125,12 +125,12 @@ class Classification(Task):
 
 # Per-sample columns actors send up and predictions.parquet keeps (segmetrics' names).
 SEGMENTATION_COLUMNS = (*segmetrics.SAMPLE_COLUMNS, *segmetrics.EXTRA_COLUMNS)
-MASK_CLASSES = ("background", "disc", "cup")  # raysim.segmetrics' label codes 0 / 1 / 2
+MASK_CLASSES = ("background", "disc", "cup")  # raysim.metrics.segmentation' label codes 0 / 1 / 2
 
 
 class Segmentation(Task):
     """Optic disc / cup masks (classes 0 background, 1 disc rim, 2 cup): argmax per pixel in the
-    actor, per-sample Dice / IoU / hd95 / CDR (`raysim.segmetrics`) up to the driver, never masks."""
+    actor, per-sample Dice / IoU / hd95 / CDR (`raysim.metrics.segmentation`) up to the driver, never masks."""
 
     name = "segmentation"
     needs_masks = True
@@ -183,7 +183,7 @@ class Segmentation(Task):
 
 
 class Joint(Task):
-    """Disc / cup masks and a grade from one model (`joint:<encoder>`, raysim.jointmodels): the
+    """Disc / cup masks and a grade from one model (`joint:<encoder>`, raysim.models.joint): the
     actor keeps the argmax mask and the grade's probabilities of each sample, and sends the
     segmentation task's per-sample values and the classification task's scores; the rows are
     both tasks' rows (their metric names differ), the predictions both tasks' columns."""

@@ -1,7 +1,7 @@
 """The client actor pool's plan: how many actors a run starts and which clients each hosts.
 
 Plain Python, no Ray: both functions see only the config, the client specs and a
-`Capacity`, so the driver and `raysim.tune` (which sizes a trial's placement group with the
+`Capacity`, so the driver and `raysim.engine.tune` (which sizes a trial's placement group with the
 same `actor_count`) agree, and every machine computes the same plan.
 
 - `actor_count`: an integer `resources.actors` (at most one actor per client), else

@@ -38,7 +38,7 @@ import numpy.typing as npt
 import pandas as pd
 
 METRIC_NAMES = ("auc", "acc", "bacc", "loss", "es_auc", "es_acc", "es_bacc", "eod", "spd", "auc_lo", "auc_hi", "bytes_up", "bytes_down", "missing", "n_clients", "epsilon", "delta", "noise_scale", "generator_loss")
-# Segmentation (raysim.segmetrics, which defines them; listed here so the contract has one list).
+# Segmentation (raysim.metrics.segmentation, which defines them; listed here so the contract has one list).
 METRIC_NAMES += ("dice_disc", "dice_cup", "iou_disc", "iou_cup", "hd95_disc", "hd95_cup", "cdr_error", "dice_disc_lo", "dice_disc_hi", "dice_cup_lo", "dice_cup_hi")
 METRIC_NAMES += ("es_dice_disc", "es_dice_cup", "es_dice", "dice_disc_gap", "dice_cup_gap", "dice_gap")
 METRIC_NAMES += ("dice_rim", "iou_rim", "hd95_rim", "dice_rim_lo", "dice_rim_hi", "es_dice_rim", "dice_rim_gap")  # FairSeg's rim (issue 25)

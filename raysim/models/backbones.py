@@ -3,8 +3,8 @@
 Segmentation models are named `<decoder>:<timm encoder>` (`model.name=unet:resnet18`): a
 segmentation-models-pytorch decoder (`SEGMENTATION_DECODERS`) on the timm encoder through
 smp's `tu-<name>` universal encoder; the name alone makes the run a segmentation run
-(`raysim.tasks`). `joint:<encoder>` adds a grade head, and a second encoder for an OCT volume
-stacked beside the fundus image (`raysim.jointmodels`): a joint segmentation + grading run.
+(`raysim.client.tasks`). `joint:<encoder>` adds a grade head, and a second encoder for an OCT volume
+stacked beside the fundus image (`raysim.models.joint`): a joint segmentation + grading run.
 """
 
 from __future__ import annotations

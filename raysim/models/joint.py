@@ -2,7 +2,7 @@
 
 IMO's idea (segment and grade together, from fundus and OCT) on segmentation-models-pytorch's
 U-Net: one model returns both the mask logits and the grade logits (`JointOutput`), and the
-training loss is their sum (`raysim.training.supervised_loss`).
+training loss is their sum (`raysim.client.training.supervised_loss`).
 
 - Fundus alone (`data.modality=slo_fundus`): the U-Net on the fundus image, plus a grade head
   on its deepest encoder features (global average pooled).

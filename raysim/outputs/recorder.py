@@ -11,7 +11,7 @@ What each output holds, and who should see it:
   numbers; `eval.pseudonymize` replaces every id by an HMAC-SHA256 under a key kept outside
   the run directory (`pseudonym`), inside the client actors. Segmentation and joint runs write
   per-sample Dice, IoU, hd95 and CDR instead of (joint: beside) label and score, and with
-  `eval.masks` each sample's predicted mask (`mask`, `mask_size`: `raysim.tasks.decode_mask`);
+  `eval.masks` each sample's predicted mask (`mask`, `mask_size`: `raysim.client.tasks.decode_mask`);
   the true masks never leave the client's actor. Ids and masks leave the actors only for the
   evaluations this file keeps (`RunRecorder.keeps`).
 
@@ -94,7 +94,7 @@ def prediction_rows(round_: int, preds: Predictions | Sequence[Predictions], att
     """`predictions.parquet` rows of one or many clients' predictions (one frame for all); with
     `id_key`, each sample id is replaced by its `pseudonym`. The task's columns follow the
     sample id: `label`, `score` (`score_<k>`) for classification, the per-sample Dice, IoU,
-    hd95, CDR and areas for segmentation (`raysim.tasks.SEGMENTATION_COLUMNS`)."""
+    hd95, CDR and areas for segmentation (`raysim.client.tasks.SEGMENTATION_COLUMNS`)."""
     many = [preds] if isinstance(preds, Predictions) else list(preds)
     if any(p.sample_ids is None for p in many):
         raise ValueError("predictions without sample ids: their evaluation was not one predictions.parquet keeps (RunRecorder.keeps)")
@@ -310,7 +310,7 @@ def _bytes(column: pd.Series) -> bool:
 
 def format_table(frame: pd.DataFrame, *, round_: int, split: str, attribute: str, group_names: Mapping[int, str], task: str = "classification") -> str:
     """Per client + mean, x100: AUC, ES-AUC, group AUCs, EOD, SPD (classification) or Dice disc,
-    Dice cup, ES-Dice, CDR error, group Dice (segmentation: `raysim.tasks`); beyond
+    Dice cup, ES-Dice, CDR error, group Dice (segmentation: `raysim.client.tasks`); beyond
     `console.MAX_LISTED` clients the distribution over clients instead of a row each (the
     worst client by the first column)."""
     rows = frame[(frame["round"] == round_) & (frame["split"] == split)]

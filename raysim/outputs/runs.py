@@ -2,11 +2,11 @@
 
 A run directory holds `config.yaml` (the resolved config), `provenance.json` and
 `metrics.parquet` (long format: round, split, client, role, attribute, group, metric, value;
-see `raysim.reporting`). `read_run` loads the three; `select_round` picks the round a run is
+see `raysim.outputs.recorder`). `read_run` loads the three; `select_round` picks the round a run is
 reported at: the evaluated round with the best mean validation AUC (the earliest on a tie),
 chosen on validation rows only so the test rows stay an unbiased estimate. A segmentation run
 (no AUC or accuracy rows) is selected by its mean validation Dice: `dice`, the mean of the
-`dice_disc` and `dice_cup` means (the D of `raysim.segmetrics`), else `dice_disc` alone.
+`dice_disc` and `dice_cup` means (the D of `raysim.metrics.segmentation`), else `dice_disc` alone.
 `Run.task` says which report a run gets: "segmentation" or "classification" (see there).
 A run with `eval.holdout_site` has that site's rows under its own client id with role `holdout`
 (FL-MedSegBench's unseen-site protocol): they are in no `mean` row, so selection is the
@@ -42,7 +42,7 @@ SEGMENTATION_METRICS = ("dice_disc", "dice_cup")  # rows only a segmentation run
 SEGMENTATION_MODELS = ("unet:",)  # `<decoder>:<encoder>` prefixes of raysim.models.DECODER_TASKS (not imported: torch)
 JOINT_MODELS = ("joint:",)
 CONFIG_SECTIONS = ("data", "model", "algorithm", "federation", "resources", "eval", "checkpoint", "fault", "report")  # raysim.config's sections
-METRIC_COLUMNS = ("round", "split", "client", "role", "attribute", "group", "metric", "value")  # raysim.reporting's long format
+METRIC_COLUMNS = ("round", "split", "client", "role", "attribute", "group", "metric", "value")  # raysim.outputs.recorder's long format
 
 
 class RunReadError(ValueError):
@@ -119,7 +119,7 @@ def task_of(metrics: pd.DataFrame, config: dict[str, Any] | None = None) -> str:
 
 def mean_dice(frame: pd.DataFrame) -> pd.Series:
     """D = (Dice_disc + Dice_cup) / 2 per row of a wide frame with `dice_disc` and `dice_cup`
-    columns (`raysim.segmetrics`' D; NaN where either is missing)."""
+    columns (`raysim.metrics.segmentation`' D; NaN where either is missing)."""
     return frame[list(DERIVED["dice"])].mean(axis=1, skipna=False)
 
 

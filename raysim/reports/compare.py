@@ -6,7 +6,7 @@
 
 Inputs are run directories (config.yaml + metrics.parquet), directories holding run directories
 (searched recursively, in natural order), or one Tune study directory (trials.parquet /
-best.yaml; see `raysim.study_report`). Runs are grouped by the `--by` config keys: `algorithm`
+best.yaml; see `raysim.reports.study`). Runs are grouped by the `--by` config keys: `algorithm`
 (the default) is the whole algorithm section, labelled `name+key=value...` as the benchmarks
 name ablations (`fairlora+ema=0`); any other key is a dotted path. Each run is reported at
 `runs.select_round`'s round (best mean validation AUC), and its test metrics there are pooled
@@ -22,9 +22,11 @@ The Markdown table goes to stdout, ready for RESULTS.md; `--out DIR` also writes
 table.csv (per group: mean, std, ci_lo, ci_hi, n of each metric, in raw units: AUC in [0, 1],
 MB in 10^6 bytes), per_run.csv (one row per run), clients.csv and compare.html (the
 accuracy-fairness scatter with its Pareto front, per-group AUC bars, the per-client view).
-Plain pandas and matplotlib, no Ray.
+This module is the data model (finding, checking and pooling runs: the `Comparison`); the
+rendering, compare.html and the files `--out` writes, is `compare_plots`, which imports this
+one and never the other way round. Plain pandas, no Ray.
 
-Segmentation runs (`raysim.runs.Run.task`) are compared on Dice (`raysim.segmetrics`' names),
+Segmentation runs (`raysim.outputs.runs.Run.task`) are compared on Dice (`raysim.metrics.segmentation`' names),
 selected by the best mean validation Dice D = (Dice disc + Dice cup) / 2: Dice disc, Dice cup and
 Dice rim (the disc without the cup, FairSeg's code -1: rim and cup are the pair FairSeg reports;
 each with its 95 % interval; the rim only for runs that wrote its rows), D, ES-Dice (and ES-Dice rim), the Dice per group (D of the group: the mean of its
@@ -56,7 +58,6 @@ import yaml
 
 from raysim import cli
 from raysim.outputs.runs import MEAN, Run, RunReadError, client_spread, clients, is_run_dir, natural_key, read_run
-from raysim.reports import figures
 
 EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
 DEFAULT_BY = ("algorithm",)
@@ -502,18 +503,6 @@ class Comparison:
         """Each group's per-client test AUC minus the baseline's (means over seeds); baseline row left out."""
         table = self.client_table()
         return table.drop(index=self.baseline) - table.loc[self.baseline]
-
-    def write(self, out: Path) -> list[Path]:
-        from raysim.reports import compare_plots
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "table.md").write_text(self.markdown() + "\n", encoding="utf-8")
-        self.pooled().to_csv(out / "table.csv", index=False)
-        self.per_run.drop(columns=["label"]).to_csv(out / "per_run.csv", index=False)
-        self.client_table().rename_axis("group").to_csv(out / "clients.csv")
-        figures.write_page(out / "compare.html", compare_plots.page(self))
-        return [out / n for n in ("table.md", "table.csv", "per_run.csv", "clients.csv", "compare.html")]
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str, *, higher_y: bool = True) -> list[str]:

@@ -1,4 +1,5 @@
-"""compare.html: the page `raysim.compare --out` writes (tables and matplotlib figures, self-contained).
+"""compare.html and the files `raysim.compare --out` writes (`write`): the rendering of a
+`compare.Comparison` (tables and matplotlib figures, self-contained).
 
 Sections: the pooled table (every cell with its 95 % interval) and the runs behind it; the
 accuracy-fairness trade-off (test AUC against ES-AUC and against EOD, error bars one sample std
@@ -9,21 +10,36 @@ Segmentation comparisons (`Comparison.task`) plot Dice (D, the mean of the disc 
 in AUC's place: D against ES-Dice and against the worst client's D (FL-MedSegBench's client
 fairness), D per group and D per client against the baseline. Joint comparisons keep the AUC
 plots and add the two Dice trade-off panels after them.
+
+Apart from the data model (`compare`: finding, checking and pooling runs) so that the model never
+imports matplotlib or the page; this module imports the model, never the other way round.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from raysim.reports import figures
+from raysim.reports.compare import MANY_CLIENTS, Comparison, ci_cell, pareto_front
 
-if TYPE_CHECKING:
-    from raysim.reports.compare import Comparison
+
+def write(comp: Comparison, out: Path) -> list[Path]:
+    """table.md, table.csv, per_run.csv, clients.csv and compare.html of `comp` in `out` (made if
+    absent); their paths, compare.html last."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(comp.markdown() + "\n", encoding="utf-8")
+    comp.pooled().to_csv(out / "table.csv", index=False)
+    comp.per_run.drop(columns=["label"]).to_csv(out / "per_run.csv", index=False)
+    comp.client_table().rename_axis("group").to_csv(out / "clients.csv")
+    figures.write_page(out / "compare.html", page(comp))
+    return [out / n for n in ("table.md", "table.csv", "per_run.csv", "clients.csv", "compare.html")]
 
 
 def page(comp: Comparison) -> str:
@@ -44,8 +60,6 @@ def page(comp: Comparison) -> str:
 
 
 def table_section(comp: Comparison) -> figures.Section:
-    from raysim.reports.compare import ci_cell
-
     rows = []
     for name, group in comp.per_run.groupby("label", sort=False):
         row = {comp.title: name, "n": len(group)}
@@ -81,8 +95,6 @@ def tradeoff_section(comp: Comparison) -> figures.Section:
 
 def _tradeoff_panel(ax: Any, comp: Comparison, x_key: str, key: str, name: str, higher: bool) -> str:
     """One scatter of group means (error bars one sample std) with its Pareto front dashed; the front in words."""
-    from raysim.reports.compare import pareto_front
-
     x, x_std = 100 * comp.means(x_key), 100 * comp.stds(x_key)
     y, y_std = 100 * comp.means(key), 100 * comp.stds(key)
     for i, label in enumerate(comp.labels):
@@ -139,7 +151,7 @@ def _zoom(ax: Any, lows: list[float]) -> None:
 def clients_section(comp: Comparison) -> figures.Section:
     table, deltas = comp.client_table(), comp.client_deltas()
     section = figures.Section("Per client", anchor="clients")
-    many = len(comp.clients) > _many()
+    many = len(comp.clients) > MANY_CLIENTS
     fig, ax = figures.new_figure(max(6.4, 1.0 + 0.35 * len(comp.clients) * len(comp.labels)) if not many else 7.0, 3.8)
     if many:
         _boxes(ax, [100 * table.loc[label].dropna().to_numpy() for label in comp.labels], comp.labels, range(len(comp.labels)))
@@ -181,9 +193,3 @@ def _boxes(ax: Any, data: list[np.ndarray], labels: list[str], styles: Iterable[
     for patch, style in zip(boxes["boxes"], styles):
         patch.set_facecolor(figures.color(style))
         patch.set_alpha(0.8)
-
-
-def _many() -> int:
-    from raysim.reports.compare import MANY_CLIENTS
-
-    return MANY_CLIENTS

@@ -28,7 +28,7 @@ from raysim.outputs.runs import RunReadError
 from raysim.reports import figures
 
 TRIAL_FIELDS = {"trial_id", "status", "rounds_done", "stopped_early", "best_round", "objective", "final_objective"}
-# The test metrics the trials table shows (at each trial's best round), per task (raysim.tasks).
+# The test metrics the trials table shows (at each trial's best round), per task (raysim.client.tasks).
 TEST_COLUMNS = {
     "classification": {"test_auc": "test AUC at best"},
     "segmentation": {"test_dice": "test Dice at best", "test_es_dice": "test ES-Dice at best"},

@@ -12,8 +12,8 @@ Most cases run in-process: config errors never reach Ray (the test fails if one 
 rest share the session's Ray (`ray_session`). Four run end to end as `python -m raysim.run`
 subprocesses, started at once, each with its own Ray temp dir.
 
-(tests/test_data_hardening.py holds the source-level catalogue: DataError messages for each
-source; tests/test_config.py the config layer's own messages.)
+(tests/datasets/test_data_hardening.py holds the source-level catalogue: DataError messages for each
+source; tests/kernel/test_config.py the config layer's own messages.)
 """
 
 from __future__ import annotations

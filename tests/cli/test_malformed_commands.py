@@ -1,6 +1,6 @@
 """Malformed input through every command besides `raysim.run`: exit code 2, one line, nothing damaged.
 
-The same contract tests/test_malformed_cli.py holds `raysim.run` to, for `raysim.compare`,
+The same contract tests/cli/test_malformed_cli.py holds `raysim.run` to, for `raysim.compare`,
 `raysim.report`, `raysim.tune`, `raysim.pretrain` and `raysim.datasets.inspect` /
 `prepare_chest` / `synthetic`: each case gives a broken input to the command's `main(argv)` as a
 user would and asserts exit code 2, stderr exactly one line `error: ...` naming the culprit, no
@@ -53,7 +53,7 @@ class Ctx:
         self.watched: list[Path] = [tmp]  # everything the case made: inputs, run and study directories
 
     def run(self, name: str = "run", algorithm: str = "fedavg", seed: int = 0) -> Path:
-        """A good run directory (tests/test_compare.py's), to break."""
+        """A good run directory (tests/reports/test_compare.py's), to break."""
         return make_run(self.tmp / "runs" / name, {"name": algorithm}, seed, {1: 0.7, 2: 0.8}, {1: 0.6, 2: 0.75})
 
     def file(self, name: str, data: str | bytes) -> Path:
@@ -114,7 +114,7 @@ def as_text(column: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
     return change
 
 
-# The malformed run directories compare and report both read (raysim.runs.read_run).
+# The malformed run directories compare and report both read (raysim.outputs.runs.read_run).
 BAD_RUNS: list[tuple[str, Callable[[Path], object], tuple[str, ...]]] = [
     ("config-not-a-mapping", write("config.yaml", "- 1\n- 2\n"), ("/config.yaml: expected a mapping of config sections, got list",)),
     ("config-section-not-a-mapping", write("config.yaml", "seed: 0\nalgorithm: 5\n"), ("/config.yaml: algorithm must be a mapping, got 5",)),

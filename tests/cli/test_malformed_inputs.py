@@ -1,6 +1,6 @@
 """Malformed input classes of issue 27 through `raysim.run.main`: one line, exit 2, nothing damaged.
 
-The catalogue (`CASES`) uses `tests/test_malformed_cli.py`'s `Case` and its contract check: exit
+The catalogue (`CASES`) uses `tests/cli/test_malformed_cli.py`'s `Case` and its contract check: exit
 code 2, one `error: ...` line naming the file / key / value, no traceback, a fresh --out gone and
 watched folders byte for byte as before. Classes covered: array sizes declared by `.npy` headers
 (checked before a byte is allocated), file names normalised before the duplicate and overlap
@@ -285,7 +285,7 @@ def victim_split(specs: list, name: str) -> tuple[object, str]:
 
 
 def test_oct_volumes_that_differ_in_depth_are_refused_even_when_they_keep_as_many_slices(oph_copy: Path) -> None:
-    """Found by a client actor's `load` (the CLI path of an actor's DataError: tests/test_malformed_cli.py)."""
+    """Found by a client actor's `load` (the CLI path of an actor's DataError: tests/cli/test_malformed_cli.py)."""
     shallower_volume(oph_copy)
     source = FairFedMedOph(DataConfig(name="fairfedmed_oph", root=str(oph_copy), modality="oct_bscans", slice_step=2), img_size=16, seed=0)
     victim = csv_cell(oph_copy / "meta_site3_race_test.csv", 0)

@@ -1,4 +1,4 @@
-"""Run by tests/test_faults.py in a subprocess (it needs its own Ray): a local 3-node cluster (a head
+"""Run by tests/engine/test_faults.py in a subprocess (it needs its own Ray): a local 3-node cluster (a head
 with no CPUs, two 2-CPU workers); a run that loses the worker node hosting some client actors
 after round 2's training. The test compares its OUT/cut/metrics.parquet with the uninterrupted
 run's (its module's, on one node: results never depend on placement)."""

@@ -1,7 +1,7 @@
 """Checkpoints under any path, past round 9999, durable and checked; honest resumes (issue 26).
 
 Unit tests without Ray, except one run under `.../checkpoints/x` with a killed client actor
-(it shares tests/test_faults.py's uninterrupted run).
+(it shares tests/engine/test_faults.py's uninterrupted run).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 import ray
 
+from raysim.engine import failures
+
 from helpers import load_config, make_driver, tiny_overrides
 
 
@@ -67,7 +69,7 @@ def test_a_hung_actor_under_drop_is_killed_and_left_out_of_later_calls(ray_sessi
             os.kill(pids[cid], signal.SIGSTOP)
             stopped.append(pids[cid])
         probe = time.perf_counter()
-        silent = driver._silent([0, 1, 2])
+        silent = failures.silent(driver.pool, [0, 1, 2], driver.deadline())
         probe = time.perf_counter() - probe
     finally:
         driver.shutdown()
@@ -154,7 +156,7 @@ def test_a_tune_checkpoint_is_a_snapshot_of_its_round_not_the_live_run(ray_sessi
         driver_actor.wait_started(actor, cfg)
         for event in driver_actor.stream(actor, snapshots=str(tmp_path / "trial" / "snapshots")):
             if event.evaluated is not None:
-                reported = Path(getattr(event, "snapshot", None) or run_dir)  # what raysim.tune.run_trial reports
+                reported = Path(getattr(event, "snapshot", None) or run_dir)  # what raysim.engine.tune.run_trial reports
                 while checkpoints.latest(run_dir).name != "round_0002":  # Tune's copy starts late
                     time.sleep(0.1)
                 copied = Path(shutil.copytree(reported, tmp_path / "tune-checkpoint", ignore=shutil.ignore_patterns(".lock")))

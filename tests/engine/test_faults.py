@@ -133,7 +133,7 @@ def test_a_failed_client_save_leaves_no_complete_marker_and_the_previous_checkpo
 def test_a_killed_driver_actor_resumes_from_its_checkpoint(uninterrupted, oph_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The CLI's main: the driver actor's process killed after round 1; it is started again from
     round_0001. In this process, on the session's Ray (`python -m raysim.run` as a subprocess,
-    with a Ray of its own, is tests/test_engine.py's), and with one client actor (the
+    with a Ray of its own, is tests/engine/test_engine.py's), and with one client actor (the
     uninterrupted run has three): each start of the pool is one process importing torch."""
     from raysim import run
 

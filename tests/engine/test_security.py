@@ -97,11 +97,11 @@ def test_a_loopback_foundation_server_is_never_reached_through_a_proxy(model_ser
 
 def test_https_still_honours_the_proxy_variables() -> None:
     """A proxy for https:// is a CONNECT tunnel (TLS end to end), so it stays available."""
-    from raysim.models import foundation
+    from raysim.models import foundation_http
 
-    assert foundation._opener("https://models.example.org/predict") is foundation._OPENER
-    assert foundation._opener("http://localhost:8080/x") is foundation._DIRECT
-    assert foundation._opener("https://[::1]:8443/x") is foundation._DIRECT
+    assert foundation_http._opener("https://models.example.org/predict") is foundation_http._OPENER
+    assert foundation_http._opener("http://localhost:8080/x") is foundation_http._DIRECT
+    assert foundation_http._opener("https://[::1]:8443/x") is foundation_http._DIRECT
 
 
 # --- item 10: private staging for URI runs ----------------------------------------------------

@@ -15,11 +15,11 @@ import yaml
 from raysim import config
 from raysim.config import ConfigError
 from raysim.engine.client_actor import gpu_memory_fraction
+from raysim.engine.study import OBJECTIVE_METRICS, load_study, parse_objective, report_row, round_metrics
 from raysim.metrics import classification as metrics
 from raysim.metrics import segmentation as segmetrics
 from raysim.outputs import runs
 from raysim.reports import study as study_report
-from raysim.tune import OBJECTIVE_METRICS, load_study, parse_objective, report_row, round_metrics
 
 from helpers import _study, load_config, tiny_overrides
 
@@ -209,7 +209,7 @@ def test_a_segmentation_study_report_shows_dice(tmp_path: Path) -> None:
 
 def test_trial_bundles_come_from_the_same_plan_as_the_driver(oph_root: Path, tmp_path: Path) -> None:
     from raysim.engine.placement import Capacity
-    from raysim.tune import DRIVER_CPU, bundles, trial_share
+    from raysim.engine.tune import DRIVER_CPU, bundles, trial_share
 
     laptop = {"CPU": 2.0}
     assert trial_share(load_study(_study(tmp_path)), laptop) == Capacity(2 - DRIVER_CPU, 0)
@@ -310,7 +310,7 @@ def test_tiny_study_writes_trials_and_best(ray_session, oph_root: Path, tmp_path
     assert trials["objective"].iloc[0] >= trials["objective"].iloc[1]  # best first
     assert pd.read_csv(out / "trials.csv")["trial_id"].tolist() == trials["trial_id"].tolist()
     assert list(out.glob("*/events.out.tfevents.*")), "TensorBoard logs of every trial"
-    report = (out / "report.html").read_text()  # one report per study (raysim.study_report), none per trial
+    report = (out / "report.html").read_text()  # one report per study (raysim.reports.study), none per trial
     assert all(f"<td>{t}</td>" in report for t in trials["trial_id"]) and 'data-plot="asha"' in report and not list(out.glob("*/*/report.html"))
     best = load_config(out / "best.yaml")
     assert best.federation.lr == trials["federation.lr"].iloc[0] and best.data.root == str(oph_root)

@@ -19,7 +19,8 @@ import yaml
 
 from raysim import config
 from raysim.engine.driver import Driver
-from raysim.tune import Study, load_study, report_row, task_of, trial_statuses, tuner
+from raysim.engine.study import Study, load_study, report_row, task_of
+from raysim.engine.tune import trial_statuses, tuner
 
 from helpers import load_config, tiny_overrides
 
@@ -46,7 +47,7 @@ def _study(oph_root: Path, tmp_path: Path, objective: str = "auc - 0.5*eod", **e
 def _uninterrupted(study: Study, run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """What an uninterrupted trial reports (one report_row per evaluated round) and writes
     (metrics.parquet): its config run by an in-process driver on the session's Ray, instead of a
-    second Tune study (results never depend on where the rounds run: tests/test_engine.py)."""
+    second Tune study (results never depend on where the rounds run: tests/engine/test_engine.py)."""
     cfg = study.config({"federation.lr": LR, "report.html": False})
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(config.dump(cfg))
@@ -152,7 +153,8 @@ def test_a_killed_trial_with_no_retries_left_ends_in_error(ray_session, oph_root
     """fault.max_restarts=0 (Tune's max_failures): the same kill fails the trial, and the study
     reports it as ERROR, not as an unfinished trial that --resume would continue. A segmentation
     study: what its trial reported before the kill is the segmentation metrics."""
-    from raysim.tune import OBJECTIVE_METRICS, trials_table, unfinished
+    from raysim.engine.study import OBJECTIVE_METRICS
+    from raysim.engine.tune import trials_table, unfinished
 
     study = _study(oph_root, tmp_path, "dice - 0.5*dice_gap", **{"fault.max_restarts": 0, **SEGMENTATION})
     assert study.task == "segmentation"

@@ -1,4 +1,4 @@
-"""Run by tests/test_faults.py in a subprocess whose Ray loses the response to the first actor
+"""Run by tests/engine/test_faults.py in a subprocess whose Ray loses the response to the first actor
 call this process makes (Ray's RPC chaos hook, `RAY_testing_rpc_failure`): the actor ran it
 but Ray reports it unavailable. That is the first `describe` of the run's start; it is asked
 again and the run goes on with the same actors. Prints the console and then OK."""

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -19,7 +18,7 @@ import pytest
 
 from raysim import config, console
 from raysim.datasets import ClientSpec, SampleTable
-from raysim.engine.driver import Driver, _client_list
+from raysim.engine.actor_startup import client_list, echo_shards
 from raysim.engine.driver_actor import DriverHost
 from raysim.outputs import recorder
 
@@ -94,8 +93,8 @@ def specs(n: int, role: str = "") -> list[ClientSpec]:
 
 
 def test_the_client_list_names_up_to_20_clients_and_summarises_more() -> None:
-    assert _client_list(specs(3)) == "c000 (10 train), c001 (11 train), c002 (12 train)"
-    many = _client_list(specs(1000, role="large"))
+    assert client_list(specs(3)) == "c000 (10 train), c001 (11 train), c002 (12 train)"
+    many = client_list(specs(1000, role="large"))
     assert many == "samples per client (min / median / max) train 10 / 509.5 / 1009, test 5 / 5 / 5; 509500 train in all; roles: 2 large"
     assert "c999" not in many
 
@@ -105,10 +104,10 @@ def test_shards_are_listed_up_to_20_clients_and_summarised_beyond() -> None:
         return {f"c{i:03d}": {"train": {"n": 10 + i, "dropped": {"empty": 1} if i % 2 else {}}, "val": {"n": 3, "dropped": {}}} for i in range(n)}
 
     lines: list[str] = []
-    Driver._echo_shards(SimpleNamespace(echo=lines.append), described(3))
+    echo_shards(lines.append, described(3))
     assert lines == ["  c000: train 10, val 3", "  c001: train 11, val 3; skipped {'empty': 1}", "  c002: train 12, val 3"]
     lines.clear()
-    Driver._echo_shards(SimpleNamespace(echo=lines.append), described(500))
+    echo_shards(lines.append, described(500))
     assert lines == ["  500 clients loaded; samples per client (min / median / max): train 10 / 259.5 / 509, val 3 / 3 / 3", "  skipped {'empty': 250} in 250 clients"]
 
 

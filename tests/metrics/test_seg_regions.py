@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raysim import tune
 from raysim.datasets.fairseg import FairSeg
+from raysim.engine.study import check_objective, parse_objective
 from raysim.metrics import classification as metrics
 from raysim.metrics import segmentation as segmetrics
 from raysim.metrics.classification import UndefinedMetricWarning
@@ -81,7 +81,7 @@ def test_rim_rows_are_recomputable_and_their_intervals_have_no_mean_rows() -> No
 def test_tune_accepts_the_rim_objectives() -> None:
     cfg = load_config("segmentation", [])
     for text in ("dice_rim - 0.5*dice_rim_gap", "es_dice_rim", "(dice_rim + dice_cup) / 2"):
-        tune.check_objective(tune.parse_objective(text), cfg)
+        check_objective(parse_objective(text), cfg)
 
 
 @pytest.fixture(scope="module")

@@ -46,11 +46,11 @@ def stamps(folder: Path) -> dict[str, tuple[int, int, int]]:
 
 
 def test_each_round_appends_parts_and_never_rewrites_earlier_ones(tmp_path: Path) -> None:
-    recorder = RunRecorder(tmp_path)
+    run_recorder = RunRecorder(tmp_path)
     seen: dict[str, dict[str, tuple[int, int, int]]] = {"metrics": {}, "predictions": {}}
     written = []
     for round_ in range(1, 13):
-        record(recorder, round_)
+        record(run_recorder, round_)
         new_bytes = 0
         for output, before in seen.items():
             now = stamps(tmp_path / f"{output}.parquet")
@@ -61,9 +61,9 @@ def test_each_round_appends_parts_and_never_rewrites_earlier_ones(tmp_path: Path
             seen[output] = now
         written.append(new_bytes)
     assert max(written) <= 1.05 * written[0]  # a round writes its own rows: the same bytes in round 12 as in round 1
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "metrics.parquet"), recorder.metrics, check_exact=True)
-    assert recorder.metrics["round"].dtype == np.int64 and recorder.metrics["value"].dtype == np.float64
-    assert list(recorder.metrics.columns) == METRIC_COLUMNS
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "metrics.parquet"), run_recorder.metrics, check_exact=True)
+    assert run_recorder.metrics["round"].dtype == np.int64 and run_recorder.metrics["value"].dtype == np.float64
+    assert list(run_recorder.metrics.columns) == METRIC_COLUMNS
     preds = pd.read_parquet(tmp_path / "predictions.parquet")
     assert len(preds) == 12 * 5 and list(preds["round"].unique()) == list(range(1, 13))  # parts in round order
 
@@ -116,12 +116,12 @@ def test_an_older_single_file_output_becomes_parts_on_resume(tmp_path: Path) -> 
     rows.to_parquet(tmp_path / "metrics.parquet", index=False)
     preds = pd.concat([recorder.prediction_rows(r, predictions(), ["race"]) for r in (1, 2, 3)], ignore_index=True)
     preds.to_parquet(tmp_path / "predictions.parquet", index=False)
-    recorder = RunRecorder(tmp_path)
-    recorder.load_existing()
-    recorder.truncate(2)
+    run_recorder = RunRecorder(tmp_path)
+    run_recorder.load_existing()
+    run_recorder.truncate(2)
     assert (tmp_path / "metrics.parquet").is_dir() and (tmp_path / "predictions.parquet").is_dir()
     expected = rows[rows["round"] <= 2].reset_index(drop=True)
-    pd.testing.assert_frame_equal(recorder.metrics, expected, check_exact=True)
+    pd.testing.assert_frame_equal(run_recorder.metrics, expected, check_exact=True)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "metrics.parquet"), expected, check_exact=True)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "predictions.parquet"), preds[preds["round"] <= 2].reset_index(drop=True), check_exact=True)
 
@@ -131,9 +131,9 @@ def test_an_older_single_file_output_becomes_parts_on_resume(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("keep", "rounds"), [("all", {1, 2, 3}), ("final", {3}), ("none", set())])
 def test_eval_predictions_keeps_every_evaluation_the_final_one_or_none(tmp_path: Path, keep: str, rounds: set[int]) -> None:
-    recorder = RunRecorder(tmp_path, predictions=keep, final_round=3)
+    run_recorder = RunRecorder(tmp_path, predictions=keep, final_round=3)
     for round_ in (1, 2, 3):
-        record(recorder, round_)
+        record(run_recorder, round_)
     folder = tmp_path / "predictions.parquet"
     assert folder.exists() == bool(rounds)  # none: no predictions file at all
     if rounds:

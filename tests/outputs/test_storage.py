@@ -1,6 +1,6 @@
 """Run directories at a pyarrow.fs URI (a local `file://` filesystem stands in for S3): the
 mirror's push order and pruning, pulling back, `--out` resolution. A run that checkpoints to a
-URI and resumes from it: tests/test_faults.py."""
+URI and resumes from it: tests/engine/test_faults.py."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from raysim.compare import main
-from raysim.reports import compare
+from raysim.reports import compare, compare_plots
 from raysim.reports import study as study_report
 from raysim.reports.compare import CompareError, pareto_front, pooled
 
@@ -206,7 +206,7 @@ def test_many_clients_show_distributions(tmp_path: Path) -> None:
     comp = compare.compare([tmp_path / "runs"])
     assert comp.clients[:2] == ["site1", "site2"] and len(comp.clients) == 31  # natural order
     assert comp.client_deltas().loc["fedbn"].to_numpy() == pytest.approx([0.05] * 31)
-    comp.write(tmp_path / "out")
+    compare_plots.write(comp, tmp_path / "out")
     document = (tmp_path / "out" / "compare.html").read_text()
     assert {"client_auc", "client_delta"} <= set(_plots(document)) and "<th>median</th>" in document and "<th>site31</th>" not in document
 
@@ -304,7 +304,7 @@ def test_segmentation_table_worst_client_and_spread(seg_runs: Path, tmp_path: Pa
     assert fedbn["worst_client"] == "site1" and fedbn["worst_dice"] == pytest.approx(0.6) and fedbn["client_std"] == pytest.approx(math.sqrt(0.02 / 3))
     assert comp.client_table().loc["fedbn"].tolist() == pytest.approx([0.6, 0.8, 0.7]) and comp.client_deltas().loc["fedbn"].tolist() == pytest.approx([-0.15, 0.05, -0.05])
     assert "Dice <group>: the group's Dice (the mean of its disc and cup Dice)" in comp.markdown() and "population std" in comp.markdown()
-    written = comp.write(tmp_path / "out")
+    written = compare_plots.write(comp, tmp_path / "out")
     table = pd.read_csv(tmp_path / "out" / "table.csv")
     assert {"dice_disc_mean", "dice_cup_ci_lo", "es_dice_mean", "dice:Black_mean", "cdr_error_mean", "worst_dice_mean", "client_std_mean"} <= set(table.columns)
     assert table["worst_dice_mean"].tolist() == pytest.approx([0.75, 0.6])
@@ -362,7 +362,7 @@ def test_joint_runs_get_the_grading_and_the_segmentation_columns(tmp_path: Path)
     assert comp.groups == list(GROUPS) and comp.client_table().loc["fedbn"].tolist() == pytest.approx([0.8] * 3)  # groups and clients by AUC
     note = comp.footnote()
     assert "the best mean of validation AUC and Dice" in note and "EOD and SPD: lower is fairer" in note and "Worst client Dice" in note and "Dice <group>" not in note
-    written = comp.write(tmp_path / "out")
+    written = compare_plots.write(comp, tmp_path / "out")
     table = pd.read_csv(tmp_path / "out" / "table.csv")
     assert {"auc_mean", "eod_mean", "dice_disc_ci_lo", "es_dice_mean", "dice_gap_mean", "worst_dice_mean", "client_std_mean"} <= set(table.columns)
     assert table["worst_dice_mean"].tolist() == pytest.approx([0.7, 0.6])
