@@ -2,6 +2,6 @@
 
 from raysim import moved
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 moved.install()  # raysim 0.6's module paths, with a DeprecationWarning (raysim.moved)

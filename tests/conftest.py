@@ -45,8 +45,12 @@ def oph_copy(oph_root: Path, tmp_path: Path) -> Path:
     return target
 
 
+SLOW_FIXTURES = {"ray_session", "end_to_end"}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test on the session's Ray is `slow`: actors take seconds each to start."""
+    """Every test on the session's Ray, or on a module's whole runs through the CLI, is `slow`:
+    actors take seconds each to start."""
     for item in items:
-        if "ray_session" in getattr(item, "fixturenames", ()):
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

@@ -30,6 +30,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow  # starts its own Ray head(s)
+
 from helpers import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import ray
@@ -27,12 +27,10 @@ from raysim.engine import placement
 from raysim.engine.client_actor import ClientActor
 from raysim.engine.failures import RunFailed, answers, unwrap
 from raysim.engine.pool import ActorPool
-
-if TYPE_CHECKING:
-    from raysim.engine.driver import Driver
+from raysim.engine.run_state import RunState
 
 
-def start_actors(driver: Driver, specs: list[ClientSpec]) -> None:
+def start_actors(driver: RunState, specs: list[ClientSpec]) -> None:
     """`driver.pool`: one actor per group of the plan, each with its clients' shards loaded."""
     res = driver.cfg.resources
     groups = placement.assign(specs, actor_count(res, trial_group(driver.placement_group), len(specs)), res.clients_per_actor)
@@ -69,7 +67,7 @@ def start_actors(driver: Driver, specs: list[ClientSpec]) -> None:
     provenance.add(driver.run_dir, "actor_machines" if driver.next_round == 1 else f"actor_machines_from_round_{driver.next_round}", distinct)
 
 
-def new_actor(driver: Driver, i: int, group: list[ClientSpec]) -> Any:
+def new_actor(driver: RunState, i: int, group: list[ClientSpec]) -> Any:
     """Client actor i of the plan (in a Tune trial: pinned to bundle i + 1; bundle 0 is the driver's)."""
     res, pg = driver.cfg.resources, trial_group(driver.placement_group)
     pinned = {} if pg is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i + 1)}
@@ -95,7 +93,7 @@ def echo_shards(echo: console.Echo, described: dict[str, Any]) -> None:
         echo(f"  skipped {dict(total)} in {sum(1 for d in dropped.values() if d)} clients")
 
 
-def client_setup(driver: Driver) -> dict[str, Any]:
+def client_setup(driver: RunState) -> dict[str, Any]:
     """Every client's `Algorithm.client_setup`, by client id; a failure ends the run before training."""
     out: dict[str, Any] = {}
     console.report("client setup", 0, len(driver.specs))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayTaskError
@@ -20,12 +20,10 @@ from raysim import console
 from raysim.algorithms import ServerState
 from raysim.engine import checkpoints
 from raysim.engine.failures import LOST, mark_failed
-
-if TYPE_CHECKING:
-    from raysim.engine.driver import Driver
+from raysim.engine.run_state import RunState
 
 
-def save(driver: Driver, round_: int, state: ServerState) -> None:
+def save(driver: RunState, round_: int, state: ServerState) -> None:
     """The server state, then each actor's clients whose state changed since the last
     checkpoint, streamed from the actor and written here (actors never get a path: they may
     run on other nodes); the manifest names every client's latest file; COMPLETE last."""
@@ -66,7 +64,7 @@ def save(driver: Driver, round_: int, state: ServerState) -> None:
         push(driver, "the next checkpoint tries again")
 
 
-def push(driver: Driver, otherwise: str) -> None:
+def push(driver: RunState, otherwise: str) -> None:
     """The staging copy to the URI; a storage error costs a line, not the run."""
     try:
         driver.mirror.push()
@@ -101,7 +99,7 @@ def stream_values(stream: Any, wait_s: float) -> Iterator[Any]:
         yield ray.get(ref, timeout=wait_s)
 
 
-def resume_server(driver: Driver) -> tuple[Path | None, int]:
+def resume_server(driver: RunState) -> tuple[Path | None, int]:
     """A resumed run's newest usable checkpoint (the ones skipped echoed) and its round; the
     server state, the next round and the outputs put back to it. (None, 0): none usable."""
     checkpoint, skipped = checkpoints.usable(driver.run_dir)
@@ -116,7 +114,7 @@ def resume_server(driver: Driver) -> tuple[Path | None, int]:
     return checkpoint, done
 
 
-def restore_clients(driver: Driver, folder: Path) -> None:
+def restore_clients(driver: RunState, folder: Path) -> None:
     """The driver reads each client file the checkpoint names, once, and sends its bytes to
     the actors whose clients it holds; a client in no file starts from the initial state."""
     saved = checkpoints.load_manifest(folder)

@@ -10,6 +10,8 @@ What changes apart from the loop lives beside it: `actor_startup` (the actor pla
 shards, each client's setup), `round_metrics` (a round's evaluation and recorded rows),
 `checkpoint_stream` (checkpoints streamed from the actors and read back on resume), `failures`
 (a failed call read, deadlines, `RunFailed`) and `recovery` (lost actors replaced, rounds replayed).
+They take the driver as a `run_state.RunState`, the members of it they use, and import nothing
+from here.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from raysim.engine import actor_startup, checkpoint_stream, checkpoints, failure
 from raysim.engine.client_actor import from_wire
 from raysim.engine.failures import LOST, ActorLost, RunFailed, mark_failed
 from raysim.engine.pool import ActorPool
+from raysim.engine.run_state import Arrived, RoundOutcome
 from raysim.outputs import recorder, resume_check, storage
 from raysim.types import nbytes
 
@@ -75,22 +77,6 @@ def connect_ray(num_cpus: int | None = None, object_store_gb: float | None = 2.0
         # would be the first line of every run's stderr, above the one line of a bad input.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         local_ray.start(num_cpus or os.cpu_count() or 1, store)  # loopback only, token auth required, token file 0600
-
-
-@dataclass
-class Arrived:
-    """What the driver keeps of a folded update: a few numbers, never its tensors."""
-
-    client_id: str
-    num_examples: int
-    nbytes: int
-    loss: float
-
-
-@dataclass
-class RoundOutcome:
-    arrived: list[Arrived] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)  # client id -> reason
 
 
 class Driver:
@@ -413,6 +399,7 @@ class Driver:
     def deadline(self, kind: str = "round") -> float:
         """Seconds one wait on an actor may take (`failures.deadline`: "start", "eval" or "round")."""
         return failures.deadline(self.cfg.fault, self.slowest_round, kind)
+
 
 def finished_run(cfg: ExperimentConfig, run_dir: Path, *, echo: console.Echo = lambda _: None) -> Path:
     """`run_dir` holding the finished run of `cfg` (the benchmarks' resumable runs): a `DONE`

@@ -10,7 +10,7 @@ actor is retired here; under `recover` the `ActorLost` raised here goes to `reco
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
@@ -18,9 +18,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from raysim import console
 from raysim.config import FaultConfig
 from raysim.engine.pool import ActorPool
-
-if TYPE_CHECKING:
-    from raysim.engine.driver import Driver
+from raysim.engine.run_state import RunState
 
 
 class ActorLost(Exception):
@@ -54,7 +52,7 @@ def deadline(fault: FaultConfig, slowest_round: float, kind: str = "round") -> f
     return max(fault.min_timeout_s, fault.timeout_factor * slowest_round)
 
 
-def mark_failed(driver: Driver, cid: str, err: Exception) -> str:
+def mark_failed(driver: RunState, cid: str, err: Exception) -> str:
     """Why client `cid`'s call failed. A lost actor raises `ActorLost` (`fault.on_client_loss:
     recover`) or is retired with every client it hosted (`drop`); a client's own error is noted."""
     if isinstance(err, LOST):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import ray
 
@@ -21,12 +20,10 @@ from raysim.engine import checkpoints
 from raysim.engine.actor_startup import client_setup, new_actor
 from raysim.engine.checkpoint_stream import restore_clients
 from raysim.engine.failures import LOST, ActorLost, RunFailed, silent
-
-if TYPE_CHECKING:
-    from raysim.engine.driver import Driver
+from raysim.engine.run_state import RunState
 
 
-def recover(driver: Driver, round_: int, lost: ActorLost) -> None:
+def recover(driver: RunState, round_: int, lost: ActorLost) -> None:
     """Replace every lost actor (a lost node takes several), put every client and the server
     back to the last usable checkpoint (or the start) and go on from there. A loss during
     the recovery counts as one more and starts it again."""
@@ -53,7 +50,7 @@ def recover(driver: Driver, round_: int, lost: ActorLost) -> None:
     driver.next_round = done + 1
 
 
-def replace_dead_actors(driver: Driver, known: set[int]) -> list[int]:
+def replace_dead_actors(driver: RunState, known: set[int]) -> list[int]:
     """Kill and start again the actors in `known` and every other one that does not answer."""
     dead = set(known) | silent(driver.pool, [i for i in range(len(driver.pool.actors)) if i not in known], driver.deadline())
     for i in sorted(dead):
@@ -62,7 +59,7 @@ def replace_dead_actors(driver: Driver, known: set[int]) -> list[int]:
     return sorted(dead)
 
 
-def rewind(driver: Driver, latest: Path | None) -> tuple[Path | None, int]:
+def rewind(driver: RunState, latest: Path | None) -> tuple[Path | None, int]:
     """Server, clients and outputs back to the newest usable checkpoint (None: the start)."""
     checkpoint = None
     if latest is not None:

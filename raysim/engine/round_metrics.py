@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -21,18 +20,16 @@ from raysim.algorithms.base import HOLDOUT
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import ClientSpec, DataSource
 from raysim.engine.failures import RunFailed, mark_failed
+from raysim.engine.run_state import RoundOutcome, RunState
 from raysim.metrics.classification import UndefinedMetricWarning
 from raysim.outputs import recorder
 from raysim.seeding import derive_seed, rng
 from raysim.types import Predictions
 
-if TYPE_CHECKING:
-    from raysim.engine.driver import Driver, RoundOutcome
-
 log = logging.getLogger("raysim.engine.driver")  # the round's warnings keep the driver's logger name
 
 
-def evaluate(driver: Driver, round_: int, state: ServerState, *, splits: list[str], show: str) -> None:
+def evaluate(driver: RunState, round_: int, state: ServerState, *, splits: list[str], show: str) -> None:
     """The global model of `state` scored on the chosen clients (and the held-out site) on
     `splits`; the metric frame recorded and the `show` split's table echoed."""
     chosen = [cid for cid in eval_clients(driver) if cid not in driver.dead]
@@ -84,7 +81,7 @@ def dropped_clients(dead: dict[str, str], specs: dict[str, ClientSpec]) -> list[
     return sorted(cid for cid in dead if cid in specs)
 
 
-def eval_clients(driver: Driver) -> list[str]:
+def eval_clients(driver: RunState) -> list[str]:
     """`eval.clients`: all clients, the last round's cohort, or a seeded subset fixed for the run."""
     everyone = sorted(driver.specs)
     chosen = driver.cfg.eval.clients
@@ -110,7 +107,7 @@ def eval_attributes(cfg: ExperimentConfig, source: DataSource) -> list[str]:
     return list(chosen)
 
 
-def record_traffic(driver: Driver, round_: int, down: int, outcome: RoundOutcome) -> None:
+def record_traffic(driver: RunState, round_: int, down: int, outcome: RoundOutcome) -> None:
     """bytes_down / bytes_up / the training loss per client that took part (split `train`), and their means."""
     rows = [(a.client_id, "bytes_down", float(down)) for a in outcome.arrived]
     rows += [(a.client_id, "bytes_up", float(a.nbytes)) for a in outcome.arrived]
@@ -125,7 +122,7 @@ def record_traffic(driver: Driver, round_: int, down: int, outcome: RoundOutcome
     driver.traffic_up += sum(a.nbytes for a in outcome.arrived)
 
 
-def record_server_metrics(driver: Driver, round_: int, state: ServerState) -> None:
+def record_server_metrics(driver: RunState, round_: int, state: ServerState) -> None:
     """The method's `server_metrics` as rows of client `server`, split `train`, outside the means."""
     values = driver.algorithm.server_metrics(round_, state)
     if values:
@@ -133,7 +130,7 @@ def record_server_metrics(driver: Driver, round_: int, state: ServerState) -> No
         driver.recorder.add(frame[recorder.METRIC_COLUMNS], [])
 
 
-def record_missing(driver: Driver, round_: int) -> None:
+def record_missing(driver: RunState, round_: int) -> None:
     """With clients dropped (fault.on_client_loss=drop): `missing` (1.0) per dropped client and
     `n_clients` (those left, over which every mean is taken), split `train`, every round."""
     dropped = dropped_clients(driver.dead, driver.specs)

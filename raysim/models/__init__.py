@@ -1,5 +1,6 @@
 """Models: timm backbones (`backbones`), adapters (`adapters`: LoRA, FairLoRA), segmentation
-and joint fundus + OCT models (`segmentation`, `joint`), foundation models (`foundation`), and
+and joint fundus + OCT models (`segmentation`, `joint`), foundation models (`foundation`, the
+public face of `foundation_base`, `foundation_local`, `foundation_http` and `soft_targets`), and
 what a model name makes (`kinds`). The backbone API stays importable from here
 (`from raysim.models import build_model`), as in 0.6, when this package was one module.
 """

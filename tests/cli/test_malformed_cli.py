@@ -387,7 +387,7 @@ def _no_ray(*args: object, **kwargs: object) -> None:
     raise AssertionError("a case not marked ray reached connect_ray: the input was not refused before Ray starts")
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.ray else []) for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_nothing_damaged(case: Case, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     if case.ray:
         ray = request.getfixturevalue("ray_session")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts its own Ray head(s)
+
 CONNECT = """
 import json, ray
 from raysim.engine.driver import connect_ray

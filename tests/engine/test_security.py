@@ -192,6 +192,7 @@ def ray_home(tmp_path: Path) -> Iterator[dict[str, str]]:
     subprocess.run(["rm", "-rf", short], check=False)
 
 
+@pytest.mark.slow
 def test_the_private_ray_listens_on_loopback_only_and_its_token_is_0600(ray_home: dict[str, str]) -> None:
     token = Path(ray_home["HOME"]) / ".ray" / "auth_token"
     token.parent.mkdir()

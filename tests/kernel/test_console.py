@@ -248,6 +248,7 @@ def write_medmnist(path: Path, clients: int) -> None:
     np.savez(path, **arrays)
 
 
+@pytest.mark.slow
 def test_a_60_client_run_prints_under_100_lines_plus_one_per_round(tmp_path: Path) -> None:
     """stdout and stderr together, Ray's and Python's warnings included, in a pipe: no bars."""
     clients, rounds = 60, 2
