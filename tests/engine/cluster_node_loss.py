@@ -13,8 +13,6 @@ from ray.cluster_utils import Cluster
 from raysim import config
 from raysim.engine.driver import Driver
 
-from helpers import load_config
-
 root, out, overrides = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 # The GCS declares a node dead after health_check_failure_threshold (5) failed checks, one every
 # health_check_period_ms: Ray's 3 s made the run wait 15 s for the removed node; 1 s, 5 s. A check
@@ -27,7 +25,7 @@ cluster.wait_for_nodes()
 
 
 def run(run_dir: Path, lose_node: bool) -> tuple[pd.DataFrame, list[str]]:
-    cfg = load_config(None, overrides)
+    cfg = config.load(None, overrides)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(config.dump(cfg))
     lines: list[str] = []

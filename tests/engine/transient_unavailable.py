@@ -11,13 +11,11 @@ import ray
 from raysim import config
 from raysim.engine.driver import Driver
 
-from helpers import load_config
-
 root, out, overrides = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
 lines: list[str] = []
 try:
-    cfg = load_config(None, overrides)
+    cfg = config.load(None, overrides)
     out.mkdir(parents=True)
     (out / "config.yaml").write_text(config.dump(cfg))
     metrics = Driver(cfg, out, echo=lines.append).run()
