@@ -367,6 +367,7 @@ def test_dollar_signs_in_labels_are_plain_text(tmp_path: Path, capsys: pytest.Ca
 # --- the console scripts, end to end ----------------------------------------------------------
 
 
+@pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_console_scripts_refuse_bad_input_in_one_line(tmp_path: Path) -> None:
     """raysim-run and raysim-tune as installed: one `error:` line, exit 2, no --out left."""
     bin_dir = Path(sys.executable).parent

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from raysim.datasets.inspect import main
 
@@ -31,6 +32,7 @@ def test_json_matches_the_files(oph_root: Path, capsys) -> None:
         assert client["labels"]["test"] == {"0": int((frame["glaucoma"] == "no").sum()), "1": int((frame["glaucoma"] == "yes").sum())}
 
 
+@pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_table_and_problems_with_exit_status(oph_copy: Path) -> None:
     victims = pd.read_csv(oph_copy / "meta_site2_race_test.csv")["filename"].iloc[:2]
     for victim in victims:

@@ -83,6 +83,7 @@ print(predict_probabilities(model, np.zeros((3, 1, 4, 4), np.uint8), 2).tolist()
 """
 
 
+@pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_a_loopback_foundation_server_is_never_reached_through_a_proxy(model_server: str, proxy: tuple[str, list[bytes]]) -> None:
     """http_proxy set before the process starts (as in a user's shell): the images and the
     Authorization header go straight to 127.0.0.1, never in clear text to the proxy."""

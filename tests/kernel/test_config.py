@@ -87,11 +87,13 @@ def test_roundtrip_through_yaml(tmp_path) -> None:
     assert load_config(path) == cfg
 
 
+@pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_cli_help_lists_keys_with_defaults() -> None:
     out = subprocess.run([sys.executable, "-m", "raysim.run", "--help"], capture_output=True, text=True, check=True).stdout
     assert "federation.rounds" in out and "resources.clients_per_actor" in out and "presets: default" in out
 
 
+@pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_cli_rejects_bad_input_before_training(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "raysim.run", "--out", str(tmp_path / "r"), "federation.rounds=0"], capture_output=True, text=True

@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_deterministic_torch_sets_every_backend_before_cuda_starts() -> None:
     # A fresh process: the settings are global, and CUBLAS_WORKSPACE_CONFIG only counts before CUDA starts.
     code = (

@@ -7,9 +7,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from raysim import moved
 
 
+@pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_every_old_module_path_gives_the_new_module_with_a_warning() -> None:
     """One interpreter for all of them (each import loads torch): every old path warns once,
     naming its new path, and is the new module itself."""
@@ -33,6 +36,7 @@ print(json.dumps(seen))
         assert same, old
 
 
+@pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_the_readme_names_that_moved_still_resolve() -> None:
     """What README.md and plugins named in 0.6 (`raysim.tasks.decode_mask`, `raysim.runs.holdout_values`,
     `from raysim.models import build_model`, `from raysim.client import Client`, `raysim.metrics.auc`)."""
