@@ -46,9 +46,7 @@ SERVER = "server"  # the client column of server-level rows (Algorithm.server_me
 METRIC_COLUMNS = ["round", "split", "client", "role", "attribute", "group", "metric", "value"]
 PREDICTION_COLUMNS = ["round", "split", "client", "sample_id", "label", "score"]
 OUTPUTS = ("metrics", "predictions")  # RUN_DIR/<name>.parquet, each a folder of parts
-MIN_KEY_BYTES = secrets.MIN_KEY_BYTES
 _PART = re.compile(r"part-r(\d+)-k(\d+)\.parquet")
-
 
 
 def metric_frame(round_: int, scored: Sequence[tuple[Predictions, int]], group_names: Mapping[str, Mapping[int, str]], attributes: Sequence[str], *, n_boot: int) -> pd.DataFrame:
@@ -58,9 +56,8 @@ def metric_frame(round_: int, scored: Sequence[tuple[Predictions, int]], group_n
     for preds, seed in scored:
         if not len(preds.labels):  # a split carved from too few rows: its rows stay, every value NaN
             warnings.warn(f"{preds.client_id}/{preds.split} has no samples: all its metrics are undefined", metrics.UndefinedMetricWarning, stacklevel=2)
-        diverged = preds.scores.size and not np.isfinite(preds.scores).all()
-        if diverged:  # a diverged model (e.g. DP noise past what the weights bear): undefined, not a crash
-            bad = int((~np.isfinite(preds.scores)).sum())
+        bad = int(preds.scores.size - np.isfinite(preds.scores).sum())
+        if bad:  # a diverged model (e.g. DP noise past what the weights bear): undefined, not a crash
             warnings.warn(f"{preds.client_id}/{preds.split}: {bad} of {preds.scores.size} scores are not finite (the model diverged): all its metrics are undefined", metrics.UndefinedMetricWarning, stacklevel=2)
             preds = dataclasses.replace(preds, scores=np.zeros_like(preds.scores))  # scored for the rows' shape; every value NaN below
         values = tasks.describe(preds).client_rows(  # AUC & co., or Dice & co. (raysim.client.tasks)
@@ -70,7 +67,7 @@ def metric_frame(round_: int, scored: Sequence[tuple[Predictions, int]], group_n
             n_boot=n_boot,
             seed=seed,
         )
-        if diverged:
+        if bad:
             values = [(*value[:-1], math.nan) for value in values]
         rows.extend((round_, preds.split, preds.client_id, preds.role, *value) for value in values)
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
