@@ -36,7 +36,8 @@ import pandas as pd
 from raysim import config
 from raysim.client.pretraining import ensure_pretrained
 from raysim.datasets import DATASETS
-from raysim.engine.driver import connect_ray, finished_run
+from raysim.engine import Engine
+from raysim.engine.driver import finished_run
 from raysim.reports import compare
 
 RATIOS = "[0.6, 0.2, 0.08, 0.06, 0.04, 0.02]"
@@ -142,7 +143,7 @@ def main() -> None:
     args.out = args.out.resolve()
     if "medmnist" in args.sets:
         medmnist_fixture(args.out / "medmnist-data")
-    connect_ray()
+    Engine().open()  # Ray, and one warm pool of client actors for every run below (raysim.engine.warm)
     rows = []
     for seed in args.seeds:
         for data_set in args.sets:

@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from raysim import config
-from raysim.engine.driver import connect_ray, finished_run
+from raysim.engine import Engine
+from raysim.engine.driver import finished_run
 from raysim.outputs import runs
 
 ARMS: dict[str, list[str]] = {
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="tabulate the finished runs under --out; train nothing")
     args = parser.parse_args(argv)
     if not args.report_only:
-        connect_ray()
+        Engine().open()  # Ray, and one warm pool of client actors for every run below (raysim.engine.warm)
     rows = []
     for seed in args.seeds:  # seed-major: an interrupted benchmark has every arm for the first seeds
         for arm in args.arms:

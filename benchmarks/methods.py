@@ -32,7 +32,8 @@ import pandas as pd
 from raysim import config
 from raysim.algorithms import ALGORITHMS
 from raysim.datasets import DATASETS
-from raysim.engine.driver import connect_ray, finished_run
+from raysim.engine import Engine
+from raysim.engine.driver import finished_run
 from raysim.outputs.runs import RunReadError, natural_key, read_run
 from raysim.reports import compare, compare_plots
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="tabulate the finished runs under --out; train nothing")
     args = parser.parse_args(argv)
     if not args.report_only:
-        connect_ray()
+        Engine().open()  # Ray, and one warm pool of client actors for every run below (raysim.engine.warm)
     rows, run_dirs = [], []
     for seed in args.seeds:  # seed-major: an interrupted benchmark has every method for the first seeds
         for method in args.methods:

@@ -259,9 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     if bad := [e for e in args.epochs if e < 1 or args.rounds % e]:
         parser.error(f"--epochs {bad}: each must divide --rounds {args.rounds} (equal compute: R / E rounds of E epochs)")
     if not args.report_only:
-        from raysim.engine.driver import connect_ray
+        from raysim.engine import Engine  # Ray loads only when something trains
 
-        connect_ray()
+        Engine().open()  # Ray, and one warm pool of client actors for every run below (raysim.engine.warm)
     done: dict[str, dict[Any, list[Path]]] = {"main": {}, "holdout": {}, "freq": {}}
     for protocol, method, seed, run_dir, overrides_ in plan(args):
         if args.report_only and not (run_dir / "DONE").exists():

@@ -12,20 +12,19 @@ The rounds run in a driver actor (`ray::DriverActor`, `resources.driver_cpus` /
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
-import yaml
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayError
 
 from raysim import algorithms, cli, console
 from raysim import config as config_mod
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
-from raysim.engine import driver_actor
-from raysim.engine.driver import Driver, RunFailed, connect_ray, latest_checkpoint
+from raysim.engine.driver import Driver, RunFailed, latest_checkpoint
+from raysim.engine.engine import Engine, active
 from raysim.outputs import resume_check, storage
 
 EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
@@ -58,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         Driver(cfg, run_dir)  # reads the data source's metadata: bad input fails here, before Ray starts
         if resume:  # a config.yaml edited since the start: refused here, before Ray starts
             resume_check.check(resume_check.saved_record(run_dir), cfg, run_dir)
-        connect_ray(object_store_gb=cfg.resources.object_store_gb)
-        driver_actor.check_fits(cfg)
-        drive(cfg, run_dir, resume, command)
+        open_engine = active()  # main() called inside an open Engine (a notebook, a test session): its warm actors
+        with contextlib.nullcontext(open_engine) if open_engine else Engine(object_store_gb=cfg.resources.object_store_gb) as engine:  # else one Engine, one run
+            engine.drive(cfg, run_dir, resume, command, console.Printer(sys.stdout, sys.stderr))  # progress bars on a terminal only
     except (ConfigError, DataError) as err:
         if run_dir is not None and not args.resume:
             _forget_unstarted(run_dir, remove_dir=created)  # the same command can simply run again
@@ -99,33 +98,6 @@ def _forget_unstarted(run_dir: str, *, remove_dir: bool) -> None:
         path.rmdir()
 
 
-def drive(cfg: ExperimentConfig, run_dir: str, resume: bool, argv: list[str] | None = None) -> None:
-    """Run the rounds in a driver actor and print its lines; a lost driver actor (its process
-    killed, its node gone) is started again from the last complete checkpoint, up to
-    fault.max_restarts times."""
-    losses = 0
-    printer = console.Printer(sys.stdout, sys.stderr)  # progress bars on a terminal only
-    while True:
-        try:
-            actor = driver_actor.start(cfg, run_dir, argv=argv)  # provenance records what the user typed, not the actor's command line
-            driver_actor.wait_started(actor, cfg)
-            for event in driver_actor.stream(actor, resume=resume, silence_s=cfg.fault.driver_timeout_s):
-                printer.event(event.lines, event.progress)
-            return
-        except (RayActorError, driver_actor.DriverSilent) as err:
-            printer.close()
-            driver_actor.stop(actor, run_dir)  # one unreachable or silent may still run, holding the run lock
-            losses += 1
-            newest = latest(run_dir)
-            if losses > cfg.fault.max_restarts:
-                where = f"--resume {run_dir} continues from {newest}" if newest else "no checkpoint was complete yet"
-                raise RunFailed(f"the driver actor was lost {losses} times (fault.max_restarts={cfg.fault.max_restarts}); {where}") from err
-            resume = newest is not None
-            print(f"driver actor lost ({str(err).splitlines()[0][:120]}); " + (f"resuming from {newest}" if resume else "starting the run again"), flush=True)
-        finally:
-            printer.close()
-
-
 def prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, str, bool]:
     """Resolve the config and the run directory (an absolute path or a URI); nothing is trained yet."""
     if args.resume:
@@ -148,22 +120,7 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, str, bool]:
             raise ConfigError(str(err) if str(err).startswith(name) else f"{name}: {err}") from None
     cfg = config_mod.load(args.config, args.overrides)
     algorithms.check(cfg)  # the registered names: the method and its keys, the data source
-    run_dir = storage.resolve_out(args.out) if args.out else new_default_run_dir(cfg)
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    if storage.is_uri(run_dir):
-        mirror = storage.RunMirror(run_dir)
-        if mirror.remote_files():
-            raise ConfigError(f"--out {run_dir} is not empty; choose a new directory or continue it with --resume {run_dir}")
-        mirror.write_text("config.yaml", text)
-        return cfg, run_dir, False
-    path = Path(run_dir)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {run_dir} is not a directory (a file is there); give a directory to create")
-    if path.exists() and any(path.iterdir()):
-        raise ConfigError(f"--out {run_dir} is not empty; choose a new directory or continue it with --resume {run_dir}")
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(text)
-    return cfg, run_dir, False
+    return cfg, storage.create_run_dir(cfg, args.out), False
 
 
 def _read_config(run_dir: str) -> str | None:
@@ -187,19 +144,7 @@ def latest(run_dir: str) -> str | None:
     return found_path.name if found_path else None
 
 
-def new_default_run_dir(cfg: ExperimentConfig, parent: Path = Path("runs")) -> str:
-    """`runs/<time>-<algorithm>-s<seed>`, created here (absolute); a name taken already, e.g.
-    by a run started in the same second, gets `-2`, `-3`, ... (mkdir is atomic)."""
-    stem = f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.algorithm['name']}-s{cfg.seed}"
-    parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 10_000):
-        path = parent / (stem if n == 1 else f"{stem}-{n}")
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return storage.resolve_out(path)
-    raise ConfigError(f"{parent}: no free run name for {stem}; pass --out")
+new_default_run_dir = storage.new_default_run_dir  # where it lived before 0.8
 
 
 if __name__ == "__main__":

@@ -15,14 +15,26 @@ from helpers import TINY
 os.environ["RAYSIM_CACHE"] = tempfile.mkdtemp(prefix="raysim-test-cache-")
 
 
-
 @pytest.fixture(scope="session")
-def ray_session():
+def engine():
+    """One local Ray and one `Engine` for the whole session: every Driver a test builds in this
+    process, and every `engine.run`, reuses its warm client actors (raysim.engine.warm), as a
+    notebook would; a test that needs fresh ones installs none (`warm.installed(None)`)."""
     import ray
 
+    from raysim.engine.engine import Engine
+
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield ray
+    with Engine() as session_engine:
+        yield session_engine
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session(engine):
+    import ray
+
+    return ray
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +57,7 @@ def oph_copy(oph_root: Path, tmp_path: Path) -> Path:
     return target
 
 
-SLOW_FIXTURES = {"ray_session", "end_to_end"}
+SLOW_FIXTURES = {"ray_session", "engine", "end_to_end"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raysim import console, provenance
 from raysim.config import ConfigError, ResourcesConfig
 from raysim.datasets import ClientSpec
-from raysim.engine import placement
+from raysim.engine import placement, warm
 from raysim.engine.client_actor import ClientActor
 from raysim.engine.failures import RunFailed, answers, unwrap
 from raysim.engine.pool import ActorPool
@@ -31,16 +31,37 @@ from raysim.engine.run_state import RunState
 
 
 def start_actors(driver: RunState, specs: list[ClientSpec]) -> None:
-    """`driver.pool`: one actor per group of the plan, each with its clients' shards loaded."""
+    """`driver.pool`: one actor per group of the plan, started (or taken warm from this process's
+    `warm.current()` supply) but not yet loaded: their processes start while the driver builds
+    the model and the method's context; `load_clients` gives them their clients."""
     res = driver.cfg.resources
-    groups = placement.assign(specs, actor_count(res, trial_group(driver.placement_group), len(specs)), res.clients_per_actor)
-    handles = [new_actor(driver, i, group) for i, group in enumerate(groups)]
-    machines = []
+    pg = trial_group(driver.placement_group)
+    groups = placement.assign(specs, actor_count(res, pg, len(specs)), res.clients_per_actor)
+    supply = warm.current() if pg is None else None  # a Tune trial's actors live in its bundles: never pooled
+    reused = 0
+    if supply is None:
+        handles = [empty_actor(driver, i) for i in range(len(groups))]
+    else:
+        before = supply.reused
+        handles = supply.take(warm.ActorKind.of(res), len(groups), lambda: empty_actor(driver, 0))
+        reused = supply.reused - before
     driver.pool = ActorPool(handles, groups)
-    provenance.add(driver.run_dir, "actor_plan", [[spec.id for spec in group] for group in groups])
     driver.echo(f"starting {len(handles)} client actors ({res.actor_cpus:g} CPU, {res.num_gpus:g} GPU each; {placement.clients_per_actor_text(groups)} per actor)")
+    if reused:
+        driver.echo(f"  {reused} of them warm from an earlier run (raysim.engine.warm)")
+
+
+def load_clients(driver: RunState) -> None:
+    """Each actor of `driver.pool` loads its clients (shards, model, method with `driver.context`)
+    and says what it loaded; bad input an actor found ends the run here with its one line."""
+    specs = [spec for group in driver.pool.plan for spec in group]
+    provenance.add(driver.run_dir, "actor_plan", [[spec.id for spec in group] for group in driver.pool.plan])  # here: a resume refused before it changes nothing
+    for actor, group in zip(driver.pool.actors, driver.pool.plan, strict=True):
+        actor.load.remote(driver.cfg, group, driver.context)
+    res = driver.cfg.resources
+    machines = []
     described: dict[str, Any] = {}
-    loaded = np.cumsum([len(group) for group in groups])  # actors answer in order, each once all its clients are loaded
+    loaded = np.cumsum([len(group) for group in driver.pool.plan])  # actors answer in order, each once all its clients are loaded
     console.report("loading client shards", 0, len(specs))
     answered = driver.pool.each_actor("describe", timeout=driver.deadline("start"), on_answer=lambda i: console.report("loading client shards", int(loaded[i]), len(specs)))
     for actor, info in zip(driver.pool.actors, answered, strict=True):
@@ -67,11 +88,34 @@ def start_actors(driver: RunState, specs: list[ClientSpec]) -> None:
     provenance.add(driver.run_dir, "actor_machines" if driver.next_round == 1 else f"actor_machines_from_round_{driver.next_round}", distinct)
 
 
-def new_actor(driver: RunState, i: int, group: list[ClientSpec]) -> Any:
-    """Client actor i of the plan (in a Tune trial: pinned to bundle i + 1; bundle 0 is the driver's)."""
+def empty_actor(driver: RunState, i: int) -> Any:
+    """A new client actor for place i of the plan, empty until `load` (in a Tune trial: pinned to
+    bundle i + 1; bundle 0 is the driver's)."""
     res, pg = driver.cfg.resources, trial_group(driver.placement_group)
     pinned = {} if pg is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i + 1)}
-    return ClientActor.options(num_cpus=res.actor_cpus, num_gpus=res.num_gpus, **pinned).remote(driver.cfg, group, driver.context)
+    return ClientActor.options(num_cpus=res.actor_cpus, num_gpus=res.num_gpus, **pinned).remote()
+
+
+def new_actor(driver: RunState, i: int, group: list[ClientSpec]) -> Any:
+    """Client actor i of the plan started again (recovery), loaded with its clients."""
+    actor = empty_actor(driver, i)
+    actor.load.remote(driver.cfg, group, driver.context)
+    return actor
+
+
+def release_actors(driver: RunState, *, reusable: bool) -> None:
+    """The end of the run's actors: back to this process's supply when the run may hand them on
+    (`reusable`: it was not a Tune trial's; each answers `reset`, or is stopped), else stopped."""
+    pool = driver.pool
+    if pool is None:
+        return
+    supply = warm.current() if trial_group(driver.placement_group) is None else None
+    if supply is None or not reusable:
+        pool.kill()
+        return
+    live = [actor for _, actor in pool.live()]
+    pool.actors = []
+    supply.give_back(warm.ActorKind.of(driver.cfg.resources), live)
 
 
 def echo_shards(echo: console.Echo, described: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import io
 import os
 import re
@@ -28,6 +29,7 @@ from raysim.types import Predictions, Tensors, Update
 CHUNK_BYTES = 16 << 20  # a checkpoint file crosses from an actor to the driver in pieces of this size
 SAVE_CHUNKS_IN_FLIGHT = 4  # an actor runs ahead of the driver's writing by this many pieces at most
 GPU_MEMORY_MARGIN = 0.05  # of the actor's share, left for its CUDA context and allocator slack
+RESET_SEED = 0  # the global torch RNG of an actor between runs (runs seed their own; nothing may inherit a previous run's)
 WITHHELD = "<a sample file: path withheld under eval.pseudonymize>"
 
 
@@ -218,22 +220,50 @@ _NUMPY_DTYPES = {torch.float64, torch.float32, torch.float16, torch.int64, torch
 class ClientActor(ClientHost):
     """ClientHost as a Ray actor (one process; `num_cpus` / `num_gpus` set by the driver).
 
+    It starts empty (the process imports torch and the method code while the driver prepares
+    the run) and serves one run at a time: `load` builds the run's `ClientHost`, `reset` drops
+    it, so a warm actor (`raysim.engine.warm`) serves the next run without a new process.
+
     Tensors cross the actor boundary as numpy arrays (`to_wire`): the payload comes in once per
     round and is copied (the method's client code may change what it gets), updates go out as
     views of their own tensors, written into the object store when the call returns.
     """
 
-    def set_payload(self, payload: Mapping[str, Any], values: dict[str, Any] | None = None) -> None:
-        super().set_payload(from_wire(payload, copy=True), values)
+    def __init__(self) -> None:  # noqa: D107 - empty until `load`
+        self.startup_error: Exception | None = None
+        self.startup_failure: BaseException | None = None
 
-    def __init__(self, cfg: ExperimentConfig, specs: list[ClientSpec], context: dict[str, Any] | None = None) -> None:
+    def load(self, cfg: ExperimentConfig, specs: list[ClientSpec], context: dict[str, Any] | None = None) -> None:
+        """This actor's part of a run: its clients' shards, the method, the model (`ClientHost`).
+        Whatever an earlier run left is dropped first."""
+        self.reset()
         try:
-            super().__init__(cfg, specs, context)
+            ClientHost.__init__(self, cfg, specs, context)
         except (DataError, ConfigError) as err:
             # Expected bad input (a corrupt file, a wrong shape) comes back as a value from
-            # `describe`: raised here, Ray would print the actor's traceback and report a dead
-            # actor instead of the one line that names the file.
+            # `describe`: raised there, Ray would print the actor's traceback and report a
+            # failed call instead of the one line that names the file.
             self.startup_error = withhold_sample_paths(err, cfg.data.root) if cfg.eval.pseudonymize else err
+        except Exception as err:  # noqa: BLE001 - a bug or a resource error: `describe` raises it with its traceback
+            self.startup_failure = err
+
+    def reset(self) -> None:
+        """Back to an empty actor: the run's clients, shards, model, method and payload go; the
+        global torch RNG is reseeded, so nothing random carries over (every run seeds its own)."""
+        self.__dict__.clear()
+        self.startup_error, self.startup_failure = None, None
+        gc.collect()
+        torch.manual_seed(RESET_SEED)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def describe(self) -> dict[str, Any]:
+        if self.startup_failure is not None:
+            raise self.startup_failure
+        return super().describe()
+
+    def set_payload(self, payload: Mapping[str, Any], values: dict[str, Any] | None = None) -> None:
+        super().set_payload(from_wire(payload, copy=True), values)
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=SAVE_CHUNKS_IN_FLIGHT)
     def save_changed(self) -> Iterator[Any]:

@@ -150,10 +150,10 @@ class Driver:
         self.echo(f"communication: {_megabytes(self.traffic_down)} down, {_megabytes(self.traffic_up)} up over rounds {self.progress.first}-{last}")
 
     def shutdown(self) -> None:
-        """Stop this run's actors (each holds a process and its shards) and close the outputs
-        (a URI run directory gets everything the staging copy has)."""
-        if self.pool is not None:
-            self.pool.kill()
+        """Hand this run's actors back to this process's warm supply (`raysim.engine.warm`; none:
+        stop them, each holds a process and its shards) and close the outputs (a URI run
+        directory gets everything the staging copy has)."""
+        actor_startup.release_actors(self, reusable=True)
         self.recorder.close()
         if self.mirror is not None and self.run_dir.exists():
             checkpoint_stream.push(self, f"everything is in {self.run_dir}")
@@ -194,6 +194,7 @@ class Driver:
             self.echo(f"eval.holdout_site={self.holdout.id}: never trains, never sampled, outside every mean; scored at each evaluation with {self.algorithm.newcomer}")
             if not resume:  # the rule in words, for the report (which imports no method)
                 provenance.add(self.run_dir, "holdout", {"site": self.holdout.id, "scored_with": self.algorithm.newcomer})
+        actor_startup.start_actors(self, hosted)  # their processes start while the method prepares and the model is built
         self.context = self.algorithm.prepare_run(self.source, specs, self.run_dir, self.echo)
         model = self.algorithm.build_model(self.source)
         self.state = self.algorithm.init_state(model)
@@ -203,7 +204,7 @@ class Driver:
         context = ray.get_runtime_context()
         where = {"pid": os.getpid(), "node_id": context.get_node_id(), "ray_actor_id": context.get_actor_id()}
         provenance.add(self.run_dir, "driver" if self.next_round == 1 else f"driver_from_round_{self.next_round}", where)
-        actor_startup.start_actors(self, hosted)
+        actor_startup.load_clients(self)
         if checkpoint is not None:
             checkpoint_stream.restore_clients(self, checkpoint)
             self.echo(f"resumed from {checkpoint} (round {done} done)")

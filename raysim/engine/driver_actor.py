@@ -29,8 +29,8 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from raysim import console
-from raysim.config import ConfigError, ExperimentConfig
-from raysim.engine import checkpoints
+from raysim.config import ConfigError, ExperimentConfig, ResourcesConfig
+from raysim.engine import checkpoints, warm
 from raysim.engine.driver import Driver, RunFailed
 from raysim.outputs import storage
 
@@ -50,10 +50,17 @@ class Progress:
 
 
 class DriverHost:
-    """Plain-Python body of the actor: a `Driver` whose console lines are buffered for streaming."""
+    """Plain-Python body of the actor: a `Driver` whose console lines are buffered for streaming.
+    It runs one run at a time, the one `bind` names last (an Engine's driver actor runs many)."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: str, placement_group: PlacementGroup | None = None, argv: list[str] | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig | None = None, run_dir: str | None = None, placement_group: PlacementGroup | None = None, argv: list[str] | None = None) -> None:
         self.lines: list[str] = []
+        self.args: tuple[Any, ...] | None = None
+        if cfg is not None:
+            self.bind(cfg, run_dir, placement_group, argv)
+
+    def bind(self, cfg: ExperimentConfig, run_dir: str | None, placement_group: PlacementGroup | None = None, argv: list[str] | None = None) -> None:
+        """The run the next `rounds` runs."""
         self.args = (cfg, run_dir, placement_group, argv)
 
     def capture_warnings(self) -> None:
@@ -114,6 +121,8 @@ class DriverHost:
 
     def _events(self, resume: bool, until: int | None, snapshots: str | None = None) -> Iterator[Progress]:
         """The run, one event after start-up, after each part of a round and at the end."""
+        if self.args is None:
+            raise RuntimeError("no run: bind one before asking for its rounds")
         cfg, run_dir, placement_group, argv = self.args
         # Built here, not in __init__: a bad config or data set fails this call with its own error.
         self.driver = driver = Driver(cfg, run_dir, echo=self.lines.append, placement_group=placement_group, argv=argv)
@@ -200,11 +209,26 @@ class _Lines(logging.Handler):
 
 @ray.remote(max_restarts=0)
 class DriverActor(DriverHost):
-    """DriverHost as a Ray actor (`ray::DriverActor`): `rounds` streams `Progress` events."""
+    """DriverHost as a Ray actor (`ray::DriverActor`): `rounds` streams `Progress` events.
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: str, placement_group: PlacementGroup | None = None, argv: list[str] | None = None) -> None:
+    Its client actors are its children, kept warm between the runs it drives (`warm`): a run's
+    end hands them back, the next run with the same kind of actors takes them again."""
+
+    def __init__(self, cfg: ExperimentConfig | None = None, run_dir: str | None = None, placement_group: PlacementGroup | None = None, argv: list[str] | None = None) -> None:
         super().__init__(cfg, run_dir, placement_group, argv)
         self.capture_warnings()  # its own process: nothing else logs here
+        self.supply = warm.ActorSupply()
+        warm.install(self.supply)
+
+    def idle_actors(self) -> int:
+        """Client actors kept warm for the next run."""
+        return self.supply.count()
+
+    def release(self) -> int:
+        """Stop the idle client actors (their CPUs and GPUs are wanted elsewhere); how many there were."""
+        n = self.supply.count()
+        self.supply.close()
+        return n
 
     @ray.method(num_returns="streaming")
     def rounds(self, resume: bool = False, until: int | None = None, heartbeat_s: float | None = None, snapshots: str | None = None) -> Iterator[Progress]:  # type: ignore[override]
@@ -212,21 +236,27 @@ class DriverActor(DriverHost):
 
 
 def start(cfg: ExperimentConfig, run_dir: str | Path, placement_group: PlacementGroup | None = None, argv: list[str] | None = None) -> Any:
-    """Start the run's driver actor: in bundle 0 of `placement_group` (a Tune trial), else on
+    """A new driver actor (`launch`) bound to the run (`DriverHost.bind`)."""
+    actor = launch(cfg.resources, placement_group)
+    actor.bind.remote(cfg, storage.resolve_out(run_dir), placement_group, argv)
+    return actor
+
+
+def launch(res: ResourcesConfig, placement_group: PlacementGroup | None = None) -> Any:
+    """Start a driver actor with `res`'s driver resources, bound to no run yet: in bundle 0 of `placement_group` (a Tune trial), else on
     this node (with `resources.driver_gpus`: wherever a GPU is free, so give a URI run directory
     or one on a shared filesystem on a multi-node cluster).
 
-    `run_dir` (a path or a `pyarrow.fs` URI) is resolved here: the actor's working directory is
-    not the caller's.
+    A run directory (a path or a `pyarrow.fs` URI) is resolved before `bind`: the actor's working
+    directory is not the caller's.
     """
-    res = cfg.resources
     if placement_group is not None:
         strategy: Any = PlacementGroupSchedulingStrategy(placement_group=placement_group, placement_group_bundle_index=0)
     elif res.driver_gpus > 0:
         strategy = "DEFAULT"  # wherever a GPU is free
     else:
         strategy = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return DriverActor.options(num_cpus=res.driver_cpus, num_gpus=res.driver_gpus, scheduling_strategy=strategy).remote(cfg, storage.resolve_out(run_dir), placement_group, argv)
+    return DriverActor.options(num_cpus=res.driver_cpus, num_gpus=res.driver_gpus, scheduling_strategy=strategy).remote()
 
 
 def check_fits(cfg: ExperimentConfig) -> None:

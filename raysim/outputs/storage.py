@@ -13,6 +13,7 @@ file against its manifest. Plain Python and pyarrow, no Ray.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import os
 import re
@@ -23,7 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from raysim.config import ConfigError
+import yaml
+
+from raysim.config import ConfigError, ExperimentConfig
 
 COMPLETE = "COMPLETE"  # checkpoints.COMPLETE (not imported: that module needs torch)
 MIRRORED = "checkpoints"  # a folder of it pruned locally goes whole at the URI too
@@ -223,3 +226,40 @@ def check_unlocked(run_dir: Path) -> None:
     """Fail now, before anything starts, if a driver holds `run_dir` (the driver locks it itself)."""
     if (Path(run_dir) / LOCK).exists():
         RunLock(run_dir).acquire().release()
+
+
+def create_run_dir(cfg: ExperimentConfig, out: str | Path | None) -> str:
+    """A new run directory holding `cfg` as config.yaml: `out` (a path, made if missing, or a
+    URI), which must be empty, else `runs/<time>-<algorithm>-s<seed>`. Returns it resolved
+    (an absolute path or the URI). Nothing is trained yet."""
+    run_dir = resolve_out(out) if out else new_default_run_dir(cfg)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if is_uri(run_dir):
+        mirror = RunMirror(run_dir)
+        if mirror.remote_files():
+            raise ConfigError(f"--out {run_dir} is not empty; choose a new directory or continue it with --resume {run_dir}")
+        mirror.write_text("config.yaml", text)
+        return run_dir
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {run_dir} is not a directory (a file is there); give a directory to create")
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(f"--out {run_dir} is not empty; choose a new directory or continue it with --resume {run_dir}")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(text)
+    return run_dir
+
+
+def new_default_run_dir(cfg: ExperimentConfig, parent: Path = Path("runs")) -> str:
+    """`runs/<time>-<algorithm>-s<seed>`, created here (absolute); a name taken already, e.g.
+    by a run started in the same second, gets `-2`, `-3`, ... (mkdir is atomic)."""
+    stem = f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.algorithm['name']}-s{cfg.seed}"
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = parent / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return resolve_out(path)
+    raise ConfigError(f"{parent}: no free run name for {stem}; pass --out")

@@ -39,6 +39,7 @@ import pytest
 
 from raysim import config, run
 from raysim.engine import driver_actor
+from raysim.engine import engine as engine_module
 
 from helpers import load_config, tiny_overrides, write_isic, write_medmnist
 
@@ -394,7 +395,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_damaged(case: Case, tmp_path: 
         if case.no_gpu and ray.cluster_resources().get("GPU"):
             pytest.skip("expects a Ray without GPUs")
     else:
-        monkeypatch.setattr(run, "connect_ray", _no_ray)
+        monkeypatch.setattr(engine_module, "connect_ray", _no_ray)
     ctx = Ctx(tmp_path, request, monkeypatch)
     argv = case.argv(ctx)
     before = {path: snapshot(path) for path in ctx.watched}
@@ -452,8 +453,8 @@ def test_a_driver_gpu_the_machine_lacks_is_refused(ray_session, oph_root: Path, 
         pytest.skip("expects a Ray without GPUs")
     wait_s = 5
     started: list[object] = []
-    start = driver_actor.start
-    monkeypatch.setattr(driver_actor, "start", lambda *a, **kw: started.append(start(*a, **kw)) or started[-1])
+    launch = driver_actor.launch
+    monkeypatch.setattr(driver_actor, "launch", lambda *a, **kw: started.append(launch(*a, **kw)) or started[-1])
     result: dict[str, object] = {}
     argv = ["--out", str(tmp_path / "run"), *tiny_overrides(oph_root, **{"federation.rounds": 1, "resources.driver_gpus": 1, "fault.max_restarts": 0})]
     thread = threading.Thread(target=lambda: result.setdefault("code", run.main(argv)), daemon=True)

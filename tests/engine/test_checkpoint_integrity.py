@@ -23,6 +23,7 @@ from raysim.config import ConfigError, DataConfig
 from raysim.datasets.cache import load_cached
 from raysim.datasets.fairfedmed_oph import FairFedMedOph
 from raysim.engine import checkpoints
+from raysim.engine import engine as engine_module
 from raysim.engine.driver import Driver
 from raysim.outputs import resume_check, storage
 from raysim.outputs.recorder import METRIC_COLUMNS, RunRecorder
@@ -222,7 +223,7 @@ def edit(run_dir: Path, **changes: object) -> None:
 
 def resume(run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
     """`--resume run_dir` through the CLI, refused before Ray starts: its one stderr line."""
-    monkeypatch.setattr(run, "connect_ray", _reached_ray)
+    monkeypatch.setattr(engine_module, "connect_ray", _reached_ray)
     capsys.readouterr()
     code = run.main(["--resume", str(run_dir)])
     lines = capsys.readouterr().err.strip().splitlines()
@@ -274,7 +275,7 @@ def test_what_may_change_on_resume_passes_the_check(oph_root: Path, tmp_path: Pa
         "checkpoint.every": 2,
     }
     edit(run_dir, **changes)
-    monkeypatch.setattr(run, "connect_ray", _reached_ray)
+    monkeypatch.setattr(engine_module, "connect_ray", _reached_ray)
     with pytest.raises(ReachedRay):
         run.main(["--resume", str(run_dir)])
 
