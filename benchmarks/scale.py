@@ -327,6 +327,18 @@ class Reference:
         self.global_state = {k: (s / weight).to(self.global_state[k].dtype) for k, s in self.sums.items()}
         return total / max(steps, 1)
 
+    def checkpoint(self, path: Path) -> None:
+        """The global model, written as raysim writes a checkpoint: to a temporary name, fsynced, renamed."""
+        import torch
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        with partial.open("wb") as sink:
+            torch.save(self.model.state_dict(), sink)
+            sink.flush()
+            os.fsync(sink.fileno())
+        partial.replace(path)
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities of the global model, in batches of 256 (raysim's evaluation batch)."""
         self.model.load_state_dict(self.global_state, strict=False)
@@ -346,6 +358,8 @@ def run_rounds(loop: Reference, clients: list[tuple[np.ndarray, np.ndarray]], sp
         print(f"round {round_:>3}/{rounds} | clients {len(chosen)} | train loss {loss:.4f} | {elapsed / round_:.3f} s/round", flush=True)
         if evaluate is not None and (round_ % spec["eval_every"] == 0 or round_ == rounds):
             print(f"test metrics after round {round_} (reference: {evaluate(round_)})", flush=True)
+        if spec.get("checkpoint_dir") and (round_ % spec["checkpoint_every"] == 0 or round_ == rounds):
+            loop.checkpoint(Path(spec["checkpoint_dir"]) / f"round_{round_:04d}.pt")
 
 
 def reference_medmnist(spec: dict[str, Any]) -> dict[str, Any]:
@@ -399,6 +413,58 @@ def reference_silo(spec: dict[str, Any]) -> dict[str, Any]:
     return {"test_auc": aucs[max(aucs)]["test"] if aucs else None}
 
 
+def floor_main() -> None:
+    """What no run can start faster than: raysim's private local Ray alone (`connect_ray`), then
+    one empty client actor answering its first call (its process started and every module a
+    client actor imports imported: torch, timm, the methods)."""
+    start = time.perf_counter()
+    from raysim.engine.client_actor import ClientActor
+    from raysim.engine.driver import connect_ray
+
+    imported = time.perf_counter()
+    connect_ray(os.cpu_count())
+    ray_ready = time.perf_counter()
+    import ray
+
+    actor = ClientActor.options(num_cpus=1).remote()
+    ray.get(actor.reset.remote())
+    actor_ready = time.perf_counter()
+    print("RESULT " + json.dumps({"import_s": imported - start, "ray_init_s": ray_ready - imported, "actor_ready_s": actor_ready - ray_ready, "floor_s": actor_ready - start}), flush=True)
+
+
+def warm_main(spec_path: Path) -> None:
+    """The run of `spec` twice in one Engine (`raysim.Engine`): the first starts every actor, the
+    second finds them warm. Per run: wall, ready, s/round (as `timeline` reads the console)."""
+    spec = json.loads(spec_path.read_text())
+    from raysim import Engine, config
+
+    results = []
+    with Engine() as engine:
+        for n in (1, 2):
+            out = Path(spec["out"]) / f"run{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            lines: list[tuple[float, str]] = []
+            start = time.perf_counter()
+            engine.run(config.load(None, spec["overrides"]), out, echo=lambda line, start=start, lines=lines: lines.append((time.perf_counter() - start, line)))
+            wall = time.perf_counter() - start
+            for stamp, line in lines:
+                print(f"[run {n} {stamp:8.2f}] {line}", flush=True)
+            results.append({"wall_s": wall, **timeline(lines, wall)})
+    print("RESULT " + json.dumps({"runs": results}), flush=True)
+
+
+def run_floor(out: Path, name: str) -> dict[str, Any]:
+    return run_process([sys.executable, str(HERE), "--floor"], cwd=out, log=out / "logs" / f"{name}.log", env=child_env(out))
+
+
+def run_warm(out: Path, name: str, overrides: list[str]) -> dict[str, Any]:
+    path = out / "specs" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"overrides": overrides, "out": str(out / "runs" / name)}, indent=1))
+    shutil.rmtree(out / "cache" / "shards", ignore_errors=True)  # the first run decodes its images, as the cold one does
+    return run_process([sys.executable, str(HERE), "--warm", str(path)], cwd=out, log=out / "logs" / f"{name}.log", env=child_env(out))
+
+
 def reference_main(spec_path: Path) -> None:
     import torch
 
@@ -430,7 +496,8 @@ def reference_spec(kind: str, overrides: list[str], threads: int, **extra: Any) 
     return {
         "kind": kind, "overrides": overrides, "threads": threads, "seed": cfg.seed, "model": cfg.model.name, "rounds": fed.rounds,
         "per_round": fed.clients_per_round or 10**9, "local_epochs": fed.local_epochs, "batch_size": fed.batch_size, "optimizer": fed.optimizer,
-        "lr": fed.lr, "momentum": fed.momentum, "weight_decay": fed.weight_decay, "eval_every": cfg.eval.every, "val_fraction": cfg.data.val_fraction, **extra,
+        "lr": fed.lr, "momentum": fed.momentum, "weight_decay": fed.weight_decay, "eval_every": cfg.eval.every, "val_fraction": cfg.data.val_fraction,
+        "checkpoint_every": cfg.checkpoint.every, **extra,
     }  # fmt: skip
 
 
@@ -462,8 +529,10 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
 
         cfg = config.load(None, overrides)
         DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed).client_specs()  # generated once, untimed
+        overrides.append("report.html=false")  # the reference writes no report
         name = "cross_silo" + "".join(f"-{o.replace('=', '_')}" for o in overrides)
-        cases.append(Case(name, "cross_silo", "embedded default", overrides, reference_spec("silo", overrides, args.threads)))
+        checkpoints = str(args.out / "runs" / f"{name}.reference" / "checkpoints")  # the reference checkpoints as often as raysim
+        cases.append(Case(name, "cross_silo", "embedded default", overrides, reference_spec("silo", overrides, args.threads, checkpoint_dir=checkpoints)))
     return cases
 
 
@@ -538,7 +607,30 @@ def tables(machine: dict[str, Any], cases: list[Case], results: dict[str, dict[s
         columns = [("wall (s)", "wall_s", 1, 1, True), ("to ready (s)", "to_ready_s", 1, 1, True), ("to round 1 (s)", "to_first_round_s", 1, 1, True), ("s/round", "round_s", 2, 1, True),
                    ("memory (GB)", "memory_gb", 2, 1, False), ("mean test AUC", "test_auc", 1, 100, False)]  # fmt: skip
         lines += side_by_side(columns, results[c.name]["raysim"], results[c.name]["reference"])
+        lines += start_up_table(results[c.name])
     return "\n".join(lines)
+
+
+def start_up_table(result: dict[str, dict[str, Any]]) -> list[str]:
+    """The cold CLI run against the floor, and the second run in one Engine against the reference."""
+    floor, warm, cold, ref = result.get("floor"), result.get("warm"), result["raysim"], result["reference"]
+    if not floor or floor.get("rc") or not warm or warm.get("rc"):
+        return []
+    f = floor["reported"]
+    runs = warm["reported"]["runs"]
+    lines = [
+        "",
+        f"Start-up: the floor is a private `ray.init` ({f['ray_init_s']:.1f} s) plus one empty client actor ready ({f['actor_ready_s']:.1f} s) after "
+        f"importing raysim's engine ({f['import_s']:.1f} s): {f['floor_s']:.1f} s. The same run twice in one `Engine` (whole `engine.run` each):",
+        "",
+        "| | wall (s) | to ready (s) | s/round | wall / reference wall |",
+        "|---|---|---|---|---|",
+        f"| cold CLI (`python -m raysim.run`) | {cold['wall_s']:.1f} | {cold.get('to_ready_s') or float('nan'):.1f} | {cold.get('round_s', float('nan')):.2f} | {ratio(cold['wall_s'], ref['wall_s'])} |",
+    ]
+    for n, run in enumerate(runs, start=1):
+        lines.append(f"| Engine run {n} | {run['wall_s']:.1f} | {run.get('to_ready_s') or float('nan'):.1f} | {run.get('round_s', float('nan')):.2f} | {ratio(run['wall_s'], ref['wall_s'])} |")
+    lines.append(f"| reference (one process) | {ref['wall_s']:.1f} | {ref.get('to_ready_s') or float('nan'):.1f} | {ref.get('round_s', float('nan')):.2f} | 1.00x |")
+    return lines
 
 
 def main() -> None:
@@ -550,9 +642,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default benchmark-runs/scale (--quick: benchmark-runs/scale-quick)")
     parser.add_argument("--quick", action="store_true", help="a smoke test of a few minutes")
     parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)  # internal: run one reference loop
+    parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)  # internal: measure the start-up floor
+    parser.add_argument("--warm", type=Path, help=argparse.SUPPRESS)  # internal: one run twice in one Engine
     args = parser.parse_args()
     if args.reference:
         reference_main(args.reference)
+        return
+    if args.floor:
+        floor_main()
+        return
+    if args.warm:
+        warm_main(args.warm)
         return
     args.cohorts = args.cohorts or ([10] if args.quick else [20, 200, 1000])
     args.rounds = args.rounds or (2 if args.quick else 3)
@@ -567,6 +667,9 @@ def main() -> None:
             "raysim": measured(args.out, f"{case.name}.raysim", {"overrides": case.overrides}, lambda c=case: run_raysim(args.out, f"{c.name}.raysim", c.overrides)),
             "reference": measured(args.out, f"{case.name}.reference", case.reference, lambda c=case: run_reference(args.out, f"{c.name}.reference", c.reference)),
         }
+        if case.workload == "cross_silo":  # the floor, and the same run twice in one Engine (issue 29)
+            results[case.name]["floor"] = measured(args.out, f"{case.name}.floor", {"floor": 1}, lambda c=case: run_floor(args.out, f"{c.name}.floor"))
+            results[case.name]["warm"] = measured(args.out, f"{case.name}.warm", {"overrides": case.overrides}, lambda c=case: run_warm(args.out, f"{c.name}.warm", c.overrides))
     text = tables(machine, cases, results)
     (args.out / "scale.json").write_text(json.dumps({"machine": machine, "results": results, "tables": text}, indent=1))
     print("\n" + text)

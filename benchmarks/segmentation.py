@@ -120,13 +120,18 @@ def pct(values: Sequence[float]) -> str:
 
 
 def main_tables(comparison: compare.Comparison, methods: list[str]) -> str:
-    """Per method: Dice disc / cup / Dice, ES-Dice, the Dice gap, worst client and client std; then the references."""
+    """Per method: Dice disc / rim / cup / Dice, ES-Dice (and its rim form), the Dice gap, worst
+    client and client std; then the references. The rim (FairSeg's pair is rim and cup) only
+    for runs that wrote its rows (raysim >= 0.6)."""
     per_run = comparison.per_run
+    rim = comparison.has_rim
     keys = [
         ("dice_disc", "Dice disc"),
+        *([("dice_rim", "Dice rim")] if rim else []),
         ("dice_cup", "Dice cup"),
         ("dice", "Dice"),
         ("es_dice", "ES-Dice"),
+        *([("es_dice_rim", "ES-Dice rim")] if rim else []),
         ("dice_gap", "Dice gap (race)"),
         ("worst_dice", "worst client Dice"),
         ("client_std", "client std"),
