@@ -103,14 +103,15 @@ def new_actor(driver: RunState, i: int, group: list[ClientSpec]) -> Any:
     return actor
 
 
-def release_actors(driver: RunState, *, reusable: bool) -> None:
-    """The end of the run's actors: back to this process's supply when the run may hand them on
-    (`reusable`: it was not a Tune trial's; each answers `reset`, or is stopped), else stopped."""
+def release_actors(driver: RunState) -> None:
+    """The end of the run's actors: back to this process's supply (each answers `reset`, or is
+    stopped), whether the run finished or failed; stopped when there is none or the run was a
+    Tune trial's."""
     pool = driver.pool
     if pool is None:
         return
     supply = warm.current() if trial_group(driver.placement_group) is None else None
-    if supply is None or not reusable:
+    if supply is None:
         pool.kill()
         return
     live = [actor for _, actor in pool.live()]

@@ -153,7 +153,7 @@ class Driver:
         """Hand this run's actors back to this process's warm supply (`raysim.engine.warm`; none:
         stop them, each holds a process and its shards) and close the outputs (a URI run
         directory gets everything the staging copy has)."""
-        actor_startup.release_actors(self, reusable=True)
+        actor_startup.release_actors(self)
         self.recorder.close()
         if self.mirror is not None and self.run_dir.exists():
             checkpoint_stream.push(self, f"everything is in {self.run_dir}")
