@@ -36,8 +36,8 @@ import pandas as pd
 from raysim import config
 from raysim.client.pretraining import ensure_pretrained
 from raysim.datasets import DATASETS
-from raysim.engine import Engine
 from raysim.engine.driver import finished_run
+from raysim.engine.engine import Engine
 from raysim.reports import compare
 
 RATIOS = "[0.6, 0.2, 0.08, 0.06, 0.04, 0.02]"

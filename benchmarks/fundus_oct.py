@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 
 from raysim import config
-from raysim.engine import Engine
 from raysim.engine.driver import finished_run
+from raysim.engine.engine import Engine
 from raysim.outputs import runs
 
 ARMS: dict[str, list[str]] = {

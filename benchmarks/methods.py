@@ -32,8 +32,8 @@ import pandas as pd
 from raysim import config
 from raysim.algorithms import ALGORITHMS
 from raysim.datasets import DATASETS
-from raysim.engine import Engine
 from raysim.engine.driver import finished_run
+from raysim.engine.engine import Engine
 from raysim.outputs.runs import RunReadError, natural_key, read_run
 from raysim.reports import compare, compare_plots
 

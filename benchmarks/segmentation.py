@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad := [e for e in args.epochs if e < 1 or args.rounds % e]:
         parser.error(f"--epochs {bad}: each must divide --rounds {args.rounds} (equal compute: R / E rounds of E epochs)")
     if not args.report_only:
-        from raysim.engine import Engine  # Ray loads only when something trains
+        from raysim.engine.engine import Engine  # Ray loads only when something trains
 
         Engine().open()  # Ray, and one warm pool of client actors for every run below (raysim.engine.warm)
     done: dict[str, dict[Any, list[Path]]] = {"main": {}, "holdout": {}, "freq": {}}

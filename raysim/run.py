@@ -23,8 +23,8 @@ from raysim import algorithms, cli, console
 from raysim import config as config_mod
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DataError
-from raysim.engine.driver import Driver, RunFailed, latest_checkpoint
-from raysim.engine.engine import Engine, active
+from raysim.engine.driver import Driver, RunFailed
+from raysim.engine.engine import Engine, active, latest_name
 from raysim.outputs import resume_check, storage
 
 EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
@@ -135,13 +135,7 @@ def _read_config(run_dir: str) -> str | None:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
 
 
-def latest(run_dir: str) -> str | None:
-    """The newest complete checkpoint's name in a run directory (a path or a URI), if any."""
-    if storage.is_uri(run_dir):
-        found = storage.RunMirror(run_dir).latest_checkpoint()
-        return found.rsplit("/", 1)[-1] if found else None
-    found_path = latest_checkpoint(Path(run_dir))
-    return found_path.name if found_path else None
+latest = latest_name  # the newest complete checkpoint's name in a run directory (a path or a URI)
 
 
 new_default_run_dir = storage.new_default_run_dir  # where it lived before 0.8

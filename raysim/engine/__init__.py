@@ -6,14 +6,3 @@ The only package that imports Ray (the entry points `raysim.run` and `raysim.tun
 through this package); algorithms, datasets, models and metrics are plain Python and never
 import it (tests/test_lint.py checks both rules).
 """
-
-from typing import Any
-
-
-def __getattr__(name: str) -> Any:
-    """`raysim.engine.Engine`, imported on first use (the package's other modules need not load it)."""
-    if name == "Engine":
-        from raysim.engine.engine import Engine
-
-        return Engine
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -224,12 +224,6 @@ class DriverActor(DriverHost):
         """Client actors kept warm for the next run."""
         return self.supply.count()
 
-    def release(self) -> int:
-        """Stop the idle client actors (their CPUs and GPUs are wanted elsewhere); how many there were."""
-        n = self.supply.count()
-        self.supply.close()
-        return n
-
     @ray.method(num_returns="streaming")
     def rounds(self, resume: bool = False, until: int | None = None, heartbeat_s: float | None = None, snapshots: str | None = None) -> Iterator[Progress]:  # type: ignore[override]
         yield from DriverHost.rounds(self, resume, until, heartbeat_s, snapshots)

@@ -173,7 +173,7 @@ class Engine:
                 driver_actor.stop(actor, run_dir)  # one unreachable or silent may still run, holding the run lock
                 self.driver, self.driver_kind = None, None
                 losses += 1
-                newest = _latest_name(run_dir)
+                newest = latest_name(run_dir)
                 if losses > cfg.fault.max_restarts:
                     where = f"--resume {run_dir} continues from {newest}" if newest else "no checkpoint was complete yet"
                     raise RunFailed(f"the driver actor was lost {losses} times (fault.max_restarts={cfg.fault.max_restarts}); {where}") from err
@@ -212,7 +212,7 @@ class _EchoPrinter:
         pass
 
 
-def _latest_name(run_dir: str) -> str | None:
+def latest_name(run_dir: str) -> str | None:
     """The newest complete checkpoint's name in a run directory (a path or a URI), if any."""
     if storage.is_uri(run_dir):
         found = storage.RunMirror(run_dir).latest_checkpoint()
