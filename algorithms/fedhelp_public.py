@@ -34,7 +34,7 @@ import numpy as np
 from raysim.config import ConfigError, DataConfig, from_dict
 from raysim.datasets import DATASETS, synthetic
 from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard
-from raysim.datasets.cache import load_cached
+from raysim.datasets.cache import load_shards
 
 PUBLIC_SEED = 1  # generator seed of the default D_pub; raysim.pretrain's pool uses 0
 PUBLIC_PATIENTS = 500  # about 390 images in its training split: a few hundred, quick at 32 px
@@ -76,7 +76,7 @@ class PublicSet:
     def load(self, run_source: DataSource) -> tuple[Shard, np.ndarray]:
         """The pooled images (after the source's drop rules) as one shard, and their sample ids."""
         source = self.source(run_source)
-        shards = [load_cached(source, spec, split) for spec, split in self.parts]
+        shards = load_shards(source, self.parts)
         ids = [f"{spec.id}/{split}/{sid}" for (spec, split), shard in zip(self.parts, shards) for sid in shard.table.sample_ids]
         table = SampleTable.concat([s.table for s in shards])
         return Shard(np.concatenate([s.images for s in shards]), table), np.asarray(ids, dtype=str)

@@ -79,19 +79,6 @@ def run_once(run_dir: Path, overrides_: list[str]) -> Path:
     from raysim.engine.driver import finished_run  # Ray loads only when something trains
 
     return finished_run(config.load("segmentation", overrides_), run_dir)
-    from raysim.engine.driver import Driver  # Ray loads only when something trains
-
-    cfg = config.load("segmentation", overrides_)
-    if run_dir.exists():  # an interrupted run: start it again
-        import shutil
-
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(config.dump(cfg))
-    start = time.perf_counter()
-    Driver(cfg, run_dir, echo=lambda _: None).run()
-    (run_dir / "DONE").write_text(f"{time.perf_counter() - start:.1f}\n")
-    return run_dir
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, int, Path, list[str]]]:

@@ -25,6 +25,8 @@ def resize_chw(image: np.ndarray, size: int, channels: int) -> np.ndarray:
         image = image[:, :, None]
     if image.ndim != 3:
         raise ValueError(f"expected a 2D image (H, W) or (H, W, C), got shape {image.shape}")
+    if image.shape == (size, size, channels) and image.dtype == np.uint8:
+        return np.ascontiguousarray(image.transpose(2, 0, 1))  # nothing to resize or mix (MedMNIST at its own size): what the path below gives
     tensor = torch.from_numpy(np.ascontiguousarray(image)).to(torch.float32).permute(2, 0, 1)[None]
     if tensor.shape[1] != channels:
         tensor = tensor.mean(dim=1, keepdim=True).expand(-1, channels, -1, -1) if channels == 1 or tensor.shape[1] == 1 else tensor[:, :channels]

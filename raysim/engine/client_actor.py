@@ -21,7 +21,7 @@ from raysim.algorithms import build as build_algorithm
 from raysim.client.client import Client
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec, DataError
-from raysim.datasets.cache import load_cached
+from raysim.datasets.cache import load_shards
 from raysim.determinism import deterministic_torch
 from raysim.engine import checkpoints
 from raysim.types import Predictions, Tensors, Update
@@ -84,10 +84,12 @@ class ClientHost:
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         task = self.algorithm.task  # segmentation: masks load here, beside the images, and never leave
         id_key = secrets.id_key(cfg.eval, None)  # eval.pseudonymize: read here, so raw ids never leave (a key file on a cluster)
+        wanted = [(spec, split) for spec in specs for split in spec.splits]
+        shards = iter(load_shards(source, wanted, masks=task.needs_masks))  # one look-up and at most one pack written for all
         self.clients = {
             spec.id: Client(
                 spec,
-                {split: load_cached(source, spec, split, masks=task.needs_masks) for split in spec.splits},
+                {split: next(shards) for split in spec.splits},
                 model,
                 initial_state=initial,
                 channels=source.channels,

@@ -11,7 +11,7 @@ import pytest
 from raysim.config import DataConfig
 from raysim.datasets import DATASETS, DataError
 from raysim.datasets.base import SampleTable
-from raysim.datasets.cache import cache_root, load_cached
+from raysim.datasets.cache import cached_keys, load_cached
 from raysim.datasets.fairfedmed_oph import FairFedMedOph
 from raysim.datasets.partition import split_pool
 
@@ -122,4 +122,4 @@ def test_cache_never_serves_another_partitions_shard(oph300: Path, monkeypatch: 
         assert isinstance(shard.images, np.memmap) == cached
         assert list(shard.table.sample_ids) == list(direct.table.sample_ids)
         assert np.array_equal(shard.images, direct.images)
-    assert len(list((cache_root() / "shards").iterdir())) == 2
+    assert len(cached_keys()) == 2

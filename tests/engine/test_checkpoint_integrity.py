@@ -166,22 +166,24 @@ def test_a_damaged_shard_cache_entry_is_rebuilt_and_entries_are_written_durably(
     spec = src.client_specs()[0]
     calls = Syscalls(monkeypatch)
     first = load_cached(src, spec, "train")
-    (folder,) = (tmp_path / "cache" / "shards").iterdir()
-    synced = {Path(path).name for kind, path in calls.calls if kind == "fsync"}
-    assert {"images.npy", "kept.npy", "meta.json", "shards"} <= synced, synced  # the files, then the renamed folder's parent
-    images, meta = folder / "images.npy", folder / "meta.json"
+    (source_folder,) = (tmp_path / "cache" / "shards").iterdir()
+    (pack,) = source_folder.iterdir()
+    synced = [Path(path).name for kind, path in calls.calls if kind == "fsync"]
+    assert synced[:2] == ["images.npy", "index.json"] and synced[-1] == source_folder.name, synced  # the files, then the renamed pack's folder
+    images, index = pack / "images.npy", pack / "index.json"
     {
         "empty images": lambda: images.write_bytes(b""),
         "cut images": lambda: images.write_bytes(images.read_bytes()[:-7]),
-        "no meta": meta.unlink,
-        "bad meta": lambda: meta.write_text("{"),
+        "no meta": index.unlink,
+        "bad meta": lambda: index.write_text("{"),
     }[damage]()
     again = load_cached(src, spec, "train")
-    assert not isinstance(again.images, np.memmap)  # decoded, not read from the damaged entry
+    assert not isinstance(again.images, np.memmap)  # decoded, not read from the damaged pack
     assert np.array_equal(again.images, first.images) and list(again.table.sample_ids) == list(first.table.sample_ids)
     third = load_cached(src, spec, "train")
-    assert isinstance(third.images, np.memmap) and np.array_equal(third.images, first.images)  # the rebuilt entry
-    assert [p.name for p in (tmp_path / "cache" / "shards").iterdir()] == [folder.name]
+    assert isinstance(third.images, np.memmap) and np.array_equal(third.images, first.images)  # the rebuilt pack
+    (rebuilt,) = source_folder.iterdir()  # the damaged pack set aside and removed
+    assert rebuilt != pack
 
 
 # --- 7. what --resume may change -----------------------------------------------------------------
