@@ -29,8 +29,8 @@ def save(driver: RunState, round_: int, state: ServerState) -> None:
     run on other nodes); the manifest names every client's latest file; COMPLETE last."""
     folder = checkpoints.folder(driver.run_dir, round_)
     folder.mkdir(parents=True, exist_ok=True)
-    checkpoints.write_server(folder, round_, state)
     manifest, written, complete = dict(driver.manifest), {}, True
+    written[checkpoints.relative(folder / checkpoints.SERVER)] = checkpoints.write_server(folder, round_, state)
     streams = {i: actor.save_changed.remote() for i, actor in driver.pool.live()}  # all actors serialize at once; retired ones never
     phase = f"round {round_}: checkpoint, client actors written"
     for n, (i, stream) in enumerate(streams.items()):

@@ -131,3 +131,15 @@ def test_an_actor_streams_its_clients_states_and_never_gets_a_path(oph_root: Pat
     assert list(host.save_changed()) == [[]]
     with pytest.raises(CheckpointError, match="round_0001/clients/actor_000.pt: not a raysim checkpoint"):
         host.restore([("round_0001/clients/actor_000.pt", ["site1"])], b"not a torch file")
+
+
+def test_the_server_file_is_hashed_while_written_not_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29, item 5: reading a 45 MB server state back for its sha256 cost every round 70 ms."""
+    folder = checkpoints.folder(tmp_path, 1)
+    state_ = {"weights": {"w": torch.arange(100_000, dtype=torch.float32)}}
+    described = checkpoints.write_server(folder, 1, state_)
+    assert described == checkpoints.describe(folder / checkpoints.SERVER)  # size and sha256 of the bytes on disk
+    assert torch.equal(checkpoints.load_server(folder)[0]["weights"]["w"], state_["weights"]["w"])
+    monkeypatch.setattr(checkpoints, "sha256", lambda path: pytest.fail(f"{path} read back for its hash"))
+    files = checkpoints.complete(folder, 1, {}, {}, {checkpoints.relative(folder / checkpoints.SERVER): described}, keep=2)
+    assert files[checkpoints.relative(folder / checkpoints.SERVER)] == described
