@@ -1,6 +1,6 @@
 """Scale (issue 12): raysim against a single-process reference loop on three workloads.
 
-    python benchmarks/scale.py [--cases cross_device cross_device_10k cross_silo] [--cohorts 20 200 1000]
+    python benchmarks/scale.py [--cases cross_device cross_device_10k cross_silo tune] [--cohorts 20 200 1000]
                                [--rounds 3] [--threads N] [--out DIR] [--quick]
 
 Each measured process is started fresh and timed from outside the same way: raysim as a user
@@ -37,6 +37,12 @@ when the cores are oversubscribed.
   same model with `raysim.models.build_model` and does the same training and evaluation
   (predictions on val and test of every client at the same rounds; AUC); whole-process wall.
 
+- tune: `python -m raysim.tune` on a study of the embedded default with 4 trials (a grid over
+  federation.lr, FIFO, one trial at a time), once at 2 rounds per trial and once at 4. A trial's
+  evaluated rounds cost the same in both, so (2 x wall(2 rounds) - wall(4 rounds)) / 4 is the
+  time a trial spends outside its rounds (its driver and client actors started, its shards
+  loaded, Tune's bookkeeping), with the study's own start-up (Ray, Tune) spread over its trials.
+
 raysim's decoded-shard cache ($RAYSIM_CACHE = --out/cache) is emptied before every raysim run,
 so each one decodes its images as a first run does; the data files and the synthetic set are
 written once beforehand, outside every timing. One JSON per measured process under
@@ -72,7 +78,8 @@ HERE = Path(__file__).resolve()
 ROUND = re.compile(r"^round\s+(\d+)/(\d+) \| clients (\d+) \| .*?(\d+(?:\.\d+)?) s/round")
 ACTORS = re.compile(r"^starting (\d+) client actors")
 IMAGES_PER_CLIENT = {"train": 20, "val": 2, "test": 5}
-WORKLOADS = ("cross_device", "cross_device_10k", "cross_silo")
+WORKLOADS = ("cross_device", "cross_device_10k", "cross_silo", "tune")
+TUNE_LRS = [3e-4, 1e-3, 3e-3, 1e-2]  # the 4 trials of the Tune study (a grid: the same trials every time)
 GB = 1e9
 
 
@@ -214,6 +221,42 @@ def run_raysim(out: Path, name: str, overrides: list[str]) -> dict[str, Any]:
     if result["rc"] == 0:
         result["test_auc"] = final_test_auc(run_dir)
     return result
+
+
+def run_tune(out: Path, name: str, overrides: list[str]) -> dict[str, Any]:
+    """The 4-trial study of the embedded default with `overrides` (federation.rounds), whole process."""
+    import yaml
+
+    study = {
+        "base": {"config": "default", "overrides": overrides}, "search_space": {"federation.lr": {"grid_search": TUNE_LRS}},
+        "objective": "auc", "mode": "max", "num_samples": 1, "scheduler": {"name": "fifo"}, "max_concurrent_trials": 1,
+    }  # fmt: skip
+    path = out / "specs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(study))
+    study_dir = out / "runs" / name
+    shutil.rmtree(study_dir, ignore_errors=True)
+    shutil.rmtree(out / "cache" / "shards", ignore_errors=True)  # the first trial decodes, as a first run does
+    return run_process([sys.executable, "-m", "raysim.tune", str(path), "--out", str(study_dir)], cwd=out, log=out / "logs" / f"{name}.log", env=child_env(out))
+
+
+def tune_table(result: dict[str, dict[str, Any]], trials: int) -> list[str]:
+    short, long_ = result["short"], result["long"]
+    if short["rc"] or long_["rc"]:
+        return ["", f"Tune study: failed ({short['log']}, {long_['log']})"]
+    outside = (2 * short["wall_s"] - long_["wall_s"]) / trials
+    rounds = (long_["wall_s"] - short["wall_s"]) / trials
+    return [
+        "",
+        f"A {trials}-trial Tune study of the embedded default (`python -m raysim.tune`, FIFO, one trial at a time), whole process:",
+        "",
+        "| rounds per trial | study wall (s) | memory (GB) |",
+        "|---|---|---|",
+        f"| {result['short']['rounds']} | {short['wall_s']:.1f} | {short['memory_gb']:.2f} |",
+        f"| {result['long']['rounds']} | {long_['wall_s']:.1f} | {long_['memory_gb']:.2f} |",
+        "",
+        f"Per trial: {outside:.1f} s outside its rounds (the study's start-up spread over its trials), {rounds:.1f} s for each {result['short']['rounds']} rounds.",
+    ]
 
 
 def run_reference(out: Path, name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -608,6 +651,8 @@ def tables(machine: dict[str, Any], cases: list[Case], results: dict[str, dict[s
                    ("memory (GB)", "memory_gb", 2, 1, False), ("mean test AUC", "test_auc", 1, 100, False)]  # fmt: skip
         lines += side_by_side(columns, results[c.name]["raysim"], results[c.name]["reference"])
         lines += start_up_table(results[c.name])
+    if "tune" in results:
+        lines += tune_table(results["tune"], len(TUNE_LRS))
     return "\n".join(lines)
 
 
@@ -670,6 +715,13 @@ def main() -> None:
         if case.workload == "cross_silo":  # the floor, and the same run twice in one Engine (issue 29)
             results[case.name]["floor"] = measured(args.out, f"{case.name}.floor", {"floor": 1}, lambda c=case: run_floor(args.out, f"{c.name}.floor"))
             results[case.name]["warm"] = measured(args.out, f"{case.name}.warm", {"overrides": case.overrides}, lambda c=case: run_warm(args.out, f"{c.name}.warm", c.overrides))
+    if "tune" in args.cases:  # no reference loop: the study at two budgets (see the module docstring)
+        tune = {}
+        for key, rounds in (("short", 2), ("long", 4)):
+            overrides = [f"federation.rounds={rounds}", *(["model.name=test_resnet"] if args.quick else [])]
+            name = "tune-" + "-".join(o.replace("=", "_") for o in overrides)
+            tune[key] = measured(args.out, name, {"overrides": overrides, "lrs": TUNE_LRS}, lambda n=name, o=overrides: run_tune(args.out, n, o)) | {"rounds": rounds}
+        results["tune"] = tune
     text = tables(machine, cases, results)
     (args.out / "scale.json").write_text(json.dumps({"machine": machine, "results": results, "tables": text}, indent=1))
     print("\n" + text)
