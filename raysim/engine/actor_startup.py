@@ -139,17 +139,22 @@ def echo_shards(echo: console.Echo, described: dict[str, Any]) -> None:
 
 
 def client_setup(driver: RunState) -> dict[str, Any]:
-    """Every client's `Algorithm.client_setup`, by client id; a failure ends the run before training."""
+    """Every client's `Algorithm.client_setup`, by client id; a failure ends the run before training.
+    One call per actor for all its clients: a call per client cost 10,000 clients 10,000 Ray
+    round trips before round 1, mostly to return FedAvg's nothing."""
     out: dict[str, Any] = {}
+    groups = [(i, [spec.id for spec in group if spec.id in driver.specs]) for i, group in enumerate(driver.pool.plan)]
+    asked = [(ids, driver.pool.actors[i].setup_clients.remote(ids)) for i, ids in groups if ids]
+    done = 0
     console.report("client setup", 0, len(driver.specs))
-    for done, (cid, result) in enumerate(driver.pool.ordered("setup", sorted(driver.specs), window=8, timeout=driver.deadline("start")), start=1):
+    for ids, ref in asked:
+        try:
+            out.update(ray.get(ref, timeout=driver.deadline("start")))
+        except RayTaskError as err:
+            raise unwrap(err) from None
+        done += len(ids)
         console.report("client setup", done, len(driver.specs))
-        if isinstance(result, RayTaskError):
-            raise unwrap(result) from None
-        if isinstance(result, Exception):
-            raise result
-        out[cid] = result
-    return out
+    return {cid: out[cid] for cid in sorted(out)}
 
 
 def trial_group(given: PlacementGroup | None) -> PlacementGroup | None:

@@ -125,6 +125,10 @@ class ClientHost:
             self.changed.add(client_id)
         return shared
 
+    def setup_clients(self, client_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """`setup` of each of `client_ids`, in that order, in one call (the driver's start-up)."""
+        return {cid: self.setup(cid) for cid in client_ids}
+
     def set_payload(self, payload: Tensors, values: dict[str, Any] | None = None) -> None:
         """What the server sends this round (or for this evaluation): fetched once per actor, used
         by every later `fit` / `statistics` / `evaluate` call that passes no payload of its own;

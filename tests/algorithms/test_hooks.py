@@ -104,3 +104,16 @@ def test_the_default_sampler_is_seeded_by_seed_and_round_alone(oph_root: Path) -
     expected = sorted(rng(algorithm.cfg.seed, "sample", 3).choice(20, size=5, replace=False))
     assert first == [clients[i] for i in expected]  # the selections 0.2.0 made
     assert algorithm.sample_clients(3, clients, 50, {}) == clients
+
+
+def test_an_actor_sets_all_its_clients_up_in_one_call_with_each_clients_own_result(oph_root: Path) -> None:
+    """Issue 29: `setup_clients` is the driver's one call per actor before round 1 (a call per
+    client cost 10,000 clients 10,000 round trips); each result is the client's own `setup`."""
+    batched, single = make_host(oph_root, "fedrdn"), make_host(oph_root, "fedrdn")
+    shared = batched.setup_clients(["site2", "site1"])
+    assert list(shared) == ["site2", "site1"]
+    for cid in ("site1", "site2"):
+        one = single.setup(cid)
+        assert one.keys() == shared[cid].keys() and one  # FedRDN shares its channel statistics
+        assert all(torch.equal(torch.as_tensor(one[k]), torch.as_tensor(shared[cid][k])) for k in one)
+    assert batched.changed == single.changed == {"site1", "site2"}  # statistics kept: state to save
