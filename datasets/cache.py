@@ -30,7 +30,6 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -47,35 +46,33 @@ def cache_root() -> Path:
 
 
 def shard_key(source: DataSource, spec: ClientSpec, split: str) -> str:
-    table = spec.splits[split]
-    blob = json.dumps({**_source_part(source), "client": spec.id}, sort_keys=True, default=str).encode()
-    digest = hashlib.sha256(blob)
-    digest.update("\n".join(map(str, table.sample_ids)).encode())
+    digest = hashlib.sha256(f"{_source_digest(source)}\n{spec.id}\n".encode())
+    digest.update("\n".join(map(str, spec.splits[split].sample_ids)).encode())
     return digest.hexdigest()[:24]
-
-
-_SOURCE_PARTS: weakref.WeakKeyDictionary[DataSource, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-def _source_part(source: DataSource) -> dict[str, Any]:
-    """What every shard key of `source` shares, computed once per source object: its fingerprint
-    reads and hashes its metadata files (every CSV, or a MedMNIST npz's labels), which per shard
-    cost an actor of 5,000 clients 15,000 reads. A run builds its source once, so a file changed
-    between runs still changes the next run's keys."""
-    part = _SOURCE_PARTS.get(source)
-    if part is None:
-        settings = asdict(source.cfg)
-        for unrelated in ("val_fraction", "attribute", "keep_unknown", "partition", "num_clients", "alpha", "ratios"):
-            settings.pop(unrelated, None)  # these choose rows (in the sample ids), not pixels
-        part = {"v": FORMAT_VERSION, "source": source.name, "fingerprint": source.fingerprint(), "settings": settings, "img_size": source.img_size}
-        _SOURCE_PARTS[source] = part
-    return part
 
 
 def source_folder(source: DataSource) -> Path:
     """The folder of `source`'s packs (one per fingerprint, pixel settings and image size)."""
-    blob = json.dumps(_source_part(source), sort_keys=True, default=str).encode()
-    return cache_root() / "shards" / f"{source.name}-{hashlib.sha256(blob).hexdigest()[:16]}"
+    return cache_root() / "shards" / f"{source.name}-{_source_digest(source)[:16]}"
+
+
+_SOURCE_DIGESTS: weakref.WeakKeyDictionary[DataSource, str] = weakref.WeakKeyDictionary()
+
+
+def _source_digest(source: DataSource) -> str:
+    """The sha256 of what every shard of `source` shares (its fingerprint, the settings that
+    change pixels, the image size), computed once per source object: the fingerprint reads and
+    hashes its metadata files (every CSV, or a MedMNIST npz's labels), which per shard cost an
+    actor of 5,000 clients 15,000 reads. A run builds its source once, so a file changed between
+    runs still changes the next run's keys."""
+    digest = _SOURCE_DIGESTS.get(source)
+    if digest is None:
+        settings = asdict(source.cfg)
+        for unrelated in ("val_fraction", "attribute", "keep_unknown", "partition", "num_clients", "alpha", "ratios"):
+            settings.pop(unrelated, None)  # these choose rows (in the sample ids), not pixels
+        shared = {"v": FORMAT_VERSION, "source": source.name, "fingerprint": source.fingerprint(), "settings": settings, "img_size": source.img_size}
+        digest = _SOURCE_DIGESTS[source] = hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()
+    return digest
 
 
 def load_cached(source: DataSource, spec: ClientSpec, split: str, *, masks: bool = False) -> Shard:
