@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -66,3 +67,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Under pytest-xdist (setup.cfg's `-n 2`) a test marked `exclusive` runs while no other worker
+    runs a test: the ones that time a deadline or a wait, which a second worker on the same cores
+    would slow past its bound. The others share. A waiting exclusive test goes first: new shared
+    tests queue behind it (a turnstile), so it is not starved by a worker that never pauses."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:
+        yield
+        return
+    with _exclusive_lock(run_id, exclusive=item.get_closest_marker("exclusive") is not None):
+        yield
+
+
+@contextlib.contextmanager
+def _exclusive_lock(run_id: str, *, exclusive: bool):
+    import fcntl
+
+    base = Path(tempfile.gettempdir()) / f"raysim-tests-{run_id}"
+    with open(f"{base}.turnstile", "a") as turnstile, open(f"{base}.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

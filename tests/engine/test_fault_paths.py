@@ -42,6 +42,7 @@ def _kill(pids: list[int]) -> None:
             pass
 
 
+@pytest.mark.exclusive  # its deadline is timed
 def test_a_hung_actor_under_drop_is_killed_and_left_out_of_later_calls(ray_session, oph_root: Path, tmp_path: Path) -> None:
     """Issue 26.2: the actor hosting site1 stops (SIGSTOP) after round 1. It costs one deadline in
     round 2, is killed (its process goes), and neither round 3 nor its checkpoint waits for it;
@@ -99,6 +100,7 @@ def test_a_run_whose_every_client_fails_stops_resumable_with_exit_1(ray_session,
     assert checkpoints.usable(run_dir)[0].name == "round_0002"
 
 
+@pytest.mark.exclusive  # its deadline is timed
 def test_a_silent_driver_actor_is_killed_and_the_run_resumed(ray_session, oph_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 26.6: the driver actor stops (SIGSTOP) after its first checkpoint, holding the run
     lock. Its heartbeats stop; after fault.driver_timeout_s the CLI kills it (else the next

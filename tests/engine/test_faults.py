@@ -61,6 +61,7 @@ def test_a_killed_client_actor_is_replaced_and_the_rounds_replayed_exactly(unint
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "killed" / "metrics.parquet"), uninterrupted, check_exact=True)
 
 
+@pytest.mark.exclusive  # its deadline is timed
 def test_a_hung_client_actor_misses_its_deadline_and_is_replaced(uninterrupted, oph_root: Path, tmp_path: Path) -> None:
     lines: list[str] = []
     driver = make_driver(oph_root, tmp_path / "hung", lines, **ROUNDS, **{"fault.min_timeout_s": 8, "fault.timeout_factor": 1})

@@ -290,6 +290,7 @@ def test_bootstrap_single_class_is_nan_without_spam() -> None:
     assert math.isnan(lo) and math.isnan(hi)
 
 
+@pytest.mark.exclusive  # timed
 def test_bootstrap_multiclass_and_speed() -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 1000)

@@ -383,6 +383,7 @@ def test_http_redirects_are_not_followed(server_url: str, monkeypatch: pytest.Mo
     assert [path for path, _, _ in Handler.seen] == ["/redirect"]  # the token never went to the new address
 
 
+@pytest.mark.exclusive  # timed
 def test_http_deadline_bounds_all_batches_and_a_trickling_answer(server_url: str) -> None:
     started = time.monotonic()
     with pytest.raises(FoundationModelError, match=r"images 1..1\).*deadline of 0.8 s for all batches passed \(option deadline\); 1 of 4 batches had been answered"):
