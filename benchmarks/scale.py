@@ -1,7 +1,7 @@
 """Scale (issue 12): raysim against a single-process reference loop on three workloads.
 
     python benchmarks/scale.py [--cases cross_device cross_device_10k cross_silo tune] [--cohorts 20 200 1000]
-                               [--rounds 3] [--threads N] [--out DIR] [--quick]
+                               [--rounds 3] [--threads N] [--out DIR] [--quick] [--flower PYTHON]
 
 Each measured process is started fresh and timed from outside the same way: raysim as a user
 runs it (`python -m raysim.run ... --out RUN_DIR`, started in --out, not the repo root), the
@@ -24,10 +24,14 @@ when the cores are oversubscribed.
   uint8, binary labels with a learnable bright disc, 20 train + 2 val + 5 test images per
   client, generator seed 0), 1,000 IID clients (about 17 train images each after raysim's 15 %
   validation carve), resnet18 at 28 px from scratch, 1 local epoch, Adam, the default batch
-  size, lr, checkpointing and evaluation, 20 / 200 / 1,000 clients per round. Reference: the
-  same file and split sizes, one timm model reused in place (`load_state_dict` of the global
-  weights per client), a fresh Adam per client, a running float64 weighted sum, as many torch
-  threads as the pool has cores (--threads); no evaluation, no checkpoint.
+  size, lr and checkpointing, evaluated after the last round only (eval.every=R), 20 / 200 /
+  1,000 clients per round. Reference: the same file and split sizes, one timm model reused in
+  place (`load_state_dict` of the global weights per client), a fresh Adam per client, a
+  running float64 weighted sum, as many torch threads as the pool has cores (--threads); no
+  evaluation, no checkpoint. "training round": the median of the rounds between the first and
+  the last (with 2 rounds, the first), raysim's with its checkpoint. With --flower PYTHON the
+  cohorts of up to 200 also run on Flower's simulation engine (benchmarks/scale_flower.py in
+  Flower's own venv, the same npz and settings; its round: the median after the first).
 - cross_device_10k: 10,000 clients, 100 per round, test_resnet at 28 px, 3 rounds, evaluated
   after the last round only (eval.every=R): "to round R" (start-up, ray.init, actors, data
   loading and R rounds with their checkpoints) against the reference's (data loading and R
@@ -81,6 +85,7 @@ IMAGES_PER_CLIENT = {"train": 20, "val": 2, "test": 5}
 WORKLOADS = ("cross_device", "cross_device_10k", "cross_silo", "tune")
 TUNE_LRS = [3e-4, 1e-3, 3e-3, 1e-2]  # the 4 trials of the Tune study (a grid: the same trials every time)
 GB = 1e9
+FLOWER_MAX_PER_ROUND = 200  # Flower keeps a round's replies: 1,000 per round passes the memory cap (RESULTS.md)
 
 
 # --- measuring a process from outside ----------------------------------------------------------
@@ -496,6 +501,21 @@ def warm_main(spec_path: Path) -> None:
     print("RESULT " + json.dumps({"runs": results}), flush=True)
 
 
+def run_flower(out: Path, name: str, python: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """The same cross-device workload on Flower's simulation engine (benchmarks/scale_flower.py, in
+    Flower's own venv: `python`): the same npz, clients, cohort, rounds, model and optimiser."""
+    numbers = out / "results" / f"{name}.numbers.json"
+    cmd = [str(python), str(HERE.parent / "scale_flower.py"), "--data", spec["npz"], "--clients", str(spec["clients"]), "--per-round", str(spec["per_round"]),
+           "--rounds", str(spec["rounds"]), "--model", spec["model"], "--epochs", str(spec["local_epochs"]), "--batch-size", str(spec["batch_size"]), "--lr", str(spec["lr"]),
+           "--val-fraction", str(spec["val_fraction"]), "--seed", str(spec["seed"]), "--out", str(numbers)]  # fmt: skip
+    env = {k: v for k, v in child_env(out).items() if not k.startswith(("RAY_", "VIRTUAL_ENV"))}  # Flower starts its own Ray
+    result = run_process(cmd, cwd=out, log=out / "logs" / f"{name}.log", env=env)
+    if result["rc"] == 0:
+        flower = json.loads(numbers.read_text())
+        result |= {"round_s": flower["round_median_after_first_s"], "memory_gb": flower["mem_peak_above_idle_gb"], "flower": flower}
+    return result
+
+
 def run_floor(out: Path, name: str) -> dict[str, Any]:
     return run_process([sys.executable, str(HERE), "--floor"], cwd=out, log=out / "logs" / f"{name}.log", env=child_env(out))
 
@@ -561,7 +581,8 @@ def medmnist_cases(args: argparse.Namespace, workload: str, clients: int, cohort
 def build_cases(args: argparse.Namespace) -> list[Case]:
     quick, cases = args.quick, []
     if "cross_device" in args.cases:
-        cases += medmnist_cases(args, "cross_device", 100 if quick else 1000, args.cohorts, "test_resnet" if quick else "resnet18", [])
+        # evaluated after the last round only, so the rounds before it are training rounds to compare
+        cases += medmnist_cases(args, "cross_device", 100 if quick else 1000, args.cohorts, "test_resnet" if quick else "resnet18", [f"eval.every={args.rounds}"])
     if "cross_device_10k" in args.cases:
         clients, k = (1000, 20) if quick else (10_000, 100)
         cases += medmnist_cases(args, "cross_device_10k", clients, [k], "test_resnet", [f"eval.every={args.rounds}"])
@@ -600,6 +621,15 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def training_round(run: dict[str, Any]) -> float | None:
+    """A round that only trains (the cross-device cases evaluate after the last round only): the
+    median of the rounds between the first (warm-up) and the last; with 2 rounds, the first."""
+    times = run.get("round_times_s") or []
+    if run["rc"] != 0 or not times:
+        return None
+    return float(statistics.median(times[1:-1])) if len(times) > 2 else times[0]
+
+
 def cell(run: dict[str, Any], key: str, digits: int = 1, scale: float = 1.0) -> str:
     if run["rc"] != 0:
         return f"failed (rc {run['rc']})"
@@ -633,12 +663,15 @@ def tables(machine: dict[str, Any], cases: list[Case], results: dict[str, dict[s
     if by_workload["cross_device"]:
         c0 = by_workload["cross_device"][0]
         lines += ["", f"Cross-device, {c0.reference['model']} at 28 px, {c0.reference['rounds']} rounds:", "",
-                  "| clients / per round | raysim s/round | reference s/round | ratio | raysim memory | reference memory | raysim to round 1 (s) | raysim wall (s) | reference wall (s) |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| clients / per round | raysim training round (s) | reference (s) | ratio | Flower round (s) | ratio to Flower | raysim memory | reference memory | Flower memory | raysim to round 1 (s) | raysim wall (s) | reference wall (s) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for c in by_workload["cross_device"]:
             r, ref = results[c.name]["raysim"], results[c.name]["reference"]
-            cells = [cell(r, "round_s", 2), cell(ref, "round_s", 2), ratio(r.get("round_s"), ref.get("round_s")), cell(r, "memory_gb", 2), cell(ref, "memory_gb", 2)]
-            lines.append(f"| {c.label} | " + " | ".join([*cells, cell(r, "to_first_round_s"), cell(r, "wall_s"), cell(ref, "wall_s")]) + " |")
+            flower = results[c.name].get("flower") or {"rc": 0}
+            train, ref_train = training_round(r), training_round(ref)
+            cells = [f"{train:.2f}" if train else "-", f"{ref_train:.2f}" if ref_train else "-", ratio(train, ref_train), cell(flower, "round_s", 2), ratio(train, flower.get("round_s")),
+                     cell(r, "memory_gb", 2), cell(ref, "memory_gb", 2), cell(flower, "memory_gb", 2), cell(r, "to_first_round_s"), cell(r, "wall_s"), cell(ref, "wall_s")]  # fmt: skip
+            lines.append(f"| {c.label} | " + " | ".join(cells) + " |")
     for c in by_workload["cross_device_10k"]:
         rounds = c.reference["rounds"]
         lines += ["", f"{c.label} clients per round, {c.reference['model']} at 28 px, {rounds} rounds, evaluated after the last:", ""]
@@ -686,6 +719,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the reference loop (default: all cores, as raysim's pool)")
     parser.add_argument("--out", type=Path, default=None, help="default benchmark-runs/scale (--quick: benchmark-runs/scale-quick)")
     parser.add_argument("--quick", action="store_true", help="a smoke test of a few minutes")
+    parser.add_argument(
+        "--flower",
+        type=Path,
+        metavar="PYTHON",
+        help=f"also run the cross_device cohorts of up to {FLOWER_MAX_PER_ROUND} per round on Flower with this python (a venv with flwr[simulation]; see scale_flower.py)",
+    )
     parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)  # internal: run one reference loop
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)  # internal: measure the start-up floor
     parser.add_argument("--warm", type=Path, help=argparse.SUPPRESS)  # internal: one run twice in one Engine
@@ -712,6 +751,9 @@ def main() -> None:
             "raysim": measured(args.out, f"{case.name}.raysim", {"overrides": case.overrides}, lambda c=case: run_raysim(args.out, f"{c.name}.raysim", c.overrides)),
             "reference": measured(args.out, f"{case.name}.reference", case.reference, lambda c=case: run_reference(args.out, f"{c.name}.reference", c.reference)),
         }
+        if case.workload == "cross_device" and args.flower and case.reference["per_round"] <= FLOWER_MAX_PER_ROUND:
+            params = {"python": str(args.flower), **case.reference}
+            results[case.name]["flower"] = measured(args.out, f"{case.name}.flower", params, lambda c=case: run_flower(args.out, f"{c.name}.flower", args.flower, c.reference))
         if case.workload == "cross_silo":  # the floor, and the same run twice in one Engine (issue 29)
             results[case.name]["floor"] = measured(args.out, f"{case.name}.floor", {"floor": 1}, lambda c=case: run_floor(args.out, f"{c.name}.floor"))
             results[case.name]["warm"] = measured(args.out, f"{case.name}.warm", {"overrides": case.overrides}, lambda c=case: run_warm(args.out, f"{c.name}.warm", c.overrides))
