@@ -587,7 +587,7 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
         clients, k = (1000, 20) if quick else (10_000, 100)
         cases += medmnist_cases(args, "cross_device_10k", clients, [k], "test_resnet", [f"eval.every={args.rounds}"])
     if "cross_silo" in args.cases:
-        overrides = ["federation.rounds=2", "model.name=test_resnet"] if quick else []
+        overrides = (["federation.rounds=2", "model.name=test_resnet"] if quick else []) + args.silo_overrides
         from raysim import config
         from raysim.datasets import DATASETS
 
@@ -725,6 +725,7 @@ def main() -> None:
         metavar="PYTHON",
         help=f"also run the cross_device cohorts of up to {FLOWER_MAX_PER_ROUND} per round on Flower with this python (a venv with flwr[simulation]; see scale_flower.py)",
     )
+    parser.add_argument("--silo-overrides", nargs="+", default=[], metavar="KEY=VALUE", help="raysim overrides for the cross_silo case, e.g. resources.actors=3 (its own results)")
     parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)  # internal: run one reference loop
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)  # internal: measure the start-up floor
     parser.add_argument("--warm", type=Path, help=argparse.SUPPRESS)  # internal: one run twice in one Engine
