@@ -1,7 +1,8 @@
-"""Scale (issue 12): raysim against a single-process reference loop on three workloads.
+"""Scale (issues 12 and 29): raysim against a single-process reference loop on four workloads.
 
     python benchmarks/scale.py [--cases cross_device cross_device_10k cross_silo tune] [--cohorts 20 200 1000]
                                [--rounds 3] [--threads N] [--out DIR] [--quick] [--flower PYTHON]
+                               [--silo-overrides KEY=VALUE ...]
 
 Each measured process is started fresh and timed from outside the same way: raysim as a user
 runs it (`python -m raysim.run ... --out RUN_DIR`, started in --out, not the repo root), the
