@@ -21,8 +21,8 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raysim import console, provenance
-from raysim.config import ConfigError, ResourcesConfig
-from raysim.datasets import ClientSpec
+from raysim.config import ConfigError, ExperimentConfig, ResourcesConfig
+from raysim.datasets import DATASETS, ClientSpec
 from raysim.engine import placement, warm
 from raysim.engine.client_actor import ClientActor
 from raysim.engine.failures import RunFailed, answers, unwrap
@@ -91,9 +91,23 @@ def load_clients(driver: RunState) -> None:
 def empty_actor(driver: RunState, i: int) -> Any:
     """A new client actor for place i of the plan, empty until `load` (in a Tune trial: pinned to
     bundle i + 1; bundle 0 is the driver's)."""
-    res, pg = driver.cfg.resources, trial_group(driver.placement_group)
+    pg = trial_group(driver.placement_group)
     pinned = {} if pg is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i + 1)}
-    return ClientActor.options(num_cpus=res.actor_cpus, num_gpus=res.num_gpus, **pinned).remote()
+    return launch(driver.cfg.resources, **pinned)
+
+
+def launch(res: ResourcesConfig, **options: Any) -> Any:
+    """A new, empty client actor asking Ray for `res`'s CPUs and GPU share."""
+    return ClientActor.options(num_cpus=res.actor_cpus, num_gpus=res.num_gpus, **options).remote()
+
+
+def planned_count(cfg: ExperimentConfig) -> int:
+    """How many client actors `start_actors` will ask for, computed before the driver runs (an
+    `Engine` starts them beside a new driver actor): the source's clients, sized as
+    `actor_count` sizes them outside a Tune trial. A method that leaves a client out
+    (FedHelp's public site) makes this one too many; `warm.ActorSupply.take` stops the surplus."""
+    source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
+    return actor_count(cfg.resources, None, len(source.client_specs()))
 
 
 def new_actor(driver: RunState, i: int, group: list[ClientSpec]) -> Any:

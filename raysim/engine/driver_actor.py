@@ -5,7 +5,8 @@ server-trained generator, DP noise) its own resources in the cluster (`resources
 `resources.driver_gpus`). The actor is pinned to the node of the process that starts it, so
 a local `--out` stays local, unless it asks for a GPU (then `--out` must be on storage every
 GPU node shares). Its client actors are its children: when the caller goes away (Ctrl-C, a
-killed job), the driver actor and with it every client actor goes too.
+killed job), the driver actor and with it every client actor goes too (those an `Engine`
+started beside a new driver actor are the caller's own children: they go with the caller).
 """
 
 from __future__ import annotations
@@ -223,6 +224,14 @@ class DriverActor(DriverHost):
     def idle_actors(self) -> int:
         """Client actors kept warm for the next run."""
         return self.supply.count()
+
+    def supply_counts(self) -> dict[str, int]:
+        """Client actors its runs started, took warm, and keep idle now (tests, benchmarks)."""
+        return {"started": self.supply.started, "reused": self.supply.reused, "idle": self.supply.count()}
+
+    def add_actors(self, kind: warm.ActorKind, actors: list[Any]) -> None:
+        """Empty client actors its Engine started beside it (`warm.ActorSupply.add_started`)."""
+        self.supply.add_started(kind, actors)
 
     @ray.method(num_returns="streaming")
     def rounds(self, resume: bool = False, until: int | None = None, heartbeat_s: float | None = None, snapshots: str | None = None) -> Iterator[Progress]:  # type: ignore[override]

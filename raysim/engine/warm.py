@@ -60,21 +60,29 @@ class ActorSupply:
 
     def __init__(self, make_room: Callable[[], None] | None = None) -> None:
         self.idle: dict[ActorKind, list[Any]] = {}
+        self.fresh: dict[ActorKind, list[Any]] = {}  # started for this supply by someone else, never loaded (`add_started`)
         self.make_room = make_room
         self.started = self.reused = 0  # actors this supply started, and handed out again (tests, benchmarks)
 
+    def add_started(self, kind: ActorKind, actors: list[Any]) -> None:
+        """Empty actors of `kind` started for this supply elsewhere: an `Engine` starts a new
+        driver actor's client actors beside it, so that both processes import torch at once
+        instead of one after the other. Taken after the idle ones, before any new one starts."""
+        self.fresh.setdefault(kind, []).extend(actors)
+
     def take(self, kind: ActorKind, n: int, start: Callable[[], Any]) -> list[Any]:
-        """`n` actors of `kind`: idle ones first, `start()` for the rest. Idle actors of other
-        kinds, and those of this kind beyond `n`, are stopped."""
-        for other in [k for k in self.idle if k != kind]:
-            _kill_all(self.idle.pop(other))
-        kept = self.idle.pop(kind, [])
-        _kill_all(kept[n:])
-        kept = kept[:n]
+        """`n` actors of `kind`: idle ones first, then those started for it (`add_started`),
+        `start()` for the rest. Actors of other kinds, and those of this kind beyond `n`, are stopped."""
+        for pool in (self.idle, self.fresh):
+            for other in [k for k in pool if k != kind]:
+                _kill_all(pool.pop(other))
+        warm, fresh = self.idle.pop(kind, []), self.fresh.pop(kind, [])
+        kept = (warm + fresh)[:n]
+        _kill_all((warm + fresh)[n:])
         missing = n - len(kept)
         if missing and self.make_room is not None and not _fits(kind, missing):
             self.make_room()
-        self.reused += len(kept)
+        self.reused += min(len(warm), n)
         self.started += missing
         return kept + [start() for _ in range(missing)]
 
@@ -99,9 +107,10 @@ class ActorSupply:
         return sum(len(actors) for actors in self.idle.values())
 
     def close(self) -> None:
-        for actors in self.idle.values():
-            _kill_all(actors)
-        self.idle.clear()
+        for pool in (self.idle, self.fresh):
+            for actors in pool.values():
+                _kill_all(actors)
+            pool.clear()
 
 
 def _kill_all(actors: list[Any]) -> None:

@@ -127,3 +127,20 @@ def test_an_engine_keeps_its_driver_and_client_actors_between_runs(engine, oph_r
     assert engine.driver is not driver  # other driver resources: a new driver actor (the old one and its clients stopped)
     with pytest.raises(ConfigError, match="not empty"):
         engine.run(second, tmp_path / "second", echo=lambda _: None)
+
+
+def test_a_new_driver_actors_client_actors_start_beside_it_and_stop_with_it(engine, oph_root: Path, tmp_path: Path) -> None:
+    """(item 3) A new driver actor's client actors are started by the Engine as it launches the
+    driver, not by the driver once it has imported torch and read the clients: the run takes
+    them (it starts none), its metrics are the fresh run's, and they stop with that driver."""
+    lines: list[str] = []
+    own_driver = load_config(None, tiny_overrides(oph_root, **{**ONE_ACTOR, "resources.driver_cpus": 0.125}))  # a driver kind no other test asks for
+    engine.run(own_driver, tmp_path / "lent", echo=lines.append)
+    lent = list(engine.lent)
+    assert len(lent) == 1 and ray.get(engine.driver.supply_counts.remote()) == {"started": 0, "reused": 0, "idle": 1}
+    assert not any("warm from an earlier run" in line for line in lines)
+    pd.testing.assert_frame_equal(metrics(tmp_path / "lent"), fresh_run(oph_root, tmp_path / "fresh"), check_exact=True)
+
+    engine.run(load_config(None, tiny_overrides(oph_root, **ONE_ACTOR)), tmp_path / "next", echo=lambda _: None)  # another driver kind: that driver goes
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(lent[0].node_id.remote(), timeout=60)
