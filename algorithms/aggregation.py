@@ -61,11 +61,13 @@ class WeightedSum:
     The engine adds updates in sorted client-id order, whichever actor computed them, so the
     float64 rounding (and hence every bit of `mean()`) depends only on the cohort. Memory: one
     float64 copy of the summed tensors, whatever the number of updates. `keys` restricts what
-    is summed (e.g. the buffers of a method whose parameters take another rule).
+    is summed (e.g. the buffers of a method whose parameters take another rule). `device`: where
+    the sums live (`resources.gpu_fold`: the driver's GPU); `mean()` comes back on the CPU.
     """
 
-    def __init__(self, keys: Sequence[str] | None = None) -> None:
+    def __init__(self, keys: Sequence[str] | None = None, device: torch.device | None = None) -> None:
         self.keys = list(keys) if keys is not None else None
+        self.device = device or torch.device("cpu")
         self.sums: dict[str, torch.Tensor] = {}
         self.reference: dict[str, tuple[torch.Size, torch.dtype]] = {}
         self.first = ""  # the first client's name, for error messages
@@ -79,10 +81,10 @@ class WeightedSum:
         if not self.count:
             self.first = name
             self.reference = {k: (v.shape, v.dtype) for k, v in chosen.items()}
-            self.sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in chosen.items()}
+            self.sums = {k: torch.zeros(v.shape, dtype=torch.float64, device=self.device) for k, v in chosen.items()}
         self._check(chosen, name)
         for key, value in chosen.items():
-            self.sums[key].add_(value.to(torch.float64), alpha=weight)
+            self.sums[key].add_(value.to(self.device, torch.float64), alpha=weight)
         self.total += float(weight)
         self.count += 1
 
@@ -103,5 +105,5 @@ class WeightedSum:
             dtype = self.reference[key][1]
             value = acc / self.total
             # + 1e-9: a mean of equal counts must not round down to one less through float64 sums
-            out[key] = value.to(dtype) if dtype.is_floating_point else (value + 1e-9).floor().to(dtype)
+            out[key] = (value.to(dtype) if dtype.is_floating_point else (value + 1e-9).floor().to(dtype)).cpu()
         return out

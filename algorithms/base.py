@@ -65,6 +65,9 @@ class Algorithm:
     # Where the server step runs (in the driver actor): the driver sets it from
     # resources.driver_gpus; server-side training (FedBM's generator) puts its tensors here.
     server_device: torch.device = torch.device("cpu")
+    # Where the default fold (`fold_start`'s WeightedSum) sums: the driver's GPU with
+    # resources.gpu_fold, else the CPU. Methods with folds of their own sum on the CPU.
+    fold_device: torch.device = torch.device("cpu")
     # What an unseen site (`eval.holdout_site`: it never trains and shares nothing) is scored
     # with, in words: the console and README say it; `newcomer_model` builds it. None: the method
     # has no model for a site that never trained and refuses a holdout site in one line.
@@ -174,7 +177,7 @@ class Algorithm:
 
     def fold_start(self, round_: int, state: ServerState, statistics: dict[str, dict[str, Any]]) -> Any:
         """The round's empty accumulator; `statistics`: client id -> `client_statistics` (empty unless `round_statistics`)."""
-        return WeightedSum()
+        return WeightedSum(device=self.fold_device)
 
     def accumulate(self, fold: Any, update: Update) -> None:
         """Add one update (called in sorted client-id order; the update is dropped afterwards).

@@ -85,6 +85,10 @@ class ModelConfig:
         _check_positive("model.img_size", self.img_size, at_most=MAX_IMG_SIZE)
 
 
+# Why lower precision is a GPU feature (raysim.client.precision): what a CPU actor would do.
+CPU_PRECISION = "on the CPU, torch's bf16 convolution gradients were not repeatable and sometimes NaN (oneDNN, issue 30), so CPU actors compute in fp32"
+
+
 @dataclass
 class FederationConfig:
     # Defaults are the FairFedMed paper's settings (specs/fairfedmed.md); presets adapt them.
@@ -96,6 +100,7 @@ class FederationConfig:
     lr: float = _doc("local learning rate", 1e-3)
     momentum: float = _doc("SGD momentum (reset every round)", 0.9)
     weight_decay: float = _doc("weight decay", 5e-4)
+    precision: str = _doc("client-side compute: fp32, or bf16 / fp16 under torch.autocast (fp16 with a gradient scaler); the fold stays float64 (raysim.client.precision)", "fp32")
 
     def validate(self) -> None:
         _check_positive("federation.rounds", self.rounds)
@@ -104,6 +109,7 @@ class FederationConfig:
         _check_positive("federation.local_epochs", self.local_epochs)
         _check_positive("federation.batch_size", self.batch_size)
         _check_choice("federation.optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        _check_choice("federation.precision", self.precision, ("fp32", "bf16", "fp16"))
         _check_positive("federation.lr", self.lr)
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"federation.momentum must be in [0, 1), got {self.momentum}")
@@ -123,6 +129,7 @@ class ResourcesConfig:
     num_gpus: float = _doc("GPU fraction per client actor, in [0, 1]", 0.0)
     driver_cpus: float = _doc("CPUs of the driver actor, which runs the rounds and the server step (0: it mostly waits while clients train)", 0.0)
     driver_gpus: float = _doc("GPU share of the driver actor, for server-side computation (> 0 lets it run on any node with a GPU)", 0.0)
+    gpu_fold: bool = _doc("sum the round's weighted mean (the default fold) in float64 on the driver's GPU (needs driver_gpus > 0); a different placement class: --resume keeps it as it was", False)
     clients_per_actor: int | None = _doc("clients hosted by one actor (null: from resources.actors); sets ceil(clients / it) actors", None)
     object_store_gb: float | None = _doc("object store of the Ray a run starts itself (null: Ray's 30% of RAM; a cluster's is the cluster's)", 2.0)
     threads_per_client: int = _doc("torch threads per client (fixed for bit-identical results)", 1)
@@ -148,6 +155,8 @@ class ResourcesConfig:
             raise ConfigError(f"resources.driver_cpus must be >= 0, got {self.driver_cpus}")
         if self.driver_gpus < 0:
             raise ConfigError(f"resources.driver_gpus must be >= 0, got {self.driver_gpus}")
+        if self.gpu_fold and self.driver_gpus <= 0:
+            raise ConfigError("resources.gpu_fold=true needs a GPU share for the driver: set resources.driver_gpus > 0")
         if self.clients_per_actor is not None:
             _check_positive("resources.clients_per_actor", self.clients_per_actor)
         if self.object_store_gb is not None:
@@ -259,6 +268,8 @@ class ExperimentConfig:
         name = self.algorithm.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"algorithm.name must be a method's registered name, got {name!r}")
+        if self.federation.precision != "fp32" and self.resources.num_gpus <= 0:
+            raise ConfigError(f"federation.precision={self.federation.precision} needs client actors on a GPU (resources.num_gpus > 0); {CPU_PRECISION}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,13 +7,16 @@ client changes ever reaches another one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from raysim.client import precision
 from raysim.client.tasks import TASKS, Task
 from raysim.client.training import Batch, forward
 from raysim.datasets.base import ClientSpec, Shard
@@ -125,6 +128,7 @@ class Client:
         keep_masks: bool = False,
         classes: int = 2,
         id_key: bytes | None = None,
+        stage_bytes: int = 0,
     ) -> None:
         self.spec = spec
         self.id = spec.id
@@ -148,6 +152,9 @@ class Client:
         self.keep_masks = keep_masks  # the predicted masks (eval.masks)
         self.id_key = id_key  # sample ids pseudonymised here, before they leave (eval.pseudonymize)
         self.classes = classes  # the width of a score: an empty split's scores get it too
+        # A GPU actor's budget for one split's images on the device (`staged`); 0: never staged.
+        self.stage_bytes = stage_bytes
+        self._staged: dict[int, torch.Tensor] = {}  # id(shard.images) -> its rows as one tensor, during one call
 
     @property
     def num_train(self) -> int:
@@ -226,7 +233,7 @@ class Client:
         scores: dict[str, list[torch.Tensor]] = {split: [] for split in splits}
         for chunk in _chunks(pieces, EVAL_BATCH):
             batches = [self.batch_of(self.shards[split], index) for split, index in chunk]
-            kept = self.task.score(forward(model, _concat(batches)))
+            kept = self.task.score(precision.as_float(forward(model, _concat(batches))))
             for (split, _), part in zip(chunk, _split_rows(kept, [len(i) for _, i in chunk])):
                 scores[split].append(part)
         return [self._predictions(split, scores[split], record) for split in splits]
@@ -243,11 +250,45 @@ class Client:
             preds = dataclasses.replace(preds, masks=self.task.predicted_masks(parts))
         return preds
 
+    @contextlib.contextmanager
+    def staged(self, splits: list[str]) -> Iterator[None]:
+        """The images of `splits` staged for one client call (a GPU actor's): copied once onto the
+        device when a split fits `stage_bytes`, else once into pinned host memory on a GPU, and
+        batches gathered from there instead of read from the shard cache's memory map and copied
+        to the device batch by batch. Only this client's splits, only for the call: an actor
+        hosting thousands of clients holds one client's images at a time, never a memory-mapped
+        cache wholesale. The pixels are the same uint8 values either way, so the batches are too.
+        `stage_bytes` 0 (every CPU actor): nothing changes."""
+        if self.stage_bytes <= 0:
+            yield
+            return
+        for split in splits:
+            images = self.shards[split].images if split in self.shards else None
+            if images is None or len(images) == 0:
+                continue
+            with warnings.catch_warnings():  # a read-only memory map: only ever copied from
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                rows = torch.from_numpy(np.ascontiguousarray(images))  # the one read of this split's pages for the call
+            if images.nbytes <= self.stage_bytes:
+                self._staged[id(images)] = rows.to(self.device)
+            elif self.device.type == "cuda":
+                self._staged[id(images)] = rows.pin_memory()
+        try:
+            yield
+        finally:
+            self._staged.clear()
+
     def batch_of(self, shard: Shard, index: torch.Tensor) -> Batch:
         """The rows `index` of a shard as a normalised batch on this client's device."""
         idx = index.numpy()
-        x = torch.from_numpy(shard.images[idx]).to(self.device, torch.float32).div_(255.0)
+        staged = self._staged.get(id(shard.images))
+        if staged is None:
+            x = torch.from_numpy(shard.images[idx]).to(self.device, torch.float32).div_(255.0)
+        else:
+            x = staged.index_select(0, index.to(staged.device)).to(self.device, torch.float32).div_(255.0)
         x = (x - self.mean) / self.std
+        if self.device.type == "cuda" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)  # the model's layout on a GPU (client_actor.memory_format)
         y = torch.from_numpy(shard.table.labels[idx]).to(self.device)
         groups = {a: torch.from_numpy(codes[idx]).to(self.device) for a, codes in shard.table.attributes.items()}
         mask = torch.from_numpy(shard.masks[idx].astype(np.int64)).to(self.device) if shard.masks is not None else None

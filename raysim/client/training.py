@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from raysim.client import precision
 from raysim.config import FederationConfig
 from raysim.models.adapters import use_groups
 from raysim.models.backbones import train_mode
@@ -110,8 +111,10 @@ def train_epochs(
     loss_fn: LossFn = cross_entropy,
     after_step: StepHook | None = None,
 ) -> dict[str, float]:
-    """Run the local epochs; returns the mean training loss and the number of steps."""
+    """Run the local epochs; returns the mean training loss and the number of steps. Under
+    `federation.precision=fp16` the gradients go through a fresh scaler (`precision.grad_scaler`)."""
     train_mode(model)
+    scaler = precision.grad_scaler()
     total, steps = 0.0, 0
     for batches in epochs:
         for batch in batches:
@@ -119,8 +122,13 @@ def train_epochs(
             loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"local training loss became {loss.item()} at step {steps}")
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+                scaler.update()
             if after_step is not None:
                 after_step(model)
             total += loss.item()
@@ -140,6 +148,8 @@ def full_gradient(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn = 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     for p in params.values():
         p.grad = None
+    if precision.grad_scaler() is not None:
+        return _full_gradient_fp16(model, params, batches, loss_fn)
     total, count = 0.0, 0
     for batch in batches:
         loss = loss_fn(model, batch)
@@ -154,3 +164,34 @@ def full_gradient(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn = 
     for p in params.values():
         p.grad = None
     return total / count, grads
+
+
+def _full_gradient_fp16(model: nn.Module, params: dict[str, nn.Parameter], batches: Iterable[Batch], loss_fn: LossFn) -> tuple[float, dict[str, torch.Tensor]]:
+    """`full_gradient` under fp16: each batch's mean loss scaled before backward (as
+    GradScaler's initial scale) and its gradient unscaled into a float32 sum weighted by the
+    batch's size; a batch whose gradient overflowed is done again at half the scale (its
+    BatchNorm statistics then move twice, as they would in a second pass)."""
+    scale = float(torch.amp.GradScaler("cpu").get_scale())
+    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    total, count = 0.0, 0
+    for batch in batches:
+        while True:
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at the received model")
+            (loss * scale).backward()
+            grads = {name: p.grad for name, p in params.items() if p.grad is not None}
+            for p in params.values():
+                p.grad = None
+            if all(torch.isfinite(g).all() for g in grads.values()):
+                break
+            scale /= 2
+            if scale < 1:
+                raise FloatingPointError("the full gradient overflows in fp16 even unscaled (federation.precision=fp16); use bf16 or fp32")
+        for name, g in grads.items():
+            sums[name].add_(g.float(), alpha=len(batch.y) / scale)
+        total += loss.item() * len(batch.y)
+        count += len(batch.y)
+    if count == 0:
+        raise ValueError("full_gradient needs at least one batch")
+    return total / count, {name: (s / count).to(params[name].dtype) for name, s in sums.items()}

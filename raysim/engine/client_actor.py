@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import io
@@ -18,8 +19,9 @@ import torch
 
 from raysim import provenance, secrets
 from raysim.algorithms import build as build_algorithm
+from raysim.client import precision
 from raysim.client.client import Client
-from raysim.config import ConfigError, ExperimentConfig
+from raysim.config import CPU_PRECISION, ConfigError, ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec, DataError
 from raysim.datasets.cache import load_shards
 from raysim.determinism import deterministic_torch
@@ -44,6 +46,34 @@ def withhold_sample_paths(err: Exception, root: str | Path | None) -> Exception:
     for base in dict.fromkeys((str(root).rstrip("/"), str(Path(root).expanduser().resolve()))):
         text = re.sub(re.escape(base) + r"/[^\s:'\",;()]+", lambda m, base=base: m.group(0) if m.group(0).endswith(".csv") else f"{base}/{WITHHELD}", text)
     return type(err)(text)
+
+
+# Of a GPU actor's memory cap, what one client split's images may take on the device for a call
+# (`Client.staged`); a larger split is staged in pinned host memory instead.
+STAGE_SHARE = 0.25
+
+
+def stage_budget(device: torch.device, cap: float | None) -> int:
+    """Bytes of one split's images a client may stage on `device` for a call: 0 on the CPU."""
+    if device.type != "cuda":
+        return 0
+    return int(STAGE_SHARE * (cap or 1.0) * torch.cuda.get_device_properties(device).total_memory)
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on a GPU (what cuDNN's convolutions are fastest in, with tensor cores); the
+    CPU keeps torch's default layout, so CPU results stay bit-identical to earlier releases."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def cap_gpu_memory(num_gpus: float, device: torch.device) -> float | None:
+    """Cap this process's CUDA allocator to its share of the GPU (`gpu_memory_fraction`): Ray's
+    GPU fractions are logical, so without it one actor could take the memory of the others.
+    Returns the fraction (None: no GPU, no cap). `python -m raysim.doctor` checks the effect."""
+    cap = gpu_memory_fraction(num_gpus)
+    if device.type == "cuda" and cap is not None:
+        torch.cuda.set_per_process_memory_fraction(cap, device)
+    return cap
 
 
 def gpu_memory_fraction(num_gpus: float, margin: float = GPU_MEMORY_MARGIN) -> float | None:
@@ -73,14 +103,15 @@ class ClientHost:
         self.startup_error: Exception | None = None  # bad input the Ray actor (`ClientActor`) caught
         use_cuda = cfg.resources.num_gpus > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_cuda else "cpu")
-        cap = gpu_memory_fraction(cfg.resources.num_gpus)
-        if use_cuda and cap is not None:
-            # Ray's GPU fractions are logical: cap this process's allocator to its share.
-            torch.cuda.set_per_process_memory_fraction(cap, self.device)
+        if cfg.federation.precision != "fp32" and not use_cuda:  # num_gpus > 0 (config.validate), yet no CUDA device here
+            raise ConfigError(f"federation.precision={cfg.federation.precision}: this client actor sees no CUDA device (torch.cuda.is_available() is False); {CPU_PRECISION}")
+        cap = cap_gpu_memory(cfg.resources.num_gpus, self.device)
         source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
         self.algorithm = build_algorithm(cfg)
         # One model object per actor; each client swaps its own state in for its turn.
         model = self.algorithm.build_model(source).to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=memory_format(self.device))
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         task = self.algorithm.task  # segmentation: masks load here, beside the images, and never leave
         id_key = secrets.id_key(cfg.eval, None)  # eval.pseudonymize: read here, so raw ids never leave (a key file on a cluster)
@@ -99,6 +130,7 @@ class ClientHost:
                 keep_masks=cfg.eval.masks,
                 classes=task.output_size(source),
                 id_key=id_key,
+                stage_bytes=stage_budget(self.device, cap),
             )
             for spec in specs
         }
@@ -141,7 +173,16 @@ class ClientHost:
         client = self.clients[client_id]
         self.before[client_id] = client.snapshot()
         self.changed.add(client_id)
-        return self.algorithm.client_fit(client, self._payload(payload), round_)
+        with self._computing(client, ["train"]):
+            return self.algorithm.client_fit(client, self._payload(payload), round_)
+
+    def _computing(self, client: Client, splits: list[str]) -> contextlib.ExitStack:
+        """One client call's compute context: `federation.precision` (autocast), and on a GPU the
+        splits it reads staged there for the call (`Client.staged`)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(client.staged(splits))
+        stack.enter_context(precision.autocast(self.device, self.cfg.federation.precision))
+        return stack
 
     def rollback(self, client_id: str) -> None:
         """Back to the client's state before this round's `fit` (its update was rejected)."""
@@ -150,7 +191,9 @@ class ClientHost:
 
     def statistics(self, client_id: str, payload: Tensors | None = None, round_: int = 0) -> dict[str, Any]:
         """`Algorithm.client_statistics` of one sampled client, before the round's fold starts."""
-        return self.algorithm.client_statistics(self.clients[client_id], self._payload(payload), round_)
+        client = self.clients[client_id]
+        with self._computing(client, ["train"]):
+            return self.algorithm.client_statistics(client, self._payload(payload), round_)
 
     def evaluate(self, client_id: str, payload: Tensors | None = None, splits: list[str] | None = None, record: bool = True) -> list[Predictions]:
         """The client's predictions on `splits` (val and test); `record`: the driver writes them
@@ -158,7 +201,9 @@ class ClientHost:
         client = self.clients[client_id]
         model = self.algorithm.scoring_model(client, self._payload(payload))  # the held-out site's: `newcomer_model`
         record = record and self.cfg.eval.predictions != "none"  # never written: never sent, whoever asks
-        return client.predict_splits(list(splits or ["val", "test"]), model, record=record)
+        splits = list(splits or ["val", "test"])
+        with self._computing(client, splits):
+            return client.predict_splits(splits, model, record=record)
 
     def _payload(self, payload: Tensors | None) -> Tensors:
         if payload is not None:
@@ -209,7 +254,7 @@ def to_wire(tensors: Mapping[str, Any]) -> dict[str, Any]:
     resnet18 update (45 MB) about 50 ms each way against well under 1 ms. Tensors numpy cannot
     hold (bfloat16, CUDA) travel as they are.
     """
-    return {k: v.numpy() if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype in _NUMPY_DTYPES else v for k, v in tensors.items()}
+    return {k: v.contiguous().numpy() if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype in _NUMPY_DTYPES else v for k, v in tensors.items()}
 
 
 def from_wire(arrays: Mapping[str, Any], *, copy: bool) -> dict[str, Any]:

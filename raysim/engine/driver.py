@@ -181,6 +181,8 @@ class Driver:
         self.algorithm = build_algorithm(self.cfg)
         self.algorithm.read_keys(self.run_dir)
         self.algorithm.server_device = server_device(self.cfg.resources.driver_gpus)
+        if self.cfg.resources.gpu_fold:
+            self.algorithm.fold_device = self.algorithm.server_device
         specs, self.holdout = self._hold_out(self.source.client_specs())
         self.specs = {s.id: s for s in specs}  # the participants: sampled, set up, averaged (never the held-out site)
         hosted = sorted([*specs, self.holdout], key=lambda s: s.id) if self.holdout else specs  # every client an actor loads, in the source's order
@@ -421,6 +423,7 @@ def finished_run(cfg: ExperimentConfig, run_dir: Path, *, echo: console.Echo = l
 
 
 def server_device(driver_gpus: float) -> torch.device:
+    """The driver actor's GPU when it has a share of one (`resources.driver_gpus`), else the CPU."""
     """Where the server step computes: the driver actor's GPU when `resources.driver_gpus` gave it one."""
     return torch.device("cuda") if driver_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 

@@ -9,8 +9,8 @@ naming the first differing key, anything but:
 - `federation.rounds`, only to extend the run, and not for a method whose schedule was set
   from it (`ROUNDS_SCHEDULES`);
 - `resources.*` (where and how wide the pool runs), except `threads_per_client` (torch's
-  threads change the floating-point sums) and a change of `num_gpus` / `driver_gpus` between
-  0 and > 0 (computation moving between CPU and GPU);
+  threads change the floating-point sums), a change of `num_gpus` / `driver_gpus` between
+  0 and > 0 (computation moving between CPU and GPU) and `gpu_fold` (where the fold sums);
 - `fault.*`, `report.*`, `checkpoint.*`, `data.root` (the data moved);
 - `eval.id_key_file` (the key file moved), as long as the key's check value matches: one
   `predictions.parquet` never mixes two pseudonym spaces.
@@ -32,8 +32,11 @@ from raysim.config import ConfigError, ExperimentConfig
 from raysim.outputs import storage
 
 RECORD = "resume_check"  # its entry in provenance.json
+# Keys added after this check existed, with the value every run started before them used: a
+# resume of such a run compares the config's value with that one instead of refusing.
+ADDED_KEYS: dict[str, Any] = {"federation.precision": "fp32", "resources.gpu_fold": False}
 MAY_CHANGE = ("resources.", "fault.", "report.", "checkpoint.", "data.root", "eval.id_key_file", "federation.rounds")
-ALLOWED = "only federation.rounds (to extend), resources.* (not threads_per_client, nor between CPU and GPU), fault.*, report.*, checkpoint.*, data.root and eval.id_key_file may change"
+ALLOWED = "only federation.rounds (to extend), resources.* (not threads_per_client, gpu_fold, nor between CPU and GPU), fault.*, report.*, checkpoint.*, data.root and eval.id_key_file may change"
 
 
 def _dp_target(params: Any, _rounds: int) -> bool:
@@ -70,6 +73,7 @@ def fixed_values(cfg: ExperimentConfig) -> dict[str, Any]:
     values["resources.threads_per_client"] = cfg.resources.threads_per_client
     values["resources.num_gpus"] = "> 0" if cfg.resources.num_gpus > 0 else "0"  # the GPU share may change, not CPU <-> GPU
     values["resources.driver_gpus"] = "> 0" if cfg.resources.driver_gpus > 0 else "0"
+    values["resources.gpu_fold"] = cfg.resources.gpu_fold  # a GPU fold's float64 sums may round otherwise than the CPU's
     return values
 
 
@@ -94,6 +98,7 @@ def check(saved: Mapping[str, Any] | None, cfg: ExperimentConfig, run_dir: str |
     where = f"{run_dir}/config.yaml"
     now = record(cfg, run_dir)
     old, new = saved.get("keys", {}), now["keys"]
+    old = {**{k: _digest(v) for k, v in ADDED_KEYS.items() if k in new}, **old}
     for key in [*new, *(k for k in old if k not in new)]:
         if old.get(key) != new.get(key):
             raise ConfigError(f"{where}: {key} differs from the run's start; a resumed run keeps its config: {ALLOWED}")
