@@ -20,7 +20,7 @@ def test_ruff_clean() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-RAY_ALLOWED = {"raysim/engine", "raysim/run.py", "raysim/tune.py"}
+RAY_ALLOWED = {"raysim/engine", "raysim/run.py", "raysim/tune.py", "raysim/doctor.py"}
 PLAIN = ("algorithms", "datasets", "raysim")  # everything outside the engine and the entry points
 
 
@@ -64,7 +64,7 @@ LAYERS = (
     ("raysim.outputs",),
     ("raysim.reports",),
     ("raysim.engine",),
-    ("raysim.run", "raysim.tune", "raysim.compare", "raysim.report", "raysim.pretrain"),  # entry points: parse, call below
+    ("raysim.run", "raysim.tune", "raysim.compare", "raysim.report", "raysim.pretrain", "raysim.doctor"),  # entry points: parse, call below
 )
 FOLDERS = {"raysim": "raysim", "algorithms": "raysim.algorithms", "datasets": "raysim.datasets"}
 MAX_LINES = 600

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from test_malformed_cli import OPH_TRAIN, snapshot
 
-from raysim import compare, pretrain, report, tune
+from raysim import compare, doctor, pretrain, report, tune
 from raysim.datasets import inspect, prepare_chest, synthetic
 from raysim.engine import driver
 
@@ -40,6 +40,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "inspect": inspect.main,
     "prepare_chest": prepare_chest.main,
     "synthetic": synthetic.main,
+    "doctor": doctor.main,
 }
 
 
@@ -305,7 +306,17 @@ SYNTHETIC = [
     Case("synthetic", "bad-value-with-force", lambda ctx: ["--out", str(ctx.file("out/notes.txt", "mine").parent), "--force", "--patients", "-3"], ("patients",)),
 ]
 
-CASES = COMPARE + REPORT + TUNE + PRETRAIN + INSPECT + PREPARE_CHEST + SYNTHETIC
+DOCTOR = [
+    Case("doctor", "share-zero", lambda ctx: ["--share", "0"], ("--share must be in (0, 0.5]", "got 0")),
+    Case("doctor", "share-whole-device", lambda ctx: ["--share", "1"], ("--share must be in (0, 0.5]",)),
+    Case("doctor", "share-nan", lambda ctx: ["--share", "nan"], ("--share must be in (0, 0.5]", "got nan")),
+    Case("doctor", "out-is-a-file", lambda ctx: ["--out", str(ctx.file("out", "mine\n"))], ("--out {out} is not a directory",)),
+    Case("doctor", "out-not-empty", lambda ctx: ["--out", str(ctx.file("out/notes.txt", "mine").parent)], ("--out {out} is not empty",)),
+    Case("doctor", "json-is-a-directory", lambda ctx: ["--json", str(ctx.tmp)], ("--json {tmp} is a directory",)),
+    Case("doctor", "json-in-a-missing-folder", lambda ctx: ["--json", str(ctx.tmp / "no" / "d.json")], ("{tmp}/no is not an existing directory",)),
+]
+
+CASES = COMPARE + REPORT + TUNE + PRETRAIN + INSPECT + PREPARE_CHEST + SYNTHETIC + DOCTOR
 
 
 def _no_ray(*args: object, **kwargs: object) -> None:
