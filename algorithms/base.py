@@ -31,6 +31,7 @@ from raysim.client import tasks
 from raysim.client.training import Batch, cross_entropy, make_optimizer, only_trainable, train_epochs
 from raysim.config import ConfigError
 from raysim.models.backbones import build_model, exchangeable_keys
+from raysim.models.kinds import is_clip_model
 from raysim.registry import Registry
 from raysim.seeding import derive_seed, rng
 from raysim.types import Tensors, Update
@@ -83,6 +84,10 @@ class Algorithm:
         if self.task.name not in self.tasks:
             supported = sorted(n for n in ALGORITHMS.names() if self.task.name in ALGORITHMS.get(n).tasks)
             raise ConfigError(f"algorithm {self.name} does not support the {self.task.name} task (model.name={cfg.model.name}); methods that do: {', '.join(supported)}")
+        if model is not None and is_clip_model(model.name) and self.needs_pretrained:
+            raise ConfigError(
+                f"algorithm {self.name} on model.name={model.name}: adapter methods on a CLIP host need FairFedMed's prompt head, not built yet (issue 31); a CLIP host runs full fine-tuning methods (e.g. fedavg)"
+            )
         self.received: dict[str, Any] = {}  # in a client actor: the values sent with the current payload
         holdout = getattr(getattr(cfg, "eval", None), "holdout_site", None)
         if holdout is not None and self.newcomer is None:
@@ -101,7 +106,7 @@ class Algorithm:
     def build_model(self, source: DataSource) -> nn.Module:
         """The model every client and the server start from (same seed: the same everywhere)."""
         self.task.check(source, self.cfg)
-        model = build_model(self.cfg.model, **self.task.model_outputs(source), in_chans=source.channels, seed=self.cfg.seed, slices=source.volume_slices)
+        model = build_model(self.cfg.model, **self.task.model_outputs(source), in_chans=source.channels, seed=self.cfg.seed, slices=source.volume_slices, class_names=source.class_names)
         # Adapters draw initial values (LoRA's A, FairLoRA's B): from the seed alone, not from
         # whatever the process's RNG went through before (several runs in one process). Only
         # the CPU generator is seeded, inside a fork, so the caller's RNG state is untouched.

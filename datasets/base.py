@@ -96,6 +96,8 @@ class DataSource(ABC):
     channels: ClassVar[int] = 1
     label_name: ClassVar[str] = "label"  # "" when the source has no classification label (masks only)
     mask_classes: ClassVar[tuple[str, ...]] = ()  # segmentation mask classes by index; () = no masks
+    # Each label code's name, in code order: what a CLIP host's prompts say (raysim.models.clip).
+    class_names: ClassVar[tuple[str, ...]] = ()  # (): "class 0", "class 1", ...
     default_attribute: ClassVar[str | None] = None  # the target attribute when data.attribute is null
     root_hint: ClassVar[str] = "the dataset directory"  # what data.root must hold, for errors
 

@@ -70,6 +70,7 @@ def parse_code(text: str, n_codes: int) -> int | None:
 class FairFedMedChest(DataSource):
     name = "fairfedmed_chest"
     num_classes = 2
+    class_names = ("NOT Pleural Effusion", "Pleural Effusion")  # FairFedMed's FedChexMimic, by label code
     channels = 1
     label_name = LABEL
     default_attribute = "race"

@@ -51,6 +51,7 @@ from raysim.datasets.oph_schema import ATTRIBUTES, LABEL, LABEL_TEXT, MODALITIES
 class FairFedMedOph(DataSource):
     name = "fairfedmed_oph"
     num_classes = 2
+    class_names = ("NOT Glaucoma", "Glaucoma")  # FairFedMed's (its code keeps them in a set; here by label code)
     label_name = LABEL
     default_attribute = "race"
     root_hint = "the directory holding all/ and meta_site*.csv"

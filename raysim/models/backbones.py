@@ -10,6 +10,7 @@ stacked beside the fundus image (`raysim.models.joint`): a joint segmentation + 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 
 import timm
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from raysim.config import ConfigError, ModelConfig
-from raysim.models.kinds import is_segmentation_model, model_task
+from raysim.models.kinds import is_clip_model, is_segmentation_model, model_task
 
 
 class SliceFold(nn.Module):
@@ -45,7 +46,17 @@ class SliceFold(nn.Module):
         return logits.reshape(batch, self.groups, -1).mean(dim=1)
 
 
-def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, seed: int, slices: int | None = None, weights_key: str = "model.weights", mask_classes: int | None = None) -> nn.Module:
+def build_model(
+    cfg: ModelConfig,
+    *,
+    num_classes: int,
+    in_chans: int,
+    seed: int,
+    slices: int | None = None,
+    weights_key: str = "model.weights",
+    mask_classes: int | None = None,
+    class_names: Sequence[str] = (),
+) -> nn.Module:
     """A timm model; initialisation depends only on `seed` (every actor builds the same one).
 
     With `slices` (a volume), the backbone takes 3 channels behind a SliceFold front end.
@@ -53,7 +64,18 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, seed: int,
     (`unet:<encoder>`) builds `build_segmentation_model`'s U-Net with `num_classes` mask classes;
     a joint name (`joint:<encoder>`) `build_joint_model`'s U-Net with `mask_classes` mask classes
     and a `num_classes` grade head (the last `slices` channels an OCT volume for its second encoder).
+    A CLIP name (`clip:<open_clip architecture>`) builds `raysim.models.clip`'s classifier, one
+    prompt per class of `class_names` (default: "class 0", "class 1", ...).
     """
+    if is_clip_model(cfg.name):
+        from raysim.models.clip import build_clip_classifier  # open_clip loads only here
+
+        if slices:
+            raise ConfigError(f"model.name={cfg.name}: a CLIP host takes 2D images; this data is a {slices}-slice volume (not yet supported)")
+        names = list(class_names) or [f"class {k}" for k in range(num_classes)]
+        if len(names) != num_classes:
+            raise ConfigError(f"model.name={cfg.name}: {len(names)} class names for {num_classes} classes")
+        return build_clip_classifier(cfg, class_names=names, in_chans=in_chans, seed=seed, weights_key=weights_key)
     if model_task(cfg.name) == "joint":
         from raysim.models.joint import build_joint_model  # segmentation-models-pytorch loads only here
 

@@ -22,6 +22,11 @@ DECODER_TASKS = {"unet": "segmentation", "joint": "joint"}
 SEGMENTATION_DECODERS = tuple(DECODER_TASKS)
 
 
+def is_clip_model(name: str) -> bool:
+    """True for `clip:<open_clip architecture>` (raysim.models.clip): a classifier by text prompts."""
+    return name.startswith("clip:")
+
+
 def is_segmentation_model(name: str) -> bool:
     """True for a `<decoder>:<encoder>` name with a known decoder (`unet:resnet18`, `joint:resnet18`):
     a model that outputs masks."""

@@ -1,0 +1,109 @@
+"""CLIP hosts (`model.name=clip:<open_clip architecture>`, issue 31; work in progress).
+
+open_clip builds both towers (`clip:ViT-B-16`, `clip:RN50`, any architecture open_clip knows
+whose tokenizer ships with it), weights only from a local file (`model.weights`: open_clip
+would download for `model.pretrained=true`, which is refused). `CLIPClassifier` classifies by
+the cosine similarity of the image features with the text features of one prompt per class
+(`PROMPT.format(class name)`), scaled by the checkpoint's logit scale, as CLIP's zero-shot
+classifier does; the text features are computed once when the model is built (the text tower
+is then dropped) and are not part of the state dict, so nothing of the text side is
+communicated. This is the host FedAvg fine-tunes (the image tower); the prompt learners
+(PromptFL, FedOTP, FairFedMed's FairLoRA head) replace the fixed prompts.
+
+Images: 1-channel inputs are repeated to 3; the normalisation is CLIP's (`pretrained_cfg`,
+read by `backbones.normalization`); `model.img_size` sets open_clip's `force_image_size` (a
+checkpoint at another size has its position embedding interpolated by open_clip).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from raysim.config import ConfigError, ModelConfig
+
+PREFIX = "clip:"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's (FairFedMed's PIXEL_MEAN)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PROMPT = "a photo of {}."
+
+
+def architecture(name: str) -> str:
+    """The open_clip architecture of a `clip:<arch>` name, checked against open_clip's list."""
+    import open_clip
+
+    arch = name[len(PREFIX) :]
+    if arch not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if m.lower().startswith(arch.lower()[:4])][:5]
+        raise ConfigError(f"model.name={name}: {arch!r} is not an open_clip architecture" + (f" (e.g. {', '.join(close)})" if close else ""))
+    return arch
+
+
+class CLIPClassifier(nn.Module):
+    """The image tower of a CLIP model and fixed text features of one prompt per class."""
+
+    def __init__(self, clip_model: nn.Module, text_features: torch.Tensor, in_chans: int) -> None:
+        super().__init__()
+        self.visual = clip_model.visual
+        self.in_chans = in_chans
+        self.register_buffer("text_features", F.normalize(text_features.detach().float(), dim=-1), persistent=False)
+        self.register_buffer("logit_scale", clip_model.logit_scale.detach().exp().reshape(()).clone(), persistent=False)
+        self.pretrained_cfg = {"mean": CLIP_MEAN, "std": CLIP_STD}
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.text_features.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:  # grayscale fundus / chest X-ray: the RGB tower sees it as three equal channels
+            x = x.expand(-1, 3, -1, -1)
+        features = F.normalize(self.visual(x), dim=-1)
+        return self.logit_scale * features @ self.text_features.t()
+
+
+def build_clip_classifier(cfg: ModelConfig, *, class_names: list[str], in_chans: int, seed: int, weights_key: str = "model.weights") -> CLIPClassifier:
+    """`cfg.name` (`clip:<arch>`) with `cfg.weights` (a local open_clip checkpoint; none: a
+    seeded random initialisation) and one prompt per class of `class_names`."""
+    import open_clip
+
+    arch = architecture(cfg.name)
+    if cfg.pretrained:
+        raise ConfigError(f"model.pretrained=true with model.name={cfg.name}: open_clip would download the weights; raysim needs no network: pass {weights_key}=PATH to a local checkpoint")
+    if in_chans not in (1, 3):
+        raise ConfigError(f"model.name={cfg.name} takes 1- or 3-channel images, the data has {in_chans} (a 3D volume needs the OCT front end: not yet for CLIP hosts)")
+    weights = None
+    if cfg.weights:
+        path = Path(cfg.weights).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{weights_key}={path} is not a file (an open_clip checkpoint for {arch})")
+        weights = str(path)
+    with torch.random.fork_rng(devices=[]), _quiet_when(weights is None):
+        torch.manual_seed(seed)
+        try:
+            model = open_clip.create_model(arch, pretrained=weights, force_image_size=cfg.img_size)
+        except (RuntimeError, KeyError, ValueError, OSError) as err:
+            raise ConfigError(f"{weights_key}={weights}: not an open_clip checkpoint for {arch} ({' '.join(str(err).split())[:200]})") from err
+    tokenizer = open_clip.get_tokenizer(arch)
+    with torch.no_grad():
+        text = model.encode_text(tokenizer([PROMPT.format(name) for name in class_names]))
+    return CLIPClassifier(model, text, in_chans)
+
+
+@contextlib.contextmanager
+def _quiet_when(random_init: bool) -> Iterator[None]:
+    """open_clip's root-logger warning that a model without weights is randomly initialised:
+    what a seeded random host is meant to be, so not printed by every client actor."""
+    if not random_init:
+        yield
+        return
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)

@@ -1,0 +1,82 @@
+"""The CLIP host (issue 31, item 1; in progress): `clip:<open_clip architecture>` from a local
+checkpoint (a randomly initialised one written here: no download), classifying by the cosine
+similarity of image features with one prompt per class; nothing of the text side is in the
+state dict; bad input in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from raysim.config import ConfigError, ModelConfig
+from raysim.models.backbones import build_model, normalization
+from raysim.models.clip import CLIP_MEAN, CLIPClassifier
+
+from helpers import load_config
+
+NAMES = ["NOT Glaucoma", "Glaucoma"]
+
+
+@pytest.fixture(scope="module")
+def vit_b16_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The paper's host, randomly initialised (seed 7), as an open_clip state-dict file."""
+    torch.manual_seed(7)
+    model = open_clip.create_model("ViT-B-16", pretrained=None)
+    path = tmp_path_factory.mktemp("clip") / "vit_b16.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_the_papers_host_builds_from_a_local_checkpoint_and_classifies_by_prompts(vit_b16_checkpoint: Path) -> None:
+    model = build_model(ModelConfig(name="clip:ViT-B-16", img_size=224, weights=str(vit_b16_checkpoint)), num_classes=2, in_chans=1, seed=0, class_names=NAMES)
+    assert isinstance(model, CLIPClassifier) and model.num_classes == 2
+    saved = torch.load(vit_b16_checkpoint, weights_only=True)
+    assert all(torch.equal(v, saved[f"visual.{k}"]) for k, v in model.visual.state_dict().items())  # the file's image tower
+    assert all(k.startswith("visual.") for k in model.state_dict())  # text features and logit scale are not state: never sent
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    full = open_clip.create_model("ViT-B-16", pretrained=str(vit_b16_checkpoint))
+    with torch.no_grad():
+        text = torch.nn.functional.normalize(full.encode_text(tokenizer(["a photo of NOT Glaucoma.", "a photo of Glaucoma."])), dim=-1)
+        x = torch.rand(2, 1, 224, 224)
+        image = torch.nn.functional.normalize(full.encode_image(x.expand(-1, 3, -1, -1)), dim=-1)
+        expected = full.logit_scale.exp() * image @ text.t()
+        assert torch.allclose(model(x), expected, atol=1e-5)  # CLIP's zero-shot logits, a grayscale image as 3 equal channels
+    mean, _ = normalization(model, 3)
+    assert torch.allclose(mean.flatten(), torch.tensor(CLIP_MEAN))
+
+
+def test_the_same_seed_builds_the_same_random_host() -> None:
+    cfg = ModelConfig(name="clip:RN50", img_size=64)
+    a, b = (build_model(cfg, num_classes=2, in_chans=3, seed=3, class_names=NAMES) for _ in range(2))
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert a(torch.rand(1, 3, 64, 64)).shape == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"name": "clip:ViT-B-16", "pretrained": True}, "model.pretrained=true with model.name=clip:ViT-B-16: open_clip would download"),
+        ({"name": "clip:ViT-Q-99"}, "'ViT-Q-99' is not an open_clip architecture"),
+        ({"name": "clip:RN50", "weights": "/no/such/file.pt"}, "model.weights=/no/such/file.pt is not a file"),
+    ],
+)
+def test_bad_clip_settings_are_one_line(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_model(ModelConfig(img_size=64, **settings), num_classes=2, in_chans=1, seed=0, class_names=NAMES)
+
+
+def test_a_file_that_is_no_checkpoint_for_the_architecture_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "resnet.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(ConfigError, match=f"model.weights={path}: not an open_clip checkpoint for RN50"):
+        build_model(ModelConfig(name="clip:RN50", img_size=64, weights=str(path)), num_classes=2, in_chans=1, seed=0, class_names=NAMES)
+
+
+def test_adapter_methods_refuse_a_clip_host_until_its_prompt_head_exists() -> None:
+    from raysim.algorithms import build
+
+    with pytest.raises(ConfigError, match="adapter methods on a CLIP host need FairFedMed's prompt head"):
+        build(load_config(None, ["model.name=clip:ViT-B-16", "algorithm.name=fairlora"]))
