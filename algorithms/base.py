@@ -84,6 +84,10 @@ class Algorithm:
         if self.task.name not in self.tasks:
             supported = sorted(n for n in ALGORITHMS.names() if self.task.name in ALGORITHMS.get(n).tasks)
             raise ConfigError(f"algorithm {self.name} does not support the {self.task.name} task (model.name={cfg.model.name}); methods that do: {', '.join(supported)}")
+        if model is not None and is_clip_model(model.name):
+            from raysim.models.clip import check_host  # open_clip loads only for a CLIP host
+
+            check_host(model)  # before any actor starts
         if model is not None and is_clip_model(model.name) and self.needs_pretrained:
             raise ConfigError(
                 f"algorithm {self.name} on model.name={model.name}: adapter methods on a CLIP host need FairFedMed's prompt head, not built yet (issue 31); a CLIP host runs full fine-tuning methods (e.g. fedavg)"

@@ -76,7 +76,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _doc("any timm model name; unet:<timm encoder> (e.g. unet:resnet18) segments instead (raysim.client.tasks)", "resnet18")
+    name: str = _doc("any timm model name; unet:<timm encoder> (e.g. unet:resnet18) segments instead (raysim.client.tasks); clip:<open_clip architecture> is a CLIP host (raysim.models.clip)", "resnet18")
     img_size: int = _doc("images are resized to img_size x img_size", 64)
     pretrained: bool = _doc("load timm's pretrained weights (needs them cached locally)", False)
     weights: str | None = _doc("local checkpoint file to load into the backbone", None)

@@ -26,9 +26,10 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "Bottleneck": ("conv1", "conv3"),  # timm ResNet bottleneck blocks: the 1x1 convs
     "BasicBlock": ("conv1", "conv2"),  # timm ResNet basic blocks
     "Mlp": ("fc1", "fc2"),  # timm ViT MLPs
+    "ResidualAttentionBlock": ("mlp.c_fc", "mlp.c_proj"),  # open_clip ViT blocks (clip: hosts): the MLP's two linears
 }
 # Per-architecture (rank, alpha) from the paper: ViT r=12, alpha=2; ResNet r=32, alpha=8.
-DEFAULT_RANK = {"VisionTransformer": (12, 2.0), "ResNet": (32, 8.0)}
+DEFAULT_RANK = {"VisionTransformer": (12, 2.0), "ResNet": (32, 8.0), "ModifiedResNet": (32, 8.0)}  # open_clip's: the same classes' names / CLIP RN50
 FALLBACK_RANK = (8, 8.0)
 
 
@@ -162,7 +163,11 @@ def default_targets(model: nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
         for child in DEFAULT_TARGETS.get(type(module).__name__, ()):
-            if isinstance(getattr(module, child, None), (nn.Linear, nn.Conv2d)):
+            try:
+                layer = module.get_submodule(child)
+            except AttributeError:
+                continue
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
                 names.append(f"{name}.{child}" if name else child)
     return names
 

@@ -67,22 +67,26 @@ class CLIPClassifier(nn.Module):
         return self.logit_scale * features @ self.text_features.t()
 
 
+def check_host(cfg: ModelConfig, weights_key: str = "model.weights") -> str:
+    """The architecture of a `clip:` model config, its settings checked (one line each): run
+    before any actor starts, as the rest of the config is."""
+    arch = architecture(cfg.name)
+    if cfg.pretrained:
+        raise ConfigError(f"model.pretrained=true with model.name={cfg.name}: open_clip would download the weights; raysim needs no network: pass {weights_key}=PATH to a local checkpoint")
+    if cfg.weights and not Path(cfg.weights).expanduser().is_file():
+        raise ConfigError(f"{weights_key}={Path(cfg.weights).expanduser()} is not a file (an open_clip checkpoint for {arch})")
+    return arch
+
+
 def build_clip_classifier(cfg: ModelConfig, *, class_names: list[str], in_chans: int, seed: int, weights_key: str = "model.weights") -> CLIPClassifier:
     """`cfg.name` (`clip:<arch>`) with `cfg.weights` (a local open_clip checkpoint; none: a
     seeded random initialisation) and one prompt per class of `class_names`."""
     import open_clip
 
-    arch = architecture(cfg.name)
-    if cfg.pretrained:
-        raise ConfigError(f"model.pretrained=true with model.name={cfg.name}: open_clip would download the weights; raysim needs no network: pass {weights_key}=PATH to a local checkpoint")
+    arch = check_host(cfg, weights_key)
     if in_chans not in (1, 3):
         raise ConfigError(f"model.name={cfg.name} takes 1- or 3-channel images, the data has {in_chans} (a 3D volume needs the OCT front end: not yet for CLIP hosts)")
-    weights = None
-    if cfg.weights:
-        path = Path(cfg.weights).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"{weights_key}={path} is not a file (an open_clip checkpoint for {arch})")
-        weights = str(path)
+    weights = str(Path(cfg.weights).expanduser()) if cfg.weights else None
     with torch.random.fork_rng(devices=[]), _quiet_when(weights is None):
         torch.manual_seed(seed)
         try:

@@ -331,6 +331,9 @@ CASES = [
     Case("resume-data-root-gone", resume_data_gone, ("data.root {tmp}/data is not a directory",), ray=True),
     # found by the driver actor: model, resources, data metadata
     Case("unknown-model", oph(**{"model.name": "resnet9000"}), ("model.name 'resnet9000' is not a timm model",), ray=True),
+    Case("unknown-clip-architecture", oph(**{"model.name": "clip:ViT-Q-99"}), ("model.name=clip:ViT-Q-99: 'ViT-Q-99' is not an open_clip architecture",)),
+    Case("clip-pretrained-downloads", oph(**{"model.name": "clip:RN50", "model.pretrained": True}), ("model.pretrained=true with model.name=clip:RN50: open_clip would download",)),
+    Case("clip-weights-missing", oph(**{"model.name": "clip:RN50", "model.weights": "/no/such/clip.pt"}), ("model.weights=/no/such/clip.pt is not a file",)),
     Case("data-root-missing", lambda ctx: ctx.fresh(*tiny_overrides(ctx.tmp / "nope")), ("data.root {tmp}/nope is not a directory (fairfedmed_oph expects",), ray=True),
     Case("gpu-asked-none-there", oph(**{"resources.num_gpus": 1}), ("not even one client actor fits in 2 CPUs and 0 GPUs", "resources.num_gpus=1"), ray=True, no_gpu=True),
     Case("num-cpus-beyond-machine", oph(**{"resources.num_cpus": 64}), ("not even one client actor fits in 2 CPUs", "resources.num_cpus=64"), ray=True),

@@ -80,3 +80,27 @@ def test_adapter_methods_refuse_a_clip_host_until_its_prompt_head_exists() -> No
 
     with pytest.raises(ConfigError, match="adapter methods on a CLIP host need FairFedMed's prompt head"):
         build(load_config(None, ["model.name=clip:ViT-B-16", "algorithm.name=fairlora"]))
+
+
+def test_the_default_adapter_targets_of_clip_hosts_are_the_papers() -> None:
+    """specs/fairfedmed.md: ViT-B/16, every MLP linear of all 12 blocks (attention not adapted);
+    RN50, the 1x1 convolutions conv1 and conv3 of every bottleneck."""
+    from raysim.models.adapters import default_rank, default_targets
+
+    vit = build_model(ModelConfig(name="clip:ViT-B-16", img_size=32), num_classes=2, in_chans=3, seed=0, class_names=NAMES)
+    targets = default_targets(vit)
+    assert targets == [f"visual.transformer.resblocks.{i}.mlp.{fc}" for i in range(12) for fc in ("c_fc", "c_proj")]
+    assert default_rank(vit) == (12, 2.0)
+    rn50 = build_model(ModelConfig(name="clip:RN50", img_size=64), num_classes=2, in_chans=3, seed=0, class_names=NAMES)
+    convs = default_targets(rn50)
+    assert len(convs) == 2 * 16 and all(n.endswith((".conv1", ".conv3")) for n in convs)
+    assert all(rn50.get_submodule(n).kernel_size == (1, 1) for n in convs) and default_rank(rn50) == (32, 8.0)
+
+
+def test_a_bad_clip_host_is_refused_before_any_actor_starts(tmp_path: Path) -> None:
+    from raysim.engine.driver import Driver
+
+    cfg = load_config(None, ["model.name=clip:ViT-Q-99", "report.html=false"])
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ConfigError, match="'ViT-Q-99' is not an open_clip architecture"):
+        Driver(cfg, tmp_path / "run")  # what the CLI builds before Ray starts
