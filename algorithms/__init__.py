@@ -35,6 +35,7 @@ from raysim.algorithms import (  # noqa: F401  (register the built-ins)
     local,
     pfa,
     pfl_resfim,
+    promptfl,
     qffl,
     silobn,
 )

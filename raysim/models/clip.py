@@ -67,6 +67,68 @@ class CLIPClassifier(nn.Module):
         return self.logit_scale * features @ self.text_features.t()
 
 
+class PromptContext(nn.Module):
+    """CoOp's learnable context: `n_ctx` word vectors shared by every class, in place of the
+    prompt's first words ("X X ... X <class name>."), drawn from N(0, 0.02²) as CoOp and
+    FairFedMed's prompt learner draw them."""
+
+    def __init__(self, n_ctx: int, width: int) -> None:
+        super().__init__()
+        self.ctx = nn.Parameter(torch.empty(n_ctx, width).normal_(0.0, 0.02))
+
+
+class PromptedCLIPClassifier(nn.Module):
+    """A CLIP host whose class prompts carry a learnable context (`PromptContext`): the text
+    tower runs every forward pass on [SOS] + context + "<class name>." + [EOS] token embeddings,
+    so the class features follow the context as it trains. Both towers are frozen parts of the
+    model (`untrained_parts` is the context alone); their text-side constants (the prompts'
+    token embeddings, positions, mask) are non-persistent buffers."""
+
+    def __init__(self, clip_model: nn.Module, tokens: torch.Tensor, n_ctx: int, in_chans: int) -> None:
+        super().__init__()
+        self.visual = clip_model.visual
+        self.transformer = clip_model.transformer
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        self.text_pool_type = clip_model.text_pool_type
+        self.text_eos_id = getattr(clip_model, "text_eos_id", None)
+        self.in_chans = in_chans
+        with torch.no_grad():
+            embedded = clip_model.token_embedding(tokens)
+        self.prompt = PromptContext(n_ctx, embedded.shape[-1])
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)  # [SOS]
+        self.register_buffer("suffix", embedded[:, 1 + n_ctx :].clone(), persistent=False)  # class name, ".", [EOS], padding
+        self.register_buffer("positions", clip_model.positional_embedding.detach().clone(), persistent=False)
+        self.register_buffer("attn_mask", clip_model.attn_mask.clone() if clip_model.attn_mask is not None else None, persistent=False)
+        self.register_buffer("logit_scale", clip_model.logit_scale.detach().exp().reshape(()).clone(), persistent=False)
+        self.pretrained_cfg = {"mean": CLIP_MEAN, "std": CLIP_STD}
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def untrained_parts(self) -> tuple[nn.Module, ...]:
+        """What a frozen host trains (`adapters.freeze_backbone`): the prompt context."""
+        return (self.prompt,)
+
+    def class_features(self) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        classes = self.tokens.shape[0]
+        x = torch.cat([self.prefix, self.prompt.ctx.unsqueeze(0).expand(classes, -1, -1), self.suffix], dim=1)
+        x = self.transformer(x + self.positions, attn_mask=self.attn_mask)
+        x = text_global_pool(self.ln_final(x), self.tokens, self.text_pool_type, eos_token_id=self.text_eos_id)
+        x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        return F.normalize(x, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        features = F.normalize(self.visual(x), dim=-1)
+        return self.logit_scale * features @ self.class_features().t()
+
+
 def check_host(cfg: ModelConfig, weights_key: str = "model.weights") -> str:
     """The architecture of a `clip:` model config, its settings checked (one line each): run
     before any actor starts, as the rest of the config is."""
@@ -78,9 +140,10 @@ def check_host(cfg: ModelConfig, weights_key: str = "model.weights") -> str:
     return arch
 
 
-def build_clip_classifier(cfg: ModelConfig, *, class_names: list[str], in_chans: int, seed: int, weights_key: str = "model.weights") -> CLIPClassifier:
+def build_clip_classifier(cfg: ModelConfig, *, class_names: list[str], in_chans: int, seed: int, weights_key: str = "model.weights", n_ctx: int = 0) -> CLIPClassifier | PromptedCLIPClassifier:
     """`cfg.name` (`clip:<arch>`) with `cfg.weights` (a local open_clip checkpoint; none: a
-    seeded random initialisation) and one prompt per class of `class_names`."""
+    seeded random initialisation) and one prompt per class of `class_names`: fixed
+    (`PROMPT`), or with `n_ctx` > 0 a learnable context of that many words before each name."""
     import open_clip
 
     arch = check_host(cfg, weights_key)
@@ -93,7 +156,9 @@ def build_clip_classifier(cfg: ModelConfig, *, class_names: list[str], in_chans:
             model = open_clip.create_model(arch, pretrained=weights, force_image_size=cfg.img_size)
         except (RuntimeError, KeyError, ValueError, OSError) as err:
             raise ConfigError(f"{weights_key}={weights}: not an open_clip checkpoint for {arch} ({' '.join(str(err).split())[:200]})") from err
-    tokenizer = open_clip.get_tokenizer(arch)
+        tokenizer = open_clip.get_tokenizer(arch)
+        if n_ctx > 0:  # the context is drawn here too: from the seed, as the towers
+            return PromptedCLIPClassifier(model, tokenizer([" ".join(["X"] * n_ctx) + f" {name}." for name in class_names]), n_ctx, in_chans)
     with torch.no_grad():
         text = model.encode_text(tokenizer([PROMPT.format(name) for name in class_names]))
     return CLIPClassifier(model, text, in_chans)

@@ -85,10 +85,12 @@ def fairfed_statistics() -> dict[str, dict[str, Any]]:
 STATISTICS = {"fairfed": fairfed_statistics}  # methods with round_statistics: their statistics pass
 # Methods whose server state is completed by `setup_state` before round 1: what each client's `client_setup` shares.
 SHARED = {"afl": {}, "fedfb": {"group_counts": [5, 3]}}
+# Methods that need a particular host: the config names it (the fold itself sees only tensors).
+HOSTS = {"promptfl": ["model.name=clip:RN50"]}
 
 
 def setup(name: str) -> tuple[Algorithm, dict[str, Any], dict[str, dict[str, Any]]]:
-    cfg = load_config(None, [f"algorithm.name={name}", "data.name=synthetic", "federation.rounds=4"])
+    cfg = load_config(None, [f"algorithm.name={name}", "data.name=synthetic", "federation.rounds=4", *HOSTS.get(name, [])])
     algorithm = ALGORITHMS.get(name)(algorithm_params(cfg), cfg)
     state = algorithm.init_state(tiny_model(name))
     if name in SHARED:

@@ -12,6 +12,7 @@ from helpers import BUILT_IN, FM, make_driver
 # Methods whose defaults are too big for CI get tiny settings here (their own tests cover the rest).
 TINY_SETTINGS = {"fedhelp": {"algorithm.top_n": 1, "algorithm.small_model": "test_resnet", "algorithm.large_model": "test_vit", "algorithm.foundation": FM}}
 # FedBM: the seeded concept stand-in on this real-format set; its generator trained after round 1 and used in round 2
+TINY_SETTINGS["promptfl"] = {"model.name": "clip:RN50", "model.img_size": 32, "algorithm.n_ctx": 4}  # a random CLIP RN50 host (no download)
 TINY_SETTINGS["fedbm"] = {"algorithm.embeddings": "synthetic", "algorithm.generator_every": 1, "algorithm.generator_steps": 2, "algorithm.generator_batch": 8, "algorithm.pseudo_batch": 4}
 
 

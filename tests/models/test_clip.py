@@ -104,3 +104,50 @@ def test_a_bad_clip_host_is_refused_before_any_actor_starts(tmp_path: Path) -> N
     (tmp_path / "run").mkdir()
     with pytest.raises(ConfigError, match="'ViT-Q-99' is not an open_clip architecture"):
         Driver(cfg, tmp_path / "run")  # what the CLI builds before Ray starts
+
+
+# --- PromptFL (issue 31, item 2) ---------------------------------------------------------------
+
+
+def promptfl_host(root: Path, **extra: object):
+    from helpers import make_host
+
+    return make_host(root, "promptfl", **{"model.name": "clip:RN50", "model.img_size": 32, "algorithm.n_ctx": 4, **extra})
+
+
+def test_promptfl_trains_and_sends_only_the_prompt_context(oph_root: Path) -> None:
+    from helpers import start
+
+    host = promptfl_host(oph_root)
+    model = host.clients["site1"].model
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt.ctx"]
+    assert host.algorithm.communicated(model) == ["prompt.ctx"]  # frozen towers, frozen BatchNorm statistics: nothing else travels
+    state, payload = start(host)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    update = host.fit("site1", payload, 1)
+    assert list(update.tensors) == ["prompt.ctx"] and update.tensors["prompt.ctx"].shape == (4, 512)
+    assert not torch.equal(update.tensors["prompt.ctx"], payload["prompt.ctx"])  # the context trained
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "prompt.ctx")  # the towers did not move
+    assert update.tensors["prompt.ctx"].numel() * 4 < 10_000  # bytes a round: the point of the family
+
+
+def test_the_class_features_follow_the_context() -> None:
+    model = build_model(ModelConfig(name="clip:RN50", img_size=32), num_classes=2, in_chans=1, seed=0, class_names=NAMES)
+    from raysim.models.clip import build_clip_classifier
+
+    prompted = build_clip_classifier(ModelConfig(name="clip:RN50", img_size=32), class_names=NAMES, in_chans=1, seed=0, n_ctx=4)
+    first = prompted.class_features().detach().clone()
+    with torch.no_grad():
+        prompted.prompt.ctx.add_(0.5)
+    assert not torch.allclose(first, prompted.class_features())
+    assert all(torch.equal(v, prompted.visual.state_dict()[k]) for k, v in model.visual.state_dict().items())  # the same seeded host
+
+
+def test_promptfl_refuses_a_host_that_is_not_clip(oph_root: Path) -> None:
+    from raysim.algorithms import build
+
+    with pytest.raises(ConfigError, match="algorithm promptfl needs a CLIP host"):
+        build(load_config(None, ["algorithm.name=promptfl"]))
+    with pytest.raises(ConfigError, match=r"n_ctx must be an integer in \[1, 60\]"):
+        build(load_config(None, ["algorithm.name=promptfl", "model.name=clip:RN50", "algorithm.n_ctx=0"]))
