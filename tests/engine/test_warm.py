@@ -42,6 +42,12 @@ def fresh_run(root: Path, run_dir: Path, **settings: object) -> pd.DataFrame:
     return metrics(run_dir)
 
 
+@pytest.fixture(scope="module")
+def fresh_fedavg(ray_session, oph_root: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    """The tiny FedAvg run in fresh actors, once for the tests of this module that compare with it."""
+    return fresh_run(oph_root, tmp_path_factory.mktemp("fresh") / "run")
+
+
 def test_runs_in_warm_actors_equal_runs_in_fresh_ones(ray_session, oph_root: Path, tmp_path: Path) -> None:
     supply = warm.ActorSupply()
     with warm.installed(supply):
@@ -91,7 +97,7 @@ def test_another_kind_of_actor_stops_the_idle_ones_and_surplus_actors_stop(ray_s
     supply.close()
 
 
-def test_an_actor_whose_load_failed_serves_the_next_run(ray_session, oph_copy: Path, oph_root: Path, tmp_path: Path) -> None:
+def test_an_actor_whose_load_failed_serves_the_next_run(ray_session, oph_copy: Path, oph_root: Path, tmp_path: Path, fresh_fedavg: pd.DataFrame) -> None:
     """Bad input an actor finds (a corrupt image) ends that run in its one-line error; the same
     warm actor then serves a good run, whose metrics are the fresh run's."""
     name = str(pd.read_csv(oph_copy / "meta_site1_race_test.csv", dtype=str, keep_default_na=False)["filename"][0])
@@ -104,10 +110,10 @@ def test_an_actor_whose_load_failed_serves_the_next_run(ray_session, oph_copy: P
         make_driver(oph_root, tmp_path / "good", **ONE_ACTOR).run()
         assert supply.reused == 1
     supply.close()
-    pd.testing.assert_frame_equal(metrics(tmp_path / "good"), fresh_run(oph_root, tmp_path / "fresh"), check_exact=True)
+    pd.testing.assert_frame_equal(metrics(tmp_path / "good"), fresh_fedavg, check_exact=True)
 
 
-def test_an_engine_keeps_its_driver_and_client_actors_between_runs(engine, oph_root: Path, tmp_path: Path) -> None:
+def test_an_engine_keeps_its_driver_and_client_actors_between_runs(engine, oph_root: Path, tmp_path: Path, fresh_fedavg: pd.DataFrame) -> None:
     """`Engine.run` runs in the engine's driver actor; the second run finds the first one's
     client actors warm there, and its metrics are those of the same run built in this process
     in fresh actors."""
@@ -120,7 +126,7 @@ def test_an_engine_keeps_its_driver_and_client_actors_between_runs(engine, oph_r
     run_dir = engine.run(second, tmp_path / "second", echo=lines.append)
     assert engine.driver is driver and "  1 of them warm from an earlier run (raysim.engine.warm)" in lines
     assert run_dir == str(tmp_path / "second")
-    pd.testing.assert_frame_equal(metrics(tmp_path / "second"), fresh_run(oph_root, tmp_path / "fresh"), check_exact=True)
+    pd.testing.assert_frame_equal(metrics(tmp_path / "second"), fresh_fedavg, check_exact=True)
 
     other = load_config(None, tiny_overrides(oph_root, **{**ONE_ACTOR, "resources.driver_cpus": 0.25}))
     engine.run(other, tmp_path / "third", echo=lambda _: None)
@@ -129,7 +135,7 @@ def test_an_engine_keeps_its_driver_and_client_actors_between_runs(engine, oph_r
         engine.run(second, tmp_path / "second", echo=lambda _: None)
 
 
-def test_a_new_driver_actors_client_actors_start_beside_it_and_stop_with_it(engine, oph_root: Path, tmp_path: Path) -> None:
+def test_a_new_driver_actors_client_actors_start_beside_it_and_stop_with_it(engine, oph_root: Path, tmp_path: Path, fresh_fedavg: pd.DataFrame) -> None:
     """(item 3) A new driver actor's client actors are started by the Engine as it launches the
     driver, not by the driver once it has imported torch and read the clients: the run takes
     them (it starts none), its metrics are the fresh run's, and they stop with that driver."""
@@ -139,7 +145,7 @@ def test_a_new_driver_actors_client_actors_start_beside_it_and_stop_with_it(engi
     lent = list(engine.lent)
     assert len(lent) == 1 and ray.get(engine.driver.supply_counts.remote()) == {"started": 0, "reused": 0, "idle": 1}
     assert not any("warm from an earlier run" in line for line in lines)
-    pd.testing.assert_frame_equal(metrics(tmp_path / "lent"), fresh_run(oph_root, tmp_path / "fresh"), check_exact=True)
+    pd.testing.assert_frame_equal(metrics(tmp_path / "lent"), fresh_fedavg, check_exact=True)
 
     engine.run(load_config(None, tiny_overrides(oph_root, **ONE_ACTOR)), tmp_path / "next", echo=lambda _: None)  # another driver kind: that driver goes
     with pytest.raises(ray.exceptions.RayActorError):
