@@ -65,6 +65,7 @@ class Node:
     share: float
     out: Path
     runs: dict[str, Path] = field(default_factory=dict)
+    probes: list[Any] = field(default_factory=list)  # the sharing check's actors, which the cap check uses and stops
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,13 +185,13 @@ def check_sharing(node: Node) -> Result:
             return Result("", FAIL, f"the {n} actors did not share one GPU: {sorted(devices)}", data={"facts": facts})
         return Result("", OK, f"{n} actors at {node.share:g} GPU each ran at once on {facts[0]['device_name']} (Ray GPU ids {facts[0]['gpu_ids']})", data={"facts": facts})
     finally:
-        node.probes = probes  # type: ignore[attr-defined]  # the cap check uses the same actors
+        node.probes = probes
 
 
 def check_memory_cap(node: Node) -> Result:
     import ray
 
-    probes = getattr(node, "probes", [])
+    probes = node.probes
     try:
         if not node.gpus:
             return Result("", SKIP, "no GPU: the per-actor memory cap applies to CUDA only")

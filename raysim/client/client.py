@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raysim.client import precision
+import raysim.client.precision as precision
 from raysim.client.tasks import TASKS, Task
 from raysim.client.training import Batch, forward
 from raysim.datasets.base import ClientSpec, Shard

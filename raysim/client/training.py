@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from raysim.client import precision
+import raysim.client.precision as precision
 from raysim.config import FederationConfig
 from raysim.models.adapters import use_groups
 from raysim.models.backbones import train_mode
@@ -171,7 +171,7 @@ def _full_gradient_fp16(model: nn.Module, params: dict[str, nn.Parameter], batch
     GradScaler's initial scale) and its gradient unscaled into a float32 sum weighted by the
     batch's size; a batch whose gradient overflowed is done again at half the scale (its
     BatchNorm statistics then move twice, as they would in a second pass)."""
-    scale = float(torch.amp.GradScaler("cpu").get_scale())
+    scale = 2.0**16  # torch.amp.GradScaler's initial scale
     sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     total, count = 0.0, 0
     for batch in batches:
