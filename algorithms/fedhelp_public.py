@@ -33,8 +33,9 @@ import numpy as np
 
 from raysim.config import ConfigError, DataConfig, from_dict
 from raysim.datasets import DATASETS, synthetic
-from raysim.datasets.base import ClientSpec, DataError, DataSource, SampleTable, Shard
+from raysim.datasets.base import ClientSpec, DataSource, SampleTable, Shard
 from raysim.datasets.cache import load_shards
+from raysim.datasets.pools import Pool, overlap, pool_of  # noqa: F401  (FedHelp's public set and the small CLIP share them)
 
 PUBLIC_SEED = 1  # generator seed of the default D_pub; raysim.pretrain's pool uses 0
 PUBLIC_PATIENTS = 500  # about 390 images in its training split: a few hundred, quick at 32 px
@@ -42,21 +43,6 @@ FUNDUS_SIZE = 128  # rendered as the clinical set is (the generator's default), 
 POPULATION_KEYS = ("population", "patients", "generator_seed")
 BUILT_IN_SOURCES = ("synthetic", "fairfedmed_oph")  # the synthetic glaucoma task the default fits
 FORMS = "{population: public, patients: N, generator_seed: S}, {name: SOURCE, root: DIR, ...} or {site: ID}"
-
-
-@dataclass(frozen=True)
-class Pool:
-    """A set of samples as the overlap checks see it: its directory and, for a generated
-    synthetic set, its generator parameters (truth.json)."""
-
-    label: str
-    root: Path | None
-    params: Mapping[str, Any] | None = None
-
-    def files(self) -> set[Path]:
-        """The sample files under root/all (FairFedMed-Oph layout), resolved through links."""
-        folder = self.root / "all" if self.root else None
-        return {p.resolve() for p in folder.glob("*.npz")} if folder is not None and folder.is_dir() else set()
 
 
 @dataclass(frozen=True)
@@ -167,16 +153,6 @@ def resolve(public: Any, run_source: DataSource, held_out: ClientSpec | None) ->
     return PublicSet(label, data, parts, pool_of(source, label))
 
 
-def pool_of(source: DataSource, label: str) -> Pool:
-    try:
-        root: Path | None = Path(source.root).resolve()
-    except DataError:  # a source without a root directory
-        root = None
-    truth = root / "truth.json" if root is not None else None
-    params = json.loads(truth.read_text())["params"] if truth is not None and truth.is_file() else None
-    return Pool(label, root, params)
-
-
 def foundation_pool(options: Mapping[str, Any], img_size: int) -> Pool | None:
     """What the foundation model was trained on, where raysim knows: the built-in backbone's pool,
     or the pool named by a `raysim.pretrain` sidecar (`<weights>.json`); None otherwise."""
@@ -196,20 +172,6 @@ def foundation_pool(options: Mapping[str, Any], img_size: int) -> Pool | None:
     params = meta.get("pool") or {}
     label = f"the pool raysim.pretrain trained {weights} on: the synthetic {params.get('population', 'clinical')} population, generator seed {params.get('seed')}"
     return Pool(label, Path(meta["pool_root"]).resolve() if meta.get("pool_root") else None, params or None)
-
-
-def overlap(a: Pool, b: Pool) -> str | None:
-    """Why two pools may share samples, or None."""
-    if a.root is not None and a.root == b.root:
-        return f"both read {a.root}"
-    if a.params is not None and b.params is not None:
-        population = a.params.get("population", "clinical")
-        if population == b.params.get("population", "clinical") and a.params.get("seed") == b.params.get("seed"):
-            return f"both are the synthetic {population} population drawn with generator seed {a.params.get('seed')}"
-    shared = a.files() & b.files()
-    if shared:
-        return f"{len(shared)} sample files are shared (e.g. {min(shared)})"
-    return None
 
 
 def check_disjoint(public: PublicSet, clients: Pool | None, foundation: Pool | None) -> None:

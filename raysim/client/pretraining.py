@@ -50,6 +50,7 @@ from raysim.datasets.cache import cache_root
 from raysim.datasets.imaging import resize_chw
 from raysim.datasets.oph_schema import NUM_SITES, SPLITS
 from raysim.models.backbones import build_model, is_segmentation_model, normalization
+from raysim.models.kinds import is_clip_model
 from raysim.seeding import derive_seed
 
 FORMAT_VERSION = 1
@@ -266,11 +267,18 @@ def ensure_pretrained(model_cfg: ModelConfig, *, echo: Echo = print, **settings:
 def resolve_weights(cfg: ExperimentConfig, *, needs_pretrained: bool, echo: Echo = print) -> ExperimentConfig:
     """`cfg` with model.weights set to the pretrained backbone when the method needs one.
 
-    Only for a method that needs one (`needs_pretrained`: `raysim.algorithms.with_backbone` asks
+    For a timm model, only for a method that needs one (`needs_pretrained`: `raysim.algorithms.with_backbone` asks
     the method) and neither model.weights nor model.pretrained set; otherwise `cfg` itself is returned. A segmentation model
-    (`unet:<encoder>`) gets the encoder's backbone (the U-Net loads it into its encoder).
+    (`unet:<encoder>`) gets the encoder's backbone (the U-Net loads it into its encoder). A
+    CLIP host on the small CLIP's architecture (`clip:RaySim-Tiny-ViT`) gets `raysim.pretrain
+    --clip`'s checkpoint whatever the method (FedAvg fine-tunes it), its pool checked disjoint from the run's data; any other `clip:`
+    architecture stays a seeded random initialisation (raysim downloads no CLIP weights).
     """
-    if not needs_pretrained or cfg.model.weights or cfg.model.pretrained:
+    if cfg.model.weights or cfg.model.pretrained:
+        return cfg
+    if is_clip_model(cfg.model.name):  # any method: a CLIP host means a pretrained CLIP
+        return _resolve_clip(cfg, echo)
+    if not needs_pretrained:
         return cfg
     backbone = cfg.model
     if is_segmentation_model(backbone.name):  # a U-Net's encoder: the classifier of that name, its head unused
@@ -278,4 +286,16 @@ def resolve_weights(cfg: ExperimentConfig, *, needs_pretrained: bool, echo: Echo
     path = ensure_pretrained(backbone, echo=echo)
     echo(f"model.weights: {path} (the {backbone.name} backbone at {cfg.model.img_size} px that raysim.pretrain built on the synthetic public pool; "
          "set model.weights=PATH or model.pretrained=true to use your own)")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=str(path)))
+
+
+def _resolve_clip(cfg: ExperimentConfig, echo: Echo) -> ExperimentConfig:
+    from raysim.client import clip_pretraining  # open_clip loads only for a CLIP host
+
+    if not clip_pretraining.is_tiny(cfg.model.name):
+        return cfg
+    path = clip_pretraining.ensure_clip_pretrained(cfg.model, echo=echo)
+    clip_pretraining.check_clients(path, cfg)
+    echo(f"model.weights: {path} (the small CLIP {cfg.model.name} at {cfg.model.img_size} px that raysim.pretrain --clip built on the synthetic public pool; "
+         "set model.weights=PATH to use your own)")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=str(path)))
