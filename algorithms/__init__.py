@@ -27,6 +27,7 @@ from raysim.algorithms import (  # noqa: F401  (register the built-ins)
     fedhelp,
     fedlora,
     fednova,
+    fedotp,
     fedper,
     fedprox,
     fedrdn,

@@ -56,6 +56,9 @@ class Algorithm:
     # Adapter methods adapt a pretrained backbone: without model.weights / model.pretrained
     # the run uses the synthetic public-pool backbone built by `python -m raysim.pretrain`.
     needs_pretrained: ClassVar[bool] = False
+    # An adapter method (needs_pretrained) that runs on a `clip:` host with its CLIP prompt head
+    # (`build_host`); the others refuse a CLIP host in one line.
+    on_clip: ClassVar[bool] = False
     # True: before each round's training, every sampled client's `client_statistics` reaches
     # `fold_start` (a light pass over the cohort; one extra call per actor).
     round_statistics: ClassVar[bool] = False
@@ -88,10 +91,8 @@ class Algorithm:
             from raysim.models.clip import check_host  # open_clip loads only for a CLIP host
 
             check_host(model)  # before any actor starts
-        if model is not None and is_clip_model(model.name) and self.needs_pretrained:
-            raise ConfigError(
-                f"algorithm {self.name} on model.name={model.name}: adapter methods on a CLIP host need FairFedMed's prompt head, not built yet (issue 31); a CLIP host runs full fine-tuning methods (e.g. fedavg)"
-            )
+        if model is not None and is_clip_model(model.name) and self.needs_pretrained and not self.on_clip:
+            raise ConfigError(f"algorithm {self.name} on model.name={model.name}: this adapter method has no CLIP prompt head; on a CLIP host run fedlora, fairlora, promptfl, fedotp or a full fine-tuning method (e.g. fedavg)")
         self.received: dict[str, Any] = {}  # in a client actor: the values sent with the current payload
         holdout = getattr(getattr(cfg, "eval", None), "holdout_site", None)
         if holdout is not None and self.newcomer is None:
@@ -109,14 +110,18 @@ class Algorithm:
 
     def build_model(self, source: DataSource) -> nn.Module:
         """The model every client and the server start from (same seed: the same everywhere)."""
-        self.task.check(source, self.cfg)
-        model = build_model(self.cfg.model, **self.task.model_outputs(source), in_chans=source.channels, seed=self.cfg.seed, slices=source.volume_slices, class_names=source.class_names)
+        model = self.build_host(source)
         # Adapters draw initial values (LoRA's A, FairLoRA's B): from the seed alone, not from
         # whatever the process's RNG went through before (several runs in one process). Only
         # the CPU generator is seeded, inside a fork, so the caller's RNG state is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(derive_seed(self.cfg.seed, "adapters"))
             return self.adapt(model, source)
+
+    def build_host(self, source: DataSource) -> nn.Module:
+        """The model as `model.*` names it, before `adapt` (a prompt method builds its CLIP prompt head here)."""
+        self.task.check(source, self.cfg)
+        return build_model(self.cfg.model, **self.task.model_outputs(source), in_chans=source.channels, seed=self.cfg.seed, slices=source.volume_slices, class_names=source.class_names)
 
     def adapt(self, model: nn.Module, source: DataSource) -> nn.Module:
         """Change the model before training (adapter methods inject adapters and freeze the rest)."""

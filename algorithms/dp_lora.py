@@ -63,6 +63,7 @@ class DPLoRAParams(dp.PrivacyParams, LoRAParams):
 
 @register_algorithm("dp_lora")
 class DPLoRA(FedLoRA):
+    on_clip = False  # its privacy accounting covers the adapters; a CLIP prompt head is not analysed
     Params = DPLoRAParams
     num_clients: int | None = None  # set by prepare_run (the accountant's q needs it)
     noise_key: bytes | None = None  # algorithm.noise=keyed: read in the driver by read_keys, never in a client actor

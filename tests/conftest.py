@@ -48,6 +48,17 @@ def oph_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def small_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small synthetic CLIP (`python -m raysim.pretrain --clip`) at 32 px, trained for one
+    epoch on a 60-patient public pool (seconds): the registry loops' CLIP host."""
+    from raysim.client.clip_pretraining import ClipPretrainSettings, pretrain
+
+    path = tmp_path_factory.mktemp("small_clip") / "small_clip.pt"
+    pretrain(ClipPretrainSettings(img_size=32, patients=60, epochs=1, batch_size=16), path, echo=lambda _: None)
+    return path
+
+
 @pytest.fixture
 def oph_copy(oph_root: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny set that a test may break."""

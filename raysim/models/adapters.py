@@ -216,7 +216,8 @@ def freeze_backbone(model: nn.Module, *, train_norm: bool = True) -> None:
     trainable: set[int] = set()
     # Parts a model declares never pretrained (a U-Net's decoder and head): trained whole, and
     # their BatchNorm layers keep tracking statistics.
-    fresh = {id(m) for part in getattr(model, "untrained_parts", tuple)() for m in part.modules()}
+    # (asked of every module: a CLIP prompt head may sit behind a SliceFold front end)
+    fresh = {id(m) for owner in model.modules() for part in getattr(owner, "untrained_parts", tuple)() for m in part.modules()}
     for module in model.modules():
         if id(module) in fresh:
             trainable.update(id(p) for p in module.parameters(recurse=False))

@@ -19,6 +19,7 @@ from torch import nn
 
 from raysim.config import ConfigError, ModelConfig
 from raysim.models.kinds import is_clip_model, is_segmentation_model, model_task
+from raysim.seeding import derive_seed
 
 
 class SliceFold(nn.Module):
@@ -46,6 +47,16 @@ class SliceFold(nn.Module):
         return logits.reshape(batch, self.groups, -1).mean(dim=1)
 
 
+def with_volume_front_end(model: nn.Module, slices: int | None, seed: int) -> nn.Module:
+    """`model` itself for 2D data; for a volume, behind a SliceFold (its fold convolution drawn
+    from the seed), as FairFedMed runs CLIP on OCT: every group of B-scans scored, scores averaged."""
+    if not slices:
+        return model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "slice-fold"))
+        return SliceFold(model, slices=slices)
+
+
 def build_model(
     cfg: ModelConfig,
     *,
@@ -70,12 +81,10 @@ def build_model(
     if is_clip_model(cfg.name):
         from raysim.models.clip import build_clip_classifier  # open_clip loads only here
 
-        if slices:
-            raise ConfigError(f"model.name={cfg.name}: a CLIP host takes 2D images; this data is a {slices}-slice volume (not yet supported)")
         names = list(class_names) or [f"class {k}" for k in range(num_classes)]
         if len(names) != num_classes:
             raise ConfigError(f"model.name={cfg.name}: {len(names)} class names for {num_classes} classes")
-        return build_clip_classifier(cfg, class_names=names, in_chans=in_chans, seed=seed, weights_key=weights_key)
+        return with_volume_front_end(build_clip_classifier(cfg, class_names=names, in_chans=3 if slices else in_chans, seed=seed, weights_key=weights_key), slices, seed)
     if model_task(cfg.name) == "joint":
         from raysim.models.joint import build_joint_model  # segmentation-models-pytorch loads only here
 

@@ -1,4 +1,4 @@
-"""CLIP hosts (`model.name=clip:<open_clip architecture>`, issue 31; work in progress).
+"""CLIP hosts (`model.name=clip:<open_clip architecture>`, issue 31).
 
 open_clip builds both towers (`clip:ViT-B-16`, `clip:RN50`, any architecture open_clip knows
 whose tokenizer ships with it), weights only from a local file (`model.weights`: open_clip
@@ -7,8 +7,9 @@ the cosine similarity of the image features with the text features of one prompt
 (`PROMPT.format(class name)`), scaled by the checkpoint's logit scale, as CLIP's zero-shot
 classifier does; the text features are computed once when the model is built (the text tower
 is then dropped) and are not part of the state dict, so nothing of the text side is
-communicated. This is the host FedAvg fine-tunes (the image tower); the prompt learners
-(PromptFL, FedOTP, FairFedMed's FairLoRA head) replace the fixed prompts.
+communicated. This is the host FedAvg fine-tunes (the image tower). `PromptedCLIPClassifier`
+replaces the fixed prompts by learnable contexts (PromptFL, FedOTP, FairFedMed's FairLoRA head:
+`raysim.algorithms.prompt_head`), scored through `raysim.models.prompt_transport`.
 
 Images: 1-channel inputs are repeated to 3; the normalisation is CLIP's (`pretrained_cfg`,
 read by `backbones.normalization`); `model.img_size` sets open_clip's `force_image_size` (a
@@ -27,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from raysim.config import ConfigError, ModelConfig
+from raysim.models.prompt_transport import Transport, class_scores
 
 PREFIX = "clip:"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's (FairFedMed's PIXEL_MEAN)
@@ -37,6 +39,7 @@ PROMPT = "a photo of {}."
 def architecture(name: str) -> str:
     """The open_clip architecture of a `clip:<arch>` name, checked against open_clip's list."""
     import open_clip
+    from raysim.models import clip_tiny; clip_tiny.register()  # isort: skip (RaySim-Tiny-ViT into open_clip's registry first)
 
     arch = name[len(PREFIX) :]
     if arch not in open_clip.list_models():
@@ -68,23 +71,33 @@ class CLIPClassifier(nn.Module):
 
 
 class PromptContext(nn.Module):
-    """CoOp's learnable context: `n_ctx` word vectors shared by every class, in place of the
-    prompt's first words ("X X ... X <class name>."), drawn from N(0, 0.02²) as CoOp and
-    FairFedMed's prompt learner draw them."""
+    """CoOp's learnable context, N prompts of `n_ctx` word vectors each, shared by every class
+    ("X X ... X <class name>."), drawn from N(0, 0.02²) as CoOp, FedOTP and FairFedMed draw
+    them. The first `n_prompts − local` are `ctx` (what a federation averages), the last
+    `local` are `local_ctx` (FedOTP's per-client prompts, never sent)."""
 
-    def __init__(self, n_ctx: int, width: int) -> None:
+    def __init__(self, n_prompts: int, n_ctx: int, width: int, local: int = 0) -> None:
         super().__init__()
-        self.ctx = nn.Parameter(torch.empty(n_ctx, width).normal_(0.0, 0.02))
+        drawn = torch.empty(n_prompts, n_ctx, width).normal_(0.0, 0.02)
+        self.ctx = nn.Parameter(drawn[: n_prompts - local].clone())
+        self.local_ctx = nn.Parameter(drawn[n_prompts - local :].clone()) if local else None
+
+    def all(self) -> torch.Tensor:
+        """(N, n_ctx, width): the shared prompts first, then the local ones."""
+        return self.ctx if self.local_ctx is None else torch.cat([self.ctx, self.local_ctx])
 
 
 class PromptedCLIPClassifier(nn.Module):
-    """A CLIP host whose class prompts carry a learnable context (`PromptContext`): the text
-    tower runs every forward pass on [SOS] + context + "<class name>." + [EOS] token embeddings,
-    so the class features follow the context as it trains. Both towers are frozen parts of the
-    model (`untrained_parts` is the context alone); their text-side constants (the prompts'
-    token embeddings, positions, mask) are non-persistent buffers."""
+    """A CLIP host whose class prompts carry learnable contexts (`PromptContext`): the text
+    tower runs every forward pass on [SOS] + context + "<class name>." + [EOS] token embeddings
+    for each of the N prompts, so the class features follow the contexts as they train; an
+    image is scored against a class by `prompt_transport` (CoOp's pooled feature for PromptFL,
+    an optimal-transport match of its patch features with the N prompts for FedOTP). Both
+    towers are frozen parts of the model (`untrained_parts` is the context alone; adapters go
+    in the image tower: `image_tower`); their text-side constants (the prompts' token
+    embeddings, positions, mask) are non-persistent buffers."""
 
-    def __init__(self, clip_model: nn.Module, tokens: torch.Tensor, n_ctx: int, in_chans: int) -> None:
+    def __init__(self, clip_model: nn.Module, tokens: torch.Tensor, n_ctx: int, in_chans: int, *, n_prompts: int = 1, local: int = 0, transport: Transport | None = None) -> None:
         super().__init__()
         self.visual = clip_model.visual
         self.transformer = clip_model.transformer
@@ -93,9 +106,10 @@ class PromptedCLIPClassifier(nn.Module):
         self.text_pool_type = clip_model.text_pool_type
         self.text_eos_id = getattr(clip_model, "text_eos_id", None)
         self.in_chans = in_chans
+        self.transport = transport or Transport(kind="pooled")
         with torch.no_grad():
             embedded = clip_model.token_embedding(tokens)
-        self.prompt = PromptContext(n_ctx, embedded.shape[-1])
+        self.prompt = PromptContext(n_prompts, n_ctx, embedded.shape[-1], local)
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)  # [SOS]
         self.register_buffer("suffix", embedded[:, 1 + n_ctx :].clone(), persistent=False)  # class name, ".", [EOS], padding
@@ -109,24 +123,72 @@ class PromptedCLIPClassifier(nn.Module):
         return int(self.tokens.shape[0])
 
     def untrained_parts(self) -> tuple[nn.Module, ...]:
-        """What a frozen host trains (`adapters.freeze_backbone`): the prompt context."""
+        """What a frozen host trains (`adapters.freeze_backbone`): the prompt contexts."""
         return (self.prompt,)
 
+    def text_tower(self) -> tuple[nn.Module, ...]:
+        """The text tower's modules: frozen whatever the method (no adapters, no norm training)."""
+        return (self.transformer, self.ln_final) + ((self.text_projection,) if isinstance(self.text_projection, nn.Module) else ())
+
     def class_features(self) -> torch.Tensor:
+        """(N, C, D) L2-normalised features of each prompt for each class."""
         from open_clip.transformer import text_global_pool
 
-        classes = self.tokens.shape[0]
-        x = torch.cat([self.prefix, self.prompt.ctx.unsqueeze(0).expand(classes, -1, -1), self.suffix], dim=1)
+        ctx = self.prompt.all()
+        n, classes = ctx.shape[0], self.tokens.shape[0]
+        x = torch.cat([self.prefix.repeat(n, 1, 1), ctx.repeat_interleave(classes, dim=0), self.suffix.repeat(n, 1, 1)], dim=1)
         x = self.transformer(x + self.positions, attn_mask=self.attn_mask)
-        x = text_global_pool(self.ln_final(x), self.tokens, self.text_pool_type, eos_token_id=self.text_eos_id)
+        x = text_global_pool(self.ln_final(x), self.tokens.repeat(n, 1), self.text_pool_type, eos_token_id=self.text_eos_id)
         x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
-        return F.normalize(x, dim=-1)
+        return F.normalize(x, dim=-1).view(n, classes, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        features = F.normalize(self.visual(x), dim=-1)
-        return self.logit_scale * features @ self.class_features().t()
+        prompts = self.class_features()
+        if not self.transport.uses_patches:
+            pooled = F.normalize(self.visual(x), dim=-1)
+            text = prompts[0] if len(prompts) == 1 else F.normalize(prompts.mean(dim=0), dim=-1)  # FedOTP's pooled text feature
+            return self.logit_scale * pooled @ text.t()
+        _, patches = image_features(self.visual, x)
+        return self.logit_scale * class_scores(self.transport, F.normalize(patches, dim=-1), prompts)
+
+
+def image_features(visual: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled (B, D), patches (B, M, D)) from an open_clip image tower, both in the joint
+    embedding space, as FedOTP's modified CLIP returns them: a ViT's patch tokens after its
+    final LayerNorm through the same projection as the class token; a ModifiedResNet's
+    attention pool applied with every spatial position as a query (the pooled feature is the
+    mean-token query's output, as open_clip's own)."""
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.transformer import VisionTransformer
+
+    if isinstance(visual, VisionTransformer):
+        tokens = visual.transformer(visual._embeds(x))
+        pooled, patches = visual._pool(tokens)
+        if visual.proj is not None:
+            pooled, patches = pooled @ visual.proj, patches @ visual.proj
+        return pooled, patches
+    if isinstance(visual, ModifiedResNet):
+        grid = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(x)))))
+        out = attention_pool_all(visual.attnpool, grid)
+        return out[:, 0], out[:, 1:]
+    raise ConfigError(f"a prompt head with patch features needs an open_clip VisionTransformer or ModifiedResNet image tower, not {type(visual).__name__}; use algorithm.ot=pooled")
+
+
+def attention_pool_all(pool: nn.Module, grid: torch.Tensor) -> torch.Tensor:
+    """open_clip's AttentionPool2d with the mean token and every position as queries: (B, 1 + HW, D).
+    The projections are called as modules (not their weights), so LoRA on them takes effect."""
+    x = grid.flatten(2).transpose(1, 2)  # (B, HW, C)
+    x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + pool.positional_embedding.to(x.dtype)
+    b, t, c = x.shape
+    heads = pool.num_heads
+
+    def split(h: torch.Tensor) -> torch.Tensor:
+        return h.view(b, t, heads, c // heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(pool.q_proj(x)), split(pool.k_proj(x)), split(pool.v_proj(x)))
+    return pool.c_proj(out.transpose(1, 2).reshape(b, t, c))
 
 
 def check_host(cfg: ModelConfig, weights_key: str = "model.weights") -> str:
@@ -140,10 +202,11 @@ def check_host(cfg: ModelConfig, weights_key: str = "model.weights") -> str:
     return arch
 
 
-def build_clip_classifier(cfg: ModelConfig, *, class_names: list[str], in_chans: int, seed: int, weights_key: str = "model.weights", n_ctx: int = 0) -> CLIPClassifier | PromptedCLIPClassifier:
+def build_clip_classifier(cfg: ModelConfig, *, class_names: list[str], in_chans: int, seed: int, weights_key: str = "model.weights", n_ctx: int = 0, n_prompts: int = 1, local: int = 0, transport: Transport | None = None) -> CLIPClassifier | PromptedCLIPClassifier:
     """`cfg.name` (`clip:<arch>`) with `cfg.weights` (a local open_clip checkpoint; none: a
     seeded random initialisation) and one prompt per class of `class_names`: fixed
-    (`PROMPT`), or with `n_ctx` > 0 a learnable context of that many words before each name."""
+    (`PROMPT`), or with `n_ctx` > 0 `n_prompts` learnable contexts of that many words before
+    each name (`local` of them kept per client), scored by `transport`."""
     import open_clip
 
     arch = check_host(cfg, weights_key)
@@ -158,7 +221,8 @@ def build_clip_classifier(cfg: ModelConfig, *, class_names: list[str], in_chans:
             raise ConfigError(f"{weights_key}={weights}: not an open_clip checkpoint for {arch} ({' '.join(str(err).split())[:200]})") from err
         tokenizer = open_clip.get_tokenizer(arch)
         if n_ctx > 0:  # the context is drawn here too: from the seed, as the towers
-            return PromptedCLIPClassifier(model, tokenizer([" ".join(["X"] * n_ctx) + f" {name}." for name in class_names]), n_ctx, in_chans)
+            prompts = tokenizer([" ".join(["X"] * n_ctx) + f" {name}." for name in class_names])
+            return PromptedCLIPClassifier(model, prompts, n_ctx, in_chans, n_prompts=n_prompts, local=local, transport=transport)
     with torch.no_grad():
         text = model.encode_text(tokenizer([PROMPT.format(name) for name in class_names]))
     return CLIPClassifier(model, text, in_chans)

@@ -75,13 +75,6 @@ def test_a_file_that_is_no_checkpoint_for_the_architecture_is_one_line(tmp_path:
         build_model(ModelConfig(name="clip:RN50", img_size=64, weights=str(path)), num_classes=2, in_chans=1, seed=0, class_names=NAMES)
 
 
-def test_adapter_methods_refuse_a_clip_host_until_its_prompt_head_exists() -> None:
-    from raysim.algorithms import build
-
-    with pytest.raises(ConfigError, match="adapter methods on a CLIP host need FairFedMed's prompt head"):
-        build(load_config(None, ["model.name=clip:ViT-B-16", "algorithm.name=fairlora"]))
-
-
 def test_the_default_adapter_targets_of_clip_hosts_are_the_papers() -> None:
     """specs/fairfedmed.md: ViT-B/16, every MLP linear of all 12 blocks (attention not adapted);
     RN50, the 1x1 convolutions conv1 and conv3 of every bottleneck."""
@@ -125,7 +118,7 @@ def test_promptfl_trains_and_sends_only_the_prompt_context(oph_root: Path) -> No
     state, payload = start(host)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     update = host.fit("site1", payload, 1)
-    assert list(update.tensors) == ["prompt.ctx"] and update.tensors["prompt.ctx"].shape == (4, 512)
+    assert list(update.tensors) == ["prompt.ctx"] and update.tensors["prompt.ctx"].shape == (1, 4, 512)
     assert not torch.equal(update.tensors["prompt.ctx"], payload["prompt.ctx"])  # the context trained
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k != "prompt.ctx")  # the towers did not move
@@ -151,3 +144,41 @@ def test_promptfl_refuses_a_host_that_is_not_clip(oph_root: Path) -> None:
         build(load_config(None, ["algorithm.name=promptfl"]))
     with pytest.raises(ConfigError, match=r"n_ctx must be an integer in \[1, 60\]"):
         build(load_config(None, ["algorithm.name=promptfl", "model.name=clip:RN50", "algorithm.n_ctx=0"]))
+
+
+def test_the_fairfedmed_clip_preset_runs_end_to_end_on_the_small_clip(ray_session, oph_root: Path, small_clip: Path, tmp_path: Path) -> None:
+    """`--config fairfedmed_clip` as a user runs it, on the tiny set at 32 px for 2 rounds."""
+    import pandas as pd
+
+    from raysim.run import main
+
+    overrides = [f"model.weights={small_clip}", "model.img_size=32", "federation.rounds=2", "data.name=fairfedmed_oph", f"data.root={oph_root}", "resources.num_cpus=0.25", "report.html=false"]
+    assert main(["--config", "fairfedmed_clip", "--out", str(tmp_path / "run"), *overrides]) == 0
+    metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
+    auc = metrics[(metrics["split"] == "test") & (metrics["metric"] == "auc") & (metrics["attribute"] == "") & (metrics["round"] == 2)]
+    assert set(auc["client"]) == {"site1", "site2", "site3", "mean"}
+
+
+def test_the_fairfedmed_clip_preset_with_a_vit_b16_file_builds_the_papers_host(vit_b16_checkpoint: Path) -> None:
+    """model.name=clip:ViT-B-16 model.weights=FILE: FairLoRA (rank 12, alpha 2, one row of S per
+    race group) on both MLP linears of all 12 blocks, 2 prompts of 4 words (one shared), the
+    file's towers underneath."""
+    from raysim.algorithms import build
+    from raysim.models.adapters import FairLoRA
+
+    cfg = load_config("fairfedmed_clip", ["model.name=clip:ViT-B-16", f"model.weights={vit_b16_checkpoint}", "model.img_size=224"])
+    algorithm = build(cfg)
+
+    class Race:  # what the model needs of the source: class names, channels, the target's groups
+        class_names, num_classes, channels, volume_slices = tuple(NAMES), 2, 1, None
+        attribute, group_names = "race", {"race": {0: "Asian", 1: "Black", 2: "White"}}
+
+    algorithm.task.check = lambda *_: None
+    model = algorithm.build_model(Race())
+    fair = {n: m for n, m in model.named_modules() if isinstance(m, FairLoRA)}
+    assert sorted(fair) == sorted(f"visual.transformer.resblocks.{i}.mlp.{fc}" for i in range(12) for fc in ("c_fc", "c_proj"))
+    assert all(m.rank == 12 and m.scale == 2 / 12 and m.lora_S.shape == (3, 12) for m in fair.values())
+    assert model.prompt.ctx.shape == (1, 4, 512) and model.prompt.local_ctx.shape == (1, 4, 512) and model.transport.kind == "mean"
+    saved = torch.load(vit_b16_checkpoint, weights_only=True)
+    assert torch.equal(model.visual.transformer.resblocks[0].mlp.c_fc.base.weight, saved["visual.transformer.resblocks.0.mlp.c_fc.weight"])
+    assert torch.equal(model.transformer.resblocks[0].mlp.c_fc.weight, saved["transformer.resblocks.0.mlp.c_fc.weight"])  # the text tower, unadapted
