@@ -10,6 +10,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from raysim.algorithms import (  # noqa: F401  (register the built-ins)
+    adapter,
     afl,
     cksp,
     deer,
@@ -24,6 +25,7 @@ from raysim.algorithms import (  # noqa: F401  (register the built-ins)
     fedbm,
     fedbn,
     fedfb,
+    fedheal,
     fedhelp,
     fedlora,
     fednova,

@@ -27,12 +27,14 @@ from raysim.models.prompt_transport import Transport
 @dataclass
 class PromptFLParams:
     n_ctx: int = 16  # context words: CoOp's and PromptFL's 16 (FairFedMed's prompt-learner default; its GLP scripts use 4)
+    ot: str = "pooled"  # CoOp's pooled image feature; FairFedMed's PromptFL script (GLP_OT with OT=None, 1 prompt): mean
 
     def __post_init__(self) -> None:
         check_context(self.n_ctx)
+        Transport(kind=self.ot)
 
     def head_kwargs(self) -> dict[str, Any]:
-        return {"n_ctx": self.n_ctx, "n_prompts": 1, "local": 0, "transport": Transport(kind="pooled")}
+        return {"n_ctx": self.n_ctx, "n_prompts": 1, "local": 0, "transport": Transport(kind=self.ot)}
 
 
 @register_algorithm("promptfl")

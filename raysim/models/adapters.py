@@ -129,6 +129,46 @@ class FairLoRA(LowRankAdapter):
         return h * s.view(shape)
 
 
+class ParallelAdapter(nn.Module):
+    """AdaptFormer's AdaptMLP (Chen et al., NeurIPS 2022): a bottleneck beside a transformer
+    block's MLP, `mlp(x) + scale · up(ReLU(down(x)))`, fed the MLP's own (normalised) input.
+    Initialised as AdaptFormer's: down Kaiming-uniform (a = √5), up and both biases zero, so the
+    adapted block starts as the pretrained one. Only the bottleneck trains (`untrained_parts`)."""
+
+    def __init__(self, mlp: nn.Module, bottleneck: int, scale: float) -> None:
+        super().__init__()
+        width = next((m.in_features for m in mlp.modules() if isinstance(m, nn.Linear)), None)
+        if width is None:
+            raise ValueError(f"a parallel adapter needs an MLP with a linear layer, not {type(mlp).__name__}")
+        self.mlp = mlp
+        self.scale = scale
+        self.down = nn.Linear(width, bottleneck)
+        self.up = nn.Linear(bottleneck, width)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def untrained_parts(self) -> tuple[nn.Module, ...]:
+        return (self.down, self.up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) + self.scale * self.up(F.relu(self.down(x)))
+
+
+# Transformer blocks and the attribute holding their MLP: timm ViT `Block.mlp`, open_clip `ResidualAttentionBlock.mlp`.
+MLP_BLOCKS = {"Block": "mlp", "ResidualAttentionBlock": "mlp"}
+
+
+def transformer_mlps(model: nn.Module) -> list[str]:
+    """Names of the MLPs of a model's transformer blocks (a CLIP host's image tower only: its
+    text tower, when present, is `transformer`, outside `visual`)."""
+    root = "visual" if isinstance(getattr(model, "visual", None), nn.Module) else ""
+    scope = model.get_submodule(root) if root else model
+    names = [f"{name}.{MLP_BLOCKS[type(m).__name__]}" if name else MLP_BLOCKS[type(m).__name__] for name, m in scope.named_modules() if type(m).__name__ in MLP_BLOCKS]
+    return [f"{root}.{n}" if root else n for n in names]
+
+
 def validate_fair_rank(rank: int, num_groups: int) -> None:
     if num_groups < 1:
         raise ValueError(f"FairLoRA needs at least one group, got {num_groups}")

@@ -86,7 +86,7 @@ STATISTICS = {"fairfed": fairfed_statistics}  # methods with round_statistics: t
 # Methods whose server state is completed by `setup_state` before round 1: what each client's `client_setup` shares.
 SHARED = {"afl": {}, "fedfb": {"group_counts": [5, 3]}}
 # Methods that need a particular host: the config names it (the fold itself sees only tensors).
-HOSTS = {"promptfl": ["model.name=clip:RaySim-Tiny-ViT"], "fedotp": ["model.name=clip:RaySim-Tiny-ViT"]}
+HOSTS = {name: ["model.name=clip:RaySim-Tiny-ViT"] for name in ("promptfl", "fedotp", "adapter")}
 
 
 def setup(name: str) -> tuple[Algorithm, dict[str, Any], dict[str, dict[str, Any]]]:

@@ -15,6 +15,8 @@ TINY_SETTINGS = {"fedhelp": {"algorithm.top_n": 1, "algorithm.small_model": "tes
 # The CLIP prompt family on the small synthetic CLIP (the `small_clip` fixture's checkpoint), 4 context words
 ON_SMALL_CLIP = {"model.name": "clip:RaySim-Tiny-ViT", "model.img_size": 32, "algorithm.n_ctx": 4}
 TINY_SETTINGS["promptfl"] = TINY_SETTINGS["fedotp"] = ON_SMALL_CLIP
+TINY_SETTINGS["adapter"] = {"model.name": "clip:RaySim-Tiny-ViT", "model.img_size": 32}  # AdaptFormer's adapters need transformer blocks
+CLIP_HOSTED = {"promptfl", "fedotp", "adapter"}
 TINY_SETTINGS["fedbm"] = {"algorithm.embeddings": "synthetic", "algorithm.generator_every": 1, "algorithm.generator_steps": 2, "algorithm.generator_batch": 8, "algorithm.pseudo_batch": 4}
 
 
@@ -39,7 +41,7 @@ def test_the_registry_holds_every_method_of_the_issue() -> None:
 
 @pytest.mark.parametrize("name", BUILT_IN)
 def test_method_runs_two_rounds_through_ray_actors(name: str, ray_session, oph_root: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    weights = {"model.weights": str(request.getfixturevalue("small_clip"))} if TINY_SETTINGS.get(name) is ON_SMALL_CLIP else {}
+    weights = {"model.weights": str(request.getfixturevalue("small_clip"))} if name in CLIP_HOSTED else {}
     metrics, lines = run_method(name, oph_root, tmp_path / name, **weights)
     test = metrics[(metrics["round"] == 2) & (metrics["split"] == "test") & (metrics["metric"] == "auc") & (metrics["attribute"] == "")]
     roles = {f"mean:{r}" for r in test["role"] if r}  # FedHelp adds mean:large / mean:small
