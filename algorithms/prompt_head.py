@@ -65,10 +65,10 @@ def require_clip_host(name: str, cfg: ExperimentConfig) -> None:
 
 def build_prompted_host(algorithm: Any, source: DataSource, head: Any) -> nn.Module:
     """The `clip:` host with `head`'s prompt learner (`head_kwargs()`): towers as loaded, all trainable until the method freezes them."""
-    from raysim.models.backbones import with_volume_front_end
+    from raysim.models.backbones import clip_class_names, with_volume_front_end
     from raysim.models.clip import build_clip_classifier  # open_clip loads only here
 
-    names = list(source.class_names) or [f"class {k}" for k in range(source.num_classes)]
+    names = clip_class_names(algorithm.cfg.model, source.class_names, source.num_classes)
     slices = source.volume_slices
     model = build_clip_classifier(algorithm.cfg.model, class_names=names, in_chans=3 if slices else source.channels, seed=algorithm.cfg.seed, **head.head_kwargs())
     return with_volume_front_end(model, slices, algorithm.cfg.seed)

@@ -80,9 +80,15 @@ class ModelConfig:
     img_size: int = _doc("images are resized to img_size x img_size", 64)
     pretrained: bool = _doc("load timm's pretrained weights (needs them cached locally)", False)
     weights: str | None = _doc("local checkpoint file to load into the backbone", None)
+    class_names: list[str] | None = _doc("clip: hosts: the class names the text prompts use, one per class (null: the source's, e.g. FairFedMed's NOT Glaucoma / Glaucoma)", None)
+    prompt: str = _doc("clip: hosts with CLIP's fixed text head: the prompt template, {} the class name", "a photo of {}.")
 
     def validate(self) -> None:
         _check_positive("model.img_size", self.img_size, at_most=MAX_IMG_SIZE)
+        if self.prompt.count("{}") != 1:
+            raise ConfigError(f"model.prompt must hold {{}} exactly once (where the class name goes), got {self.prompt!r}")
+        if self.class_names is not None and (not self.class_names or not all(isinstance(n, str) and n.strip() for n in self.class_names)):
+            raise ConfigError(f"model.class_names must be a list of non-empty names, one per class, got {self.class_names!r}")
 
 
 # Why lower precision is a GPU feature (raysim.client.precision): what a CPU actor would do.

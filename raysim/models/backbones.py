@@ -47,6 +47,15 @@ class SliceFold(nn.Module):
         return logits.reshape(batch, self.groups, -1).mean(dim=1)
 
 
+def clip_class_names(cfg: ModelConfig, source_names: Sequence[str], num_classes: int) -> list[str]:
+    """The names a CLIP host's prompts use: `model.class_names`, else the source's, else "class k"."""
+    names = list(cfg.class_names or source_names) or [f"class {k}" for k in range(num_classes)]
+    if len(names) != num_classes:
+        key = "model.class_names" if cfg.class_names else f"model.name={cfg.name}"
+        raise ConfigError(f"{key}: {len(names)} class names for {num_classes} classes")
+    return names
+
+
 def with_volume_front_end(model: nn.Module, slices: int | None, seed: int) -> nn.Module:
     """`model` itself for 2D data; for a volume, behind a SliceFold (its fold convolution drawn
     from the seed), as FairFedMed runs CLIP on OCT: every group of B-scans scored, scores averaged."""
@@ -81,9 +90,7 @@ def build_model(
     if is_clip_model(cfg.name):
         from raysim.models.clip import build_clip_classifier  # open_clip loads only here
 
-        names = list(class_names) or [f"class {k}" for k in range(num_classes)]
-        if len(names) != num_classes:
-            raise ConfigError(f"model.name={cfg.name}: {len(names)} class names for {num_classes} classes")
+        names = clip_class_names(cfg, class_names, num_classes)
         return with_volume_front_end(build_clip_classifier(cfg, class_names=names, in_chans=3 if slices else in_chans, seed=seed, weights_key=weights_key), slices, seed)
     if model_task(cfg.name) == "joint":
         from raysim.models.joint import build_joint_model  # segmentation-models-pytorch loads only here

@@ -4,7 +4,7 @@ open_clip builds both towers (`clip:ViT-B-16`, `clip:RN50`, any architecture ope
 whose tokenizer ships with it), weights only from a local file (`model.weights`: open_clip
 would download for `model.pretrained=true`, which is refused). `CLIPClassifier` classifies by
 the cosine similarity of the image features with the text features of one prompt per class
-(`PROMPT.format(class name)`), scaled by the checkpoint's logit scale, as CLIP's zero-shot
+(`model.prompt`, default "a photo of {}."), scaled by the checkpoint's logit scale, as CLIP's zero-shot
 classifier does; the text features are computed once when the model is built (the text tower
 is then dropped) and are not part of the state dict, so nothing of the text side is
 communicated. This is the host FedAvg fine-tunes (the image tower). `PromptedCLIPClassifier`
@@ -33,7 +33,7 @@ from raysim.models.prompt_transport import Transport, class_scores
 PREFIX = "clip:"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's (FairFedMed's PIXEL_MEAN)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PROMPT = "a photo of {}."
+PROMPT = "a photo of {}."  # CLIP's zero-shot prompt: model.prompt's default, the small CLIP's zero-shot check
 
 
 def architecture(name: str) -> str:
@@ -205,7 +205,7 @@ def check_host(cfg: ModelConfig, weights_key: str = "model.weights") -> str:
 def build_clip_classifier(cfg: ModelConfig, *, class_names: list[str], in_chans: int, seed: int, weights_key: str = "model.weights", n_ctx: int = 0, n_prompts: int = 1, local: int = 0, transport: Transport | None = None) -> CLIPClassifier | PromptedCLIPClassifier:
     """`cfg.name` (`clip:<arch>`) with `cfg.weights` (a local open_clip checkpoint; none: a
     seeded random initialisation) and one prompt per class of `class_names`: fixed
-    (`PROMPT`), or with `n_ctx` > 0 `n_prompts` learnable contexts of that many words before
+    (`model.prompt`), or with `n_ctx` > 0 `n_prompts` learnable contexts of that many words before
     each name (`local` of them kept per client), scored by `transport`."""
     import open_clip
 
@@ -224,7 +224,7 @@ def build_clip_classifier(cfg: ModelConfig, *, class_names: list[str], in_chans:
             prompts = tokenizer([" ".join(["X"] * n_ctx) + f" {name}." for name in class_names])
             return PromptedCLIPClassifier(model, prompts, n_ctx, in_chans, n_prompts=n_prompts, local=local, transport=transport)
     with torch.no_grad():
-        text = model.encode_text(tokenizer([PROMPT.format(name) for name in class_names]))
+        text = model.encode_text(tokenizer([cfg.prompt.format(name) for name in class_names]))
     return CLIPClassifier(model, text, in_chans)
 
 

@@ -287,7 +287,7 @@ CASES = [
     Case("momentum-out-of-range", overrides("federation.momentum=1.5"), ("federation.momentum must be in [0, 1), got 1.5",)),
     Case("ratios-do-not-sum-to-1", overrides("data.partition=quantity", "data.ratios=[0.5, 0.4]"), ("data.ratios must sum to 1, got 0.9",)),
     Case("quantity-without-ratios", overrides("data.partition=quantity"), ("data.partition=quantity needs data.ratios",)),
-    Case("unknown-algorithm", overrides("algorithm.name=fedavgg"), ("algorithm.name: unknown algorithm 'fedavgg'; choose one of: afl, cksp, deer,", "fedavg,")),
+    Case("unknown-algorithm", overrides("algorithm.name=fedavgg"), ("algorithm.name: unknown algorithm 'fedavgg'; choose one of: adapter, afl, cksp, deer,", "fedavg,")),
     Case("algorithm-param-negative", overrides("algorithm.name=fedprox", "algorithm.mu=-1"), ("algorithm fedprox: mu must be a finite number >= 0, got -1",)),
     Case("algorithm-param-of-another-method", overrides("algorithm.name=fedavg", "algorithm.mu=0.1"), ("unknown config key 'algorithm.mu'", "valid keys: algorithm.name")),
     Case("unknown-data-source", overrides("data.name=medmnist2d"), ("data.name: unknown dataset 'medmnist2d'; choose one of:", "medmnist,")),

@@ -182,3 +182,17 @@ def test_the_fairfedmed_clip_preset_with_a_vit_b16_file_builds_the_papers_host(v
     saved = torch.load(vit_b16_checkpoint, weights_only=True)
     assert torch.equal(model.visual.transformer.resblocks[0].mlp.c_fc.base.weight, saved["visual.transformer.resblocks.0.mlp.c_fc.weight"])
     assert torch.equal(model.transformer.resblocks[0].mlp.c_fc.weight, saved["transformer.resblocks.0.mlp.c_fc.weight"])  # the text tower, unadapted
+
+
+def test_class_names_and_the_prompt_template_are_configurable() -> None:
+    cfg = ModelConfig(name="clip:RN50", img_size=32, class_names=["healthy eye", "glaucomatous eye"], prompt="a fundus photograph of a {}.")
+    model = build_model(cfg, num_classes=2, in_chans=1, seed=0, class_names=NAMES)
+    torch.manual_seed(0)
+    full = open_clip.create_model("RN50", pretrained=None, force_image_size=32)
+    with torch.no_grad():
+        text = torch.nn.functional.normalize(full.encode_text(open_clip.get_tokenizer("RN50")(["a fundus photograph of a healthy eye.", "a fundus photograph of a glaucomatous eye."])), dim=-1)
+    assert torch.allclose(model.text_features, text, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"model.class_names: 3 class names for 2 classes"):
+        build_model(ModelConfig(name="clip:RN50", img_size=32, class_names=["a", "b", "c"]), num_classes=2, in_chans=1, seed=0)
+    with pytest.raises(ConfigError, match=r"model.prompt must hold \{\} exactly once"):
+        load_config(None, ["model.prompt=a photo"])
