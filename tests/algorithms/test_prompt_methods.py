@@ -80,9 +80,7 @@ def test_fedlora_on_clip_rn50_adapts_the_1x1_convolutions_and_the_attention_pool
     algorithm = ALGORITHMS.get("fedlora")(algorithm_params(cfg), cfg)
 
     class Source:
-        class_names, num_classes, channels, volume_slices = ("NOT Glaucoma", "Glaucoma"), 2, 1, None
-
-    algorithm.task.check = lambda *_: None  # a bare stand-in source: no data needed to build the host
+        class_names, num_classes, channels, volume_slices, channel_split = ("NOT Glaucoma", "Glaucoma"), 2, 1, None, (1,)
     model = algorithm.build_model(Source())
     adapted = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, adapters.LowRankAdapter)}
     convs = [n for n in adapted if ".attnpool." not in n]
