@@ -51,6 +51,7 @@ from sklearn.metrics import roc_auc_score
 from torch.nn import functional as F
 
 from raysim import console
+from raysim.client.pretrain_files import ensure_built, public_pool_kwargs, torch_threads, write_checkpoint
 from raysim.config import ConfigError, ExperimentConfig, ModelConfig
 from raysim.console import Echo
 from raysim.datasets import synthetic
@@ -114,10 +115,8 @@ class ClipPretrainSettings:
 
     def pool_kwargs(self) -> dict[str, Any]:
         """The generator's arguments: the timm backbone's pool at these settings (one cached pool)."""
-        from raysim.client.pretraining import PretrainSettings
-
         s = self.resolved()
-        return PretrainSettings(img_size=s.img_size, patients=s.patients, seed=s.seed).pool_kwargs()
+        return public_pool_kwargs(img_size=s.img_size, patients=s.patients, seed=s.seed)
 
     def key_dict(self) -> dict[str, Any]:
         s = self.resolved()
@@ -332,8 +331,6 @@ def pretrain(settings: ClipPretrainSettings, out: Path, *, echo: Echo = print) -
     """
     import open_clip
 
-    from raysim.client.pretraining import _atomic_write, _torch_threads
-
     settings.validate()
     s = settings.resolved()
     started = time.perf_counter()
@@ -346,7 +343,7 @@ def pretrain(settings: ClipPretrainSettings, out: Path, *, echo: Echo = print) -
     history = []
     per_epoch = math.ceil(len(train.labels) / s.batch_size)
     phase, total = f"pretrain: {s.arch} CLIP, batches", s.epochs * per_epoch
-    with _torch_threads(s.threads):
+    with torch_threads(s.threads):
         model = build(s.arch, s.img_size, s.seed)
         optimizer = _optimizer(model, s.lr)
         tensors = (_pixels(train.images), _tokens(train, tokenizer))
@@ -369,9 +366,7 @@ def pretrain(settings: ClipPretrainSettings, out: Path, *, echo: Echo = print) -
         "seconds": round(time.perf_counter() - started, 1),
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
     }
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(out.with_suffix(out.suffix + ".json"), lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-    _atomic_write(out, lambda p: torch.save(state, p))
+    write_checkpoint(out, model, meta)
     return meta
 
 
@@ -389,18 +384,15 @@ def ensure_clip_pretrained(model_cfg: ModelConfig, *, echo: Echo = print, **sett
     `settings` override `ClipPretrainSettings` fields (patients, epochs, seed, lr, ...); every
     field is part of the cache key, so another setting is another file.
     """
-    from raysim.client.pretraining import _build_lock
-
     s = ClipPretrainSettings(arch=model_cfg.name.removeprefix(PREFIX), img_size=model_cfg.img_size, **settings)
     s.validate()
     path = s.cache_path()
-    if path.is_file():
-        return path
-    with _build_lock(path):
-        if not path.is_file():  # another process may have built it while we waited
-            echo(f"pretrain: no cached {s.resolved().arch} CLIP at {s.img_size} px; building it once (python -m raysim.pretrain --clip)")
-            pretrain(s, path, echo=echo)
-    return path
+
+    def build() -> None:
+        echo(f"pretrain: no cached {s.resolved().arch} CLIP at {s.img_size} px; building it once (python -m raysim.pretrain --clip)")
+        pretrain(s, path, echo=echo)
+
+    return ensure_built(path, build)
 
 
 def pool_of_checkpoint(path: Path) -> Pool:

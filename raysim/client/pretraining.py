@@ -26,12 +26,9 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import time
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +39,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from raysim import console
+from raysim.client.pretrain_files import ensure_built, public_pool_kwargs, torch_threads, write_checkpoint
 from raysim.client.training import Batch, forward, make_optimizer, train_epochs
 from raysim.config import ConfigError, ExperimentConfig, FederationConfig, ModelConfig
 from raysim.console import Echo
@@ -55,7 +53,6 @@ from raysim.seeding import derive_seed
 
 FORMAT_VERSION = 1
 IN_CHANS = 3  # see the module docstring
-OCT_SHAPE = (4, 4, 4)  # the pool's OCT volumes are unused: the smallest the generator allows
 SMALL_IMAGE = 32  # at or below this size the default pool is small (tests, quick looks)
 
 
@@ -96,7 +93,7 @@ class PretrainSettings:
     def pool_kwargs(self) -> dict[str, Any]:
         """The synthetic generator's arguments for this pool (rendered at the training size)."""
         s = self.resolved()
-        return {"population": "public", "patients": s.patients, "seed": s.seed, "fundus_size": max(16, s.img_size), "oct_shape": OCT_SHAPE, "empty_fraction": 0.0}
+        return public_pool_kwargs(img_size=s.img_size, patients=s.patients, seed=s.seed)
 
     def key_dict(self) -> dict[str, Any]:
         s = self.resolved()
@@ -151,16 +148,6 @@ def _auc(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, mean: t
     return float(roc_auc_score(labels, scores.numpy())) if len(np.unique(labels)) == 2 else float("nan")
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # --- training ------------------------------------------------------------------------------------
 
 
@@ -184,7 +171,7 @@ def pretrain(settings: PretrainSettings, out: Path, *, echo: Echo = print) -> di
     history = []
     per_epoch = math.ceil(len(y_train) / s.batch_size)  # batches, for the progress bar
     phase, total = f"pretrain: {s.model} backbone, batches", s.epochs * per_epoch
-    with _torch_threads(s.threads):
+    with torch_threads(s.threads):
         for epoch in range(1, s.epochs + 1):
             tick = time.perf_counter()
             order_seed = derive_seed(s.seed, "pretrain-order", epoch)
@@ -204,9 +191,7 @@ def pretrain(settings: PretrainSettings, out: Path, *, echo: Echo = print) -> di
         "seconds": round(time.perf_counter() - started, 1),
         "versions": {"torch": torch.__version__, "timm": _timm_version()},
     }
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(out.with_suffix(out.suffix + ".json"), lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-    _atomic_write(out, lambda p: torch.save(state, p))
+    write_checkpoint(out, model, meta)
     return meta
 
 
@@ -216,34 +201,7 @@ def _timm_version() -> str:
     return str(timm.__version__)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # --- what runs use -------------------------------------------------------------------------------
-
-
-@contextmanager
-def _build_lock(path: Path) -> Iterator[None]:
-    """One builder per checkpoint on this machine; the rename alone keeps other machines safe."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: concurrent builders just both write the same file
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_pretrained(model_cfg: ModelConfig, *, echo: Echo = print, **settings: Any) -> Path:
@@ -255,13 +213,12 @@ def ensure_pretrained(model_cfg: ModelConfig, *, echo: Echo = print, **settings:
     s = PretrainSettings(model=model_cfg.name, img_size=model_cfg.img_size, **settings)
     s.validate()
     path = s.cache_path()
-    if path.is_file():
-        return path
-    with _build_lock(path):
-        if not path.is_file():  # another process may have built it while we waited
-            echo(f"pretrain: no cached backbone for {s.model} at {s.img_size} px; building it once (python -m raysim.pretrain)")
-            pretrain(s, path, echo=echo)
-    return path
+
+    def build() -> None:
+        echo(f"pretrain: no cached backbone for {s.model} at {s.img_size} px; building it once (python -m raysim.pretrain)")
+        pretrain(s, path, echo=echo)
+
+    return ensure_built(path, build)
 
 
 def resolve_weights(cfg: ExperimentConfig, *, needs_pretrained: bool, echo: Echo = print) -> ExperimentConfig:
