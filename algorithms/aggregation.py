@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from raysim.types import Update
+
 
 class AggregationError(ValueError):
     """Client updates cannot be combined; the message says which client and tensor."""
@@ -107,3 +109,13 @@ class WeightedSum:
             # + 1e-9: a mean of equal counts must not round down to one less through float64 sums
             out[key] = (value.to(dtype) if dtype.is_floating_point else (value + 1e-9).floor().to(dtype)).cpu()
         return out
+
+
+def check_against(weights: Mapping[str, torch.Tensor], update: Update) -> None:
+    """The update carries exactly the server's tensors, each of its shape (server-step folds)."""
+    if update.tensors.keys() != weights.keys():
+        diff = sorted(set(update.tensors) ^ set(weights))
+        raise AggregationError(f"client {update.client_id}: tensor names differ from the server's weights: {diff[:5]}")
+    for key, value in update.tensors.items():
+        if value.shape != weights[key].shape:
+            raise AggregationError(f"client {update.client_id}: {key} has shape {tuple(value.shape)}, expected {tuple(weights[key].shape)}")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raysim.algorithms.aggregation import AggregationError
+from raysim.algorithms.aggregation import AggregationError, check_against
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
 from raysim.algorithms.fedopt import stepped_keys
 from raysim.types import Update
@@ -70,14 +70,6 @@ class HealFold:
         self.parts: dict[str, dict[str, float]] = {}
         self.histories: dict[str, dict[str, torch.Tensor]] = {}
 
-    def check(self, update: Update) -> None:
-        if update.tensors.keys() != self.origin.keys():
-            diff = sorted(set(update.tensors) ^ set(self.origin))
-            raise AggregationError(f"client {update.client_id}: tensor names differ from the server's weights: {diff[:5]}")
-        for key, value in update.tensors.items():
-            if value.shape != self.origin[key].shape:
-                raise AggregationError(f"client {update.client_id}: {key} has shape {tuple(value.shape)}, expected {tuple(self.origin[key].shape)}")
-
 
 @register_algorithm("fedheal")
 class FedHEAL(Algorithm):
@@ -93,7 +85,7 @@ class FedHEAL(Algorithm):
         return HealFold(state["weights"], state["params"], state["heal"])
 
     def accumulate(self, fold: HealFold, update: Update) -> None:
-        fold.check(update)
+        check_against(fold.origin, update)
         heal = fold.heal
         cid = update.client_id
         seen = int(heal["seen"].get(cid, 0))

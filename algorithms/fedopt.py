@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from raysim.algorithms.aggregation import AggregationError, WeightedSum
+from raysim.algorithms.aggregation import WeightedSum, check_against
 from raysim.algorithms.base import Algorithm, ServerState
 from raysim.types import Update
 
@@ -48,13 +48,7 @@ class StepFold:
         self.totals: dict[str, float] = {}
 
     def check(self, update: Update) -> None:
-        """The update carries exactly the server's tensors, each of its shape."""
-        if update.tensors.keys() != self.origin.keys():
-            diff = sorted(set(update.tensors) ^ set(self.origin))
-            raise AggregationError(f"client {update.client_id}: tensor names differ from the server's weights: {diff[:5]}")
-        for key, value in update.tensors.items():
-            if value.shape != self.origin[key].shape:
-                raise AggregationError(f"client {update.client_id}: {key} has shape {tuple(value.shape)}, expected {tuple(self.origin[key].shape)}")
+        check_against(self.origin, update)
 
     def add(self, tensors: Mapping[str, torch.Tensor], coef: float, *, relative: bool = True) -> None:
         """sums += coef · (t − θ) per stepped key (`relative=False`: coef · t)."""

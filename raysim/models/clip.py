@@ -39,7 +39,10 @@ PROMPT = "a photo of {}."  # CLIP's zero-shot prompt: model.prompt's default, th
 def architecture(name: str) -> str:
     """The open_clip architecture of a `clip:<arch>` name, checked against open_clip's list."""
     import open_clip
-    from raysim.models import clip_tiny; clip_tiny.register()  # isort: skip (RaySim-Tiny-ViT into open_clip's registry first)
+
+    from raysim.models.clip_tiny import register  # RaySim-Tiny-ViT into open_clip's registry first
+
+    register()
 
     arch = name[len(PREFIX) :]
     if arch not in open_clip.list_models():
@@ -142,10 +145,19 @@ class PromptedCLIPClassifier(nn.Module):
         x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
         return F.normalize(x, dim=-1).view(n, classes, -1)
 
+    def _scoring_features(self) -> torch.Tensor:
+        """`class_features()` without gradients, computed once per state of the contexts: an
+        evaluation runs the text tower once, not once per batch. The key is each context's storage
+        and version counter, which every in-place change (an optimizer step, `load_state_dict`) bumps."""
+        key = tuple((p.data_ptr(), p._version) for p in self.prompt.parameters())
+        if self.__dict__.get("_scored_key") != key:
+            self.__dict__["_scored"], self.__dict__["_scored_key"] = self.class_features(), key
+        return self.__dict__["_scored"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        prompts = self.class_features()
+        prompts = self.class_features() if torch.is_grad_enabled() else self._scoring_features()
         if not self.transport.uses_patches:
             pooled = F.normalize(self.visual(x), dim=-1)
             text = prompts[0] if len(prompts) == 1 else F.normalize(prompts.mean(dim=0), dim=-1)  # FedOTP's pooled text feature

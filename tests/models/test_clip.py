@@ -194,3 +194,22 @@ def test_class_names_and_the_prompt_template_are_configurable() -> None:
         build_model(ModelConfig(name="clip:RN50", img_size=32, class_names=["a", "b", "c"]), num_classes=2, in_chans=1, seed=0)
     with pytest.raises(ConfigError, match=r"model.prompt must hold \{\} exactly once"):
         load_config(None, ["model.prompt=a photo"])
+
+
+def test_scoring_reuses_the_class_features_until_the_context_changes() -> None:
+    """Without gradients the text tower runs once per state of the context, not once per batch."""
+    from raysim.models.clip import build_clip_classifier
+
+    model = build_clip_classifier(ModelConfig(name="clip:RN50", img_size=32), class_names=NAMES, in_chans=1, seed=0, n_ctx=4).eval()
+    calls = []
+    model.transformer.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        first = model(x)
+        assert torch.equal(model(x), first) and len(calls) == 1
+        model.load_state_dict({**model.state_dict(), "prompt.ctx": model.prompt.ctx + 0.5})
+        moved = model(x)
+    assert len(calls) == 2 and not torch.equal(moved, first)  # recomputed for the new context
+    with torch.no_grad():
+        assert torch.equal(model(x), moved)
+    assert torch.allclose(model(x), moved, atol=1e-6) and len(calls) == 3  # with gradients: every pass runs the text tower
