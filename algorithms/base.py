@@ -34,7 +34,7 @@ from raysim.models.backbones import build_model, exchangeable_keys
 from raysim.models.kinds import is_clip_model
 from raysim.registry import Registry
 from raysim.seeding import derive_seed, rng
-from raysim.types import Tensors, Update
+from raysim.types import Tensors, Update, nbytes
 
 if TYPE_CHECKING:
     from raysim.client.client import Client
@@ -62,6 +62,10 @@ class Algorithm:
     # True: before each round's training, every sampled client's `client_statistics` reaches
     # `fold_start` (a light pass over the cohort; one extra call per actor).
     round_statistics: ClassVar[bool] = False
+    # True: clients train asynchronously in simulated time (FedBuff, FedAsync): a round is one
+    # server step over the updates the clock (`raysim.systems.AsyncClock`) says arrived, each
+    # trained on the version it downloaded (`version_payload`); needs `system.simulate`.
+    asynchronous: ClassVar[bool] = False
     # The tasks (raysim.client.tasks) the method supports: one that needs class probabilities or a
     # classification head lists only "classification", and refuses a segmentation model (one
     # ConfigError line, before anything starts).
@@ -94,11 +98,26 @@ class Algorithm:
         if model is not None and is_clip_model(model.name) and self.needs_pretrained and not self.on_clip:
             raise ConfigError(f"algorithm {self.name} on model.name={model.name}: this adapter method has no CLIP prompt head; on a CLIP host run fedlora, fairlora, promptfl, fedotp or a full fine-tuning method (e.g. fedavg)")
         self.received: dict[str, Any] = {}  # in a client actor: the values sent with the current payload
+        self._check_system(getattr(cfg, "system", None))
         holdout = getattr(getattr(cfg, "eval", None), "holdout_site", None)
         if holdout is not None and self.newcomer is None:
             raise ConfigError(
                 f"algorithm {self.name} has no model for a site that never trained, so eval.holdout_site={holdout} cannot be scored; choose a method with a global model (e.g. fedavg) or drop eval.holdout_site"
             )
+
+    def _check_system(self, system: Any) -> None:
+        """Asynchronous methods need the simulated clock; its asynchronous and synchronous keys
+        go with their kind of method (one line each, before anything starts)."""
+        if system is None:
+            return
+        if self.asynchronous and not system.simulate:
+            raise ConfigError(f"algorithm {self.name} trains asynchronously in simulated time: set system.simulate=true (the system.* keys say how fast and how available each client is)")
+        if not self.asynchronous and system.concurrency is not None:
+            asynchronous = sorted(n for n in ALGORITHMS.names() if ALGORITHMS.get(n).asynchronous)
+            raise ConfigError(f"system.concurrency={system.concurrency} is for asynchronous methods ({', '.join(asynchronous)}); algorithm {self.name} runs synchronous rounds (drop system.concurrency)")
+        if self.asynchronous and (system.round_deadline_s is not None or system.over_select > 0):
+            key = "system.round_deadline_s" if system.round_deadline_s is not None else "system.over_select"
+            raise ConfigError(f"{key} applies to synchronous rounds; algorithm {self.name} is asynchronous (its rounds end when its buffer is full): drop {key}")
 
     # --- what travels -------------------------------------------------------------------------
 
@@ -173,6 +192,11 @@ class Algorithm:
     def payload(self, state: ServerState, round_: int) -> Tensors:
         """The tensors every client of the round gets (one object, shared by all of them)."""
         return state["weights"]
+
+    def update_bytes(self, payload: Tensors, round_: int) -> int:
+        """The bytes a client's update carries, known before it trains (the simulated clock's
+        upload time, `system.*`): the payload's `trained_keys` by default."""
+        return nbytes({k: payload[k] for k in self.trained_keys(round_, list(payload))})
 
     def round_values(self, state: ServerState, round_: int) -> dict[str, Any]:
         """Small non-tensor values sent with the payload (FedFB's group weights λ, AFL's mixture

@@ -244,6 +244,64 @@ class FaultConfig:
 
 
 @dataclass
+class SystemConfig:
+    # A virtual clock, never wall time (raysim.systems): results stay a function of config and seed.
+    simulate: bool = _doc("simulate each client's compute, bandwidth and availability on a virtual clock (the other system.* keys need it)", False)
+    step_seconds: float = _doc("simulated seconds of one local optimizer step at speed 1", 0.5)
+    speed: float = _doc("median speed factor of a client's compute (a client's step takes step_seconds / speed)", 1.0)
+    speed_spread: float = _doc("spread of the speed across clients: the sigma of a seeded log-normal (0: every client at system.speed)", 0.0)
+    down_mbps: float = _doc("median download bandwidth in megabits per second", 100.0)
+    up_mbps: float = _doc("median upload bandwidth in megabits per second", 20.0)
+    bandwidth_spread: float = _doc("spread of both bandwidths across clients: the sigma of a seeded log-normal (0: the medians)", 0.0)
+    profiles: str | None = _doc("CSV of per-client values (columns client, speed, up_mbps, down_mbps; a client it does not list gets the distributions above)", None)
+    availability: str = _doc("always; bernoulli (offline each round with p_offline); markov (offline spells: a share p_offline of rounds, mean_offline_rounds long); window (offline a share p_offline of every period_s of simulated time, the phase seeded per client); trace (availability_trace)", "always")
+    p_offline: float = _doc("the share of rounds (bernoulli, markov) or of each period (window) a client is offline", 0.0)
+    mean_offline_rounds: float = _doc("markov: the mean length of an offline spell, in rounds", 2.0)
+    period_s: float = _doc("window: the period of the on/off cycle in simulated seconds", 86400.0)
+    availability_trace: str | None = _doc("trace: CSV of online intervals (columns client, start, end in simulated seconds); a client is available in a round that starts inside one of its intervals", None)
+    correlate: str | None = _doc("the client attribute availability and speed follow: size (training patients), or <attribute>=<group> (that group's share of the client's training patients, e.g. race=Black); null: none", None)
+    offline_ratio: float = _doc("with correlate: the client with the highest value is offline this many times as often as the one with the lowest (the mean p_offline kept)", 1.0)
+    slowdown_ratio: float = _doc("with correlate: the client with the highest value is this many times slower than the one with the lowest (the geometric mean speed kept)", 1.0)
+    round_deadline_s: float | None = _doc("simulated seconds a synchronous round waits for updates; a later one is dropped (its client is not trained) and counted (null: wait for all). Not fault.*_timeout_s, which are wall-clock limits on lost actors", None)
+    over_select: float = _doc("sample this fraction more clients than federation.clients_per_round and keep the first to finish (0: none)", 0.0)
+    empty_round_s: float = _doc("simulated seconds a round with no available client lasts (the deadline when one is set)", 60.0)
+    concurrency: int | None = _doc("asynchronous methods (fedbuff, fedasync): clients training at once (null: federation.clients_per_round, else all)", None)
+
+    def validate(self) -> None:
+        defaults = SystemConfig()
+        if not self.simulate:
+            changed = [f.name for f in fields(self) if f.name != "simulate" and getattr(self, f.name) != getattr(defaults, f.name)]
+            if changed:
+                raise ConfigError(f"system.{changed[0]} is set but system.simulate is false; set system.simulate=true to simulate time, or drop the system.* keys")
+            return
+        for key in ("step_seconds", "speed", "down_mbps", "up_mbps", "mean_offline_rounds", "period_s", "empty_round_s", "offline_ratio", "slowdown_ratio"):
+            _check_positive(f"system.{key}", getattr(self, key))
+        for key in ("speed_spread", "bandwidth_spread", "over_select"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"system.{key} must be >= 0, got {getattr(self, key)!r}")
+        _check_choice("system.availability", self.availability, AVAILABILITY_MODELS)
+        if not 0 <= self.p_offline < 1:
+            raise ConfigError(f"system.p_offline must be in [0, 1), got {self.p_offline!r}")
+        if (self.availability == "trace") != (self.availability_trace is not None):
+            raise ConfigError("system.availability=trace and system.availability_trace go together: name the CSV of online intervals with availability=trace")
+        if self.p_offline > 0 and self.availability in ("always", "trace"):
+            raise ConfigError(f"system.p_offline={self.p_offline} has no effect with system.availability={self.availability}; choose bernoulli, markov or window")
+        if (self.offline_ratio != 1 or self.slowdown_ratio != 1) and self.correlate is None:
+            raise ConfigError("system.offline_ratio / system.slowdown_ratio need system.correlate (size, or <attribute>=<group>, e.g. race=Black)")
+        if self.correlate is not None and self.correlate != "size" and (self.correlate.count("=") != 1 or not all(self.correlate.split("="))):
+            raise ConfigError(f"system.correlate must be size or <attribute>=<group> (e.g. race=Black), got {self.correlate!r}")
+        if self.availability == "markov" and self.mean_offline_rounds < 1:
+            raise ConfigError(f"system.mean_offline_rounds must be >= 1 round with system.availability=markov, got {self.mean_offline_rounds!r}")
+        if self.round_deadline_s is not None:
+            _check_positive("system.round_deadline_s", self.round_deadline_s)
+        if self.concurrency is not None:
+            _check_positive("system.concurrency", self.concurrency)
+
+
+AVAILABILITY_MODELS = ("always", "bernoulli", "markov", "window", "trace")
+
+
+@dataclass
 class ReportConfig:
     html: bool = _doc("write RUN_DIR/report.html (plots of every metric; `python -m raysim.report RUN_DIR` rebuilds it) when the run ends", True)
 
@@ -264,6 +322,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = _doc("", CheckpointConfig)
     fault: FaultConfig = _doc("", FaultConfig)
     report: ReportConfig = _doc("", ReportConfig)
+    system: SystemConfig = _doc("", SystemConfig)
 
     def validate(self) -> None:
         if not 0 <= self.seed < 2**63:  # numpy's and torch's seeds: non-negative, 64 bits
@@ -283,7 +342,7 @@ class ExperimentConfig:
 
 MAX_TIMEOUT_S = 1e7  # ~115 days: beyond it Ray's waits overflow
 MAX_IMG_SIZE = 4096  # pixels per side; larger allocations kill the actors instead of failing here
-SECTIONS = ("data", "model", "federation", "resources", "eval", "checkpoint", "fault", "report")
+SECTIONS = ("data", "model", "federation", "resources", "eval", "checkpoint", "fault", "report", "system")
 
 
 def _check_positive(key: str, value: float, *, at_most: float | None = None) -> None:

@@ -60,7 +60,7 @@ LAYERS = (
     ("raysim.datasets",),
     ("raysim.models",),
     ("raysim.client",),
-    ("raysim.algorithms",),
+    ("raysim.algorithms", "raysim.systems"),
     ("raysim.outputs",),
     ("raysim.reports",),
     ("raysim.engine",),

@@ -42,12 +42,14 @@ from raysim.algorithms.base import HOLDOUT
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.datasets import DATASETS, ClientSpec
 from raysim.determinism import deterministic_torch
-from raysim.engine import actor_startup, checkpoint_stream, checkpoints, failures, local_ray, recovery, round_metrics
+from raysim.engine import actor_startup, checkpoint_stream, checkpoints, failures, local_ray, recovery, round_metrics, simulated
 from raysim.engine.client_actor import from_wire
 from raysim.engine.failures import LOST, ActorLost, RunFailed, mark_failed
 from raysim.engine.pool import ActorPool
 from raysim.engine.run_state import Arrived, RoundOutcome
+from raysim.engine.simulated import SYSTEM
 from raysim.outputs import recorder, resume_check, storage
+from raysim.systems import simulated_clock
 from raysim.types import nbytes
 
 latest_checkpoint = checkpoints.latest
@@ -97,6 +99,8 @@ class Driver:
         self.attributes = round_metrics.eval_attributes(cfg, self.source)
         if cfg.eval.holdout_site is not None:
             self._hold_out(self.source.client_specs())  # an unknown or only client fails here, before Ray starts (the CLI builds a Driver first)
+        # The simulated clock (system.simulate): a bad trace, profile or correlation fails here, before Ray starts.
+        self.clock = simulated_clock(cfg, self._hold_out(self.source.client_specs())[0], self.source.group_names, self.algorithm) if cfg.system.simulate else None
         self.recorder = recorder.RunRecorder.for_config(self.run_dir, cfg)  # eval.pseudonymize without a key: a ConfigError here
         self.pool: ActorPool | None = None
         self.lock: storage.RunLock | None = None  # taken by `start`
@@ -185,6 +189,7 @@ class Driver:
             self.algorithm.fold_device = self.algorithm.server_device
         specs, self.holdout = self._hold_out(self.source.client_specs())
         self.specs = {s.id: s for s in specs}  # the participants: sampled, set up, averaged (never the held-out site)
+        self.clock = simulated_clock(self.cfg, specs, self.source.group_names, self.algorithm) if self.cfg.system.simulate else None
         hosted = sorted([*specs, self.holdout], key=lambda s: s.id) if self.holdout else specs  # every client an actor loads, in the source's order
         if not resume:
             resources = {"per_actor": dataclasses.asdict(self.cfg.resources), "ray_cluster": ray.cluster_resources()}
@@ -200,6 +205,8 @@ class Driver:
         self.context = self.algorithm.prepare_run(self.source, specs, self.run_dir, self.echo)
         model = self.algorithm.build_model(self.source)
         self.state = self.algorithm.init_state(model)
+        if self.clock is not None:  # the clock's state travels with the server's, checkpointed with it
+            self.state = {**self.state, SYSTEM: simulated.initial_state(self)}
         self.initial_state = copy.deepcopy(self.state)  # a recovery before the first checkpoint starts here
         self.next_round = 1
         checkpoint, done = checkpoint_stream.resume_server(self) if resume else (None, 0)
@@ -282,10 +289,16 @@ class Driver:
         return True
 
     def run_round(self, round_: int, state: ServerState, progress: recorder.Progress) -> ServerState:
+        if self.clock is not None and self.algorithm.asynchronous:
+            return simulated.run_async_round(self, round_, state, progress)
         sampled = self.sample_clients(round_)
-        self.last_sampled = sampled
         payload = self.algorithm.payload(state, round_)
         down = nbytes(payload)
+        plan = None
+        if self.clock is not None:  # who finishes in (simulated) time; the others are not trained at all
+            plan = simulated.plan_round(self, round_, state, sampled, payload, down)
+            sampled = plan.trained
+        self.last_sampled = sampled
         self.pool.broadcast(payload, sampled, self.algorithm.round_values(state, round_))
         del payload  # the object store holds it for the actors; the state holds the driver's
         outcome = RoundOutcome()
@@ -294,9 +307,23 @@ class Driver:
             statistics = self._round_statistics(sampled, round_, outcome)
             sampled = [cid for cid in sampled if cid in statistics]  # no statistics, no place in the fold
         fold = self.algorithm.fold_start(round_, state, statistics)
-        phase = f"round {round_}: clients trained"
+        self.fit_and_fold(round_, sampled, round_, fold, outcome, f"round {round_}: clients trained")
+        if outcome.arrived:
+            state = self.algorithm.finalize(round_, fold, state)
+        else:
+            self.echo(f"round {round_}: no client update arrived; the global state is unchanged")
+        del fold
+        if plan is not None:
+            state = simulated.after_round(self, round_, state, plan.start, plan.end, outcome, dropped=plan.dropped, available=plan.available)
+        return self.end_round(round_, state, down, outcome, progress)
+
+    def fit_and_fold(self, round_: int, sampled: list[str], fit_round: int, fold: Any, outcome: RoundOutcome, phase: str, extra: dict[str, dict[str, Any]] | None = None) -> None:
+        """Train `sampled` (on the payload last broadcast to them, with the data order of
+        `fit_round`) and fold each update as it streams in, in sorted client order; `extra`
+        (client -> values) is added to an update's `extra` before the fold (an asynchronous
+        update's staleness). A failed client or a rejected update is rolled back and recorded."""
         console.report(phase, 0, len(sampled))
-        for done, (cid, result) in enumerate(self.pool.ordered("fit", sampled, None, round_, timeout=self.deadline()), start=1):
+        for done, (cid, result) in enumerate(self.pool.ordered("fit", sampled, None, fit_round, timeout=self.deadline()), start=1):
             console.report(phase, done, len(sampled))
             if isinstance(result, Exception):
                 outcome.failed[cid] = mark_failed(self, cid, result)
@@ -310,13 +337,12 @@ class Driver:
                 self.notes.say("had their update rejected", f"client {cid}: update rejected ({outcome.failed[cid]}); its state is rolled back to before the round")
                 self.pool.actor_of(cid).rollback.remote(cid)  # runs before anything the driver sends it later
                 continue
+            result.extra.update((extra or {}).get(cid, {}))
             self.algorithm.accumulate(fold, result)
             outcome.arrived.append(Arrived(cid, result.num_examples, result.nbytes, result.metrics.get("loss", math.nan)))
-        if outcome.arrived:
-            state = self.algorithm.finalize(round_, fold, state)
-        else:
-            self.echo(f"round {round_}: no client update arrived; the global state is unchanged")
-        del fold
+
+    def end_round(self, round_: int, state: ServerState, down: int, outcome: RoundOutcome, progress: recorder.Progress) -> ServerState:
+        """A round's records once its state is folded: server metrics, traffic, drops, the console line."""
         round_metrics.record_server_metrics(self, round_, state)
         round_metrics.record_traffic(self, round_, down, outcome)
         round_metrics.record_missing(self, round_)
@@ -370,10 +396,14 @@ class Driver:
         alone, so every method sees the same selections), less those out of the run."""
         everyone = sorted(self.specs)
         k = self.cfg.federation.clients_per_round or len(everyone)
-        chosen = self.algorithm.sample_clients(round_, everyone, k, self.state)
-        unknown = sorted(set(chosen) - set(everyone))
+        pool = everyone
+        if self.clock is not None:  # only the clients online when the round starts; over-selection draws more
+            pool = self.clock.available(round_, simulated.now(self.state), everyone)
+            k = self.clock.target(k)
+        chosen = self.algorithm.sample_clients(round_, pool, min(k, len(pool)), self.state) if pool else []
+        unknown = sorted(set(chosen) - set(pool))
         if unknown:
-            raise RuntimeError(f"{self.algorithm.name}.sample_clients chose clients that do not exist: {unknown[:5]}")
+            raise RuntimeError(f"{self.algorithm.name}.sample_clients chose clients that do not exist or are offline: {unknown[:5]}")
         self.absent = [cid for cid in sorted(set(chosen)) if cid in self.dead]  # chosen but lost (drop): a round they empty failed
         return [cid for cid in sorted(set(chosen)) if cid not in self.dead]
 

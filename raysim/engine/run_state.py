@@ -22,6 +22,7 @@ from raysim.config import ExperimentConfig
 from raysim.datasets import ClientSpec, DataSource
 from raysim.engine.pool import ActorPool
 from raysim.outputs import recorder, storage
+from raysim.systems.clock import SimulatedClock
 
 
 @dataclass
@@ -46,7 +47,8 @@ class RunState(Protocol):
     Set when the Driver is built: the config, outputs and method; set by `Driver.start`: the
     participants (`specs`), `context`, `state`, `initial_state`, `next_round` and, by
     `actor_startup.start_actors`, `pool`. `round_metrics.eval_clients` also reads the last
-    round's cohort, `last_sampled`, with `getattr` (absent before the first round).
+    round's cohort, `last_sampled`, with `getattr` (absent before the first round); the simulated
+    rounds (`simulated`) set it.
     """
 
     # The run as configured and where it writes.
@@ -64,6 +66,7 @@ class RunState(Protocol):
     specs: dict[str, ClientSpec]
     holdout: ClientSpec | None
     context: dict[str, Any]
+    clock: SimulatedClock | None  # system.simulate's clock (raysim.systems), else None
     # Where the run stands.
     pool: ActorPool | None
     state: ServerState
@@ -82,3 +85,7 @@ class RunState(Protocol):
     def target_attribute(self) -> str: ...
 
     def deadline(self, kind: str = "round") -> float: ...
+
+    def fit_and_fold(self, round_: int, sampled: list[str], fit_round: int, fold: Any, outcome: RoundOutcome, phase: str, extra: dict[str, dict[str, Any]] | None = None) -> None: ...
+
+    def end_round(self, round_: int, state: ServerState, down: int, outcome: RoundOutcome, progress: recorder.Progress) -> ServerState: ...

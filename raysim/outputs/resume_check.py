@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from raysim import secrets
+from raysim import config, secrets
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.outputs import storage
 
@@ -35,6 +35,7 @@ RECORD = "resume_check"  # its entry in provenance.json
 # Keys added after this check existed, with the value every run started before them used: a
 # resume of such a run compares the config's value with that one instead of refusing.
 ADDED_KEYS: dict[str, Any] = {"federation.precision": "fp32", "resources.gpu_fold": False, "model.class_names": None, "model.prompt": "a photo of {}."}
+ADDED_KEYS.update({f"system.{f.name}": getattr(config.SystemConfig(), f.name) for f in dataclasses.fields(config.SystemConfig)})  # 0.8.0
 MAY_CHANGE = ("resources.", "fault.", "report.", "checkpoint.", "data.root", "eval.id_key_file", "federation.rounds")
 ALLOWED = "only federation.rounds (to extend), resources.* (not threads_per_client, gpu_fold, nor between CPU and GPU), fault.*, report.*, checkpoint.*, data.root and eval.id_key_file may change"
 

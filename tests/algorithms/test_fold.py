@@ -87,6 +87,7 @@ STATISTICS = {"fairfed": fairfed_statistics}  # methods with round_statistics: t
 SHARED = {"afl": {}, "fedfb": {"group_counts": [5, 3]}}
 # Methods that need a particular host: the config names it (the fold itself sees only tensors).
 HOSTS = {name: ["model.name=clip:RaySim-Tiny-ViT"] for name in ("promptfl", "fedotp", "adapter")}
+HOSTS.update({name: ["system.simulate=true"] for name in ("fedbuff", "fedasync")})  # asynchronous: on the simulated clock
 
 
 def setup(name: str) -> tuple[Algorithm, dict[str, Any], dict[str, dict[str, Any]]]:
@@ -112,6 +113,7 @@ def toy_updates(state: dict[str, Any]) -> Iterator[Update]:
         }
         extra = {LOSS_KEY: 0.3 + 0.2 * k, "group_counts": [k + 1, k]}  # c0 holds no example of group 1
         extra["group_losses"] = [0.4 * (k + 1), 0.9 * k]  # FedFB: summed loss per group at the received model
+        extra.update(base_version=0, staleness=k)  # FedBuff / FedAsync: set by the driver on arrival
         yield Update(cid, tensors, 10 * (k + 1), {"loss": 0.5, "steps": float(k + 2)}, extra)
 
 

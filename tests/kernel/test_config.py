@@ -41,7 +41,7 @@ def test_overrides_are_typed_and_merged() -> None:
     ("override", "needle"),
     [
         ("federation.rouds=3", "did you mean federation.rounds"),
-        ("algorithm.name=fedfoo", "unknown algorithm 'fedfoo'; choose one of: adapter, afl, cksp, deer, det, ditto, dp_lora, fairfed, fairlora, fedadagrad, fedadam, fedavg,"),
+        ("algorithm.name=fedfoo", "unknown algorithm 'fedfoo'; choose one of: adapter, afl, cksp, deer, det, ditto, dp_lora, fairfed, fairlora, fedadagrad, fedadam, fedasync, fedavg,"),
         ("data.name=imagenet", "unknown dataset 'imagenet'; choose one of:"),
         ("federation.rounds=0", "federation.rounds must be a positive number"),
         ("federation.rounds=-2", "federation.rounds must be a positive number"),
