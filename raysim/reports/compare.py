@@ -553,3 +553,21 @@ def compare(paths: Iterable[Path | str], by: Sequence[str] = DEFAULT_BY, baselin
     fixed = [c for c in per_run.columns if not c.startswith((prefix, "client:"))]
     per_run = per_run[fixed + [f"{prefix}{g}" for g in groups] + [f"client:{c}" for c in client_ids]]
     return Comparison(by=by, attribute=attribute, groups=groups, clients=client_ids, per_run=per_run, baseline=base, task=task)
+
+
+def simulated_curves(comp: Comparison) -> pd.DataFrame:
+    """Runs on the simulated clock (`system.simulate`): label, run, round, sim_time (the round's
+    simulated end), and the mean validation AUC and ES-AUC (the target attribute) of each
+    evaluated round; empty when no run of `comp` has a clock."""
+    rows = []
+    for _, row in comp.per_run.iterrows():
+        metrics = read_run(row["path"]).metrics
+        times = metrics[(metrics["metric"] == "sim_time") & (metrics["client"] == "server")].groupby("round")["value"].first()
+        if times.empty:
+            continue
+        val = metrics[(metrics["split"] == "val") & (metrics["client"] == MEAN)]
+        auc = val[(val["metric"] == "auc") & (val["attribute"] == "")].groupby("round")["value"].first()
+        es = val[(val["metric"] == "es_auc") & (val["attribute"] == comp.attribute) & (val["group"] == "")].groupby("round")["value"].first()
+        for round_, value in auc.items():
+            rows.append((row["label"], row["run"], int(round_), float(times.get(round_, np.nan)), float(value), float(es.get(round_, np.nan))))
+    return pd.DataFrame(rows, columns=["label", "run", "round", "sim_time", "auc", "es_auc"])

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from raysim.reports import figures
-from raysim.reports.compare import MANY_CLIENTS, Comparison, ci_cell, pareto_front
+from raysim.reports.compare import MANY_CLIENTS, Comparison, ci_cell, pareto_front, simulated_curves
 
 
 def write(comp: Comparison, out: Path) -> list[Path]:
@@ -56,6 +56,9 @@ def page(comp: Comparison) -> str:
         sections.append(groups_section(comp))
     if comp.clients:
         sections.append(clients_section(comp))
+    timed = simulated_curves(comp) if comp.task != "segmentation" else pd.DataFrame()
+    if not timed.empty:
+        sections.append(simulated_time_section(comp, timed))
     return figures.page("raysim compare", subtitle, sections)
 
 
@@ -193,3 +196,19 @@ def _boxes(ax: Any, data: list[np.ndarray], labels: list[str], styles: Iterable[
     for patch, style in zip(boxes["boxes"], styles):
         patch.set_facecolor(figures.color(style))
         patch.set_alpha(0.8)
+
+
+def simulated_time_section(comp: Comparison, timed: pd.DataFrame) -> figures.Section:
+    """Mean validation AUC and ES-AUC against simulated time (`system.simulate` runs), one line per run."""
+    fig, axes = figures.new_figure(width=10.6, height=3.4, ncols=2)
+    for i, ((label, run), curve) in enumerate(timed.groupby(["label", "run"], sort=False)):
+        style = {"color": figures.color(comp.labels.index(label) if label in comp.labels else i), "marker": figures.marker(i), "ms": 4, "lw": 1.4}
+        axes[0].plot(curve["sim_time"] / 3600, curve["auc"] * 100, **style)
+        axes[1].plot(curve["sim_time"] / 3600, curve["es_auc"] * 100, label=f"{label} ({run})", **style)
+    axes[0].set_ylabel("mean val AUC (x100)")
+    axes[1].set_ylabel(f"mean val ES-AUC, {comp.attribute} (x100)")
+    for ax in axes:
+        ax.set_xlabel("simulated time (hours)")
+    figures.legend_outside(axes[1])
+    section = figures.Section("Against simulated time", anchor="simulated_time").text("Runs on the simulated clock (system.simulate): accuracy and fairness by simulated time, not rounds.")
+    return section.add(figures.embed(fig, "simulated_time", "Mean validation AUC and ES-AUC against simulated time, one line per run"))

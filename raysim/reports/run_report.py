@@ -35,6 +35,7 @@ from raysim.reports.classification_sections import clients_section, fairness_sec
 from raysim.reports.run_sections import holdout_section, missing_section, privacy_section, roles_section, run_section, training_section
 from raysim.reports.run_view import WORST, view_of
 from raysim.reports.segmentation_sections import SEG_NAMES, SEG_ROLE_ROWS, client_fairness_section, seg_clients_section, seg_fairness_section, seg_performance_section, seg_selection_section
+from raysim.reports.system_sections import served_section
 
 __all__ = ["SEG_NAMES", "WORST", "build", "write_report"]  # WORST and SEG_NAMES: what the tests read beside the page
 
@@ -52,7 +53,7 @@ def build(run: Run) -> str:
             sections += [seg_performance_section(view), seg_clients_section(view), client_fairness_section(view), seg_fairness_section(view)]
         sections.append(training_section(view))
         roles = roles_section(view)
-    sections += [s for s in (holdout_section(view), roles, privacy_section(view)) if s is not None]
+    sections += [s for s in (holdout_section(view), roles, privacy_section(view), served_section(view)) if s is not None]
     sections.append(missing_section(view))
     cfg = run.config
     subtitle = f"{run.algorithm} on {(cfg.get('data') or {}).get('name', '?')}, {len(view.clients)} clients, seed {run.seed}; {run.path}"

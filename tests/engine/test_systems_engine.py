@@ -67,6 +67,15 @@ def test_correlated_availability_lowers_the_chosen_groups_participation(ray_sess
     assert cumulative(correlated, "Black") < cumulative(correlated, "White")
     per_round = correlated[(correlated["metric"] == "participation_rate") & (correlated["group"] == "Black")]
     assert len(per_round) == 8 and per_round["value"].between(0, 1).all()
+    # the report's "Who was served" and the comparison against simulated time read these rows
+    from raysim.reports import compare, compare_plots, run_report
+
+    page = run_report.write_report(tmp_path / "correlated").read_text()
+    assert 'id="served"' in page and "participation" in page and "time to target" in page
+    comp = compare.compare([tmp_path / "uniform", tmp_path / "correlated"], by=("system.correlate", "system.offline_ratio"))
+    assert len(compare.simulated_curves(comp)) == 2  # one evaluated round (the last) per run
+    html = compare_plots.write(comp, tmp_path / "cmp")[-1].read_text()
+    assert 'id="simulated_time"' in html
 
 
 def test_an_always_available_clock_without_deadlines_changes_no_number(ray_session, oph_root: Path, tmp_path: Path) -> None:
