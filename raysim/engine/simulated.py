@@ -91,7 +91,7 @@ def after_round(
     staleness: Mapping[str, int] | None = None,
 ) -> ServerState:
     """Move the clock to the round's end and record the round in simulated time (split `train`):
-    `sim_time`, `sim_round_s`, `sim_available`, `sim_dropped` (client `server`), `participated`
+    `sim_time`, `sim_round_s`, `sim_available`, `sim_dropped`, `sim_empty` (client `server`), `participated`
     per participant, `staleness` per arrived asynchronous update, and per attribute and group
     `participation_rate` (the share of the group's training patients whose site's update was
     accepted this round) and `participation_rate_cum` (its mean over the rounds so far)."""
@@ -104,6 +104,9 @@ def after_round(
     rounds = int(system.get("rounds", 0)) + 1
     system.update(time=float(end), rate_sums=sums, rounds=rounds)
     server = {"sim_time": end, "sim_round_s": end - start, "sim_dropped": float(sum(1 for why in dropped.values() if why in (LATE, OFFLINE)))}
+    # a round the simulation left empty (nobody online, every update late): not a failure, so
+    # it never counts toward fault.max_empty_rounds (`Driver._count_empty` counts failures only)
+    server["sim_empty"] = float(not outcome.arrived and not outcome.failed)
     if available is not None:
         server["sim_available"] = float(len(available))
     rows = [(recorder.SERVER, "", "", metric, float(value)) for metric, value in server.items()]

@@ -81,7 +81,7 @@ def test_correlated_availability_lowers_the_chosen_groups_participation(ray_sess
 def test_an_always_available_clock_without_deadlines_changes_no_number(ray_session, oph_root: Path, tmp_path: Path) -> None:
     plain = metrics(oph_root, tmp_path / "plain", **QUIET, **{"federation.rounds": 2})
     clocked = metrics(oph_root, tmp_path / "clocked", **QUIET, **{"federation.rounds": 2, "system.simulate": True})
-    new = clocked["metric"].isin(["sim_time", "sim_round_s", "sim_available", "sim_dropped", "participated", "participation_rate", "participation_rate_cum"])
+    new = clocked["metric"].isin(["sim_time", "sim_round_s", "sim_available", "sim_dropped", "sim_empty", "participated", "participation_rate", "participation_rate_cum"])
     pd.testing.assert_frame_equal(plain, clocked[~new].reset_index(drop=True), check_exact=True)
     times = clocked[clocked["metric"] == "sim_time"].set_index("round")["value"]
     assert times.is_monotonic_increasing and times.iloc[0] > 0
@@ -95,3 +95,14 @@ def test_a_simulated_run_resumes_to_the_uninterrupted_result(ray_session, oph_ro
     parts = pd.read_parquet(tmp_path / "parts" / "metrics.parquet").sort_values(["round", "split", "client", "attribute", "group", "metric"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(whole, parts, check_exact=True)
     assert whole[whole["metric"] == "sim_time"]["value"].is_monotonic_increasing
+
+
+def test_rounds_the_simulation_leaves_empty_are_recorded_and_are_no_failures(ray_session, oph_root: Path, tmp_path: Path) -> None:
+    # every site offline in most rounds: many empty rounds in a row, and fault.max_empty_rounds=1 does not stop the run
+    settings = {**QUIET, "federation.rounds": 6, "fault.max_empty_rounds": 1, "system.simulate": True, "system.availability": "bernoulli", "system.p_offline": 0.9, "system.empty_round_s": 30.0}
+    frame = metrics(oph_root, tmp_path / "empty", **settings)
+    empty = frame[frame["metric"] == "sim_empty"].set_index("round")["value"]
+    assert len(empty) == 6 and empty.sum() >= 2
+    round_s = frame[frame["metric"] == "sim_round_s"].set_index("round")["value"]
+    assert (round_s[empty == 1] - 30.0).abs().max() < 1e-9  # an empty round lasts system.empty_round_s
+    assert (frame[frame["metric"] == "participated"].groupby("round")["value"].sum()[empty == 1] == 0).all()
