@@ -109,6 +109,14 @@ class Engine:
         if started:
             self.owns_ray, self.object_store_gb = True, want
 
+    def release_idle(self) -> None:
+        """Stop every actor this Engine keeps waiting (its driver actor, the client actors lent to
+        it, the idle ones of its supply): their CPUs and GPUs go back to Ray, and the next run
+        starts fresh ones. For code that starts actors of its own beside the Engine (tests with a
+        supply of their own)."""
+        self._stop_driver()
+        self.local.close()
+
     def _stop_driver(self) -> None:
         """Stop the driver actor and the client actors started for it (its own children go with it)."""
         for actor in [self.driver, *self.lent] if self.driver is not None else self.lent:

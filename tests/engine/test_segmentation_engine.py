@@ -130,7 +130,8 @@ def test_masks_survive_the_cache(oph_root: Path, monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize("name", SEGMENTING)
 def test_segmentation_method_runs_one_round_through_ray_actors(name: str, ray_session, oph_root: Path, tmp_path: Path) -> None:
-    metrics, lines = run_segmentation(oph_root, tmp_path / name, **{"algorithm.name": name, "eval.predictions": "none"})
+    clocked = {"system.simulate": True} if ALGORITHMS.get(name).asynchronous else {}  # FedBuff / FedAsync run on the simulated clock
+    metrics, lines = run_segmentation(oph_root, tmp_path / name, **{"algorithm.name": name, "eval.predictions": "none", **clocked})
     assert not any("failed" in line for line in lines), lines
     dice = metrics[(metrics["split"] == "test") & (metrics["metric"].isin(["dice_disc", "dice_cup"])) & (metrics["attribute"] == "")]
     roles = {f"mean:{r}" for r in dice["role"] if r}  # FedHelp adds mean:large / mean:small

@@ -42,9 +42,18 @@ def fresh_run(root: Path, run_dir: Path, **settings: object) -> pd.DataFrame:
     return metrics(run_dir)
 
 
+@pytest.fixture(autouse=True)
+def no_idle_session_actors(engine) -> None:  # type: ignore[no-untyped-def]
+    """These tests install supplies of their own, which cannot reuse (nor stop) the actors the
+    session's Engine keeps idle: without this, those held the CPUs that a test's new actors
+    waited for (a run of 3 actors hung in CI once other tests had left 6 idle on 2 CPUs)."""
+    engine.release_idle()
+
+
 @pytest.fixture(scope="module")
-def fresh_fedavg(ray_session, oph_root: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+def fresh_fedavg(engine, oph_root: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:  # type: ignore[no-untyped-def]
     """The tiny FedAvg run in fresh actors, once for the tests of this module that compare with it."""
+    engine.release_idle()  # module-scoped: set up before the per-test release above
     return fresh_run(oph_root, tmp_path_factory.mktemp("fresh") / "run")
 
 
