@@ -40,6 +40,7 @@ from raysim.algorithms.aggregation import AggregationError, WeightedSum
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
 from raysim.algorithms.qffl import LOSS_KEY, loss_at
 from raysim.client.client import Client
+from raysim.config import ConfigError
 from raysim.seeding import rng
 from raysim.types import Update
 
@@ -108,6 +109,14 @@ class AFL(Algorithm):
     tasks = ("classification",)  # its mixture step needs each client's classification loss (a per-pixel form is future work)
 
     Params = AFLParams
+
+    def _check_system(self, system: Any) -> None:
+        """AFL's fold re-draws its cohort from λ over every client: a clock that samples only the
+        online clients, or more of them, would fold weights of a cohort that never trained."""
+        super()._check_system(system)
+        if system is not None and system.simulate and (system.availability != "always" or system.over_select > 0):
+            key = f"system.availability={system.availability}" if system.availability != "always" else f"system.over_select={system.over_select}"
+            raise ConfigError(f"algorithm afl draws its cohort from λ over every client, so it cannot run with {key}; use system.availability=always without over-selection (deadlines are fine)")
 
     # --- server side --------------------------------------------------------------------------
 

@@ -124,12 +124,14 @@ class AsyncClock(SimulatedClock):
         super().__init__(cfg, specs, group_names)
         self.buffer_size, self.concurrency, self.refill = buffer_size, concurrency, refill
 
-    def step(self, round_: int, state: Mapping[str, Any], ids: Sequence[str], down_bytes: int, up_bytes: int) -> tuple[list[Arrival], list[Arrival], dict[str, Any]]:
+    def step(self, round_: int, state: Mapping[str, Any], ids: Sequence[str], down_bytes: int, up_bytes: int, version: int | None = None) -> tuple[list[Arrival], list[Arrival], dict[str, Any]]:
         """(the round's arrivals in arrival order, updates lost to a client going offline, the
-        clock's next state). `state`: {"time", "in_flight": [[finish, client, base_version, start]]}."""
+        clock's next state). `state`: {"time", "in_flight": [[finish, client, base_version, start]]};
+        `version`: the server's model version now (default round_ − 1: a step every round; a round
+        that folded nothing leaves it behind)."""
         time_s = float(state.get("time", 0.0))
         flying = [tuple(f) for f in state.get("in_flight", [])]
-        version, draws = round_ - 1, 0
+        version, draws = (round_ - 1 if version is None else version), 0
         arrived: list[Arrival] = []
         lost: list[Arrival] = []
 

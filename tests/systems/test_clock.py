@@ -220,3 +220,17 @@ def test_fedbuff_refills_on_arrival_and_counts_staleness() -> None:
     # a ties with b at 4 s and goes first (client id); b's update, trained on version 0, arrives after four steps
     assert seen == [("a", 1.0, 0, 0), ("a", 2.0, 1, 0), ("a", 3.0, 2, 0), ("a", 4.0, 3, 0), ("b", 4.0, 0, 4)]
     assert state["time"] == 4.0 and state["in_flight"] == [[5.0, "a", 4, 4.0]]
+
+
+def test_a_step_starts_clients_on_the_servers_version_when_an_empty_round_left_it_behind() -> None:
+    clock = async_clock([spec("a", 16), spec("b", 16)], "federation.batch_size=16", "system.concurrency=2", "algorithm.buffer_size=2")
+    arrived, _, _ = clock.step(5, {"time": 0.0, "in_flight": []}, ["a", "b"], 0, 0, version=3)
+    assert [(a.base_version, a.staleness) for a in arrived] == [(3, 0), (3, 0)]  # not round 5 - 1 = 4, which the server never made
+
+
+@pytest.mark.parametrize("override", ["system.availability=bernoulli", "system.over_select=0.5"])
+def test_afl_refuses_a_clock_that_changes_its_cohort(override: str) -> None:
+    extra = ["system.p_offline=0.2"] if "bernoulli" in override else []
+    with pytest.raises(ConfigError, match="algorithm afl draws its cohort from λ over every client"):
+        build_algorithm(config("algorithm.name=afl", override, *extra))
+    build_algorithm(config("algorithm.name=afl", "system.round_deadline_s=10"))  # a deadline is fine
