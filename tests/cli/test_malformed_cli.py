@@ -262,7 +262,7 @@ CASES = [
     Case("config-is-invalid-yaml", cfg_file("federation: {rounds: [3\n"), ("{tmp}/my.yaml", "not valid YAML", "line 2")),
     Case("config-is-not-utf8", cfg_file("seed: 1  # caf\xe9\n".encode("latin-1")), ("{tmp}/my.yaml", "UTF-8")),
     Case("config-is-a-directory", lambda ctx: ["--config", str(ctx.tmp), *ctx.fresh()], ("{tmp}", "directory")),
-    Case("config-file-missing", lambda ctx: ["--config", str(ctx.tmp / "nothere.yml"), *ctx.fresh()], ("config file {tmp}/nothere.yml not found", "presets: default")),
+    Case("config-file-missing", lambda ctx: ["--config", str(ctx.tmp / "nothere.yml"), *ctx.fresh()], ("config file {tmp}/nothere.yml not found", "presets: availability, default,")),
     Case("config-section-not-a-mapping", cfg_file("federation: 5\n"), ("federation must be a mapping of keys, got 5",)),
     Case("config-unknown-top-level-key", cfg_file("seeds: 3\n"), ("unknown config key 'seeds' (did you mean seed?)", "valid keys: seed,")),
     Case("config-negative-rounds", cfg_file("federation:\n  rounds: -3\n"), ("federation.rounds must be a positive number, got -3",)),

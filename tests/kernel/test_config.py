@@ -90,7 +90,7 @@ def test_roundtrip_through_yaml(tmp_path) -> None:
 @pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_cli_help_lists_keys_with_defaults() -> None:
     out = subprocess.run([sys.executable, "-m", "raysim.run", "--help"], capture_output=True, text=True, check=True).stdout
-    assert "federation.rounds" in out and "resources.clients_per_actor" in out and "presets: default" in out
+    assert "federation.rounds" in out and "resources.clients_per_actor" in out and "presets: availability, default" in out
 
 
 @pytest.mark.slow  # a fresh interpreter in a subprocess
