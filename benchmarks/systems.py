@@ -148,6 +148,31 @@ def overhead(args: argparse.Namespace) -> None:
         print(f"| {name} | median {medians[name]:.1f} s | runs {', '.join(f'{v:.1f}' for v in values)} |")
     ratio = medians["with system (always, no deadline)"] / medians["without system"]
     print(f"ratio with / without: {ratio:.3f} (target <= 1.05)")
+    print(clock_cost())
+
+
+def clock_cost(rounds: int = 2000) -> str:
+    """The clock's own work per synchronous round, timed alone (no Ray, no training): who is
+    online, the plan, and the participation rates it records, on the default preset's clients."""
+    from types import SimpleNamespace
+
+    from raysim.datasets import DATASETS
+    from raysim.engine import simulated
+    from raysim.systems import simulated_clock
+
+    cfg = config.load("availability")
+    source = DATASETS.get(cfg.data.name)(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
+    specs = source.client_specs()
+    clock = simulated_clock(cfg, specs, source.group_names, None)
+    driver = SimpleNamespace(specs={s.id: s for s in specs}, attributes=list(source.group_names), source=source, clock=clock)
+    ids = sorted(driver.specs)
+    started = time.perf_counter()
+    for round_ in range(1, rounds + 1):
+        online = clock.available(round_, 100.0 * round_, ids)
+        plan = clock.plan(100.0 * round_, online, online, len(ids), 44_000_000, 44_000_000)
+        simulated.participation_rates(driver, plan.trained)
+    per_round = (time.perf_counter() - started) / rounds
+    return f"the clock's own work: {per_round * 1e3:.2f} ms per round ({len(ids)} clients, {len(driver.attributes)} attributes; availability, plan, participation rates)"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from raysim.algorithms import ServerState
@@ -125,16 +124,18 @@ def after_round(
 
 def participation_rates(driver: RunState, served: Iterable[str]) -> dict[tuple[str, str], float]:
     """(attribute, group name) -> the share of the group's training patients (over the run's
-    participants) at a site in `served`; groups of unknown code (−1) aside."""
+    participants) at a site in `served`; groups of unknown code (−1) aside. The counts per client
+    are the clock's, computed once (`SimulatedClock.group_counts`)."""
     served = set(served)
     out: dict[tuple[str, str], float] = {}
     for attribute in driver.attributes:
         names = driver.source.group_names.get(attribute, {})
         total: dict[int, int] = {}
         taken: dict[int, int] = {}
-        for cid, spec in driver.specs.items():
-            codes, counts = np.unique(spec.splits["train"].attributes[attribute], return_counts=True)
-            for code, n in zip(codes.tolist(), counts.tolist()):
+        for cid, counts in driver.clock.group_counts.get(attribute, {}).items():
+            if cid not in driver.specs:
+                continue
+            for code, n in counts.items():
                 if code < 0:
                     continue
                 total[code] = total.get(code, 0) + n

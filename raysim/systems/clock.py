@@ -68,6 +68,11 @@ class SimulatedClock:
         self.availability: Availability = MODELS[cfg.system.availability](cfg.system, self.profiles, cfg.seed)
         fed = cfg.federation
         self.steps = {s.id: local_steps(s.num_train, fed.batch_size, fed.local_epochs) for s in specs}
+        # attribute -> client -> group code -> training patients (participation rates, every round)
+        self.group_counts: dict[str, dict[str, dict[int, int]]] = {}
+        for s in specs:
+            for attribute in s.splits["train"].attributes:
+                self.group_counts.setdefault(attribute, {})[s.id] = s.splits["train"].group_counts(attribute)
 
     def duration(self, cid: str, down_bytes: int, up_bytes: int) -> float:
         """Simulated seconds from the payload's download to the update's upload."""
