@@ -57,6 +57,7 @@ import pandas as pd
 import yaml
 
 from raysim import cli
+from raysim.outputs.resume_check import ADDED_KEYS
 from raysim.outputs.runs import MEAN, Run, RunReadError, client_spread, clients, is_run_dir, natural_key, read_run
 
 EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
@@ -150,8 +151,11 @@ def header(key: str) -> str:
 def protocol(run: Run, by: Sequence[str], *, skip_root: bool) -> dict[str, Any]:
     """The resolved config less the keys that may differ between pooled runs (see the module doc)."""
     skipped = (*NOT_PROTOCOL, *by, *(("data.root",) if skip_root else ()))
+    # A key added after a run was made (model.prompt, system.*) is the value that run used: a
+    # config.yaml written before it pools with one at its default (resume_check.ADDED_KEYS).
+    flat = {**ADDED_KEYS, **flatten(run.config)}
     # A key set to null is a key left at its null default, as in a config.yaml written before the key existed (eval.holdout_site).
-    return {k: v for k, v in flatten(run.config).items() if v is not None and not any(k == s or k.startswith(f"{s}.") for s in skipped)}
+    return {k: v for k, v in flat.items() if v is not None and not any(k == s or k.startswith(f"{s}.") for s in skipped)}
 
 
 def fingerprint(run: Run) -> dict[str, Any]:

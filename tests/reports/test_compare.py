@@ -113,6 +113,17 @@ def test_protocol_refusal_names_the_key(four_runs: Path, capsys: pytest.CaptureF
         compare.compare([four_runs, free])
 
 
+def test_a_key_added_after_a_run_pools_at_the_value_that_run_used(four_runs: Path) -> None:
+    """model.prompt and the system section came after these runs' config.yaml: a run that
+    writes them at their defaults pools with them; one that changes them does not."""
+    newer = four_runs.parent / "newer"
+    make_run(newer / "fedavg-s2", {"name": "fedavg"}, 2, {1: 0.7, 2: 0.7}, {1: 0.7, 2: 0.7}, config={"model.prompt": "a photo of {}.", "system.simulate": False, "system.availability": "always"})
+    assert len(compare.compare([four_runs / "fedavg-s0", newer]).per_run) == 2
+    make_run(newer / "fedavg-s3", {"name": "fedavg"}, 3, {1: 0.7, 2: 0.7}, {1: 0.7, 2: 0.7}, config={"system.simulate": True})
+    with pytest.raises(CompareError, match=r"system\.simulate is false in runs/fedavg-s0 but true in newer/fedavg-s3"):
+        compare.compare([four_runs / "fedavg-s0", newer / "fedavg-s3"])
+
+
 def test_fingerprint_refusal(four_runs: Path) -> None:
     other = four_runs.parent / "other"
     make_run(other / "fedavg-s2", {"name": "fedavg"}, 2, {1: 0.7, 2: 0.7}, {1: 0.7, 2: 0.7}, data={"root": "/another/cache"})
