@@ -5,6 +5,8 @@ updates and takes one step once `buffer_size` (K) have arrived:
 
     Δ̄ = Σ_k w_k s(τ_k) (x_k − x_{v_k}) / Σ_k w_k,    x ← x + η_g Δ̄
 
+on the trainable parameters (buffers such as BatchNorm's running statistics take the buffered
+updates' w-weighted mean)
 with τ_k the update's staleness (server steps since its download), s the staleness weight
 (FedBuff: 1/√(1+τ)), w_k 1 (the paper's 1/K) or the client's training examples, and η_g the
 server learning rate. A round of the run is one server step. Which clients train when, and how
@@ -20,8 +22,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from raysim.algorithms.aggregation import AggregationError, check_against
+from raysim.algorithms.aggregation import AggregationError, WeightedSum, check_against
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
+from raysim.algorithms.fedopt import stepped_keys
 from raysim.types import Tensors, Update
 
 BASE_VERSION, STALENESS = "base_version", "staleness"  # Update.extra keys the driver sets on arrival
@@ -63,10 +66,16 @@ def staleness_weight(rule: str, tau: int, a: float, b: float) -> float:
 
 
 class BufferFold:
-    """Σ_k w_k s_k (x_k − x_{v_k}) in float64 and Σ_k w_k: one running sum, whatever K."""
+    """Σ_k w_k s_k (x_k − x_{v_k}) of the trainable parameters in float64 and Σ_k w_k: one running
+    sum, whatever K. Buffers (BatchNorm's running statistics) are no gradient steps: a stale
+    update's difference added to a newer model can drive a running variance negative (FedBuff
+    diverged on resnet18 that way), so they take the buffered updates' w-weighted mean, as FedOpt
+    and FedNova treat them."""
 
     def __init__(self, state: ServerState) -> None:
         self.history: dict[int, Tensors] = state["history"]
+        self.stepped = set(state["stepped"])
+        self.buffers = WeightedSum([k for k in state["weights"] if k not in self.stepped])
         self.sums: dict[str, torch.Tensor] = {}
         self.total = 0.0
         self.count = 0
@@ -76,7 +85,10 @@ class BufferFold:
         if base is None:
             raise AggregationError(f"client {update.client_id}: trained on model version {update.extra[BASE_VERSION]}, which the server no longer holds")
         check_against(base, update)
+        self.buffers.add(update.tensors, weight, update.client_id)
         for key, value in update.tensors.items():
+            if key not in self.stepped:
+                continue
             delta = value.to(torch.float64) - base[key].to(torch.float64)
             if key in self.sums:
                 self.sums[key].add_(delta, alpha=weight * scale)
@@ -99,7 +111,7 @@ class FedBuff(Algorithm):
 
     def init_state(self, model: torch.nn.Module) -> ServerState:
         state = super().init_state(model)
-        return {**state, "version": 0, "history": {0: state["weights"]}}
+        return {**state, "stepped": stepped_keys(model, list(state["weights"])), "version": 0, "history": {0: state["weights"]}}
 
     def version_payload(self, state: ServerState, version: int) -> Tensors:
         """The weights of model version `version` (what a client that downloaded it trains on)."""
@@ -124,5 +136,7 @@ class FedBuff(Algorithm):
         current = state["weights"]
         step = self.params.server_lr / fold.total
         new = {k: (current[k].to(torch.float64) + fold.sums[k] * step).to(current[k].dtype) if k in fold.sums else current[k] for k in current}
+        if fold.buffers.count and fold.buffers.keys:
+            new.update(fold.buffers.mean())
         version = state["version"] + 1
         return {**state, "weights": new, "version": version, "history": {**state["history"], version: new}}
