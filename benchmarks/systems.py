@@ -86,8 +86,8 @@ def time_to_targets(run_dir: Path) -> dict[str, float]:
     out = {}
     for target in TARGETS:
         reached = auc[auc >= target]
-        out[f"≥ {target:.2f}"] = float(times[reached.index.min()]) / 3600 if not reached.empty else float("nan")
-    out["end (h)"] = float(times.iloc[-1]) / 3600
+        out[f"≥ {target:.2f} (min)"] = float(times[reached.index.min()]) / 60 if not reached.empty else float("nan")
+    out["end (min)"] = float(times.iloc[-1]) / 60
     out["best val AUC"] = float(auc.max())
     return out
 
@@ -115,7 +115,7 @@ def fairness(args: argparse.Namespace, train: bool = True) -> None:
 
 def asynchronous(args: argparse.Namespace, train: bool = True) -> None:
     rows = {name: [time_to_targets(d) for d in dirs] for name, dirs in _dirs(args, "async", ASYNC, STRAGGLERS, train).items()}
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}: stragglers (speed σ 1), simulated hours to a mean validation AUC")
+    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}: stragglers (speed σ 1), simulated minutes to a mean validation AUC")
     print(pooled(rows, {"best val AUC": 100.0, **{k: 1.0 for r in rows.values() for x in r for k in x if k != "best val AUC"}}))
 
 
