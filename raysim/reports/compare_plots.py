@@ -27,6 +27,7 @@ import pandas as pd
 
 from raysim.reports import figures
 from raysim.reports.compare import MANY_CLIENTS, Comparison, ci_cell, pareto_front, simulated_curves
+from raysim.reports.system_sections import time_unit
 
 
 def write(comp: Comparison, out: Path) -> list[Path]:
@@ -200,15 +201,16 @@ def _boxes(ax: Any, data: list[np.ndarray], labels: list[str], styles: Iterable[
 
 def simulated_time_section(comp: Comparison, timed: pd.DataFrame) -> figures.Section:
     """Mean validation AUC and ES-AUC against simulated time (`system.simulate` runs), one line per run."""
+    scale, unit = time_unit(float(timed["sim_time"].max()))
     fig, axes = figures.new_figure(width=10.6, height=3.4, ncols=2)
     for i, ((label, run), curve) in enumerate(timed.groupby(["label", "run"], sort=False)):
         style = {"color": figures.color(comp.labels.index(label) if label in comp.labels else i), "marker": figures.marker(i), "ms": 4, "lw": 1.4}
-        axes[0].plot(curve["sim_time"] / 3600, curve["auc"] * 100, **style)
-        axes[1].plot(curve["sim_time"] / 3600, curve["es_auc"] * 100, label=f"{label} ({run})", **style)
+        axes[0].plot(curve["sim_time"] / scale, curve["auc"] * 100, **style)
+        axes[1].plot(curve["sim_time"] / scale, curve["es_auc"] * 100, label=f"{label} ({run})", **style)
     axes[0].set_ylabel("mean val AUC (x100)")
     axes[1].set_ylabel(f"mean val ES-AUC, {comp.attribute} (x100)")
     for ax in axes:
-        ax.set_xlabel("simulated time (hours)")
+        ax.set_xlabel(f"simulated time ({unit})")
     figures.legend_outside(axes[1])
     section = figures.Section("Against simulated time", anchor="simulated_time").text("Runs on the simulated clock (system.simulate): accuracy and fairness by simulated time, not rounds.")
     return section.add(figures.embed(fig, "simulated_time", "Mean validation AUC and ES-AUC against simulated time, one line per run"))

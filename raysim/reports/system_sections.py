@@ -21,6 +21,11 @@ def sim_times(metrics: pd.DataFrame) -> pd.Series:
     return rows.groupby("round")["value"].first().sort_index()
 
 
+def time_unit(last_seconds: float) -> tuple[float, str]:
+    """(divisor, name) for an axis of simulated time: minutes up to 2 hours, hours beyond."""
+    return (60.0, "minutes") if last_seconds < 7200 else (3600.0, "hours")
+
+
 def time_to_target(times: pd.Series, auc: pd.Series, target: float) -> float:
     """The first simulated time at which the mean validation AUC reaches `target` (NaN: never)."""
     reached = auc[auc >= target]
@@ -38,13 +43,14 @@ def served_section(view: View) -> Section | None:
         "participation_rate = the share of a group's training patients whose site's update was accepted in the round; "
         "its cumulative mean says which groups the federation actually trained on."
     )
+    scale, unit = time_unit(float(times.iloc[-1]))
     cum = train[(train["metric"] == "participation_rate_cum") & (train["attribute"] == view.attribute)]
     if not cum.empty:
         wide = cum.pivot_table(index="round", columns="group", values="value", aggfunc="first").sort_index()
         fig, ax = figures.new_figure(width=7.6, height=3.4)
         for i, group in enumerate(wide.columns):
-            ax.plot(times.reindex(wide.index) / 3600, wide[group] * 100, color=figures.color(i), marker=figures.marker(i), ls=figures.linestyle(i), ms=5, label=str(group))
-        ax.set_xlabel("simulated time (hours)")
+            ax.plot(times.reindex(wide.index) / scale, wide[group] * 100, color=figures.color(i), marker=figures.marker(i), ls=figures.linestyle(i), ms=5, label=str(group))
+        ax.set_xlabel(f"simulated time ({unit})")
         ax.set_ylabel(f"participation, cumulative (%), {view.attribute}")
         figures.legend_outside(ax)
         section.add(figures.embed(fig, "participation", f"Cumulative participation rate per {view.attribute} group against simulated time"))
@@ -58,11 +64,11 @@ def served_section(view: View) -> Section | None:
         section.add(figures.table(pd.DataFrame(rows, columns=["mean val AUC reaches", "at simulated time"]), "time_to_target", "time to target"))
         fair = view.curve("val", "es_auc", fair=True)
         fig, ax = figures.new_figure(width=7.6, height=3.4)
-        ax.plot(times.reindex(mean_auc.index) / 3600, mean_auc * 100, color="#000000", marker="o", ms=5, lw=2.4, label="mean val AUC")
+        ax.plot(times.reindex(mean_auc.index) / scale, mean_auc * 100, color="#000000", marker="o", ms=5, lw=2.4, label="mean val AUC")
         if MEAN in fair.columns:
             es = fair[MEAN].dropna()
-            ax.plot(times.reindex(es.index) / 3600, es * 100, color=figures.color(1), marker=figures.marker(1), ls="--", ms=5, label=f"mean val ES-AUC ({view.attribute})")
-        ax.set_xlabel("simulated time (hours)")
+            ax.plot(times.reindex(es.index) / scale, es * 100, color=figures.color(1), marker=figures.marker(1), ls="--", ms=5, label=f"mean val ES-AUC ({view.attribute})")
+        ax.set_xlabel(f"simulated time ({unit})")
         ax.set_ylabel("x100")
         figures.legend_outside(ax)
         section.add(figures.embed(fig, "fairness_time", "Mean validation AUC and ES-AUC against simulated time"))
