@@ -15,27 +15,18 @@ import torch
 
 from raysim.algorithms.aggregation import AggregationError, check_against
 from raysim.algorithms.base import ServerState, register_algorithm
-from raysim.algorithms.fedbuff import STALENESS, STALENESS_RULES, FedBuff, staleness_weight
+from raysim.algorithms.fedbuff import STALENESS, FedBuff, ScheduleParams, staleness_weight
 from raysim.types import Update
 
 
 @dataclass
-class AsyncParams:
-    alpha: float = 0.6  # the mixing weight α (Xie et al. try 0.6 to 0.9)
-    staleness: str = "polynomial"
-    staleness_a: float = 0.5
-    staleness_b: float = 4.0
-    refill: str = "arrival"  # with one update per step, arrival and step refill alike
+class AsyncParams(ScheduleParams):
+    alpha: float = 0.6  # the mixing weight α (Xie et al. try 0.6 to 0.9); with one update per step, both refills alike
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 < self.alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
-        if self.staleness not in STALENESS_RULES:
-            raise ValueError(f"staleness must be one of {', '.join(STALENESS_RULES)}, got {self.staleness!r}")
-        if self.staleness_a < 0 or self.staleness_b < 0:
-            raise ValueError("staleness_a and staleness_b must be >= 0")
-        if self.refill not in ("arrival", "step"):
-            raise ValueError(f"refill must be arrival or step, got {self.refill!r}")
 
 
 class MixFold:

@@ -32,28 +32,37 @@ STALENESS_RULES = ("none", "polynomial", "hinge")
 
 
 @dataclass
-class BufferParams:
-    buffer_size: int | None = None  # K updates per server step (null: half of system.concurrency, at least 1)
-    server_lr: float = 1.0  # η_g
-    weighting: str = "uniform"  # uniform (the paper's 1/K) or examples (n_k / Σ n)
+class ScheduleParams:
+    """What every buffered asynchronous method shares: the staleness weight and the refill rule."""
+
     staleness: str = "polynomial"  # none; polynomial (1 + τ)^-a (FedBuff: a = 0.5); hinge (FedAsync: 1 for τ <= b, else 1 / (a (τ − b) + 1))
     staleness_a: float = 0.5
     staleness_b: float = 4.0
     refill: str = "arrival"  # arrival: a slot is refilled as an update arrives (FedBuff's loop); step: once the server has stepped
 
     def __post_init__(self) -> None:
-        if self.buffer_size is not None and (isinstance(self.buffer_size, bool) or not isinstance(self.buffer_size, int) or self.buffer_size < 1):
-            raise ValueError(f"buffer_size must be a positive integer or null, got {self.buffer_size!r}")
-        if not self.server_lr > 0:
-            raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
-        if self.weighting not in ("uniform", "examples"):
-            raise ValueError(f"weighting must be uniform or examples, got {self.weighting!r}")
         if self.staleness not in STALENESS_RULES:
             raise ValueError(f"staleness must be one of {', '.join(STALENESS_RULES)}, got {self.staleness!r}")
         if self.staleness_a < 0 or self.staleness_b < 0:
             raise ValueError("staleness_a and staleness_b must be >= 0")
         if self.refill not in ("arrival", "step"):
             raise ValueError(f"refill must be arrival or step, got {self.refill!r}")
+
+
+@dataclass
+class BufferParams(ScheduleParams):
+    buffer_size: int | None = None  # K updates per server step (null: half of system.concurrency, at least 1)
+    server_lr: float = 1.0  # η_g
+    weighting: str = "uniform"  # uniform (the paper's 1/K) or examples (n_k / Σ n)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.buffer_size is not None and (isinstance(self.buffer_size, bool) or not isinstance(self.buffer_size, int) or self.buffer_size < 1):
+            raise ValueError(f"buffer_size must be a positive integer or null, got {self.buffer_size!r}")
+        if not self.server_lr > 0:
+            raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
+        if self.weighting not in ("uniform", "examples"):
+            raise ValueError(f"weighting must be uniform or examples, got {self.weighting!r}")
 
 
 def staleness_weight(rule: str, tau: int, a: float, b: float) -> float:

@@ -51,10 +51,10 @@ def run_async_round(driver: RunState, round_: int, state: ServerState, progress:
     version by version (each group on the weights its clients downloaded, in sorted client order
     within a version), folded with their staleness, then the versions no one still needs dropped."""
     algorithm = driver.algorithm
-    down = nbytes(algorithm.version_payload(state, state["version"]))  # every version has the same tensors
+    current = algorithm.version_payload(state, state["version"])
+    down = nbytes(current)  # every version has the same tensors
     ids = sorted(c for c in driver.specs if c not in driver.dead)
     start = now(state)
-    current = algorithm.version_payload(state, state["version"])
     arrived, lost, clock_state = driver.clock.step(round_, state[SYSTEM], ids, down, algorithm.update_bytes(current, round_), version=int(state["version"]))
     if lost:
         driver.echo(f"round {round_}: {len(lost)} update(s) lost to clients going offline before they finished (simulated), e.g. {', '.join(a.client_id for a in lost[:3])}")
