@@ -354,3 +354,14 @@ def test_readme_says_the_cluster_files_were_never_run() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = " ".join(readme.split("## Security and privacy", 1)[1].split("\n## ", 1)[0].split())
     assert "the cluster files have not been run against AWS or Kubernetes" in section
+
+
+def test_readme_says_what_every_built_in_method_sends() -> None:
+    """The privacy boundary is listed method by method: every built-in method is named in the
+    README's "What each method's update carries" list (six were missing once)."""
+    from helpers import BUILT_IN
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    listing = readme.split("What each method's update carries, method by method:", 1)[1].split("\n\n", 1)[0]
+    named = {name for line in listing.splitlines() if line.startswith("- ") for name in re.findall(r"`([a-z_0-9]+)`", line.split(":", 1)[0])}
+    assert [name for name in BUILT_IN if name not in named] == []
