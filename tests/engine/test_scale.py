@@ -103,11 +103,12 @@ def test_checkpoints_hold_only_changed_clients_and_resume_exactly(ray_session, m
 
 @pytest.mark.parametrize("method", ["fairlora", "fedadam"])
 def test_fold_is_bit_identical_for_any_number_of_actors(method: str, ray_session, oph_root: Path, tmp_path: Path) -> None:
-    """FairLoRA's group-weighted rows and FedAdam's moments, folded in client order: placement changes no bit."""
+    """FairLoRA's group-weighted rows and FedAdam's moments, folded in client order: placement
+    changes no bit. One actor against two (an uneven 2 + 1 split: sampled clients arrive from
+    both, in either order); one client per actor is test_engine's layout case."""
     settings = {"algorithm.name": method, "federation.clients_per_round": 2, "eval.every": 2}
-    runs = {n: make_driver(oph_root, tmp_path / f"{method}{n}", **settings, **{"resources.actors": n}).run() for n in (1, 2, 3)}
+    runs = {n: make_driver(oph_root, tmp_path / f"{method}{n}", **settings, **{"resources.actors": n}).run() for n in (1, 2)}
     pd.testing.assert_frame_equal(runs[1], runs[2], check_exact=True)
-    pd.testing.assert_frame_equal(runs[1], runs[3], check_exact=True)
 
 
 def test_wire_format_round_trips_every_dtype_bit_for_bit() -> None:
