@@ -15,7 +15,10 @@ naming the first differing key, anything but:
 - `eval.id_key_file` (the key file moved), as long as the key's check value matches: one
   `predictions.parquet` never mixes two pseudonym spaces.
 
-A run started before this check existed has no entry and resumes unchecked. Plain Python, no Ray.
+The files whose rows are part of the experiment (`CONTENT_KEYS`: the simulated system's per-client
+profiles and availability trace) are kept as a sha256 of their bytes: a resume with the same path
+but an edited file would otherwise simulate other clients from the resumed round on. A run
+started before a check existed has no entry for it and resumes unchecked. Plain Python, no Ray.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ RECORD = "resume_check"  # its entry in provenance.json
 ADDED_KEYS: dict[str, Any] = {"federation.precision": "fp32", "resources.gpu_fold": False, "model.class_names": None, "model.prompt": "a photo of {}."}
 ADDED_KEYS.update({f"system.{f.name}": getattr(config.SystemConfig(), f.name) for f in dataclasses.fields(config.SystemConfig)})  # 0.8.0
 MAY_CHANGE = ("resources.", "fault.", "report.", "checkpoint.", "data.root", "eval.id_key_file", "federation.rounds")
+# Config keys naming a file whose content is part of the experiment (checked by content).
+CONTENT_KEYS = ("system.profiles", "system.availability_trace")
 ALLOWED = "only federation.rounds (to extend), resources.* (not threads_per_client, gpu_fold, nor between CPU and GPU), fault.*, report.*, checkpoint.*, data.root and eval.id_key_file may change"
 
 
@@ -80,7 +85,24 @@ def fixed_values(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def record(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
     """What a fresh run keeps for its resumes (hashes only: no value, no key)."""
-    return {"keys": {k: _digest(v) for k, v in fixed_values(cfg).items()}, "rounds": cfg.federation.rounds, "id_key_check": key_check(cfg, run_dir)}
+    return {"keys": {k: _digest(v) for k, v in fixed_values(cfg).items()}, "rounds": cfg.federation.rounds, "id_key_check": key_check(cfg, run_dir), "files": file_digests(cfg)}
+
+
+def file_digests(cfg: ExperimentConfig) -> dict[str, str]:
+    """A short sha256 of each `CONTENT_KEYS` file the config names. A file that is not there has
+    none: reading it is the run's own one-line error, later."""
+    digests = {}
+    for key in CONTENT_KEYS:
+        file = _named_file(cfg, key)
+        if file is not None and file.is_file():
+            digests[key] = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    return digests
+
+
+def _named_file(cfg: ExperimentConfig, key: str) -> Path | None:
+    section, field = key.split(".")
+    path = getattr(getattr(cfg, section), field)
+    return Path(path).expanduser() if path else None
 
 
 def key_check(cfg: ExperimentConfig, run_dir: str | Path) -> str | None:
@@ -113,6 +135,9 @@ def check(saved: Mapping[str, Any] | None, cfg: ExperimentConfig, run_dir: str |
         for applies, why in ROUNDS_SCHEDULES:
             if applies(params, started):
                 raise ConfigError(f"{where}: federation.rounds cannot change from {started} to {rounds} for {cfg.algorithm.get('name')}: {why}")
+    for key, digest in (saved.get("files") or {}).items():
+        if now["files"].get(key, digest) != digest:
+            raise ConfigError(f"{where}: {key}={_named_file(cfg, key)}: the file's content differs from the run's start (sha256 {now['files'][key]}, was {digest}); a resumed run keeps the system it simulated: restore the file")
     if saved.get("id_key_check") != now["id_key_check"]:
         raise ConfigError(
             f"{where}: eval.id_key_file: the pseudonymisation key is not the one the run started with (its check value differs); use that key, so one predictions.parquet holds one pseudonym space"

@@ -282,6 +282,30 @@ def test_what_may_change_on_resume_passes_the_check(oph_root: Path, tmp_path: Pa
         run.main(["--resume", str(run_dir)])
 
 
+@pytest.mark.parametrize("key", ["system.profiles", "system.availability_trace"])
+def test_a_system_file_edited_under_the_same_name_is_refused_on_resume(key: str, oph_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The per-client profiles and the availability trace are part of the experiment: the same
+    path with other rows would simulate other clients from the resumed round on."""
+    csv = tmp_path / "system.csv"
+    rows = {"system.profiles": ("client,speed\nsite1,2\n", "client,speed\nsite1,3\n"), "system.availability_trace": ("client,start,end\nsite1,0,100\nsite2,0,100\nsite3,0,100\n", "client,start,end\nsite1,0,50\nsite2,0,100\nsite3,0,100\n")}[key]
+    csv.write_text(rows[0])
+    trace = {"system.availability": "trace"} if key == "system.availability_trace" else {}
+    run_dir = started_run(tmp_path, oph_root, **{"system.simulate": True, key: str(csv), **trace})
+    csv.write_text(rows[1])
+    line = resume(run_dir, monkeypatch, capsys)
+    assert line.startswith(f"error: {run_dir}/config.yaml: {key}={csv}: the file's content differs from the run's start"), line
+    csv.write_text(rows[0])  # restored: the resume goes on
+    monkeypatch.setattr(engine_module, "connect_ray", _reached_ray)
+    with pytest.raises(ReachedRay):
+        run.main(["--resume", str(run_dir)])
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    del provenance[resume_check.RECORD]["files"]  # a run started before the content check: unchecked
+    (run_dir / "provenance.json").write_text(json.dumps(provenance))
+    csv.write_text(rows[1])
+    with pytest.raises(ReachedRay):
+        run.main(["--resume", str(run_dir)])
+
+
 def test_the_pseudonymisation_key_may_move_but_not_change(oph_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     keys = tmp_path / "keys"
     keys.mkdir()
