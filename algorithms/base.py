@@ -66,6 +66,9 @@ class Algorithm:
     # server step over the updates the clock (`raysim.systems.AsyncClock`) says arrived, each
     # trained on the version it downloaded (`version_payload`); needs `system.simulate`.
     asynchronous: ClassVar[bool] = False
+    # Payload keys under this prefix go down to the clients and never come back (FedRDN's
+    # statistics, FedBM's generator, pFL-ResFIM's amplitude bank): not in `update_bytes`.
+    down_only: ClassVar[str] = ""
     # The tasks (raysim.client.tasks) the method supports: one that needs class probabilities or a
     # classification head lists only "classification", and refuses a segmentation model (one
     # ConfigError line, before anything starts).
@@ -195,8 +198,9 @@ class Algorithm:
 
     def update_bytes(self, payload: Tensors, round_: int) -> int:
         """The bytes a client's update carries, known before it trains (the simulated clock's
-        upload time, `system.*`): the payload's `trained_keys` by default."""
-        return nbytes({k: payload[k] for k in self.trained_keys(round_, list(payload))})
+        upload time, `system.*`): the payload's `trained_keys` by default, less `down_only`."""
+        keys = [k for k in payload if not (self.down_only and k.startswith(self.down_only))]
+        return nbytes({k: payload[k] for k in self.trained_keys(round_, keys)})
 
     def round_values(self, state: ServerState, round_: int) -> dict[str, Any]:
         """Small non-tensor values sent with the payload (FedFB's group weights λ, AFL's mixture

@@ -269,6 +269,7 @@ class FedBM(Algorithm):
     """FedAvg with the concept classifier; the server state adds the generator's weights
     (`generator`, empty until its first training) and its last training's objective per step."""
     tasks = ("classification",)  # it replaces a linear classifier head with class concept embeddings
+    down_only = PREFIX
 
     Params = FedBMParams
     params: FedBMParams

@@ -53,6 +53,7 @@ def split_payload(payload: Tensors) -> tuple[dict[str, torch.Tensor], dict[str, 
 @register_algorithm("fedrdn")
 class FedRDN(Algorithm):
     """The server keeps every client's statistics and sends them all down with the weights."""
+    down_only = PREFIX
 
     newcomer = "the global model, its inputs normalised by the site's own channel statistics (FedRDN's test-time rule); they join no client's training pool"
 

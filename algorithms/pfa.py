@@ -38,7 +38,7 @@ from torch import nn
 from raysim.algorithms.base import Algorithm, ServerState, register_algorithm
 from raysim.algorithms.fedbn import norm_keys
 from raysim.client.training import make_optimizer, train_epochs
-from raysim.types import Tensors, Update
+from raysim.types import Tensors, Update, nbytes
 
 if TYPE_CHECKING:
     from raysim.client.client import Client
@@ -89,6 +89,10 @@ def box(n: int, fraction: float) -> slice:
     size = min(2 * half + 1, n) if half else 0
     start = n // 2 - size // 2
     return slice(start, start + size)
+
+
+def _length(rows: slice) -> int:
+    return rows.stop - rows.start
 
 
 def centred(n: int, size: int) -> slice:
@@ -163,7 +167,17 @@ class PFA(Algorithm):
 
     def init_state(self, model: nn.Module) -> ServerState:
         """Round 1 sends empty boxes (every client starts from the same model) and the other tensors' initial values."""
+        state = model.state_dict()
+        # Each boxed weight's 2D shape and element size: the payload holds only last round's boxes,
+        # and update_bytes must size this round's (the driver builds the state before any round).
+        self.boxed = {k: (as_matrix(state[k]).shape, state[k].element_size()) for k in self.split(model)[0]}
         return {"weights": self.shared(model, 0.0)}
+
+    def update_bytes(self, payload: Tensors, round_: int) -> int:
+        """The round's amplitude boxes (their size grows with L_t) and the averaged tensors."""
+        fraction = self.box_fraction(round_)
+        boxes = sum(_length(box(rows, fraction)) * _length(box(cols, fraction)) * size for (rows, cols), size in self.boxed.values())
+        return boxes + nbytes({k: v for k, v in payload.items() if not k.startswith(PREFIX)})
 
     def accumulate(self, fold: Any, update: Update) -> None:
         fold.add(update.tensors, 1.0, update.client_id)  # the plain mean (official: client weights 1/K)

@@ -199,6 +199,7 @@ class SharedMean:
 class PFLResFIM(Algorithm):
     """Server: the amplitude bank in its state, the shared-element mean. Client: Fisher, mask, own elements."""
     tasks = ("classification",)  # its per-sample Fisher information is computed on classification batches
+    down_only = PREFIX
 
     Params = ResFIMParams
     params: ResFIMParams

@@ -8,9 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
+from test_methods_engine import TINY_SETTINGS
 
-from helpers import make_driver
+from helpers import BUILT_IN, make_driver, make_host
 
 FEDAVG_AS_FEDBUFF = {"algorithm.name": "fedbuff", "system.simulate": True, "algorithm.buffer_size": 3, "algorithm.refill": "step", "algorithm.server_lr": 1.0, "algorithm.weighting": "examples", "algorithm.staleness": "none"}
 QUIET = {"eval.every": 100, "resources.clients_per_actor": 3}  # evaluate the last round only, one actor
@@ -106,3 +108,30 @@ def test_rounds_the_simulation_leaves_empty_are_recorded_and_are_no_failures(ray
     round_s = frame[frame["metric"] == "sim_round_s"].set_index("round")["value"]
     assert (round_s[empty == 1] - 30.0).abs().max() < 1e-9  # an empty round lasts system.empty_round_s
     assert (frame[frame["metric"] == "participated"].groupby("round")["value"].sum()[empty == 1] == 0).all()
+
+
+# pFL-ResFIM's packed masks depend on the Fisher scores a client computes while training.
+MASKS_NOT_ESTIMATED = {"pfl_resfim"}
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_update_bytes_known_before_training_are_the_bytes_the_update_carries(name: str, oph_root: Path) -> None:
+    """The clock's upload time uses `Algorithm.update_bytes` before a client trains: it must be
+    what the client's update then carries (PFA / DET sized last round's amplitude boxes, 8 bytes
+    for 0.7 MB). Rounds 1 and 2 (PFA's box grows), in-process, no Ray."""
+    host = make_host(oph_root, name, **TINY_SETTINGS.get(name, {}), **{"federation.rounds": 3})
+    state = host.algorithm.init_state(host.clients["site1"].model)
+    state = host.algorithm.setup_state(state, {cid: host.setup(cid) for cid in host.clients})
+    for round_ in (1, 2):
+        payload = dict(host.algorithm.payload(state, round_))
+        host.set_payload(payload, host.algorithm.round_values(state, round_))
+        expected = host.algorithm.update_bytes(payload, round_)
+        updates = [host.fit(cid, payload, round_) for cid in host.clients]
+        for update in updates:
+            if name in MASKS_NOT_ESTIMATED:  # at most one bit per float32 more: 1/32, a byte per key rounding
+                assert expected <= update.nbytes <= expected * 33 / 32 + len(update.tensors), (name, round_, update.nbytes, expected)
+            else:
+                assert update.nbytes == expected, (name, round_, update.nbytes, expected)
+        statistics = {cid: host.statistics(cid, payload, round_) for cid in host.clients} if host.algorithm.round_statistics else {}
+        if not host.algorithm.asynchronous:  # FedBuff / FedAsync fold versions the clock tracks: round 2 from round 1's state
+            state = host.algorithm.aggregate(round_, updates, state, statistics)
